@@ -1,0 +1,105 @@
+//! Helpers on requests: id validation and secret scrubbing.
+
+use crate::v1::{ContainerRequest, IndexRequest};
+
+/// Why a request id was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RequestIdError {
+    #[error("request_id is empty")]
+    Empty,
+    #[error("request_id is longer than 128 characters")]
+    TooLong,
+    #[error("request_id may only hold A-Z, a-z, 0-9, '-' and '_'")]
+    InvalidCharacter,
+}
+
+/// Request ids become NATS subject tokens (`imagemesh.status.<id>`), so they are restricted to
+/// `[A-Za-z0-9_-]{1,128}`.
+pub fn validate_request_id(id: &str) -> Result<(), RequestIdError> {
+    if id.is_empty() {
+        return Err(RequestIdError::Empty);
+    }
+    if id.len() > 128 {
+        return Err(RequestIdError::TooLong);
+    }
+    let ok = id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !ok {
+        return Err(RequestIdError::InvalidCharacter);
+    }
+    Ok(())
+}
+
+impl ContainerRequest {
+    /// The request with every credential secret removed (for dead letters).
+    pub fn without_secrets(&self) -> Self {
+        let mut scrubbed = self.clone();
+        for cred in [
+            &mut scrubbed.image_credentials,
+            &mut scrubbed.build_registry_creds,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            cred.secret.clear();
+        }
+        scrubbed
+    }
+}
+
+impl IndexRequest {
+    /// The request with the credential secret removed (for dead letters).
+    pub fn without_secrets(&self) -> Self {
+        let mut scrubbed = self.clone();
+        if let Some(cred) = scrubbed.credential.as_mut() {
+            cred.secret.clear();
+        }
+        scrubbed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::v1::RegistryCredential;
+
+    #[test]
+    fn request_ids_are_subject_safe() {
+        assert_eq!(validate_request_id("abc-DEF_123"), Ok(()));
+        assert_eq!(validate_request_id(""), Err(RequestIdError::Empty));
+        assert_eq!(
+            validate_request_id("a.b"),
+            Err(RequestIdError::InvalidCharacter)
+        );
+        assert_eq!(
+            validate_request_id("a>"),
+            Err(RequestIdError::InvalidCharacter)
+        );
+        assert_eq!(
+            validate_request_id(&"x".repeat(129)),
+            Err(RequestIdError::TooLong)
+        );
+    }
+
+    #[test]
+    fn scrubbing_removes_every_secret_and_debug_redacts() {
+        let cred = RegistryCredential {
+            registry: "r.example".into(),
+            username: "u".into(),
+            secret: "hunter2-secret".into(),
+            ..Default::default()
+        };
+        let req = ContainerRequest {
+            request_id: "r1".into(),
+            image_credentials: Some(cred.clone()),
+            build_registry_creds: Some(cred.clone()),
+            ..Default::default()
+        };
+        assert!(format!("{req:?}").contains("r.example"));
+        assert!(!format!("{req:?}").contains("hunter2"));
+        let scrubbed = req.without_secrets();
+        assert!(scrubbed.image_credentials.unwrap().secret.is_empty());
+        assert!(scrubbed.build_registry_creds.unwrap().secret.is_empty());
+    }
+}
