@@ -1,0 +1,71 @@
+//! The `main` of every service binary: parse arguments, load configuration, start telemetry,
+//! connect to NATS, run the service until SIGTERM/SIGINT, and exit with a clear status.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use async_nats::Client;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::nats::NatsConfig;
+use crate::{Shutdown, config, telemetry};
+
+/// Arguments every service binary takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServiceArgs {
+    /// TOML configuration file. Environment variables `IMAGEMESH_<SECTION>__<KEY>` and `NATS_URL`
+    /// override its values.
+    #[arg(long, short, env = "IMAGEMESH_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// A service configuration: it must say how to reach NATS.
+pub trait ServiceConfig: Serialize + DeserializeOwned + Default {
+    fn nats(&self) -> &NatsConfig;
+}
+
+/// Runs `service` as a process: `run(config, client, shutdown)` until a signal arrives.
+pub fn main<C, F, Fut>(name: &'static str, args: ServiceArgs, run: F) -> ExitCode
+where
+    C: ServiceConfig,
+    F: FnOnce(C, Client, Shutdown) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("{name}: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let _telemetry = telemetry::init(name);
+        match serve(name, args, run).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                tracing::error!(error = format!("{err:#}"), "{name} stopped with an error");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+async fn serve<C, F, Fut>(name: &'static str, args: ServiceArgs, run: F) -> anyhow::Result<()>
+where
+    C: ServiceConfig,
+    F: FnOnce(C, Client, Shutdown) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let config: C = config::load(args.config.as_deref())?;
+    let client = config.nats().connect(&format!("imagemesh-{name}")).await?;
+    tracing::info!(url = %config.nats().url, "connected to NATS");
+    let shutdown = Shutdown::new();
+    shutdown.trigger_on_signals()?;
+    run(config, client.clone(), shutdown).await?;
+    // Deliver what is still buffered (acks, status events) before exiting.
+    client.flush().await?;
+    tracing::info!("{name} stopped");
+    Ok(())
+}

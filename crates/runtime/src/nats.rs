@@ -1,0 +1,117 @@
+//! Connecting to NATS.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_nats::{Client, ConnectOptions};
+use serde::{Deserialize, Serialize};
+
+/// How a service reaches NATS. Every field can be overridden by `IMAGEMESH_NATS__<FIELD>`;
+/// `url` also by `NATS_URL`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URL(s), comma-separated, e.g. `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// NATS credentials file (JWT + nkey seed) for decentralized auth.
+    pub credentials_file: Option<PathBuf>,
+    /// CA bundle to verify the server's certificate (enables TLS).
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate and key for mutual TLS.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// Refuse to talk to a server without TLS.
+    pub tls_required: bool,
+    /// How long to keep trying to reach the server at startup.
+    #[serde(with = "humantime_serde")]
+    pub connect_wait: Duration,
+    /// Default timeout of request/reply calls.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".into(),
+            credentials_file: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_required: false,
+            connect_wait: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why a connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot read NATS credentials file {path}: {source}")]
+    CredentialsFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot connect to NATS at {url} within {wait:?}: {source}")]
+    Unreachable {
+        url: String,
+        wait: Duration,
+        source: async_nats::ConnectError,
+    },
+    #[error("NATS client certificate needs both tls_cert_file and tls_key_file")]
+    IncompleteClientCertificate,
+}
+
+impl NatsConfig {
+    async fn options(&self, client_name: &str) -> Result<ConnectOptions, ConnectError> {
+        let mut options = ConnectOptions::new()
+            .name(client_name)
+            .request_timeout(Some(self.request_timeout))
+            .connection_timeout(Duration::from_secs(2))
+            .require_tls(self.tls_required);
+        if let Some(path) = &self.credentials_file {
+            options = options.credentials_file(path).await.map_err(|source| {
+                ConnectError::CredentialsFile {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+        }
+        if let Some(ca) = &self.tls_ca_file {
+            options = options.add_root_certificates(ca.clone());
+        }
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(cert), Some(key)) => {
+                options = options.add_client_certificate(cert.clone(), key.clone());
+            }
+            (None, None) => {}
+            _ => return Err(ConnectError::IncompleteClientCertificate),
+        }
+        Ok(options)
+    }
+
+    /// Connects, retrying until `connect_wait` has passed so services may start before NATS.
+    pub async fn connect(&self, client_name: &str) -> Result<Client, ConnectError> {
+        let deadline = tokio::time::Instant::now() + self.connect_wait;
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let options = self.options(client_name).await?;
+            match options.connect(self.url.as_str()).await {
+                Ok(client) => return Ok(client),
+                Err(source) if tokio::time::Instant::now() + delay >= deadline => {
+                    return Err(ConnectError::Unreachable {
+                        url: self.url.clone(),
+                        wait: self.connect_wait,
+                        source,
+                    });
+                }
+                Err(err) => {
+                    tracing::debug!(url = %self.url, error = %err, "NATS not reachable yet");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+}

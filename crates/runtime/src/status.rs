@@ -1,0 +1,138 @@
+//! Status events and dead letters.
+//!
+//! Every step of a request is a [`StatusEvent`] on `imagemesh.status.<request_id>` (a JetStream
+//! stream, so `imagemesh watch` can replay what happened before it started). Work a service gives
+//! up on goes, without its secrets, to `imagemesh.deadletter.<service>`.
+
+use std::collections::HashMap;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, message::PublishMessage};
+use bytes::Bytes;
+use imagemesh_proto::v1::{DeadLetter, ErrorCode, RequestState, StatusEvent};
+use prost::Message;
+
+use crate::{Rejection, subjects, telemetry};
+
+/// The current time as a protobuf timestamp.
+pub fn now() -> prost_types::Timestamp {
+    prost_types::Timestamp::from(std::time::SystemTime::now())
+}
+
+/// Publishes the status events and dead letters of one service.
+#[derive(Clone)]
+pub struct StatusReporter {
+    js: jetstream::Context,
+    service: &'static str,
+}
+
+/// One step to report. Build with [`Step::running`], [`Step::succeeded`], ...
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub state: RequestState,
+    pub phase: &'static str,
+    pub message: String,
+    pub error_code: ErrorCode,
+    pub details: HashMap<String, String>,
+}
+
+impl Step {
+    fn new(state: RequestState, phase: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            state,
+            phase,
+            message: message.into(),
+            error_code: ErrorCode::Unspecified,
+            details: HashMap::new(),
+        }
+    }
+
+    pub fn pending(phase: &'static str, message: impl Into<String>) -> Self {
+        Self::new(RequestState::Pending, phase, message)
+    }
+
+    pub fn running(phase: &'static str, message: impl Into<String>) -> Self {
+        Self::new(RequestState::Running, phase, message)
+    }
+
+    pub fn succeeded(phase: &'static str, message: impl Into<String>) -> Self {
+        Self::new(RequestState::Succeeded, phase, message)
+    }
+
+    pub fn failed(rejection: &Rejection) -> Self {
+        Self {
+            error_code: rejection.code,
+            ..Self::new(RequestState::Failed, "failed", rejection.message.clone())
+        }
+    }
+
+    pub fn detail(mut self, key: &str, value: impl ToString) -> Self {
+        self.details.insert(key.to_string(), value.to_string());
+        self
+    }
+}
+
+/// What a dead letter records besides the payload.
+#[derive(Debug, Clone)]
+pub struct DeadLetterInfo<'a> {
+    pub subject: &'a str,
+    pub request_id: &'a str,
+    pub deliveries: u64,
+    pub content_type: &'a str,
+}
+
+impl StatusReporter {
+    pub fn new(js: jetstream::Context, service: &'static str) -> Self {
+        Self { js, service }
+    }
+
+    pub fn service(&self) -> &'static str {
+        self.service
+    }
+
+    /// Publishes one status event for `request_id` and waits for JetStream to store it.
+    pub async fn report(&self, request_id: &str, step: Step) {
+        let event = StatusEvent {
+            request_id: request_id.to_string(),
+            service: self.service.to_string(),
+            state: step.state as i32,
+            phase: step.phase.to_string(),
+            message: step.message,
+            error_code: step.error_code as i32,
+            at: Some(now()),
+            details: step.details,
+        };
+        let subject = subjects::status(request_id);
+        if let Err(err) = self.publish(subject, event.encode_to_vec().into()).await {
+            // A lost status event must not fail the work itself; say so loudly instead.
+            tracing::error!(request_id, error = %err, "could not publish status event");
+        }
+    }
+
+    /// Publishes a dead letter. `payload` must already be free of secrets.
+    pub async fn dead_letter(&self, info: DeadLetterInfo<'_>, rejection: &Rejection, payload: Bytes) {
+        let letter = DeadLetter {
+            service: self.service.to_string(),
+            subject: info.subject.to_string(),
+            request_id: info.request_id.to_string(),
+            reason: rejection.message.clone(),
+            error_code: rejection.code as i32,
+            deliveries: info.deliveries,
+            at: Some(now()),
+            payload: payload.to_vec(),
+            content_type: info.content_type.to_string(),
+        };
+        let subject = subjects::dead_letter(self.service);
+        if let Err(err) = self.publish(subject, letter.encode_to_vec().into()).await {
+            tracing::error!(request_id = info.request_id, error = %err, "could not publish dead letter");
+        }
+    }
+
+    async fn publish(&self, subject: String, payload: Bytes) -> Result<(), async_nats::Error> {
+        let mut headers = HeaderMap::new();
+        telemetry::inject(&mut headers);
+        let publish = PublishMessage::build().payload(payload).headers(headers);
+        self.js.send_publish(subject, publish).await?.await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,137 @@
+//! The JetStream streams and key-value buckets of the mesh, defined once.
+//!
+//! Every service ensures the streams it reads and writes at startup (create, or update to this
+//! definition), so services can start in any order and each can be deployed alone.
+
+use std::time::Duration;
+
+use async_nats::jetstream::stream::{Config, DiscardPolicy, RetentionPolicy, StorageType};
+use async_nats::jetstream::{self, Context, kv};
+use serde::{Deserialize, Serialize};
+
+use crate::subjects;
+
+/// Stream of client requests, read by schedulers.
+pub const INTAKE: &str = "IMAGEMESH_INTAKE";
+/// Stream of enriched build requests, read by builders.
+pub const BUILD: &str = "IMAGEMESH_BUILD";
+/// Stream of enriched runtime requests, read by mounters.
+pub const MOUNT: &str = "IMAGEMESH_MOUNT";
+/// Stream of index requests, read by indexers.
+pub const INDEX: &str = "IMAGEMESH_INDEX";
+/// Stream of status events, kept for `imagemesh watch` to replay.
+pub const STATUS: &str = "IMAGEMESH_STATUS";
+/// Stream of dead letters, kept for operators.
+pub const DEAD_LETTER: &str = "IMAGEMESH_DEADLETTER";
+/// KV bucket: image id -> ImageRecord (pushed reference, manifest and index digests).
+pub const IMAGE_REFS_BUCKET: &str = "imagemesh-image-refs";
+
+/// Stream settings that differ between deployments.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamOptions {
+    /// Replicas of every stream and bucket (1 on a single server, 3 on a cluster).
+    pub replicas: usize,
+    /// How long a request id is remembered for de-duplication on publish.
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
+    /// How long status events are kept.
+    #[serde(with = "humantime_serde")]
+    pub status_max_age: Duration,
+    /// How long dead letters are kept.
+    #[serde(with = "humantime_serde")]
+    pub dead_letter_max_age: Duration,
+}
+
+impl Default for StreamOptions {
+    fn default() -> Self {
+        Self {
+            replicas: 1,
+            duplicate_window: Duration::from_secs(10 * 60),
+            status_max_age: Duration::from_secs(24 * 3600),
+            dead_letter_max_age: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// A work-queue stream: each message is removed once a consumer acks it.
+fn work_queue(name: &str, subject: &str, options: &StreamOptions) -> Config {
+    Config {
+        name: name.into(),
+        // The bare subject is the shared queue; `<subject>.<worker>` addresses one worker.
+        subjects: vec![subject.into(), format!("{subject}.>")],
+        retention: RetentionPolicy::WorkQueue,
+        storage: StorageType::File,
+        num_replicas: options.replicas,
+        duplicate_window: options.duplicate_window,
+        ..Default::default()
+    }
+}
+
+fn history(name: &str, subject: String, max_age: Duration, options: &StreamOptions) -> Config {
+    Config {
+        name: name.into(),
+        subjects: vec![subject],
+        retention: RetentionPolicy::Limits,
+        storage: StorageType::File,
+        discard: DiscardPolicy::Old,
+        max_age,
+        num_replicas: options.replicas,
+        duplicate_window: options.duplicate_window.min(max_age),
+        ..Default::default()
+    }
+}
+
+/// Definition of a stream by name.
+pub fn definition(name: &str, options: &StreamOptions) -> Config {
+    match name {
+        INTAKE => Config {
+            subjects: vec![subjects::INTAKE.into()],
+            ..work_queue(INTAKE, subjects::INTAKE, options)
+        },
+        BUILD => work_queue(BUILD, subjects::BUILD, options),
+        MOUNT => work_queue(MOUNT, subjects::MOUNT, options),
+        INDEX => work_queue(INDEX, subjects::INDEX, options),
+        STATUS => history(
+            STATUS,
+            format!("{}.>", subjects::STATUS_PREFIX),
+            options.status_max_age,
+            options,
+        ),
+        DEAD_LETTER => history(
+            DEAD_LETTER,
+            format!("{}.>", subjects::DEAD_LETTER_PREFIX),
+            options.dead_letter_max_age,
+            options,
+        ),
+        other => panic!("unknown stream {other}"),
+    }
+}
+
+/// Creates each named stream, or updates it to the current definition.
+pub async fn ensure(
+    js: &Context,
+    names: &[&str],
+    options: &StreamOptions,
+) -> Result<(), jetstream::context::CreateStreamError> {
+    for name in names {
+        js.create_or_update_stream(definition(name, options)).await?;
+    }
+    Ok(())
+}
+
+/// Opens (creating if needed) the image-refs bucket.
+pub async fn image_refs(
+    js: &Context,
+    options: &StreamOptions,
+) -> Result<kv::Store, jetstream::context::CreateKeyValueError> {
+    js.create_or_update_key_value(kv::Config {
+        bucket: IMAGE_REFS_BUCKET.into(),
+        description: "image id -> pushed reference, manifest digest, index digest".into(),
+        history: 5,
+        num_replicas: options.replicas,
+        storage: StorageType::File,
+        ..Default::default()
+    })
+    .await
+}

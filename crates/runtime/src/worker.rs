@@ -1,0 +1,405 @@
+//! The durable work loop every JetStream-driven service runs.
+//!
+//! A service supplies a [`Handler`]; [`Worker::run`] pulls from its durable consumer, decodes
+//! each message (protobuf or proto3 JSON by `Content-Type`), continues the trace the message
+//! carries, calls the handler, and turns its [`Outcome`] into exactly one of: ack, nak with a
+//! delay (retry), or terminate + failed status + dead letter. A retry on the last allowed delivery
+//! becomes a termination, so nothing is redelivered forever. Long handlers keep their message
+//! with progress acks. On shutdown the loop stops pulling, lets in-flight work finish within a
+//! grace period, and naks what is left so another instance picks it up at once.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
+use async_nats::jetstream::{self, AckKind};
+use bytes::Bytes;
+use futures::StreamExt;
+use imagemesh_proto::{CONTENT_TYPE_PROTOBUF, codec, validate_request_id};
+use prost::{Message, Name};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use crate::status::{DeadLetterInfo, StatusReporter, Step};
+use crate::{ErrorCode, Rejection, Shutdown, subjects, telemetry};
+
+/// Tuning of one work loop. Part of each service's configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerOptions {
+    /// Requests handled at once by this instance.
+    pub concurrency: usize,
+    /// Deliveries before a request that keeps failing is terminated and dead-lettered.
+    pub max_deliver: i64,
+    /// How long JetStream waits for an ack before redelivering (progress acks extend it).
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
+    /// How long in-flight work may run on after shutdown before it is nak'ed.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        Self {
+            concurrency: 16,
+            max_deliver: 10,
+            ack_wait: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(20),
+        }
+    }
+}
+
+/// What became of one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done: ack it.
+    Done,
+    /// Not now: redeliver after `after`. `rejection` is the failure reported if this was the
+    /// last allowed delivery.
+    Retry { after: Duration, rejection: Rejection },
+    /// Never: terminate, report failure, dead-letter.
+    Reject(Rejection),
+}
+
+/// Facts about the delivery a handler may need.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub subject: String,
+    /// 1 on the first delivery.
+    pub attempt: u64,
+    pub max_attempts: u64,
+    pub headers: Option<HeaderMap>,
+}
+
+impl Delivery {
+    pub fn is_last_attempt(&self) -> bool {
+        self.attempt >= self.max_attempts
+    }
+}
+
+/// A service's per-request logic.
+pub trait Handler: Send + Sync + 'static {
+    type Request: Message + Name + Default + Send + 'static;
+
+    fn request_id(request: &Self::Request) -> &str;
+
+    /// The request as kept in a dead letter: every secret removed.
+    fn without_secrets(request: &Self::Request) -> Self::Request;
+
+    /// Whether an undecodable payload may be kept verbatim in a dead letter. Only true where
+    /// producers never put secrets in the payload (the client intake).
+    const KEEP_UNDECODABLE_PAYLOAD: bool = false;
+
+    fn handle(
+        &self,
+        request: Self::Request,
+        delivery: &Delivery,
+    ) -> impl Future<Output = Outcome> + Send;
+}
+
+/// Which stream and durable consumer a worker reads.
+#[derive(Debug, Clone)]
+pub struct ConsumerSpec {
+    pub stream: &'static str,
+    pub durable: String,
+    pub filter_subject: String,
+}
+
+/// A running work loop.
+pub struct Worker<H: Handler> {
+    consumer: PullConsumer,
+    options: WorkerOptions,
+    handler: Arc<H>,
+    status: StatusReporter,
+}
+
+/// Creates the durable consumer, or updates it to `options`.
+pub async fn ensure_consumer(
+    js: &jetstream::Context,
+    spec: &ConsumerSpec,
+    options: &WorkerOptions,
+) -> Result<PullConsumer, async_nats::Error> {
+    let stream = js.get_stream(spec.stream).await?;
+    let config = pull::Config {
+        durable_name: Some(spec.durable.clone()),
+        filter_subject: spec.filter_subject.clone(),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: options.ack_wait,
+        max_deliver: options.max_deliver,
+        ..Default::default()
+    };
+    match stream.create_consumer(config.clone()).await {
+        Ok(consumer) => Ok(consumer),
+        // Exists with other settings: bring it to ours.
+        Err(_) => Ok(stream.update_consumer(config).await?),
+    }
+}
+
+impl<H: Handler> Worker<H> {
+    pub fn new(
+        consumer: PullConsumer,
+        options: WorkerOptions,
+        handler: Arc<H>,
+        status: StatusReporter,
+    ) -> Self {
+        Self {
+            consumer,
+            options,
+            handler,
+            status,
+        }
+    }
+
+    /// Runs until `shutdown`, then drains in-flight work.
+    pub async fn run(self, shutdown: Shutdown) -> Result<(), async_nats::Error> {
+        let permits = Arc::new(Semaphore::new(self.options.concurrency.max(1)));
+        let abort = Shutdown::new();
+        let mut tasks = JoinSet::new();
+        let mut messages = self.open_stream().await?;
+        loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                permit = permits.clone().acquire_owned() => permit.expect("semaphore never closes"),
+            };
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                next = messages.next() => next,
+            };
+            match next {
+                Some(Ok(message)) => {
+                    let job = Job {
+                        handler: self.handler.clone(),
+                        status: self.status.clone(),
+                        options: self.options.clone(),
+                        abort: abort.clone(),
+                    };
+                    tasks.spawn(async move {
+                        job.process(message).await;
+                        drop(permit);
+                    });
+                }
+                Some(Err(err)) => tracing::warn!(error = %err, "pull consumer hiccup"),
+                None => {
+                    tracing::warn!("pull consumer stream ended; reopening");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    messages = self.open_stream().await?;
+                }
+            }
+            while tasks.try_join_next().is_some() {}
+        }
+        self.drain(tasks, abort).await;
+        Ok(())
+    }
+
+    async fn open_stream(&self) -> Result<pull::Stream, async_nats::Error> {
+        // Pull no more than we can work on, so a stopping instance holds nothing unstarted.
+        Ok(self
+            .consumer
+            .stream()
+            .max_messages_per_batch(self.options.concurrency.max(1))
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await?)
+    }
+
+    async fn drain(&self, mut tasks: JoinSet<()>, abort: Shutdown) {
+        if tasks.is_empty() {
+            return;
+        }
+        tracing::info!(in_flight = tasks.len(), "waiting for in-flight work");
+        let grace = tokio::time::sleep(self.options.shutdown_grace);
+        tokio::pin!(grace);
+        loop {
+            tokio::select! {
+                next = tasks.join_next() => if next.is_none() { return },
+                _ = &mut grace => break,
+            }
+        }
+        tracing::warn!(in_flight = tasks.len(), "grace period over; handing work back");
+        abort.trigger();
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+/// What one spawned task needs to process one message.
+struct Job<H: Handler> {
+    handler: Arc<H>,
+    status: StatusReporter,
+    options: WorkerOptions,
+    abort: Shutdown,
+}
+
+impl<H: Handler> Job<H> {
+    async fn process(self, message: jetstream::Message) {
+        let attempt = message.info().map(|i| i.delivered.max(1) as u64).unwrap_or(1);
+        let delivery = Delivery {
+            subject: message.subject.to_string(),
+            attempt,
+            max_attempts: self.options.max_deliver.max(1) as u64,
+            headers: message.headers.clone(),
+        };
+        let span = tracing::info_span!(
+            "process",
+            otel.name = %format!("{} process", delivery.subject),
+            messaging.destination = %delivery.subject,
+            service = self.status.service(),
+            request_id = tracing::field::Empty,
+            attempt,
+        );
+        telemetry::continue_trace(&span, delivery.headers.as_ref());
+        self.process_in_span(message, delivery).instrument(span).await
+    }
+
+    async fn process_in_span(self, message: jetstream::Message, delivery: Delivery) {
+        let content_type = header(&delivery.headers, subjects::CONTENT_TYPE_HEADER);
+        let request = match codec::decode::<H::Request>(&message.payload, content_type.as_deref()) {
+            Ok(request) => request,
+            Err(err) => {
+                let id = header(&delivery.headers, "Nats-Msg-Id")
+                    .filter(|id| validate_request_id(id).is_ok())
+                    .unwrap_or_default();
+                let payload = if H::KEEP_UNDECODABLE_PAYLOAD {
+                    message.payload.clone()
+                } else {
+                    Bytes::new()
+                };
+                let rejection = Rejection::new(ErrorCode::MalformedRequest, err.to_string());
+                let content_type = content_type.unwrap_or_else(|| CONTENT_TYPE_PROTOBUF.into());
+                self.terminate(&message, &delivery, &id, &rejection, payload, &content_type)
+                    .await;
+                return;
+            }
+        };
+        let request_id = H::request_id(&request).to_string();
+        tracing::Span::current().record("request_id", request_id.as_str());
+        if let Err(err) = validate_request_id(&request_id) {
+            let rejection = Rejection::new(ErrorCode::MalformedRequest, err.to_string());
+            let scrubbed = H::without_secrets(&request).encode_to_vec().into();
+            self.terminate(&message, &delivery, "", &rejection, scrubbed, CONTENT_TYPE_PROTOBUF)
+                .await;
+            return;
+        }
+        let scrubbed = H::without_secrets(&request);
+        let Some(outcome) = self.handle_with_progress(&message, request, &delivery).await else {
+            // Shutdown grace ran out: hand the message back for another instance.
+            ack(&message, AckKind::Nak(None)).await;
+            return;
+        };
+        self.settle(&message, &delivery, &request_id, scrubbed, outcome).await;
+    }
+
+    /// Runs the handler, sending progress acks so long work keeps its message.
+    async fn handle_with_progress(
+        &self,
+        message: &jetstream::Message,
+        request: H::Request,
+        delivery: &Delivery,
+    ) -> Option<Outcome> {
+        let work = self.handler.handle(request, delivery);
+        tokio::pin!(work);
+        let mut progress = tokio::time::interval(self.options.ack_wait / 3);
+        progress.tick().await;
+        loop {
+            tokio::select! {
+                outcome = &mut work => return Some(outcome),
+                _ = progress.tick() => ack(message, AckKind::Progress).await,
+                _ = self.abort.cancelled() => return None,
+            }
+        }
+    }
+
+    async fn settle(
+        &self,
+        message: &jetstream::Message,
+        delivery: &Delivery,
+        request_id: &str,
+        scrubbed: H::Request,
+        outcome: Outcome,
+    ) {
+        match outcome {
+            Outcome::Done => ack(message, AckKind::Ack).await,
+            Outcome::Retry { rejection, .. } if delivery.is_last_attempt() => {
+                let rejection = Rejection::new(
+                    rejection.code,
+                    format!(
+                        "gave up after {} attempts: {}",
+                        delivery.attempt, rejection.message
+                    ),
+                );
+                let payload = scrubbed.encode_to_vec().into();
+                self.terminate(message, delivery, request_id, &rejection, payload, CONTENT_TYPE_PROTOBUF)
+                    .await;
+            }
+            Outcome::Retry { after, rejection } => {
+                tracing::info!(reason = %rejection, retry_in = ?after, "will retry");
+                let step = Step::pending(
+                    "retrying",
+                    format!(
+                        "{}; attempt {} of {}, next in {:.1}s",
+                        rejection.message,
+                        delivery.attempt,
+                        delivery.max_attempts,
+                        after.as_secs_f64()
+                    ),
+                );
+                self.status.report(request_id, step).await;
+                ack(message, AckKind::Nak(Some(after))).await;
+            }
+            Outcome::Reject(rejection) => {
+                let payload = scrubbed.encode_to_vec().into();
+                self.terminate(message, delivery, request_id, &rejection, payload, CONTENT_TYPE_PROTOBUF)
+                    .await;
+            }
+        }
+    }
+
+    /// Terminates redelivery, reports the failure and dead-letters the (secret-free) payload.
+    async fn terminate(
+        &self,
+        message: &jetstream::Message,
+        delivery: &Delivery,
+        request_id: &str,
+        rejection: &Rejection,
+        payload: Bytes,
+        content_type: &str,
+    ) {
+        tracing::warn!(request_id, code = ?rejection.code, reason = %rejection.message, "request rejected");
+        if !request_id.is_empty() {
+            self.status.report(request_id, Step::failed(rejection)).await;
+        }
+        let info = DeadLetterInfo {
+            subject: &delivery.subject,
+            request_id,
+            deliveries: delivery.attempt,
+            content_type,
+        };
+        self.status.dead_letter(info, rejection, payload).await;
+        ack(message, AckKind::Term).await;
+    }
+}
+
+fn header(headers: &Option<HeaderMap>, name: &str) -> Option<String> {
+    headers
+        .as_ref()
+        .and_then(|h| h.get(name))
+        .map(|v| v.as_str().to_string())
+}
+
+async fn ack(message: &jetstream::Message, kind: AckKind) {
+    let label = format!("{kind:?}");
+    // Final acks wait for the server's confirmation so a crash right after cannot redeliver work
+    // we believe is settled; naks and progress are advisory.
+    let result = match kind {
+        AckKind::Ack | AckKind::Term => message.double_ack_with(kind).await,
+        _ => message.ack_with(kind).await,
+    };
+    if let Err(err) = result {
+        tracing::warn!(error = %err, ack = label, "could not acknowledge message");
+    }
+}

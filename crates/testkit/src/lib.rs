@@ -1,0 +1,21 @@
+//! Real servers for tests, on loopback, with ephemeral ports and temporary directories.
+//!
+//! Each server is a child process that is killed, and its directory removed, when the handle is
+//! dropped, so a failing test cleans up too. Readiness is waited for by connecting with a
+//! deadline, never by sleeping.
+//!
+//! - [`NatsServer`]: `nats-server` with JetStream.
+//! - [`Registry`]: Debian's `docker-registry` (distribution 2.8), open or htpasswd-protected.
+//! - [`ServiceProcess`]: an imagemesh service binary with its config file and captured log.
+//! - [`eventually`]: poll a condition until it holds or a deadline passes.
+#![forbid(unsafe_code)]
+
+mod nats;
+mod process;
+mod registry;
+mod wait;
+
+pub use nats::NatsServer;
+pub use process::{ServiceProcess, bin_path};
+pub use registry::{Registry, RegistryAuth};
+pub use wait::{eventually, free_port, wait_for_service};

@@ -1,0 +1,52 @@
+//! Waiting without sleeping blindly.
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::time::Duration;
+
+use async_nats::Client;
+
+/// Polls `check` every 20 ms until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (for servers that cannot report the
+/// port they bound themselves).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+/// Waits until the micro service `name` answers `$SRV.PING.<name>`.
+pub async fn wait_for_service(client: &Client, name: &str, timeout: Duration) {
+    let subject = format!("$SRV.PING.{name}");
+    eventually(timeout, &format!("service {name} to answer PING"), || {
+        let client = client.clone();
+        let subject = subject.clone();
+        async move {
+            let reply = tokio::time::timeout(
+                Duration::from_millis(500),
+                client.request(subject, "".into()),
+            )
+            .await;
+            matches!(reply, Ok(Ok(_))).then_some(())
+        }
+    })
+    .await
+}
