@@ -1,0 +1,102 @@
+//! Checkpoints: places in a layer blob where inflation can start without reading what came
+//! before, and the compressed history window that makes that possible.
+
+use std::io::{Read, Write};
+
+use bytes::Bytes;
+
+use crate::model::Window;
+use crate::zran::WINDOW_SIZE;
+use crate::{Error, Result};
+
+/// How to start decoding at a checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckpointKind {
+    /// Uncompressed tar: the bytes at `compressed_offset` are the output.
+    Plain,
+    /// The start of a gzip member: parse its header, no history needed.
+    Member,
+    /// A deflate block boundary inside a member: raw inflate, primed with the leftover bits of
+    /// the byte at `compressed_offset` and preset with the window.
+    Block,
+}
+
+/// A resume point. `bit_offset` counts the low bits of the byte at `compressed_offset` that
+/// belong to the previous block (0–7); decoding starts with the remaining `8 - bit_offset` bits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub kind: CheckpointKind,
+    pub compressed_offset: u64,
+    pub bit_offset: u8,
+    pub uncompressed_offset: u64,
+    /// The 32 KiB of output before this point (`Block` only; empty otherwise).
+    pub window: Window,
+    /// sha256 of this checkpoint's span of compressed bytes ([`crate::LayerIndex::span_range`]).
+    pub span_digest: [u8; 32],
+}
+
+impl Checkpoint {
+    /// A checkpoint that needs no history: the blob start or a member start.
+    pub(crate) fn aligned(kind: CheckpointKind, compressed: u64, uncompressed: u64) -> Self {
+        Checkpoint {
+            kind,
+            compressed_offset: compressed,
+            bit_offset: 0,
+            uncompressed_offset: uncompressed,
+            window: Window::default(),
+            span_digest: [0; 32],
+        }
+    }
+}
+
+impl Window {
+    /// Compresses a history window. Text windows shrink 3–5×; random data stays ~32 KiB.
+    pub(crate) fn compress(raw: &[u8]) -> Self {
+        debug_assert!(raw.len() <= WINDOW_SIZE);
+        let mut enc = flate2::write::DeflateEncoder::new(
+            Vec::with_capacity(raw.len() / 2),
+            flate2::Compression::default(),
+        );
+        // Writing to a Vec cannot fail.
+        enc.write_all(raw).expect("in-memory deflate");
+        Window {
+            len: raw.len() as u32,
+            compressed: Bytes::from(enc.finish().expect("in-memory deflate")),
+        }
+    }
+
+    /// Inflates the window, refusing anything that is not exactly `len` bytes.
+    pub(crate) fn decompress(&self) -> Result<Vec<u8>> {
+        if self.len == 0 {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::with_capacity(self.len as usize);
+        let dec = flate2::read::DeflateDecoder::new(&self.compressed[..]);
+        // One byte more than allowed so an over-long window is detected, not silently cut.
+        dec.take(WINDOW_SIZE as u64 + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| Error::invalid(format!("window does not inflate: {e}")))?;
+        if out.len() != self.len as usize {
+            return Err(Error::invalid("window length mismatch"));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_round_trips_and_rejects_wrong_length() {
+        let raw: Vec<u8> = b"the quick brown fox ".repeat(1700)[..WINDOW_SIZE].to_vec();
+        let w = Window::compress(&raw);
+        assert!(w.compressed.len() < raw.len() / 4);
+        assert_eq!(w.decompress().unwrap(), raw);
+        let bad = Window {
+            len: 10,
+            ..w.clone()
+        };
+        assert!(bad.decompress().is_err());
+    }
+}
