@@ -40,6 +40,9 @@ pub struct Limits {
     pub max_xattr_value: usize,
     /// Most entries per layer (default 4 Mi); more is an error.
     pub max_entries: usize,
+    /// Most bytes of paths, link targets and xattrs kept per layer (default 256 MiB); more is an
+    /// error. Bounds index memory where `max_entries × max_path_len` alone would not.
+    pub max_metadata_total: u64,
 }
 
 /// Smallest span accepted; smaller ones would make the window dominate the index.
@@ -64,6 +67,7 @@ impl Default for Limits {
             max_path_len: 4096,
             max_xattr_value: 64 << 10,
             max_entries: 4 << 20,
+            max_metadata_total: 256 << 20,
         }
     }
 }

@@ -31,6 +31,8 @@ struct Walker<'a> {
     pos: u64,
     opts: &'a IndexOptions,
     entries: Vec<Entry>,
+    /// Bytes of paths, link targets and xattrs kept so far.
+    metadata: u64,
 }
 
 /// Reads entries until the end-of-archive block (or a clean end of stream).
@@ -40,6 +42,7 @@ pub(crate) fn walk(src: &mut dyn Chunks, opts: &IndexOptions) -> Result<Vec<Entr
         pos: 0,
         opts,
         entries: Vec::new(),
+        metadata: 0,
     };
     let mut pending = Pending::default();
     let mut block = [0u8; BLOCK as usize];
@@ -89,10 +92,20 @@ impl Walker<'_> {
     }
 
     fn push(&mut self, entry: Entry) -> Result<()> {
-        if self.entries.len() >= self.opts.limits.max_entries {
+        let limits = &self.opts.limits;
+        if self.entries.len() >= limits.max_entries {
             return Err(Error::LimitExceeded {
                 what: "entries per layer",
-                limit: self.opts.limits.max_entries as u64,
+                limit: limits.max_entries as u64,
+            });
+        }
+        let link = entry.link_target.as_ref().map_or(0, String::len);
+        let xattrs: usize = entry.xattrs.iter().map(|(k, v)| k.len() + v.len()).sum();
+        self.metadata += (entry.path.len() + link + xattrs) as u64;
+        if self.metadata > limits.max_metadata_total {
+            return Err(Error::LimitExceeded {
+                what: "entry metadata per layer",
+                limit: limits.max_metadata_total,
             });
         }
         self.entries.push(entry);

@@ -112,24 +112,46 @@ fn clean_path(raw: &[u8], opts: &IndexOptions) -> Option<String> {
 }
 
 fn fill_metadata(e: &mut Entry, header: &Header, pending: &Pending, at: u64) -> Result<()> {
-    let bad = |what: &str| Error::tar(at, format!("bad {what} field"));
-    e.mode = header.mode().map_err(|_| bad("mode"))? & 0o7777;
-    e.uid = match pending.pax.get("uid") {
-        Some(v) => parse_num(v).ok_or_else(|| bad("PAX uid"))?,
-        None => header.uid().map_err(|_| bad("uid"))?,
+    let raw = header.as_bytes();
+    // Go's archive/tar reads an empty (all NUL/space) numeric field as 0; so do we.
+    let num = |field: std::ops::Range<usize>, parsed: std::io::Result<u64>, what: &str| {
+        let blank = raw[field].iter().all(|&b| b == 0 || b == b' ');
+        parsed.or_else(|_| {
+            if blank {
+                Ok(0)
+            } else {
+                Err(Error::tar(at, format!("bad {what} field")))
+            }
+        })
     };
-    e.gid = match pending.pax.get("gid") {
-        Some(v) => parse_num(v).ok_or_else(|| bad("PAX gid"))?,
-        None => header.gid().map_err(|_| bad("gid"))?,
+    let pax = |key: &str| -> Result<Option<u64>> {
+        match pending.pax.get(key) {
+            Some(v) => parse_num(v)
+                .map(Some)
+                .ok_or_else(|| Error::tar(at, format!("bad PAX {key}"))),
+            None => Ok(None),
+        }
     };
+    e.mode = num(100..108, header.mode().map(u64::from), "mode")? as u32 & 0o7777;
+    e.uid = pax("uid")?.map_or_else(|| num(108..116, header.uid(), "uid"), Ok)?;
+    e.gid = pax("gid")?.map_or_else(|| num(116..124, header.gid(), "gid"), Ok)?;
     (e.mtime, e.mtime_nsec) = match pending.pax.get("mtime") {
-        Some(v) => parse_time(v).ok_or_else(|| bad("PAX mtime"))?,
-        None => (header.mtime().map_err(|_| bad("mtime"))? as i64, 0),
+        Some(v) => parse_time(v).ok_or_else(|| Error::tar(at, "bad PAX mtime"))?,
+        None => (num(136..148, header.mtime(), "mtime")? as i64, 0),
     };
     if matches!(e.kind, EntryKind::CharDevice | EntryKind::BlockDevice) {
-        let major = header.device_major().map_err(|_| bad("devmajor"))?;
-        let minor = header.device_minor().map_err(|_| bad("devminor"))?;
-        e.device = Some((major.unwrap_or(0), minor.unwrap_or(0)));
+        let major = num(
+            329..337,
+            header.device_major().map(|d| u64::from(d.unwrap_or(0))),
+            "devmajor",
+        )?;
+        let minor = num(
+            337..345,
+            header.device_minor().map(|d| u64::from(d.unwrap_or(0))),
+            "devminor",
+        )?;
+        let fit = |v: u64| u32::try_from(v).map_err(|_| Error::tar(at, "device number too large"));
+        e.device = Some((fit(major)?, fit(minor)?));
     }
     Ok(())
 }

@@ -11,6 +11,8 @@ use crate::model::EntryKind;
 
 /// Symlinks followed while resolving one path, as Linux's MAXSYMLINKS.
 const MAX_HOPS: usize = 40;
+/// Components visited while resolving one path: bounds the work a hostile symlink farm can cause.
+const MAX_STEPS: usize = 4096;
 
 impl MergedTree {
     /// Resolves symlinks in the parent components of `path` (not the last component), treating
@@ -21,8 +23,13 @@ impl MergedTree {
         };
         let mut queue: VecDeque<String> = parent.split('/').map(str::to_string).collect();
         let mut cur: Vec<String> = Vec::new();
-        let mut hops = 0;
+        let (mut hops, mut steps) = (0, 0);
         while let Some(part) = queue.pop_front() {
+            steps += 1;
+            if steps > MAX_STEPS {
+                warn!(path, "parent path too long to resolve; kept literally");
+                return path.to_string();
+            }
             match part.as_str() {
                 "" | "." => continue,
                 ".." => {
