@@ -13,9 +13,11 @@ fn image() -> (ImageIndex, MemorySource, Vec<Vec<u8>>) {
     let mut rng = Rng::new(9);
     let mut base = TarBuilder::default();
     base.dir("usr/").file("usr/big.txt", &rng.text(5_000_000));
-    base.file("usr/random.bin", &rng.bytes(3_000_000)).symlink("usr/link", "big.txt");
+    base.file("usr/random.bin", &rng.bytes(3_000_000))
+        .symlink("usr/link", "big.txt");
     let mut top = TarBuilder::default();
-    top.file("etc/conf", b"top layer").hardlink("etc/big", "usr/big.txt");
+    top.file("etc/conf", b"top layer")
+        .hardlink("etc/big", "usr/big.txt");
     let (base, top) = (base.finish(), top.finish());
     let (gz, plain) = (gzip(&base), top.clone());
     let layers = vec![index(&gz, 256 << 10), index_plain(&plain, 256 << 10)];
@@ -53,12 +55,22 @@ fn index_is_a_small_fraction_of_the_image() {
     let windows = image.layers.iter().flat_map(|l| &l.checkpoints);
     let window_bytes: usize = windows.clone().map(|c| c.window.compressed.len()).sum();
     // Windows are at most 32 KiB (+ deflate's few bytes of overhead) each, text ones far less.
-    assert!(windows.clone().all(|c| c.window.compressed.len() <= 32 * 1024 + 64));
-    assert!(window_bytes < windows.count() * 20 * 1024, "text windows compress");
+    assert!(
+        windows
+            .clone()
+            .all(|c| c.window.compressed.len() <= 32 * 1024 + 64)
+    );
+    assert!(
+        window_bytes < windows.count() * 20 * 1024,
+        "text windows compress"
+    );
     // Everything else (file table, checkpoints, digests) is well under 1% of the image; the
     // window share depends on span size (32 KiB per span) and is measured in bench/indexer.
     let rest = size - window_bytes;
-    assert!(rest * 100 < uncompressed, "index without windows: {rest} bytes for {uncompressed}");
+    assert!(
+        rest * 100 < uncompressed,
+        "index without windows: {rest} bytes for {uncompressed}"
+    );
 }
 
 #[test]

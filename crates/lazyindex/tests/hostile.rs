@@ -6,8 +6,7 @@ mod common;
 
 use common::{Rng, TarBuilder, gzip, index, options, read_range};
 use imagemesh_lazyindex::{
-    EntryKind, Error, IndexOptions, LayerIndex, MergedTree, decode_layer, encode_layer,
-    index_layer,
+    EntryKind, Error, IndexOptions, LayerIndex, MergedTree, decode_layer, encode_layer, index_layer,
 };
 
 fn try_index(blob: &[u8]) -> Result<LayerIndex, Error> {
@@ -17,13 +16,23 @@ fn try_index(blob: &[u8]) -> Result<LayerIndex, Error> {
 #[test]
 fn escaping_and_absolute_paths_are_neutralised() {
     let mut t = TarBuilder::default();
-    t.raw(tar::EntryType::Regular, b"../../etc/passwd", b"", b"root::0:0")
-        .raw(tar::EntryType::Regular, b"/etc/shadow", b"", b"abs")
-        .raw(tar::EntryType::Regular, b"a/../../escape", b"", b"x")
-        .raw(tar::EntryType::Link, b"ok/link", b"../../../etc/passwd", b"")
-        .raw(tar::EntryType::Regular, b"a/.wh...", b"", b"")
-        .raw(tar::EntryType::Symlink, b"sym", b"/etc/passwd", b"")
-        .raw(tar::EntryType::Regular, b"fine", b"", b"fine");
+    t.raw(
+        tar::EntryType::Regular,
+        b"../../etc/passwd",
+        b"",
+        b"root::0:0",
+    )
+    .raw(tar::EntryType::Regular, b"/etc/shadow", b"", b"abs")
+    .raw(tar::EntryType::Regular, b"a/../../escape", b"", b"x")
+    .raw(
+        tar::EntryType::Link,
+        b"ok/link",
+        b"../../../etc/passwd",
+        b"",
+    )
+    .raw(tar::EntryType::Regular, b"a/.wh...", b"", b"")
+    .raw(tar::EntryType::Symlink, b"sym", b"/etc/passwd", b"")
+    .raw(tar::EntryType::Regular, b"fine", b"", b"fine");
     let layer = index(&gzip(&t.finish()), 1 << 20);
     let paths: Vec<_> = layer.entries.iter().map(|e| e.path.as_str()).collect();
     // Absolute is made relative; escapes, escaping hardlinks and bad whiteouts are dropped;
@@ -41,7 +50,12 @@ fn devices_can_be_disabled() {
         ..options(1 << 20)
     };
     let layer = index_layer(&gzip(&t.finish())[..], &opts).unwrap();
-    assert!(layer.entries.iter().all(|e| e.kind != EntryKind::CharDevice));
+    assert!(
+        layer
+            .entries
+            .iter()
+            .all(|e| e.kind != EntryKind::CharDevice)
+    );
     assert_eq!(layer.entries.len(), 1);
 }
 
@@ -55,13 +69,20 @@ fn huge_pax_and_long_names_are_bounded() {
 
     let mut t = TarBuilder::default();
     let long = format!("{}/f", "d/".repeat(3000));
-    t.pax(&[("path", long.as_bytes())]).file("short", b"").file("next", b"");
+    t.pax(&[("path", long.as_bytes())])
+        .file("short", b"")
+        .file("next", b"");
     let layer = index(&gzip(&t.finish()), 1 << 20);
     let paths: Vec<_> = layer.entries.iter().map(|e| e.path.as_str()).collect();
-    assert_eq!(paths, ["next"], "over-long path dropped, stream still in sync");
+    assert_eq!(
+        paths,
+        ["next"],
+        "over-long path dropped, stream still in sync"
+    );
 
     let mut t = TarBuilder::default();
-    t.pax(&[("SCHILY.xattr.user.big", &vec![0u8; 100 << 10][..])]).file("f", b"");
+    t.pax(&[("SCHILY.xattr.user.big", &vec![0u8; 100 << 10][..])])
+        .file("f", b"");
     let layer = index(&gzip(&t.finish()), 1 << 20);
     assert!(layer.entries[0].xattrs.is_empty());
 }
@@ -98,13 +119,22 @@ fn corrupt_and_truncated_streams_are_typed_errors() {
     assert!(try_index(&bad).is_err());
     let mut trailing = gz.clone();
     trailing.extend_from_slice(b"garbage after the member");
-    assert!(matches!(try_index(&trailing), Err(Error::CorruptGzip { .. })));
+    assert!(matches!(
+        try_index(&trailing),
+        Err(Error::CorruptGzip { .. })
+    ));
     assert!(matches!(try_index(&[0x1f, 0x8b]), Err(Error::Truncated(_))));
 
     let mut broken_tar = raw.clone();
     broken_tar[100] ^= 0x01; // header checksum no longer matches
-    assert!(matches!(try_index(&gzip(&broken_tar)), Err(Error::CorruptTar { .. })));
-    assert!(matches!(try_index(&gzip(&raw[..700])), Err(Error::Truncated(_))));
+    assert!(matches!(
+        try_index(&gzip(&broken_tar)),
+        Err(Error::CorruptTar { .. })
+    ));
+    assert!(matches!(
+        try_index(&gzip(&raw[..700])),
+        Err(Error::Truncated(_))
+    ));
 }
 
 #[test]
@@ -119,9 +149,14 @@ fn tampered_blob_fails_span_verification() {
     let mut bad = gz.clone();
     let cp = &layer.checkpoints[2];
     bad[cp.compressed_offset as usize + 5] ^= 1;
-    let plan = layer.plan_read(cp.uncompressed_offset..cp.uncompressed_offset + 10).unwrap();
+    let plan = layer
+        .plan_read(cp.uncompressed_offset..cp.uncompressed_offset + 10)
+        .unwrap();
     let fetched = &bad[plan.fetch.start as usize..plan.fetch.end as usize];
-    assert!(matches!(layer.decode_read(&plan, fetched), Err(Error::DigestMismatch { .. })));
+    assert!(matches!(
+        layer.decode_read(&plan, fetched),
+        Err(Error::DigestMismatch { .. })
+    ));
     assert_eq!(read_range(&layer, &gz, 1000..1010), &raw[1000..1010]);
 }
 
@@ -130,8 +165,11 @@ fn tampered_blob_fails_span_verification() {
 fn mutated_layers_never_panic() {
     let mut t = TarBuilder::default();
     let mut rng = Rng::new(3);
-    t.pax(&[("path", "p".repeat(200).as_bytes())]).file("x", b"pax");
-    t.file(&"l".repeat(150), b"gnu").symlink("s", "x").hardlink("h", "x");
+    t.pax(&[("path", "p".repeat(200).as_bytes())])
+        .file("x", b"pax");
+    t.file(&"l".repeat(150), b"gnu")
+        .symlink("s", "x")
+        .hardlink("h", "x");
     t.file("data", &rng.text(150_000));
     let raw = t.finish();
     for base in [gzip(&raw), raw.clone()] {
@@ -158,7 +196,10 @@ fn mutated_layers_never_panic() {
 fn mutated_indexes_never_panic() {
     let mut t = TarBuilder::default();
     let mut rng = Rng::new(4);
-    t.dir("d/").file("d/a", &rng.text(300_000)).symlink("d/s", "a").hardlink("d/h", "d/a");
+    t.dir("d/")
+        .file("d/a", &rng.text(300_000))
+        .symlink("d/s", "a")
+        .hardlink("d/h", "d/a");
     let raw = t.finish();
     let gz = gzip(&raw);
     let encoded = encode_layer(&index(&gz, 64 << 10));
@@ -173,13 +214,18 @@ fn mutated_indexes_never_panic() {
                 _ => m.truncate(at),
             }
         }
-        let Ok(layer) = decode_layer(&m) else { continue };
+        let Ok(layer) = decode_layer(&m) else {
+            continue;
+        };
         let _ = MergedTree::from_layers([&layer]);
         let want = 0..layer.uncompressed_size.min(1000);
         if let Ok(plan) = layer.plan_read(want)
             && plan.fetch.end <= gz.len() as u64
         {
-            let _ = layer.decode_read(&plan, &gz[plan.fetch.start as usize..plan.fetch.end as usize]);
+            let _ = layer.decode_read(
+                &plan,
+                &gz[plan.fetch.start as usize..plan.fetch.end as usize],
+            );
         }
     }
 }
@@ -189,7 +235,9 @@ fn split_index(encoded: &[u8]) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
     use std::io::Read;
     let zlen = u64::from_le_bytes(encoded[16..24].try_into().unwrap()) as usize;
     let mut meta = Vec::new();
-    flate2::read::ZlibDecoder::new(&encoded[32..32 + zlen]).read_to_end(&mut meta).unwrap();
+    flate2::read::ZlibDecoder::new(&encoded[32..32 + zlen])
+        .read_to_end(&mut meta)
+        .unwrap();
     (encoded[..32].to_vec(), meta, encoded[32 + zlen..].to_vec())
 }
 
@@ -211,8 +259,13 @@ fn join_index(header: &[u8], meta: &[u8], windows: &[u8]) -> Vec<u8> {
 fn mutated_index_metadata_never_panics() {
     let mut t = TarBuilder::default();
     let mut rng = Rng::new(5);
-    t.dir("d/").file("d/a", &rng.text(300_000)).symlink("d/s", "a").hardlink("d/h", "d/a");
-    t.char_device("d/c", 4, 5).pax(&[("SCHILY.xattr.user.k", b"v")]).file("d/x", b"x");
+    t.dir("d/")
+        .file("d/a", &rng.text(300_000))
+        .symlink("d/s", "a")
+        .hardlink("d/h", "d/a");
+    t.char_device("d/c", 4, 5)
+        .pax(&[("SCHILY.xattr.user.k", b"v")])
+        .file("d/x", b"x");
     let gz = gzip(&t.finish());
     let (header, meta, windows) = split_index(&encode_layer(&index(&gz, 64 << 10)));
     assert!(decode_layer(&join_index(&header, &meta, &windows)).is_ok());
@@ -231,17 +284,24 @@ fn mutated_index_metadata_never_panics() {
                 _ => m.truncate(at),
             }
         }
-        let Ok(layer) = decode_layer(&join_index(&header, &m, &windows)) else { continue };
+        let Ok(layer) = decode_layer(&join_index(&header, &m, &windows)) else {
+            continue;
+        };
         accepted += 1;
         let _ = MergedTree::from_layers([&layer]);
         for e in layer.entries.iter().filter(|e| e.offset.is_some()) {
             let start = e.offset.unwrap();
-            let Ok(plan) = layer.plan_read(start..start + e.size.min(100)) else { continue };
+            let Ok(plan) = layer.plan_read(start..start + e.size.min(100)) else {
+                continue;
+            };
             if plan.fetch.end <= gz.len() as u64 {
                 let fetched = &gz[plan.fetch.start as usize..plan.fetch.end as usize];
                 let _ = layer.decode_read(&plan, fetched);
             }
         }
     }
-    assert!(accepted > 0, "some mutations (e.g. of mode bits) should still decode");
+    assert!(
+        accepted > 0,
+        "some mutations (e.g. of mode bits) should still decode"
+    );
 }

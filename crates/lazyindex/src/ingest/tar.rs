@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 
 use tar::{EntryType, Header};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::{Chunks, IndexOptions, tar_entry};
 use crate::model::{Entry, EntryKind};
@@ -88,7 +88,24 @@ impl Walker<'_> {
         if let Some(entry) = tar_entry::build(header, &pending, data_at, size, self.opts, at)? {
             self.push(entry)?;
         }
-        self.skip(padded(size))
+        self.skip(size)?;
+        self.skip_padding(padded(size) - size)
+    }
+
+    /// Skips the padding after entry data. A stream that ends right after the last entry's data
+    /// (no padding, no end-of-archive blocks; umoci 0.4.7 writes such layers) is accepted as Go's
+    /// archive/tar accepts it: the next header read then sees a clean end.
+    fn skip_padding(&mut self, n: u64) -> Result<()> {
+        match self.skip(n) {
+            Err(Error::Truncated(_)) if self.src.fill()?.is_empty() => {
+                debug!(
+                    offset = self.pos,
+                    "tar stream ends without padding or end-of-archive"
+                );
+                Ok(())
+            }
+            other => other,
+        }
     }
 
     fn push(&mut self, entry: Entry) -> Result<()> {
@@ -119,7 +136,7 @@ impl Walker<'_> {
             return self.skip(padded(size));
         }
         let data = self.read_meta(size)?;
-        self.skip(padded(size) - size)?;
+        self.skip_padding(padded(size) - size)?;
         match ty {
             EntryType::XHeader => {
                 for ext in tar::PaxExtensions::new(&data) {
