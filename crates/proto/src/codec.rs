@@ -41,7 +41,13 @@ pub fn decode<T: Message + Name + Default>(
     content_type: Option<&str>,
 ) -> Result<T, DecodeError> {
     let media_type = content_type
-        .map(|ct| ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .map(|ct| {
+            ct.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
         .unwrap_or_default();
     match media_type.as_str() {
         "" | CONTENT_TYPE_PROTOBUF | "application/x-protobuf" => {
@@ -66,9 +72,7 @@ fn decode_json<T: Message + Name + Default>(payload: &[u8]) -> Result<T, DecodeE
     let mut deserializer = serde_json::Deserializer::from_slice(payload);
     let dynamic = DynamicMessage::deserialize(descriptor, &mut deserializer)
         .map_err(|e| json_error(e.to_string()))?;
-    deserializer
-        .end()
-        .map_err(|e| json_error(e.to_string()))?;
+    deserializer.end().map_err(|e| json_error(e.to_string()))?;
     dynamic
         .transcode_to::<T>()
         .map_err(|e| json_error(e.to_string()))
@@ -112,10 +116,16 @@ mod tests {
     #[test]
     fn malformed_payloads_say_what_is_wrong() {
         let err = decode::<ContainerRequest>(b"\xff\xff\xff", None).unwrap_err();
-        assert!(err.to_string().starts_with("malformed protobuf ContainerRequest"));
-        let err = decode::<ContainerRequest>(b"{\"requestId\": 3", Some(CONTENT_TYPE_JSON))
-            .unwrap_err();
-        assert!(err.to_string().starts_with("malformed JSON ContainerRequest"));
+        assert!(
+            err.to_string()
+                .starts_with("malformed protobuf ContainerRequest")
+        );
+        let err =
+            decode::<ContainerRequest>(b"{\"requestId\": 3", Some(CONTENT_TYPE_JSON)).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("malformed JSON ContainerRequest")
+        );
         let err =
             decode::<ContainerRequest>(b"{\"nope\": 1}", Some(CONTENT_TYPE_JSON)).unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");

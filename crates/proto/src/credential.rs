@@ -10,7 +10,14 @@ impl fmt::Debug for RegistryCredential {
             .field("registry", &self.registry)
             .field("scheme", &self.scheme())
             .field("username", &self.username)
-            .field("secret", &if self.secret.is_empty() { "" } else { "[redacted]" })
+            .field(
+                "secret",
+                &if self.secret.is_empty() {
+                    ""
+                } else {
+                    "[redacted]"
+                },
+            )
             .field("expires_at", &self.expires_at)
             .field("scope", &self.scope)
             .finish()

@@ -18,4 +18,4 @@ pub mod v1 {
 }
 
 pub use codec::{CONTENT_TYPE_JSON, CONTENT_TYPE_PROTOBUF, DecodeError};
-pub use request::{RequestIdError, validate_request_id};
+pub use request::{RequestIdError, validate_image_id, validate_request_id};

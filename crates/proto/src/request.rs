@@ -31,6 +31,23 @@ pub fn validate_request_id(id: &str) -> Result<(), RequestIdError> {
     Ok(())
 }
 
+/// Image ids become image tags (`<build registry>/<repository>:<image id>`), so they follow the
+/// OCI tag grammar: `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
+pub fn validate_image_id(id: &str) -> Result<(), String> {
+    let mut bytes = id.bytes();
+    let first_ok = bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_');
+    let rest_ok = bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-');
+    if first_ok && rest_ok && id.len() <= 128 {
+        Ok(())
+    } else {
+        Err(format!(
+            "image_id {id:?} is not a valid tag ([A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}})"
+        ))
+    }
+}
+
 impl ContainerRequest {
     /// The request with every credential secret removed (for dead letters).
     pub fn without_secrets(&self) -> Self {
@@ -80,6 +97,16 @@ mod tests {
             validate_request_id(&"x".repeat(129)),
             Err(RequestIdError::TooLong)
         );
+    }
+
+    #[test]
+    fn image_ids_are_valid_tags() {
+        assert!(validate_image_id("v1.2_3-x").is_ok());
+        assert!(validate_image_id("").is_err());
+        assert!(validate_image_id("-x").is_err());
+        assert!(validate_image_id("a:b").is_err());
+        assert!(validate_image_id("a/b").is_err());
+        assert!(validate_image_id(&"x".repeat(129)).is_err());
     }
 
     #[test]

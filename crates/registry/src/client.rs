@@ -19,7 +19,11 @@ pub struct RegistrySettings {
 
 impl RegistrySettings {
     fn uses_http(&self, registry: &str) -> bool {
-        host::is_loopback(registry) || self.insecure.iter().any(|h| host::same_registry(h, registry))
+        host::is_loopback(registry)
+            || self
+                .insecure
+                .iter()
+                .any(|h| host::same_registry(h, registry))
     }
 
     fn protocol_for(&self, registry: &str) -> ClientProtocol {
@@ -112,7 +116,11 @@ impl RegistryClient {
             .auth(reference, &self.auth, operation)
             .await
             .map_err(|e| fail(&e))?;
-        match self.client.fetch_manifest_digest(reference, &self.auth).await {
+        match self
+            .client
+            .fetch_manifest_digest(reference, &self.auth)
+            .await
+        {
             Ok(digest) => Ok(Access::Manifest(digest)),
             Err(e) => {
                 let err = fail(&e);

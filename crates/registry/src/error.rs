@@ -107,7 +107,10 @@ fn classify(err: &OciDistributionError) -> (RegistryErrorKind, String) {
                 )
             }) {
                 NotFound
-            } else if codes.iter().any(|c| matches!(c, OciErrorCode::Toomanyrequests)) {
+            } else if codes
+                .iter()
+                .any(|c| matches!(c, OciErrorCode::Toomanyrequests))
+            {
                 Unavailable
             } else {
                 Invalid
@@ -115,7 +118,9 @@ fn classify(err: &OciDistributionError) -> (RegistryErrorKind, String) {
             (kind, detail)
         }
         OciDistributionError::RequestError(e) => (Unavailable, describe_request_error(e)),
-        OciDistributionError::ImageManifestNotFoundError(_) => (NotFound, "manifest not found".into()),
+        OciDistributionError::ImageManifestNotFoundError(_) => {
+            (NotFound, "manifest not found".into())
+        }
         OciDistributionError::IoError(e) => (Unavailable, e.to_string()),
         other => (Invalid, other.to_string()),
     }

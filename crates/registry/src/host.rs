@@ -77,8 +77,14 @@ mod tests {
         let ecr = "123456789012.dkr.ecr.us-east-1.amazonaws.com";
         assert!(same_registry(ecr, &format!("https://{ecr}")));
         assert!(!same_registry(ecr, &format!("{ecr}.attacker.net")));
-        assert!(!same_registry("registry.example.com", "registry.example.com.attacker.net"));
-        assert!(!same_registry("amazonaws.com", "evil-amazonaws.com.example"));
+        assert!(!same_registry(
+            "registry.example.com",
+            "registry.example.com.attacker.net"
+        ));
+        assert!(!same_registry(
+            "amazonaws.com",
+            "evil-amazonaws.com.example"
+        ));
         assert!(!same_registry("host:5000", "host"));
         assert!(same_registry("HOST:5000", "host:5000"));
     }

@@ -13,7 +13,9 @@
 pub mod client;
 pub mod error;
 pub mod host;
+pub mod select;
 
 pub use client::{Access, RegistryClient, RegistrySettings};
 pub use error::{RegistryError, RegistryErrorKind};
 pub use oci_client::Reference;
+pub use select::credential_for;

@@ -26,18 +26,30 @@ async fn the_registry_accepts_the_right_credential_and_rejects_a_wrong_one() {
 
     let good = RegistryClient::new(addr, Some(&basic(addr, "builder", "s3cret-pw")), &settings);
     let reference = good.reference(&format!("{addr}/team/app:v1")).unwrap();
-    let access = good.check_access(&reference, RegistryOperation::Pull).await.unwrap();
+    let access = good
+        .check_access(&reference, RegistryOperation::Pull)
+        .await
+        .unwrap();
     assert_eq!(access, Access::NoManifest);
 
     let bad = RegistryClient::new(addr, Some(&basic(addr, "builder", "wrong-pw")), &settings);
-    let err = bad.check_access(&reference, RegistryOperation::Pull).await.unwrap_err();
+    let err = bad
+        .check_access(&reference, RegistryOperation::Pull)
+        .await
+        .unwrap_err();
     assert_eq!(err.kind, RegistryErrorKind::AuthRejected);
     let message = err.to_string();
-    assert!(message.contains(addr) && message.contains("team/app"), "{message}");
+    assert!(
+        message.contains(addr) && message.contains("team/app"),
+        "{message}"
+    );
     assert!(!message.contains("wrong-pw"), "{message}");
 
     let anonymous = RegistryClient::new(addr, None, &settings);
-    let err = anonymous.check_access(&reference, RegistryOperation::Pull).await.unwrap_err();
+    let err = anonymous
+        .check_access(&reference, RegistryOperation::Pull)
+        .await
+        .unwrap_err();
     assert_eq!(err.kind, RegistryErrorKind::AuthRejected);
 }
 
@@ -48,7 +60,10 @@ async fn a_stopped_registry_is_unavailable_and_retryable() {
     registry.stop();
     let client = RegistryClient::new(&addr, None, &RegistrySettings::default());
     let reference = client.reference(&format!("{addr}/team/app:v1")).unwrap();
-    let err = client.check_access(&reference, RegistryOperation::Pull).await.unwrap_err();
+    let err = client
+        .check_access(&reference, RegistryOperation::Pull)
+        .await
+        .unwrap_err();
     assert_eq!(err.kind, RegistryErrorKind::Unavailable, "{err}");
     assert!(err.is_retryable());
 }

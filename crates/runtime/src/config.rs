@@ -1,14 +1,15 @@
 //! Configuration: defaults, then a TOML file, then environment overrides.
 //!
 //! Environment variables `IMAGEMESH_<SECTION>__<KEY>` override `<section>.<key>` (double
-//! underscore = one level of nesting), and the conventional `NATS_URL` overrides `nats.url`.
+//! underscore = one level of nesting; a variable without one, such as `IMAGEMESH_CONFIG`, is not
+//! an override), and the conventional `NATS_URL` overrides `nats.url`.
 //! Tests pass their own variables to [`load_from`] instead of mutating the process environment.
 
 use std::path::Path;
 
-use figment::Figment;
 use figment::providers::{Format, Serialized, Toml};
-use figment::value::Value;
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -21,7 +22,9 @@ pub const ENV_PREFIX: &str = "IMAGEMESH_";
 pub struct ConfigError(#[from] Box<figment::Error>);
 
 /// Loads `T` from its defaults, the optional TOML `file` and the process environment.
-pub fn load<T: Serialize + DeserializeOwned + Default>(file: Option<&Path>) -> Result<T, ConfigError> {
+pub fn load<T: Serialize + DeserializeOwned + Default>(
+    file: Option<&Path>,
+) -> Result<T, ConfigError> {
     load_from(file, std::env::vars())
 }
 
@@ -34,31 +37,58 @@ where
     let mut figment = Figment::from(Serialized::defaults(T::default()));
     if let Some(file) = file {
         if !file.exists() {
-            let missing = figment::Error::from(format!("config file {} does not exist", file.display()));
+            let missing =
+                figment::Error::from(format!("config file {} does not exist", file.display()));
             return Err(ConfigError(Box::new(missing)));
         }
         figment = figment.merge(Toml::file(file));
     }
-    for (key, value) in env_overrides(env) {
-        figment = figment.merge(Serialized::default(&key, value));
+    for provider in env_overrides(env) {
+        figment = figment.merge(provider);
     }
     figment.extract().map_err(|e| ConfigError(Box::new(e)))
 }
 
+/// One environment variable overriding one key; named so errors say which variable is wrong.
+struct EnvOverride {
+    variable: String,
+    key: String,
+    value: Value,
+}
+
+impl Provider for EnvOverride {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(format!("environment variable {}", self.variable))
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        let nested = figment::util::nest(&self.key, self.value.clone());
+        let dict = nested.into_dict().unwrap_or_default();
+        Ok(Profile::Default.collect(dict))
+    }
+}
+
 /// Maps environment variables to dotted config keys with parsed values.
-fn env_overrides<I: IntoIterator<Item = (String, String)>>(env: I) -> Vec<(String, Value)> {
+fn env_overrides<I: IntoIterator<Item = (String, String)>>(env: I) -> Vec<EnvOverride> {
     let mut overrides = Vec::new();
-    for (name, raw) in env {
-        let key = if name == "NATS_URL" {
+    for (variable, raw) in env {
+        let key = if variable == "NATS_URL" {
             "nats.url".to_string()
-        } else if let Some(rest) = name.strip_prefix(ENV_PREFIX) {
+        } else if let Some(rest) = variable
+            .strip_prefix(ENV_PREFIX)
+            .filter(|r| r.contains("__"))
+        {
             rest.to_ascii_lowercase().replace("__", ".")
         } else {
             continue;
         };
         // Values parse like TOML scalars: "true", "3", "1.5"; anything else stays a string.
         let value: Value = raw.parse().expect("figment value parsing is infallible");
-        overrides.push((key, value));
+        overrides.push(EnvOverride {
+            variable,
+            key,
+            value,
+        });
     }
     overrides
 }
@@ -94,6 +124,10 @@ mod tests {
             ("IMAGEMESH_SECTION__LIMIT".to_string(), "7".to_string()),
             ("NATS_URL".to_string(), "nats://127.0.0.1:4999".to_string()),
             ("UNRELATED".to_string(), "x".to_string()),
+            (
+                "IMAGEMESH_CONFIG".to_string(),
+                "not an override".to_string(),
+            ),
         ];
         let cfg: Sample = load_from(Some(&file), env).unwrap();
         assert_eq!(cfg.section.limit, 7);
@@ -107,6 +141,10 @@ mod tests {
         let env = [("IMAGEMESH_SECTION__LIMIT".to_string(), "many".to_string())];
         let err = load_from::<Sample, _>(None, env).unwrap_err().to_string();
         assert!(err.contains("limit"), "{err}");
+        assert!(
+            err.contains("environment variable IMAGEMESH_SECTION__LIMIT"),
+            "{err}"
+        );
         let err = load_from::<Sample, _>(Some(Path::new("/nonexistent/x.toml")), [])
             .unwrap_err()
             .to_string();

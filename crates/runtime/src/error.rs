@@ -36,7 +36,9 @@ impl Rejection {
     /// Reads a rejection back from a reply's service-error headers, if it has them.
     pub fn from_headers(headers: Option<&HeaderMap>) -> Option<Rejection> {
         let headers = headers?;
-        let status = headers.get(async_nats::service::NATS_SERVICE_ERROR)?.as_str();
+        let status = headers
+            .get(async_nats::service::NATS_SERVICE_ERROR)?
+            .as_str();
         let (name, message) = status.split_once(": ").unwrap_or(("", status));
         let code = ErrorCode::from_str_name(&format!("ERROR_CODE_{name}")).unwrap_or_else(|| {
             let numeric = headers

@@ -15,6 +15,7 @@
 
 pub mod app;
 pub mod config;
+pub mod credentials;
 pub mod error;
 pub mod nats;
 pub mod service;

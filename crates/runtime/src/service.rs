@@ -17,7 +17,7 @@ pub struct Identity {
 }
 
 /// Registers the service. Add endpoints with [`Service::group`] / [`Service::endpoint`].
-pub async fn register(client: &Client, identity: Identity) -> Result<Service, async_nats::Error> {
+pub async fn register(client: &Client, identity: Identity) -> anyhow::Result<Service> {
     let metadata = HashMap::from([("project".to_string(), "imagemesh".to_string())]);
     client
         .service_builder()
@@ -25,4 +25,5 @@ pub async fn register(client: &Client, identity: Identity) -> Result<Service, as
         .metadata(metadata)
         .start(identity.name, env!("CARGO_PKG_VERSION"))
         .await
+        .map_err(|e| anyhow::anyhow!("cannot register service {}: {e}", identity.name))
 }

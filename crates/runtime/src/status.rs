@@ -110,7 +110,12 @@ impl StatusReporter {
     }
 
     /// Publishes a dead letter. `payload` must already be free of secrets.
-    pub async fn dead_letter(&self, info: DeadLetterInfo<'_>, rejection: &Rejection, payload: Bytes) {
+    pub async fn dead_letter(
+        &self,
+        info: DeadLetterInfo<'_>,
+        rejection: &Rejection,
+        payload: Bytes,
+    ) {
         let letter = DeadLetter {
             service: self.service.to_string(),
             subject: info.subject.to_string(),

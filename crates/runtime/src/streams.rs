@@ -115,7 +115,8 @@ pub async fn ensure(
     options: &StreamOptions,
 ) -> Result<(), jetstream::context::CreateStreamError> {
     for name in names {
-        js.create_or_update_stream(definition(name, options)).await?;
+        js.create_or_update_stream(definition(name, options))
+            .await?;
     }
     Ok(())
 }

@@ -34,9 +34,12 @@ impl Drop for TelemetryGuard {
 }
 
 fn otlp_configured() -> bool {
-    ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
-        .iter()
-        .any(|name| std::env::var(name).is_ok_and(|v| !v.is_empty()))
+    [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|name| std::env::var(name).is_ok_and(|v| !v.is_empty()))
 }
 
 fn build_tracer_provider(service_name: &str) -> Result<SdkTracerProvider, anyhow::Error> {
@@ -69,7 +72,11 @@ pub fn init(service_name: &str) -> TelemetryGuard {
         .unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn,oci_client=warn,h2=warn"));
     let json = std::env::var("IMAGEMESH_LOG_FORMAT").is_ok_and(|v| v == "json");
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let fmt = if json { fmt.json().boxed() } else { fmt.boxed() };
+    let fmt = if json {
+        fmt.json().boxed()
+    } else {
+        fmt.boxed()
+    };
 
     let mut tracer_provider = None;
     let mut setup_error = None;

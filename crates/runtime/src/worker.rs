@@ -41,6 +41,12 @@ pub struct WorkerOptions {
     /// How long in-flight work may run on after shutdown before it is nak'ed.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// First retry delay of a request that cannot be served yet; doubles per attempt.
+    #[serde(with = "humantime_serde")]
+    pub retry_initial: Duration,
+    /// Longest retry delay.
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
 }
 
 impl Default for WorkerOptions {
@@ -50,7 +56,19 @@ impl Default for WorkerOptions {
             max_deliver: 10,
             ack_wait: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(20),
+            retry_initial: Duration::from_millis(500),
+            retry_max: Duration::from_secs(30),
         }
+    }
+}
+
+impl WorkerOptions {
+    /// Delay before delivery `attempt + 1`: exponential from `retry_initial`, capped.
+    pub fn retry_delay(&self, attempt: u64) -> Duration {
+        let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(16) as u32);
+        self.retry_initial
+            .saturating_mul(factor)
+            .min(self.retry_max)
     }
 }
 
@@ -59,11 +77,22 @@ impl Default for WorkerOptions {
 pub enum Outcome {
     /// Done: ack it.
     Done,
-    /// Not now: redeliver after `after`. `rejection` is the failure reported if this was the
-    /// last allowed delivery.
-    Retry { after: Duration, rejection: Rejection },
+    /// Not now: redeliver after the backoff delay. The rejection is the failure reported if
+    /// this was the last allowed delivery.
+    Retry(Rejection),
     /// Never: terminate, report failure, dead-letter.
     Reject(Rejection),
+}
+
+impl Outcome {
+    /// Retry when the failure is transient, reject otherwise.
+    pub fn failed(rejection: Rejection, retryable: bool) -> Self {
+        if retryable {
+            Outcome::Retry(rejection)
+        } else {
+            Outcome::Reject(rejection)
+        }
+    }
 }
 
 /// Facts about the delivery a handler may need.
@@ -123,7 +152,7 @@ pub async fn ensure_consumer(
     js: &jetstream::Context,
     spec: &ConsumerSpec,
     options: &WorkerOptions,
-) -> Result<PullConsumer, async_nats::Error> {
+) -> anyhow::Result<PullConsumer> {
     let stream = js.get_stream(spec.stream).await?;
     let config = pull::Config {
         durable_name: Some(spec.durable.clone()),
@@ -136,7 +165,13 @@ pub async fn ensure_consumer(
     match stream.create_consumer(config.clone()).await {
         Ok(consumer) => Ok(consumer),
         // Exists with other settings: bring it to ours.
-        Err(_) => Ok(stream.update_consumer(config).await?),
+        Err(_) => Ok(stream.update_consumer(config).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create consumer {} on {}: {e}",
+                spec.durable,
+                spec.stream
+            )
+        })?),
     }
 }
 
@@ -156,7 +191,7 @@ impl<H: Handler> Worker<H> {
     }
 
     /// Runs until `shutdown`, then drains in-flight work.
-    pub async fn run(self, shutdown: Shutdown) -> Result<(), async_nats::Error> {
+    pub async fn run(self, shutdown: Shutdown) -> anyhow::Result<()> {
         let permits = Arc::new(Semaphore::new(self.options.concurrency.max(1)));
         let abort = Shutdown::new();
         let mut tasks = JoinSet::new();
@@ -196,7 +231,7 @@ impl<H: Handler> Worker<H> {
         Ok(())
     }
 
-    async fn open_stream(&self) -> Result<pull::Stream, async_nats::Error> {
+    async fn open_stream(&self) -> anyhow::Result<pull::Stream> {
         // Pull no more than we can work on, so a stopping instance holds nothing unstarted.
         Ok(self
             .consumer
@@ -221,7 +256,10 @@ impl<H: Handler> Worker<H> {
                 _ = &mut grace => break,
             }
         }
-        tracing::warn!(in_flight = tasks.len(), "grace period over; handing work back");
+        tracing::warn!(
+            in_flight = tasks.len(),
+            "grace period over; handing work back"
+        );
         abort.trigger();
         while tasks.join_next().await.is_some() {}
     }
@@ -237,7 +275,10 @@ struct Job<H: Handler> {
 
 impl<H: Handler> Job<H> {
     async fn process(self, message: jetstream::Message) {
-        let attempt = message.info().map(|i| i.delivered.max(1) as u64).unwrap_or(1);
+        let attempt = message
+            .info()
+            .map(|i| i.delivered.max(1) as u64)
+            .unwrap_or(1);
         let delivery = Delivery {
             subject: message.subject.to_string(),
             attempt,
@@ -253,7 +294,9 @@ impl<H: Handler> Job<H> {
             attempt,
         );
         telemetry::continue_trace(&span, delivery.headers.as_ref());
-        self.process_in_span(message, delivery).instrument(span).await
+        self.process_in_span(message, delivery)
+            .instrument(span)
+            .await
     }
 
     async fn process_in_span(self, message: jetstream::Message, delivery: Delivery) {
@@ -281,17 +324,28 @@ impl<H: Handler> Job<H> {
         if let Err(err) = validate_request_id(&request_id) {
             let rejection = Rejection::new(ErrorCode::MalformedRequest, err.to_string());
             let scrubbed = H::without_secrets(&request).encode_to_vec().into();
-            self.terminate(&message, &delivery, "", &rejection, scrubbed, CONTENT_TYPE_PROTOBUF)
-                .await;
+            self.terminate(
+                &message,
+                &delivery,
+                "",
+                &rejection,
+                scrubbed,
+                CONTENT_TYPE_PROTOBUF,
+            )
+            .await;
             return;
         }
         let scrubbed = H::without_secrets(&request);
-        let Some(outcome) = self.handle_with_progress(&message, request, &delivery).await else {
+        let Some(outcome) = self
+            .handle_with_progress(&message, request, &delivery)
+            .await
+        else {
             // Shutdown grace ran out: hand the message back for another instance.
             ack(&message, AckKind::Nak(None)).await;
             return;
         };
-        self.settle(&message, &delivery, &request_id, scrubbed, outcome).await;
+        self.settle(&message, &delivery, &request_id, scrubbed, outcome)
+            .await;
     }
 
     /// Runs the handler, sending progress acks so long work keeps its message.
@@ -324,7 +378,7 @@ impl<H: Handler> Job<H> {
     ) {
         match outcome {
             Outcome::Done => ack(message, AckKind::Ack).await,
-            Outcome::Retry { rejection, .. } if delivery.is_last_attempt() => {
+            Outcome::Retry(rejection) if delivery.is_last_attempt() => {
                 let rejection = Rejection::new(
                     rejection.code,
                     format!(
@@ -333,10 +387,18 @@ impl<H: Handler> Job<H> {
                     ),
                 );
                 let payload = scrubbed.encode_to_vec().into();
-                self.terminate(message, delivery, request_id, &rejection, payload, CONTENT_TYPE_PROTOBUF)
-                    .await;
+                self.terminate(
+                    message,
+                    delivery,
+                    request_id,
+                    &rejection,
+                    payload,
+                    CONTENT_TYPE_PROTOBUF,
+                )
+                .await;
             }
-            Outcome::Retry { after, rejection } => {
+            Outcome::Retry(rejection) => {
+                let after = self.options.retry_delay(delivery.attempt);
                 tracing::info!(reason = %rejection, retry_in = ?after, "will retry");
                 let step = Step::pending(
                     "retrying",
@@ -353,8 +415,15 @@ impl<H: Handler> Job<H> {
             }
             Outcome::Reject(rejection) => {
                 let payload = scrubbed.encode_to_vec().into();
-                self.terminate(message, delivery, request_id, &rejection, payload, CONTENT_TYPE_PROTOBUF)
-                    .await;
+                self.terminate(
+                    message,
+                    delivery,
+                    request_id,
+                    &rejection,
+                    payload,
+                    CONTENT_TYPE_PROTOBUF,
+                )
+                .await;
             }
         }
     }
@@ -371,7 +440,9 @@ impl<H: Handler> Job<H> {
     ) {
         tracing::warn!(request_id, code = ?rejection.code, reason = %rejection.message, "request rejected");
         if !request_id.is_empty() {
-            self.status.report(request_id, Step::failed(rejection)).await;
+            self.status
+                .report(request_id, Step::failed(rejection))
+                .await;
         }
         let info = DeadLetterInfo {
             subject: &delivery.subject,
@@ -401,5 +472,44 @@ async fn ack(message: &jetstream::Message, kind: AckKind) {
     };
     if let Err(err) = result {
         tracing::warn!(error = %err, ack = label, "could not acknowledge message");
+    }
+}
+
+/// Runs a JetStream-driven service: registers it with the micro Services API (so `$SRV.*`
+/// finds it), creates its durable consumer and works until `shutdown`. The streams it uses must
+/// already exist ([`crate::streams::ensure`]).
+pub async fn serve<H: Handler>(
+    client: &async_nats::Client,
+    identity: crate::service::Identity,
+    spec: &ConsumerSpec,
+    options: WorkerOptions,
+    handler: H,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let js = jetstream::new(client.clone());
+    let service = crate::service::register(client, identity).await?;
+    let consumer = ensure_consumer(&js, spec, &options).await?;
+    let status = StatusReporter::new(js, identity.name);
+    tracing::info!(stream = spec.stream, consumer = %spec.durable, "{} ready", identity.name);
+    Worker::new(consumer, options, Arc::new(handler), status)
+        .run(shutdown)
+        .await?;
+    service
+        .stop()
+        .await
+        .map_err(|e| anyhow::anyhow!("stopping service {}: {e}", identity.name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_doubles_and_caps() {
+        let options = WorkerOptions::default();
+        assert_eq!(options.retry_delay(1), Duration::from_millis(500));
+        assert_eq!(options.retry_delay(2), Duration::from_secs(1));
+        assert_eq!(options.retry_delay(4), Duration::from_secs(4));
+        assert_eq!(options.retry_delay(100), Duration::from_secs(30));
     }
 }

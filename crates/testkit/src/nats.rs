@@ -41,7 +41,9 @@ impl NatsServer {
 
     /// Connects a client.
     pub async fn client(&self) -> async_nats::Client {
-        async_nats::connect(self.url()).await.expect("connect to test nats-server")
+        async_nats::connect(self.url())
+            .await
+            .expect("connect to test nats-server")
     }
 
     /// Stops the server hard (SIGKILL), keeping its store.
@@ -62,7 +64,10 @@ impl NatsServer {
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not start listening");
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not start listening"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -94,11 +99,15 @@ fn read_port(dir: &Path, pid: u32) -> u16 {
 }
 
 fn ports_file(dir: &Path, pid: u32) -> Option<PathBuf> {
-    std::fs::read_dir(dir).ok()?.flatten().map(|e| e.path()).find(|p| {
-        p.file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.ends_with(&format!("_{pid}.ports")))
-    })
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.ends_with(&format!("_{pid}.ports")))
+        })
 }
 
 fn parse_ports(path: &Path) -> Option<u16> {

@@ -53,7 +53,10 @@ impl ServiceProcess {
             binary: binary.to_string(),
             child: None,
             dir,
-            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             starts: 0,
         };
         process.start();
@@ -74,7 +77,11 @@ impl ServiceProcess {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))
             .stderr(log);
-        self.child = Some(command.spawn().unwrap_or_else(|e| panic!("spawn {}: {e}", self.binary)));
+        self.child = Some(
+            command
+                .spawn()
+                .unwrap_or_else(|e| panic!("spawn {}: {e}", self.binary)),
+        );
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -84,7 +91,10 @@ impl ServiceProcess {
     /// Everything the process logged, over all its starts.
     pub fn logs(&self) -> String {
         (1..=self.starts)
-            .map(|n| std::fs::read_to_string(self.dir.path().join(format!("log.{n}"))).unwrap_or_default())
+            .map(|n| {
+                std::fs::read_to_string(self.dir.path().join(format!("log.{n}")))
+                    .unwrap_or_default()
+            })
             .collect::<Vec<_>>()
             .join("")
     }
@@ -113,7 +123,9 @@ impl ServiceProcess {
 
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// Starts it again (after kill or terminate) with the same config.

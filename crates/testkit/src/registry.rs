@@ -126,7 +126,12 @@ fn write_config(dir: &Path, addr: &str, auth: &RegistryAuth) -> PathBuf {
         RegistryAuth::Htpasswd(users) => {
             let path = dir.join("htpasswd");
             std::fs::write(&path, htpasswd(users)).expect("write htpasswd");
-            write!(yaml, "auth:\n  htpasswd:\n    realm: imagemesh\n    path: {}\n", path.display()).unwrap();
+            write!(
+                yaml,
+                "auth:\n  htpasswd:\n    realm: imagemesh\n    path: {}\n",
+                path.display()
+            )
+            .unwrap();
         }
         RegistryAuth::Token {
             realm,
@@ -157,7 +162,11 @@ fn htpasswd(users: &[(String, String)]) -> String {
                 .output()
                 .expect("run htpasswd (apache2-utils)");
             assert!(out.status.success(), "htpasswd failed");
-            String::from_utf8(out.stdout).expect("htpasswd output").trim().to_string() + "\n"
+            String::from_utf8(out.stdout)
+                .expect("htpasswd output")
+                .trim()
+                .to_string()
+                + "\n"
         })
         .collect()
 }

@@ -1,0 +1,72 @@
+//! `imagemesh`, the command-line client of the mesh.
+//!
+//! - `imagemesh submit`: publish a build or runtime ContainerRequest to the intake.
+//! - `imagemesh watch ID`: follow a request's status events until it succeeds or fails.
+#![forbid(unsafe_code)]
+
+mod submit;
+mod watch;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// The imagemesh command-line client.
+#[derive(Debug, Parser)]
+#[command(
+    name = "imagemesh",
+    version,
+    about = "Submit, watch and inspect imagemesh requests"
+)]
+pub struct Cli {
+    /// NATS server URL.
+    #[arg(
+        long,
+        global = true,
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    pub nats_url: String,
+    /// NATS credentials file.
+    #[arg(long, global = true, env = "NATS_CREDS", value_name = "FILE")]
+    pub nats_creds: Option<std::path::PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Submit a ContainerRequest (from flags or a proto3 JSON file).
+    Submit(submit::SubmitArgs),
+    /// Follow a request's status until it succeeds or fails.
+    Watch(watch::WatchArgs),
+}
+
+/// Runs a command; the exit code says whether it (and a watched request) succeeded.
+pub async fn run(cli: Cli) -> ExitCode {
+    match dispatch(cli).await {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("imagemesh: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let client = connect(&cli).await?;
+    match cli.command {
+        Command::Submit(args) => submit::run(&client, args).await,
+        Command::Watch(args) => watch::run(&client, args).await,
+    }
+}
+
+async fn connect(cli: &Cli) -> anyhow::Result<async_nats::Client> {
+    let nats = imagemesh_runtime::nats::NatsConfig {
+        url: cli.nats_url.clone(),
+        credentials_file: cli.nats_creds.clone(),
+        connect_wait: std::time::Duration::from_secs(3),
+        ..Default::default()
+    };
+    Ok(nats.connect("imagemesh-cli").await?)
+}

@@ -1,0 +1,46 @@
+//! The builder: builds an image for a build request and pushes it to the build registry with
+//! the request's `build_registry_creds` (attached by the scheduler), records image id -> pushed
+//! reference, and asks the indexer to index it with the same credential.
+#![forbid(unsafe_code)]
+
+pub mod config;
+mod handler;
+
+use async_nats::Client;
+pub use config::Config;
+use imagemesh_runtime::service::Identity;
+use imagemesh_runtime::status::StatusReporter;
+use imagemesh_runtime::worker::{self, ConsumerSpec};
+use imagemesh_runtime::{Shutdown, streams, subjects};
+
+use crate::handler::Builder;
+
+/// How the builder presents itself to `$SRV.INFO`.
+pub const IDENTITY: Identity = Identity {
+    name: "builder",
+    description: "Builds images and pushes them with the request's build-registry token",
+};
+
+/// Builds until `shutdown`.
+pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::Result<()> {
+    let js = async_nats::jetstream::new(client.clone());
+    let used = [
+        streams::BUILD,
+        streams::INDEX,
+        streams::STATUS,
+        streams::DEAD_LETTER,
+    ];
+    streams::ensure(&js, &used, &config.streams).await?;
+    let settings = config.builder;
+    let handler = Builder {
+        js: js.clone(),
+        status: StatusReporter::new(js, IDENTITY.name),
+        registry: settings.registry.clone(),
+    };
+    let spec = ConsumerSpec {
+        stream: streams::BUILD,
+        durable: "builder".into(),
+        filter_subject: subjects::BUILD.into(),
+    };
+    worker::serve(&client, IDENTITY, &spec, settings.worker, handler, shutdown).await
+}

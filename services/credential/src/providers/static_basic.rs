@@ -1,0 +1,32 @@
+//! A static username + password/token, presented as HTTP Basic.
+
+use imagemesh_proto::v1::AuthScheme;
+use secrecy::SecretString;
+
+use super::Minted;
+
+/// Hands out the credential it holds. Used for htpasswd registries and for the static access
+/// tokens of GHCR, Docker Hub, NGC (`$oauthtoken`) and GAR (`_json_key`).
+#[derive(Debug, Clone)]
+pub struct StaticBasic {
+    username: String,
+    password: SecretString,
+}
+
+impl StaticBasic {
+    pub fn new(username: impl Into<String>, password: SecretString) -> Self {
+        Self {
+            username: username.into(),
+            password,
+        }
+    }
+
+    pub fn mint(&self) -> Minted {
+        Minted {
+            scheme: AuthScheme::Basic,
+            username: self.username.clone(),
+            secret: self.password.clone(),
+            expires_at: None,
+        }
+    }
+}

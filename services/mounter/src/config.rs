@@ -1,0 +1,32 @@
+//! Mounter configuration.
+
+use imagemesh_registry::RegistrySettings;
+use imagemesh_runtime::app::ServiceConfig;
+use imagemesh_runtime::nats::NatsConfig;
+use imagemesh_runtime::streams::StreamOptions;
+use imagemesh_runtime::worker::WorkerOptions;
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration file of the mounter.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub nats: NatsConfig,
+    pub streams: StreamOptions,
+    pub mounter: MounterConfig,
+}
+
+impl ServiceConfig for Config {
+    fn nats(&self) -> &NatsConfig {
+        &self.nats
+    }
+}
+
+/// How mounts are made.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MounterConfig {
+    /// The build work loop; `concurrency` is the number of mounts prepared at once.
+    pub worker: WorkerOptions,
+    pub registry: RegistrySettings,
+}

@@ -1,0 +1,40 @@
+//! The mounter: for a runtime request, mounts the image lazily with the request's credentials
+//! (the build-registry token when the image lives in the build registry), refreshing them
+//! before they expire.
+#![forbid(unsafe_code)]
+
+pub mod config;
+mod handler;
+
+use async_nats::Client;
+pub use config::Config;
+use imagemesh_runtime::service::Identity;
+use imagemesh_runtime::status::StatusReporter;
+use imagemesh_runtime::worker::{self, ConsumerSpec};
+use imagemesh_runtime::{Shutdown, streams, subjects};
+
+use crate::handler::Mounter;
+
+/// How the mounter presents itself to `$SRV.INFO`.
+pub const IDENTITY: Identity = Identity {
+    name: "mounter",
+    description: "Mounts images lazily with the request's credentials",
+};
+
+/// Mounts until `shutdown`.
+pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::Result<()> {
+    let js = async_nats::jetstream::new(client.clone());
+    let used = [streams::MOUNT, streams::STATUS, streams::DEAD_LETTER];
+    streams::ensure(&js, &used, &config.streams).await?;
+    let settings = config.mounter;
+    let handler = Mounter {
+        status: StatusReporter::new(js, IDENTITY.name),
+        registry: settings.registry.clone(),
+    };
+    let spec = ConsumerSpec {
+        stream: streams::MOUNT,
+        durable: "mounter".into(),
+        filter_subject: subjects::MOUNT.into(),
+    };
+    worker::serve(&client, IDENTITY, &spec, settings.worker, handler, shutdown).await
+}

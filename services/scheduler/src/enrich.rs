@@ -1,0 +1,232 @@
+//! Attaching credentials to a ContainerRequest: the seed's `attachImageCredentials` and
+//! `attachBuildRegistryCredentials`, run for EVERY request, build and runtime alike.
+
+use async_nats::jetstream::kv;
+use imagemesh_proto::v1::{
+    ContainerRequest, ImageRecord, RegistryCredential, RequestKind, Scope, TokenRequest,
+};
+use imagemesh_registry::{Reference, host};
+use imagemesh_runtime::credentials::{CredentialClient, CredentialError};
+use imagemesh_runtime::{ErrorCode, Rejection};
+use prost::Message;
+
+/// Why a request could not be enriched.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrichError {
+    /// Worth retrying: the credential service or NATS is unavailable for now.
+    #[error("{0}")]
+    Transient(Rejection),
+    /// Never going to work.
+    #[error("{0}")]
+    Permanent(Rejection),
+}
+
+impl From<CredentialError> for EnrichError {
+    fn from(err: CredentialError) -> Self {
+        let rejection = err.to_rejection();
+        match rejection.code {
+            ErrorCode::CredentialUnavailable => EnrichError::Transient(rejection),
+            _ => EnrichError::Permanent(rejection),
+        }
+    }
+}
+
+fn permanent(code: ErrorCode, message: impl Into<String>) -> EnrichError {
+    EnrichError::Permanent(Rejection::new(code, message))
+}
+
+/// Resolves where an image lives and which credentials each registry needs.
+pub struct Enricher {
+    pub credentials: CredentialClient,
+    pub build_registry: String,
+    pub build_repository: String,
+    pub image_refs: kv::Store,
+}
+
+impl Enricher {
+    /// Resolves the image reference and attaches both credentials. Credentials the client put in
+    /// the request are discarded: only the credential service hands them out.
+    pub async fn enrich(&self, request: &mut ContainerRequest) -> Result<(), EnrichError> {
+        request.image_credentials = None;
+        request.build_registry_creds = None;
+        let kind = request.kind();
+        let build_repository = match kind {
+            RequestKind::Build => self.resolve_build_target(request)?,
+            RequestKind::Runtime => self.resolve_runtime_image(request).await?,
+            RequestKind::Unspecified => {
+                return Err(permanent(
+                    ErrorCode::MalformedRequest,
+                    "kind must be BUILD or RUNTIME",
+                ));
+            }
+        };
+        self.attach_build_registry_credentials(request, kind, build_repository)
+            .await?;
+        self.attach_image_credentials(request).await
+    }
+
+    /// Build: the image goes to `<build registry>/<repository>:<image id>`.
+    fn resolve_build_target(&self, request: &mut ContainerRequest) -> Result<String, EnrichError> {
+        imagemesh_proto::validate_image_id(&request.image_id)
+            .map_err(|e| permanent(ErrorCode::MalformedRequest, e))?;
+        let options = request.build_options.clone().unwrap_or_default();
+        if options.dockerfile.is_empty() && options.source_image.is_empty() {
+            return Err(permanent(
+                ErrorCode::MalformedRequest,
+                "a build needs build_options.dockerfile or build_options.source_image",
+            ));
+        }
+        let repository = if options.repository.is_empty() {
+            self.build_repository.clone()
+        } else {
+            options.repository.clone()
+        };
+        let target = format!(
+            "{}/{}:{}",
+            self.build_registry, repository, request.image_id
+        );
+        parse_reference(&target)?;
+        request.build_image_ref = target;
+        if request.image_ref.is_empty() {
+            request.image_ref = options.source_image;
+        }
+        Ok(repository)
+    }
+
+    /// Runtime: the image is `image_ref`, or what the builder recorded for `image_id`.
+    async fn resolve_runtime_image(
+        &self,
+        request: &mut ContainerRequest,
+    ) -> Result<String, EnrichError> {
+        if request.image_ref.is_empty() {
+            request.image_ref = self.recorded_image_ref(&request.image_id).await?;
+        }
+        let reference = parse_reference(&request.image_ref)?;
+        if host::same_registry(reference.registry(), &self.build_registry) {
+            request.build_image_ref = request.image_ref.clone();
+            Ok(reference.repository().to_string())
+        } else {
+            Ok(self.build_repository.clone())
+        }
+    }
+
+    async fn recorded_image_ref(&self, image_id: &str) -> Result<String, EnrichError> {
+        if image_id.is_empty() {
+            return Err(permanent(
+                ErrorCode::MalformedRequest,
+                "a runtime request needs image_ref or image_id",
+            ));
+        }
+        imagemesh_proto::validate_image_id(image_id)
+            .map_err(|e| permanent(ErrorCode::MalformedRequest, e))?;
+        let entry = self.image_refs.get(image_id).await.map_err(|e| {
+            EnrichError::Transient(Rejection::new(
+                ErrorCode::Internal,
+                format!("image-refs lookup failed: {e}"),
+            ))
+        })?;
+        let record = entry.map(ImageRecord::decode).transpose().map_err(|e| {
+            permanent(
+                ErrorCode::Internal,
+                format!("unreadable image record {image_id}: {e}"),
+            )
+        })?;
+        match record {
+            Some(record) if !record.image_ref.is_empty() => Ok(record.image_ref),
+            _ => Err(permanent(
+                ErrorCode::NotFound,
+                format!("no image has been built with image_id {image_id}"),
+            )),
+        }
+    }
+
+    /// Every request gets a build-registry token: push+pull for builds, pull for runtime.
+    async fn attach_build_registry_credentials(
+        &self,
+        request: &mut ContainerRequest,
+        kind: RequestKind,
+        repository: String,
+    ) -> Result<(), EnrichError> {
+        let actions = match kind {
+            RequestKind::Build => vec!["pull".to_string(), "push".to_string()],
+            _ => vec!["pull".to_string()],
+        };
+        let token = self
+            .mint(
+                &request.request_id,
+                &self.build_registry,
+                repository,
+                actions,
+            )
+            .await;
+        // The build registry is private: no credential, no dispatch (fail closed).
+        request.build_registry_creds = Some(token?.ok_or_else(|| {
+            permanent(
+                ErrorCode::NoCredentials,
+                format!(
+                    "no credentials configured for the build registry {}",
+                    self.build_registry
+                ),
+            )
+        })?);
+        Ok(())
+    }
+
+    /// The user's credential for the registry of `image_ref`, when it is another registry.
+    /// A registry the credential service has nothing for is treated as public.
+    async fn attach_image_credentials(
+        &self,
+        request: &mut ContainerRequest,
+    ) -> Result<(), EnrichError> {
+        if request.image_ref.is_empty() {
+            return Ok(());
+        }
+        let reference = parse_reference(&request.image_ref)?;
+        if host::same_registry(reference.registry(), &self.build_registry) {
+            return Ok(());
+        }
+        let registry = host::normalize(reference.registry());
+        let pull = vec!["pull".to_string()];
+        request.image_credentials = self
+            .mint(
+                &request.request_id,
+                &registry,
+                reference.repository().to_string(),
+                pull,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Asks the credential service; `Ok(None)` when it has no credentials for the registry.
+    async fn mint(
+        &self,
+        request_id: &str,
+        registry: &str,
+        repository: String,
+        actions: Vec<String>,
+    ) -> Result<Option<RegistryCredential>, EnrichError> {
+        let token_request = TokenRequest {
+            registry: registry.to_string(),
+            scope: Some(Scope {
+                repository,
+                actions,
+            }),
+            request_id: request_id.to_string(),
+        };
+        match self.credentials.mint(&token_request).await {
+            Ok(response) => Ok(response.credential),
+            Err(CredentialError::Refused(r)) if r.code == ErrorCode::NoCredentials => Ok(None),
+            Err(err) => Err(err.into()),
+        }
+    }
+}
+
+fn parse_reference(reference: &str) -> Result<Reference, EnrichError> {
+    reference.parse::<Reference>().map_err(|e| {
+        permanent(
+            ErrorCode::MalformedRequest,
+            format!("invalid image reference {reference:?}: {e}"),
+        )
+    })
+}

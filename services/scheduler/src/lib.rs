@@ -1,0 +1,63 @@
+//! The scheduler: the one place credentials are attached to ContainerRequests.
+//!
+//! For every request on the durable intake (`imagemesh.intake`), build or runtime, it asks the
+//! credential service for a build-registry token (push+pull for builds, pull for runtime) and
+//! for the image's own registry credential, then publishes the enriched request to the builder
+//! (`imagemesh.work.build`) or mounter (`imagemesh.work.mount`) stream. It fails closed: a
+//! request is never dispatched without its build-registry credential; while the credential
+//! service is unreachable it is retried with backoff, and after `intake.max_deliver` attempts
+//! it fails with a clear reason and a dead letter.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod enrich;
+mod handler;
+
+use async_nats::Client;
+pub use config::Config;
+use imagemesh_runtime::credentials::CredentialClient;
+use imagemesh_runtime::service::Identity;
+use imagemesh_runtime::status::StatusReporter;
+use imagemesh_runtime::worker::{self, ConsumerSpec};
+use imagemesh_runtime::{Shutdown, streams, subjects};
+
+use crate::enrich::Enricher;
+use crate::handler::Scheduler;
+
+/// How the scheduler presents itself to `$SRV.INFO`.
+pub const IDENTITY: Identity = Identity {
+    name: "scheduler",
+    description: "Attaches credentials to every ContainerRequest and dispatches it",
+};
+
+/// Schedules requests until `shutdown`.
+pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::Result<()> {
+    let js = async_nats::jetstream::new(client.clone());
+    let used = [
+        streams::INTAKE,
+        streams::BUILD,
+        streams::MOUNT,
+        streams::STATUS,
+        streams::DEAD_LETTER,
+    ];
+    streams::ensure(&js, &used, &config.streams).await?;
+    let image_refs = streams::image_refs(&js, &config.streams).await?;
+    let settings = config.scheduler;
+    let handler = Scheduler {
+        enricher: Enricher {
+            credentials: CredentialClient::new(client.clone(), settings.credential_timeout),
+            build_registry: imagemesh_registry::host::normalize(&settings.build_registry),
+            build_repository: settings.build_repository.clone(),
+            image_refs,
+        },
+        js: js.clone(),
+        status: StatusReporter::new(js, IDENTITY.name),
+    };
+    let spec = ConsumerSpec {
+        stream: streams::INTAKE,
+        durable: "scheduler".into(),
+        filter_subject: subjects::INTAKE.into(),
+    };
+    tracing::info!(build_registry = %settings.build_registry, "scheduling");
+    worker::serve(&client, IDENTITY, &spec, settings.intake, handler, shutdown).await
+}

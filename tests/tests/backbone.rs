@@ -1,0 +1,265 @@
+//! The backbone end to end: the scheduler attaches credentials from the credential service to
+//! every request, build and runtime, and the builder, indexer and mounter authenticate to a real
+//! htpasswd-protected registry with them.
+
+use std::time::Duration;
+
+use imagemesh_proto::v1::{BuildOptions, ContainerRequest, ErrorCode, RequestKind, RequestState};
+use imagemesh_tests::{Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, describe, find};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn build_request(id: &str) -> ContainerRequest {
+    ContainerRequest {
+        request_id: id.into(),
+        image_id: format!("img-{id}"),
+        kind: RequestKind::Build as i32,
+        build_options: Some(BuildOptions {
+            dockerfile: "FROM scratch\n".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn runtime_request(id: &str, registry: &str) -> ContainerRequest {
+    ContainerRequest {
+        request_id: id.into(),
+        container_id: format!("ctr-{id}"),
+        kind: RequestKind::Runtime as i32,
+        image_ref: format!("{registry}/imagemesh/builds:img-b1"),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn build_and_runtime_requests_both_carry_the_build_registry_token() {
+    let mesh = Mesh::start(MeshOptions::default()).await;
+    let registry = mesh.registry.addr().to_string();
+    mesh.submit(&build_request("b1")).await;
+    mesh.submit(&runtime_request("r1", &registry)).await;
+
+    let build = mesh.wait_terminal("b1", WAIT).await;
+    let last = build.last().unwrap();
+    assert_eq!(
+        last.state(),
+        RequestState::Succeeded,
+        "{}",
+        describe(&build)
+    );
+    let builder = find(&build, "builder", "authenticated").expect("builder authenticated");
+    assert_eq!(builder.details["registry"], registry);
+    assert_eq!(builder.details["username"], REGISTRY_USER);
+    assert_eq!(builder.details["actions"], "pull,push");
+    assert!(
+        find(&build, "indexer", "authenticated").is_some(),
+        "{}",
+        describe(&build)
+    );
+    let dispatched = find(&build, "scheduler", "dispatched").unwrap();
+    assert_eq!(dispatched.details["subject"], "imagemesh.work.build");
+    assert_eq!(
+        dispatched.details["build_image_ref"],
+        format!("{registry}/imagemesh/builds:img-b1")
+    );
+
+    let runtime = mesh.wait_terminal("r1", WAIT).await;
+    assert_eq!(
+        runtime.last().unwrap().state(),
+        RequestState::Succeeded,
+        "{}",
+        describe(&runtime)
+    );
+    let mounter = find(&runtime, "mounter", "authenticated").expect("mounter authenticated");
+    assert_eq!(mounter.details["registry"], registry);
+    assert_eq!(mounter.details["actions"], "pull");
+    assert_eq!(
+        find(&runtime, "scheduler", "dispatched").unwrap().details["subject"],
+        "imagemesh.work.mount"
+    );
+
+    mesh.assert_no_secret_leaked(&["b1", "r1"], &[REGISTRY_PASSWORD])
+        .await;
+}
+
+#[tokio::test]
+async fn a_credential_the_registry_rejects_fails_naming_the_registry_without_the_secret() {
+    let wrong = "wrong-Pw-77cc1";
+    let options = MeshOptions {
+        credential_password: wrong.into(),
+        ..Default::default()
+    };
+    let mesh = Mesh::start(options).await;
+    let registry = mesh.registry.addr().to_string();
+    mesh.submit(&build_request("bad-cred")).await;
+
+    let events = mesh.wait_terminal("bad-cred", WAIT).await;
+    let failed = events.last().unwrap();
+    assert_eq!(
+        failed.state(),
+        RequestState::Failed,
+        "{}",
+        describe(&events)
+    );
+    assert_eq!(failed.service, "builder");
+    assert_eq!(failed.error_code(), ErrorCode::RegistryAuthRejected);
+    assert!(failed.message.contains(&registry), "{}", failed.message);
+    assert!(
+        failed.message.contains("rejected the credential"),
+        "{}",
+        failed.message
+    );
+
+    let letters = mesh.dead_letters().await;
+    let letter = letters
+        .iter()
+        .find(|l| l.request_id == "bad-cred")
+        .expect("dead letter");
+    assert_eq!(letter.service, "builder");
+    assert_eq!(letter.error_code(), ErrorCode::RegistryAuthRejected);
+    let kept: ContainerRequest = prost::Message::decode(letter.payload.as_slice()).unwrap();
+    let kept_cred = kept
+        .build_registry_creds
+        .expect("credential kept without its secret");
+    assert_eq!(kept_cred.username, REGISTRY_USER);
+    assert!(kept_cred.secret.is_empty());
+
+    mesh.assert_no_secret_leaked(&["bad-cred"], &[wrong, REGISTRY_PASSWORD])
+        .await;
+}
+
+#[tokio::test]
+async fn without_the_credential_service_nothing_is_dispatched_until_it_returns() {
+    let options = MeshOptions {
+        start: vec!["scheduler", "builder", "indexer", "mounter"],
+        max_deliver: 1000,
+        ..Default::default()
+    };
+    let mut mesh = Mesh::start(options).await;
+    mesh.submit(&build_request("held")).await;
+
+    // The scheduler retries while the credential service is away...
+    imagemesh_testkit::eventually(WAIT, "two credential retries", || async {
+        let events = mesh.events("held").await;
+        (events.iter().filter(|e| e.phase == "retrying").count() >= 2).then_some(())
+    })
+    .await;
+    // ...and dispatches nothing meanwhile.
+    let events = mesh.events("held").await;
+    assert!(
+        events.iter().all(|e| e.service == "scheduler"),
+        "{}",
+        describe(&events)
+    );
+    assert!(find(&events, "scheduler", "dispatched").is_none());
+    let retry = find(&events, "scheduler", "retrying").unwrap();
+    assert!(
+        retry.message.contains("credential service unavailable"),
+        "{}",
+        retry.message
+    );
+
+    mesh.start_service("credential").await;
+    let events = mesh.wait_terminal("held", WAIT).await;
+    assert_eq!(
+        events.last().unwrap().state(),
+        RequestState::Succeeded,
+        "{}",
+        describe(&events)
+    );
+    assert!(find(&events, "builder", "authenticated").is_some());
+}
+
+#[tokio::test]
+async fn a_request_gives_up_after_the_retry_limit_with_a_dead_letter() {
+    let options = MeshOptions {
+        start: vec!["scheduler"],
+        max_deliver: 3,
+        ..Default::default()
+    };
+    let mesh = Mesh::start(options).await;
+    mesh.submit(&build_request("abandoned")).await;
+    let events = mesh.wait_terminal("abandoned", WAIT).await;
+    let failed = events.last().unwrap();
+    assert_eq!(failed.state(), RequestState::Failed);
+    assert_eq!(failed.error_code(), ErrorCode::CredentialUnavailable);
+    assert!(
+        failed.message.contains("gave up after 3 attempts"),
+        "{}",
+        failed.message
+    );
+    let letters = mesh.dead_letters().await;
+    assert!(
+        letters
+            .iter()
+            .any(|l| l.request_id == "abandoned" && l.service == "scheduler")
+    );
+}
+
+#[tokio::test]
+async fn malformed_intake_messages_fail_clearly_and_the_next_request_goes_through() {
+    let mesh = Mesh::start(MeshOptions::default()).await;
+    mesh.publish_raw(vec![0xff, 0xff, 0xff, 0x01], None, Some("bad-pb"))
+        .await;
+    mesh.publish_raw(
+        b"{\"requestId\": \"bad-json\", ".to_vec(),
+        Some("application/json"),
+        Some("bad-json"),
+    )
+    .await;
+    mesh.publish_raw(
+        b"{\"requestId\": \"bad-field\", \"colour\": 1}".to_vec(),
+        Some("application/json"),
+        Some("bad-field"),
+    )
+    .await;
+    mesh.publish_raw(b"\x00garbage".to_vec(), None, None).await;
+    let good = br#"{"requestId": "good-json", "kind": "REQUEST_KIND_BUILD", "imageId": "img-good",
+                   "buildOptions": {"dockerfile": "FROM scratch\n"}}"#;
+    mesh.publish_raw(good.to_vec(), Some("application/json"), Some("good-json"))
+        .await;
+
+    for (id, expected) in [
+        ("bad-pb", "malformed protobuf ContainerRequest"),
+        ("bad-json", "malformed JSON ContainerRequest"),
+        ("bad-field", "colour"),
+    ] {
+        let events = mesh.wait_terminal(id, WAIT).await;
+        let failed = events.last().unwrap();
+        assert_eq!(
+            failed.state(),
+            RequestState::Failed,
+            "{id}: {}",
+            describe(&events)
+        );
+        assert_eq!(failed.error_code(), ErrorCode::MalformedRequest);
+        assert!(
+            failed.message.contains(expected),
+            "{id}: {}",
+            failed.message
+        );
+    }
+    let events = mesh.wait_terminal("good-json", WAIT).await;
+    assert_eq!(
+        events.last().unwrap().state(),
+        RequestState::Succeeded,
+        "{}",
+        describe(&events)
+    );
+
+    let letters = mesh.dead_letters().await;
+    let malformed: Vec<_> = letters
+        .iter()
+        .filter(|l| l.error_code() == ErrorCode::MalformedRequest)
+        .collect();
+    assert_eq!(malformed.len(), 4, "{letters:?}");
+    let anonymous = malformed
+        .iter()
+        .find(|l| l.request_id.is_empty())
+        .expect("letter without id");
+    assert_eq!(
+        anonymous.payload, b"\x00garbage",
+        "intake payloads are kept for diagnosis"
+    );
+    assert_eq!(anonymous.subject, "imagemesh.intake");
+}
