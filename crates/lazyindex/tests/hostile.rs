@@ -185,6 +185,7 @@ fn mutated_layers_never_panic() {
             }
             if let Ok(layer) = try_index(&m) {
                 let _ = MergedTree::from_layers([&layer]);
+                assert_eq!(decode_layer(&encode_layer(&layer)).unwrap(), layer);
             }
         }
     }
@@ -304,4 +305,14 @@ fn mutated_index_metadata_never_panics() {
         accepted > 0,
         "some mutations (e.g. of mode bits) should still decode"
     );
+}
+
+/// Found by the `index_layer` fuzz target: a zero-byte blob is an empty plain tar layer, and its
+/// index must survive its own decoder.
+#[test]
+fn empty_blob_is_an_empty_layer() {
+    let layer = try_index(&[]).unwrap();
+    assert!(layer.entries.is_empty());
+    assert_eq!(decode_layer(&encode_layer(&layer)).unwrap(), layer);
+    assert_eq!(read_range(&layer, &[], 0..0), b"");
 }

@@ -47,7 +47,9 @@ fn checkpoint(l: &LayerIndex, cp: &Checkpoint) -> Result<()> {
     if !kind_ok || cp.bit_offset > 7 || (!block && (cp.bit_offset > 0 || has_window)) {
         return Err(Error::invalid("inconsistent checkpoint"));
     }
-    if cp.compressed_offset >= l.compressed_size || cp.uncompressed_offset > l.uncompressed_size {
+    // Every span is non-empty, except the single span of an empty (zero-byte) tar layer.
+    let beyond = cp.compressed_offset >= l.compressed_size && cp.compressed_offset > 0;
+    if beyond || cp.uncompressed_offset > l.uncompressed_size {
         return Err(Error::invalid("checkpoint beyond the blob"));
     }
     Ok(())

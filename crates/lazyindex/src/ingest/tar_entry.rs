@@ -47,6 +47,10 @@ pub(super) fn build(
             return Ok(None);
         }
     }
+    if path.is_empty() && kind != EntryKind::Dir {
+        warn_skip(&raw_path, "the root can only be a directory");
+        return Ok(None);
+    }
     let mut e = Entry::new(path, kind);
     fill_metadata(&mut e, header, pending, at)?;
     if matches!(kind, EntryKind::Symlink | EntryKind::Hardlink) {
