@@ -177,3 +177,27 @@ pub struct Window {
     /// Raw deflate of the window bytes.
     pub compressed: Bytes,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Compression;
+
+    #[test]
+    fn media_types_map_to_compression() {
+        let gz = "application/vnd.oci.image.layer.v1.tar+gzip";
+        assert_eq!(Compression::from_media_type(gz).unwrap(), Compression::Gzip);
+        let docker = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+        assert_eq!(
+            Compression::from_media_type(docker).unwrap(),
+            Compression::Gzip
+        );
+        let tar = "application/vnd.oci.image.layer.v1.tar";
+        assert_eq!(
+            Compression::from_media_type(tar).unwrap(),
+            Compression::None
+        );
+        assert!(
+            Compression::from_media_type("application/vnd.oci.image.layer.v1.tar+zstd").is_err()
+        );
+    }
+}

@@ -102,3 +102,14 @@ fn lazy_reads_fetch_one_range_and_only_nearby_spans() {
         Err(Error::NotFound(_))
     ));
 }
+
+/// The mounter spawns reads on a multi-threaded runtime: the futures must be `Send`.
+#[test]
+fn read_futures_are_send() {
+    fn assert_send<T: Send>(_: &T) {}
+    let (image, source, _) = image();
+    let reader = LazyReader::new(image, std::sync::Arc::new(source));
+    let read = reader.read("etc/conf", 0, 4);
+    assert_send(&read);
+    assert_eq!(&futures::executor::block_on(read).unwrap()[..], b"top ");
+}
