@@ -6,6 +6,7 @@ const PROTOS: &[&str] = &[
     "imagemesh/v1/credential.proto",
     "imagemesh/v1/request.proto",
     "imagemesh/v1/status.proto",
+    "imagemesh/v1/placement.proto",
 ];
 
 fn main() {

@@ -18,6 +18,7 @@ pub mod config;
 pub mod credentials;
 pub mod error;
 pub mod nats;
+pub mod placement;
 pub mod service;
 pub mod shutdown;
 pub mod status;

@@ -24,6 +24,8 @@ pub fn now() -> prost_types::Timestamp {
 pub struct StatusReporter {
     js: jetstream::Context,
     service: &'static str,
+    /// The instance (worker id) that reports, when it has one.
+    instance: Option<String>,
 }
 
 /// One step to report. Build with [`Step::running`], [`Step::succeeded`], ...
@@ -83,7 +85,17 @@ pub struct DeadLetterInfo<'a> {
 
 impl StatusReporter {
     pub fn new(js: jetstream::Context, service: &'static str) -> Self {
-        Self { js, service }
+        Self {
+            js,
+            service,
+            instance: None,
+        }
+    }
+
+    /// Adds `details["worker"] = instance` to every event this reporter publishes.
+    pub fn with_instance(mut self, instance: &str) -> Self {
+        self.instance = Some(instance.to_string());
+        self
     }
 
     pub fn service(&self) -> &'static str {
@@ -91,7 +103,10 @@ impl StatusReporter {
     }
 
     /// Publishes one status event for `request_id` and waits for JetStream to store it.
-    pub async fn report(&self, request_id: &str, step: Step) {
+    pub async fn report(&self, request_id: &str, mut step: Step) {
+        if let Some(instance) = &self.instance {
+            step.details.insert("worker".into(), instance.clone());
+        }
         let event = StatusEvent {
             request_id: request_id.to_string(),
             service: self.service.to_string(),

@@ -137,14 +137,19 @@ pub struct ConsumerSpec {
     pub stream: &'static str,
     pub durable: String,
     pub filter_subject: String,
+    /// Delete the consumer after this long without pulls (per-worker consumers of instances
+    /// that are gone); `None` keeps it forever.
+    pub inactive_threshold: Option<Duration>,
 }
 
-/// A running work loop.
+/// A running work loop over one or more consumers (a placed worker reads the shared queue and
+/// its own subject) with one concurrency limit.
 pub struct Worker<H: Handler> {
-    consumer: PullConsumer,
+    consumers: Vec<PullConsumer>,
     options: WorkerOptions,
     handler: Arc<H>,
     status: StatusReporter,
+    permits: Arc<Semaphore>,
 }
 
 /// Creates the durable consumer, or updates it to `options`.
@@ -177,22 +182,29 @@ pub async fn ensure_consumer(
 
 impl<H: Handler> Worker<H> {
     pub fn new(
-        consumer: PullConsumer,
+        consumers: Vec<PullConsumer>,
         options: WorkerOptions,
         handler: Arc<H>,
         status: StatusReporter,
     ) -> Self {
+        let permits = Arc::new(Semaphore::new(options.concurrency.max(1)));
         Self {
-            consumer,
+            consumers,
             options,
             handler,
             status,
+            permits,
         }
+    }
+
+    /// The concurrency permits: free permits = free capacity (advertised to schedulers).
+    pub fn load(&self) -> Arc<Semaphore> {
+        self.permits.clone()
     }
 
     /// Runs until `shutdown`, then drains in-flight work.
     pub async fn run(self, shutdown: Shutdown) -> anyhow::Result<()> {
-        let permits = Arc::new(Semaphore::new(self.options.concurrency.max(1)));
+        let permits = self.permits.clone();
         let abort = Shutdown::new();
         let mut tasks = JoinSet::new();
         let mut messages = self.open_stream().await?;
@@ -231,16 +243,20 @@ impl<H: Handler> Worker<H> {
         Ok(())
     }
 
-    async fn open_stream(&self) -> anyhow::Result<pull::Stream> {
-        // Pull no more than we can work on, so a stopping instance holds nothing unstarted.
-        Ok(self
-            .consumer
-            .stream()
-            .max_messages_per_batch(self.options.concurrency.max(1))
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await?)
+    async fn open_stream(&self) -> anyhow::Result<futures::stream::SelectAll<pull::Stream>> {
+        let mut streams = Vec::with_capacity(self.consumers.len());
+        for consumer in &self.consumers {
+            // Pull no more than we can work on, so a stopping instance holds nothing unstarted.
+            let stream = consumer
+                .stream()
+                .max_messages_per_batch(self.options.concurrency.max(1))
+                .heartbeat(Duration::from_secs(5))
+                .expires(Duration::from_secs(30))
+                .messages()
+                .await?;
+            streams.push(stream);
+        }
+        Ok(futures::stream::select_all(streams))
     }
 
     async fn drain(&self, mut tasks: JoinSet<()>, abort: Shutdown) {
@@ -475,25 +491,99 @@ async fn ack(message: &jetstream::Message, kind: AckKind) {
     }
 }
 
+/// What a worker service consumes.
+#[derive(Debug, Clone)]
+pub enum Work {
+    /// One durable consumer (scheduler intake, indexer).
+    Queue(ConsumerSpec),
+    /// The shared queue of `kind` plus this instance's own subject, advertised to schedulers.
+    Placed {
+        kind: crate::placement::WorkKind,
+        placement: crate::placement::PlacementOptions,
+        replicas: usize,
+    },
+}
+
 /// Runs a JetStream-driven service: registers it with the micro Services API (so `$SRV.*`
-/// finds it), creates its durable consumer and works until `shutdown`. The streams it uses must
-/// already exist ([`crate::streams::ensure`]).
+/// finds it), creates its durable consumer(s), advertises it when placed, and works until
+/// `shutdown`. The streams it uses must already exist ([`crate::streams::ensure`]).
 pub async fn serve<H: Handler>(
     client: &async_nats::Client,
     identity: crate::service::Identity,
-    spec: &ConsumerSpec,
+    work: Work,
     options: WorkerOptions,
     handler: H,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
+    use crate::placement;
     let js = jetstream::new(client.clone());
     let service = crate::service::register(client, identity).await?;
-    let consumer = ensure_consumer(&js, spec, &options).await?;
-    let status = StatusReporter::new(js, identity.name);
-    tracing::info!(stream = spec.stream, consumer = %spec.durable, "{} ready", identity.name);
-    Worker::new(consumer, options, Arc::new(handler), status)
-        .run(shutdown)
-        .await?;
+    let mut status = StatusReporter::new(js.clone(), identity.name);
+    let (specs, advertised) = match work {
+        Work::Queue(spec) => (vec![spec], None),
+        Work::Placed {
+            kind,
+            placement,
+            replicas,
+        } => {
+            let mut placement = placement;
+            if placement.worker_id.is_empty() {
+                placement.worker_id = placement::generate_worker_id();
+            }
+            let shared = ConsumerSpec {
+                stream: kind.stream,
+                durable: kind.durable.into(),
+                filter_subject: kind.subject.into(),
+                inactive_threshold: None,
+            };
+            if !placement.enabled {
+                (vec![shared], None)
+            } else {
+                status = status.with_instance(&placement.worker_id);
+                let own = ConsumerSpec {
+                    stream: kind.stream,
+                    durable: kind.worker_durable(&placement.worker_id),
+                    filter_subject: kind.worker_subject(&placement.worker_id),
+                    inactive_threshold: Some(placement.heartbeat * 30),
+                };
+                (vec![shared, own], Some((kind, placement, replicas)))
+            }
+        }
+    };
+    let mut consumers = Vec::new();
+    for spec in &specs {
+        consumers.push(ensure_consumer(&js, spec, &options).await?);
+    }
+    let capacity = options.concurrency.max(1) as u32;
+    let worker = Worker::new(consumers, options, Arc::new(handler), status);
+    let advertiser = match advertised {
+        Some((kind, placement, replicas)) => {
+            let store = placement::workers_bucket(&js, placement.heartbeat, replicas).await?;
+            let ad = imagemesh_proto::v1::WorkerAdvertisement {
+                worker_id: placement.worker_id.clone(),
+                kind: kind.kind.into(),
+                capacity,
+                labels: placement.labels.clone(),
+                subject: kind.worker_subject(&placement.worker_id),
+                ..Default::default()
+            };
+            tracing::info!(worker_id = %placement.worker_id, subject = %ad.subject, "advertising");
+            // Stops advertising as soon as shutdown starts, so schedulers route elsewhere.
+            Some(placement::spawn_advertiser(
+                store,
+                ad,
+                worker.load(),
+                placement.heartbeat,
+                shutdown.clone(),
+            ))
+        }
+        None => None,
+    };
+    tracing::info!(consumers = ?specs.iter().map(|s| &s.durable).collect::<Vec<_>>(), "{} ready", identity.name);
+    worker.run(shutdown).await?;
+    if let Some(advertiser) = advertiser {
+        let _ = advertiser.await;
+    }
     service
         .stop()
         .await

@@ -9,7 +9,7 @@ use async_nats::Client;
 pub use config::Config;
 use imagemesh_runtime::service::Identity;
 use imagemesh_runtime::status::StatusReporter;
-use imagemesh_runtime::worker::{self, ConsumerSpec};
+use imagemesh_runtime::worker::{self, ConsumerSpec, Work};
 use imagemesh_runtime::{Shutdown, streams, subjects};
 
 use crate::handler::Indexer;
@@ -34,6 +34,15 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
         stream: streams::INDEX,
         durable: "indexer".into(),
         filter_subject: subjects::INDEX.into(),
+        inactive_threshold: None,
     };
-    worker::serve(&client, IDENTITY, &spec, settings.worker, handler, shutdown).await
+    worker::serve(
+        &client,
+        IDENTITY,
+        Work::Queue(spec),
+        settings.worker,
+        handler,
+        shutdown,
+    )
+    .await
 }

@@ -3,6 +3,7 @@
 use imagemesh_registry::RegistrySettings;
 use imagemesh_runtime::app::ServiceConfig;
 use imagemesh_runtime::nats::NatsConfig;
+use imagemesh_runtime::placement::PlacementOptions;
 use imagemesh_runtime::streams::StreamOptions;
 use imagemesh_runtime::worker::WorkerOptions;
 use serde::{Deserialize, Serialize};
@@ -28,5 +29,7 @@ impl ServiceConfig for Config {
 pub struct MounterConfig {
     /// The build work loop; `concurrency` is the number of mounts prepared at once.
     pub worker: WorkerOptions,
+    /// How this instance advertises itself to schedulers.
+    pub placement: PlacementOptions,
     pub registry: RegistrySettings,
 }

@@ -8,10 +8,11 @@ mod handler;
 
 use async_nats::Client;
 pub use config::Config;
+use imagemesh_runtime::placement;
 use imagemesh_runtime::service::Identity;
 use imagemesh_runtime::status::StatusReporter;
-use imagemesh_runtime::worker::{self, ConsumerSpec};
-use imagemesh_runtime::{Shutdown, streams, subjects};
+use imagemesh_runtime::worker::{self, Work};
+use imagemesh_runtime::{Shutdown, streams};
 
 use crate::handler::Mounter;
 
@@ -31,10 +32,10 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
         status: StatusReporter::new(js, IDENTITY.name),
         registry: settings.registry.clone(),
     };
-    let spec = ConsumerSpec {
-        stream: streams::MOUNT,
-        durable: "mounter".into(),
-        filter_subject: subjects::MOUNT.into(),
+    let work = Work::Placed {
+        kind: placement::MOUNT,
+        placement: settings.placement.clone(),
+        replicas: config.streams.replicas,
     };
-    worker::serve(&client, IDENTITY, &spec, settings.worker, handler, shutdown).await
+    worker::serve(&client, IDENTITY, work, settings.worker, handler, shutdown).await
 }

@@ -18,7 +18,7 @@ pub use config::Config;
 use imagemesh_runtime::credentials::CredentialClient;
 use imagemesh_runtime::service::Identity;
 use imagemesh_runtime::status::StatusReporter;
-use imagemesh_runtime::worker::{self, ConsumerSpec};
+use imagemesh_runtime::worker::{self, ConsumerSpec, Work};
 use imagemesh_runtime::{Shutdown, streams, subjects};
 
 use crate::enrich::Enricher;
@@ -57,7 +57,16 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
         stream: streams::INTAKE,
         durable: "scheduler".into(),
         filter_subject: subjects::INTAKE.into(),
+        inactive_threshold: None,
     };
     tracing::info!(build_registry = %settings.build_registry, "scheduling");
-    worker::serve(&client, IDENTITY, &spec, settings.intake, handler, shutdown).await
+    worker::serve(
+        &client,
+        IDENTITY,
+        Work::Queue(spec),
+        settings.intake,
+        handler,
+        shutdown,
+    )
+    .await
 }

