@@ -56,8 +56,14 @@ async fn build_and_runtime_requests_both_carry_the_build_registry_token() {
         "{}",
         describe(&build)
     );
+    // Placed on the one live builder, on its own subject.
     let dispatched = find(&build, "scheduler", "dispatched").unwrap();
-    assert_eq!(dispatched.details["subject"], "imagemesh.work.build");
+    let worker = &builder.details["worker"];
+    assert_eq!(
+        dispatched.details["subject"],
+        format!("imagemesh.work.build.{worker}")
+    );
+    assert_eq!(&dispatched.details["worker"], worker);
     assert_eq!(
         dispatched.details["build_image_ref"],
         format!("{registry}/imagemesh/builds:img-b1")
@@ -73,10 +79,9 @@ async fn build_and_runtime_requests_both_carry_the_build_registry_token() {
     let mounter = find(&runtime, "mounter", "authenticated").expect("mounter authenticated");
     assert_eq!(mounter.details["registry"], registry);
     assert_eq!(mounter.details["actions"], "pull");
-    assert_eq!(
-        find(&runtime, "scheduler", "dispatched").unwrap().details["subject"],
-        "imagemesh.work.mount"
-    );
+    let dispatched = find(&runtime, "scheduler", "dispatched").unwrap();
+    let subject = format!("imagemesh.work.mount.{}", mounter.details["worker"]);
+    assert_eq!(dispatched.details["subject"], subject);
 
     mesh.assert_no_secret_leaked(&["b1", "r1"], &[REGISTRY_PASSWORD])
         .await;

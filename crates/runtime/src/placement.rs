@@ -95,6 +95,18 @@ impl Default for PlacementOptions {
     }
 }
 
+impl PlacementOptions {
+    /// These options with a worker id: the configured one, else a generated one. Call once at
+    /// startup and use the result everywhere, so status events and the advertisement agree.
+    pub fn resolved(&self) -> Self {
+        let mut resolved = self.clone();
+        if resolved.worker_id.is_empty() {
+            resolved.worker_id = generate_worker_id();
+        }
+        resolved
+    }
+}
+
 /// A worker is considered gone once it missed this many heartbeats.
 pub const MISSED_HEARTBEATS: u32 = 3;
 
@@ -167,6 +179,7 @@ pub fn spawn_advertiser(
             let ad = WorkerAdvertisement {
                 in_flight: template.capacity.saturating_sub(free),
                 heartbeat_at: Some(status::now()),
+                heartbeat_millis: every.as_millis() as u32,
                 ..template.clone()
             };
             if let Err(err) = store.put(&key, ad.encode_to_vec().into()).await {
@@ -187,23 +200,25 @@ struct Known {
     assigned: u32,
 }
 
+impl Known {
+    /// Heartbeats are local receive times, so clock skew between hosts does not matter.
+    fn is_live(&self) -> bool {
+        let every = Duration::from_millis(self.ad.heartbeat_millis.max(100) as u64);
+        self.seen.elapsed() < every * MISSED_HEARTBEATS
+    }
+}
+
 /// The scheduler's view of live workers, kept current by a KV watch.
 #[derive(Clone)]
 pub struct Directory {
     workers: Arc<Mutex<HashMap<String, Known>>>,
-    expiry: Duration,
 }
 
 impl Directory {
     /// Starts watching the bucket; the directory fills as advertisements arrive.
-    pub async fn watch(
-        store: &kv::Store,
-        heartbeat: Duration,
-        shutdown: Shutdown,
-    ) -> anyhow::Result<Self> {
+    pub async fn watch(store: &kv::Store, shutdown: Shutdown) -> anyhow::Result<Self> {
         let directory = Directory {
             workers: Arc::default(),
-            expiry: heartbeat * MISSED_HEARTBEATS,
         };
         let mut watch = store.watch_all().await?;
         let view = directory.clone();
@@ -253,7 +268,7 @@ impl Directory {
         let mut workers = self.workers.lock().expect("directory lock");
         let best = workers
             .values_mut()
-            .filter(|w| w.ad.kind == kind && w.seen.elapsed() < self.expiry)
+            .filter(|w| w.ad.kind == kind && w.is_live())
             .map(|w| {
                 let used = w.ad.in_flight + w.assigned;
                 (w.ad.capacity.saturating_sub(used), w)
@@ -270,11 +285,6 @@ impl Directory {
         let workers = self.workers.lock().expect("directory lock");
         workers
             .get(&key(kind, worker_id))
-            .is_some_and(|w| w.seen.elapsed() < self.expiry)
-    }
-
-    /// How long after its last heartbeat a worker counts as gone.
-    pub fn expiry(&self) -> Duration {
-        self.expiry
+            .is_some_and(Known::is_live)
     }
 }

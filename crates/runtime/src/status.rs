@@ -102,7 +102,7 @@ impl StatusReporter {
         self.service
     }
 
-    /// Publishes one status event for `request_id` and waits for JetStream to store it.
+    /// Publishes one status event for `request_id`.
     pub async fn report(&self, request_id: &str, mut step: Step) {
         if let Some(instance) = &self.instance {
             step.details.insert("worker".into(), instance.clone());
@@ -148,11 +148,18 @@ impl StatusReporter {
         }
     }
 
+    /// Publishes and confirms the store in the background: events of one request keep their
+    /// order (one connection), and the work path does not wait a round trip per event.
     async fn publish(&self, subject: String, payload: Bytes) -> Result<(), async_nats::Error> {
         let mut headers = HeaderMap::new();
         telemetry::inject(&mut headers);
         let publish = PublishMessage::build().payload(payload).headers(headers);
-        self.js.send_publish(subject, publish).await?.await?;
+        let ack = self.js.send_publish(subject.clone(), publish).await?;
+        tokio::spawn(async move {
+            if let Err(err) = ack.await {
+                tracing::error!(subject, error = %err, "status event not stored");
+            }
+        });
         Ok(())
     }
 }

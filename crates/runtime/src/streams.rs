@@ -25,6 +25,15 @@ pub const STATUS: &str = "IMAGEMESH_STATUS";
 pub const DEAD_LETTER: &str = "IMAGEMESH_DEADLETTER";
 /// KV bucket: image id -> ImageRecord (pushed reference, manifest and index digests).
 pub const IMAGE_REFS_BUCKET: &str = "imagemesh-image-refs";
+/// Object-store bucket of build contexts (tars uploaded by clients, named by
+/// `BuildOptions.context_object`).
+pub const CONTEXTS_BUCKET: &str = "imagemesh-contexts";
+/// How long an uploaded build context is kept: long enough for a queued build and its retries.
+pub const CONTEXTS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// KV bucket: request id -> DispatchRecord, so a request is dispatched once even when it is
+/// seen again after the publish de-duplication window.
+pub const DISPATCHED_BUCKET: &str = "imagemesh-dispatched";
 
 /// Stream settings that differ between deployments.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -41,6 +50,9 @@ pub struct StreamOptions {
     /// How long dead letters are kept.
     #[serde(with = "humantime_serde")]
     pub dead_letter_max_age: Duration,
+    /// How long the scheduler remembers a dispatched request id.
+    #[serde(with = "humantime_serde")]
+    pub dispatched_max_age: Duration,
 }
 
 impl Default for StreamOptions {
@@ -50,6 +62,7 @@ impl Default for StreamOptions {
             duplicate_window: Duration::from_secs(10 * 60),
             status_max_age: Duration::from_secs(24 * 3600),
             dead_letter_max_age: Duration::from_secs(7 * 24 * 3600),
+            dispatched_max_age: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -130,6 +143,44 @@ pub async fn image_refs(
         bucket: IMAGE_REFS_BUCKET.into(),
         description: "image id -> pushed reference, manifest digest, index digest".into(),
         history: 5,
+        num_replicas: options.replicas,
+        storage: StorageType::File,
+        ..Default::default()
+    })
+    .await
+}
+
+/// Opens (creating if needed) the build-context object store.
+pub async fn contexts(
+    js: &Context,
+    options: &StreamOptions,
+) -> Result<jetstream::object_store::ObjectStore, jetstream::context::CreateObjectStoreError> {
+    // Get first: creating an existing bucket with other settings fails, and clients and builders
+    // must be able to open it whoever made it.
+    if let Ok(store) = js.get_object_store(CONTEXTS_BUCKET).await {
+        return Ok(store);
+    }
+    js.create_object_store(jetstream::object_store::Config {
+        bucket: CONTEXTS_BUCKET.into(),
+        description: Some("build contexts uploaded by clients".into()),
+        max_age: CONTEXTS_MAX_AGE,
+        num_replicas: options.replicas,
+        storage: StorageType::File,
+        ..Default::default()
+    })
+    .await
+}
+
+/// Opens (creating if needed) the dispatched-requests bucket.
+pub async fn dispatched(
+    js: &Context,
+    options: &StreamOptions,
+) -> Result<kv::Store, jetstream::context::CreateKeyValueError> {
+    js.create_or_update_key_value(kv::Config {
+        bucket: DISPATCHED_BUCKET.into(),
+        description: "request id -> where the scheduler dispatched it".into(),
+        history: 1,
+        max_age: options.dispatched_max_age,
         num_replicas: options.replicas,
         storage: StorageType::File,
         ..Default::default()

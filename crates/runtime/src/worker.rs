@@ -145,7 +145,8 @@ pub struct ConsumerSpec {
 /// A running work loop over one or more consumers (a placed worker reads the shared queue and
 /// its own subject) with one concurrency limit.
 pub struct Worker<H: Handler> {
-    consumers: Vec<PullConsumer>,
+    js: jetstream::Context,
+    consumers: Vec<ConsumerSpec>,
     options: WorkerOptions,
     handler: Arc<H>,
     status: StatusReporter,
@@ -182,13 +183,15 @@ pub async fn ensure_consumer(
 
 impl<H: Handler> Worker<H> {
     pub fn new(
-        consumers: Vec<PullConsumer>,
+        js: jetstream::Context,
+        consumers: Vec<ConsumerSpec>,
         options: WorkerOptions,
         handler: Arc<H>,
         status: StatusReporter,
     ) -> Self {
         let permits = Arc::new(Semaphore::new(options.concurrency.max(1)));
         Self {
+            js,
             consumers,
             options,
             handler,
@@ -230,9 +233,15 @@ impl<H: Handler> Worker<H> {
                         drop(permit);
                     });
                 }
+                Some(Err(err)) if err.kind() == pull::MessagesErrorKind::ConsumerDeleted => {
+                    // A scheduler re-routed our queue while we were unreachable; make the
+                    // consumer anew so work addressed to us flows again.
+                    tracing::warn!("a consumer was deleted; recreating");
+                    messages = self.open_stream().await?;
+                }
                 Some(Err(err)) => tracing::warn!(error = %err, "pull consumer hiccup"),
                 None => {
-                    tracing::warn!("pull consumer stream ended; reopening");
+                    tracing::warn!("pull consumer streams ended; reopening");
                     tokio::time::sleep(Duration::from_millis(250)).await;
                     messages = self.open_stream().await?;
                 }
@@ -245,7 +254,8 @@ impl<H: Handler> Worker<H> {
 
     async fn open_stream(&self) -> anyhow::Result<futures::stream::SelectAll<pull::Stream>> {
         let mut streams = Vec::with_capacity(self.consumers.len());
-        for consumer in &self.consumers {
+        for spec in &self.consumers {
+            let consumer = ensure_consumer(&self.js, spec, &self.options).await?;
             // Pull no more than we can work on, so a stopping instance holds nothing unstarted.
             let stream = consumer
                 .stream()
@@ -550,12 +560,14 @@ pub async fn serve<H: Handler>(
             }
         }
     };
-    let mut consumers = Vec::new();
-    for spec in &specs {
-        consumers.push(ensure_consumer(&js, spec, &options).await?);
-    }
     let capacity = options.concurrency.max(1) as u32;
-    let worker = Worker::new(consumers, options, Arc::new(handler), status);
+    let worker = Worker::new(
+        js.clone(),
+        specs.clone(),
+        options,
+        Arc::new(handler),
+        status,
+    );
     let advertiser = match advertised {
         Some((kind, placement, replicas)) => {
             let store = placement::workers_bucket(&js, placement.heartbeat, replicas).await?;

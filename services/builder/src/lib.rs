@@ -32,10 +32,11 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
         streams::DEAD_LETTER,
     ];
     streams::ensure(&js, &used, &config.streams).await?;
-    let settings = config.builder;
+    let mut settings = config.builder;
+    settings.placement = settings.placement.resolved();
     let handler = Builder {
         js: js.clone(),
-        status: StatusReporter::new(js, IDENTITY.name),
+        status: StatusReporter::new(js, IDENTITY.name).with_instance(&settings.placement.worker_id),
         registry: settings.registry.clone(),
     };
     let work = Work::Placed {

@@ -27,9 +27,10 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
     let js = async_nats::jetstream::new(client.clone());
     let used = [streams::MOUNT, streams::STATUS, streams::DEAD_LETTER];
     streams::ensure(&js, &used, &config.streams).await?;
-    let settings = config.mounter;
+    let mut settings = config.mounter;
+    settings.placement = settings.placement.resolved();
     let handler = Mounter {
-        status: StatusReporter::new(js, IDENTITY.name),
+        status: StatusReporter::new(js, IDENTITY.name).with_instance(&settings.placement.worker_id),
         registry: settings.registry.clone(),
     };
     let work = Work::Placed {

@@ -35,6 +35,10 @@ pub struct SchedulerConfig {
     /// How long to wait for the credential service per attempt.
     #[serde(with = "humantime_serde")]
     pub credential_timeout: Duration,
+    /// How often workers are expected to heartbeat, and how often queued work of workers that
+    /// stopped is re-routed.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
     /// The intake work loop. `max_deliver` and the retry delays bound how long a request waits
     /// for credentials before it fails.
     pub intake: WorkerOptions,
@@ -47,6 +51,7 @@ impl Default for SchedulerConfig {
             build_registry: "127.0.0.1:5000".into(),
             build_repository: "imagemesh/builds".into(),
             credential_timeout: Duration::from_secs(2),
+            heartbeat: Duration::from_secs(2),
             intake: WorkerOptions::default(),
             registry: RegistrySettings::default(),
         }

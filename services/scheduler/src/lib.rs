@@ -10,17 +10,21 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+mod dispatch;
 pub mod enrich;
 mod handler;
+mod reroute;
 
 use async_nats::Client;
 pub use config::Config;
 use imagemesh_runtime::credentials::CredentialClient;
+use imagemesh_runtime::placement::{self, Directory};
 use imagemesh_runtime::service::Identity;
 use imagemesh_runtime::status::StatusReporter;
 use imagemesh_runtime::worker::{self, ConsumerSpec, Work};
 use imagemesh_runtime::{Shutdown, streams, subjects};
 
+use crate::dispatch::Dispatcher;
 use crate::enrich::Enricher;
 use crate::handler::Scheduler;
 
@@ -42,7 +46,19 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
     ];
     streams::ensure(&js, &used, &config.streams).await?;
     let image_refs = streams::image_refs(&js, &config.streams).await?;
+    let dispatched = streams::dispatched(&js, &config.streams).await?;
     let settings = config.scheduler;
+    let workers =
+        placement::workers_bucket(&js, settings.heartbeat, config.streams.replicas).await?;
+    let directory = Directory::watch(&workers, shutdown.clone()).await?;
+    let status = StatusReporter::new(js.clone(), IDENTITY.name);
+    tokio::spawn(reroute::run(
+        js.clone(),
+        directory.clone(),
+        status.clone(),
+        settings.heartbeat,
+        shutdown.clone(),
+    ));
     let handler = Scheduler {
         enricher: Enricher {
             credentials: CredentialClient::new(client.clone(), settings.credential_timeout),
@@ -50,8 +66,12 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
             build_repository: settings.build_repository.clone(),
             image_refs,
         },
-        js: js.clone(),
-        status: StatusReporter::new(js, IDENTITY.name),
+        dispatcher: Dispatcher {
+            js,
+            records: dispatched,
+            directory,
+        },
+        status,
     };
     let spec = ConsumerSpec {
         stream: streams::INTAKE,
