@@ -18,6 +18,11 @@ pub struct RegistrySettings {
 }
 
 impl RegistrySettings {
+    /// True when `registry` is spoken to over plain HTTP (loopback, or listed as insecure).
+    pub fn is_insecure(&self, registry: &str) -> bool {
+        self.uses_http(registry)
+    }
+
     fn uses_http(&self, registry: &str) -> bool {
         host::is_loopback(registry)
             || self

@@ -31,6 +31,12 @@ pub const CONTEXTS_BUCKET: &str = "imagemesh-contexts";
 /// How long an uploaded build context is kept: long enough for a queued build and its retries.
 pub const CONTEXTS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
+/// Object-store bucket: layer blob digest -> encoded layer index (`imagemesh-lazyindex`), so a
+/// base layer shared by many images is indexed once.
+pub const LAYER_INDEX_BUCKET: &str = "imagemesh-layer-indexes";
+/// How long a cached layer index is kept after it was written (re-indexing is cheap).
+pub const LAYER_INDEX_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// KV bucket: request id -> DispatchRecord, so a request is dispatched once even when it is
 /// seen again after the publish de-duplication window.
 pub const DISPATCHED_BUCKET: &str = "imagemesh-dispatched";
@@ -181,6 +187,26 @@ pub async fn dispatched(
         description: "request id -> where the scheduler dispatched it".into(),
         history: 1,
         max_age: options.dispatched_max_age,
+        num_replicas: options.replicas,
+        storage: StorageType::File,
+        ..Default::default()
+    })
+    .await
+}
+
+/// Opens (creating if needed) the layer-index cache of the indexers.
+pub async fn layer_indexes(
+    js: &Context,
+    options: &StreamOptions,
+) -> Result<jetstream::object_store::ObjectStore, jetstream::context::CreateObjectStoreError> {
+    // Get first, like `contexts`: every indexer instance opens the bucket whoever made it.
+    if let Ok(store) = js.get_object_store(LAYER_INDEX_BUCKET).await {
+        return Ok(store);
+    }
+    js.create_object_store(jetstream::object_store::Config {
+        bucket: LAYER_INDEX_BUCKET.into(),
+        description: Some("layer digest -> encoded lazy-mount layer index".into()),
+        max_age: LAYER_INDEX_MAX_AGE,
         num_replicas: options.replicas,
         storage: StorageType::File,
         ..Default::default()

@@ -1,5 +1,8 @@
 //! Builder configuration.
 
+use std::path::PathBuf;
+use std::time::Duration;
+
 use imagemesh_registry::RegistrySettings;
 use imagemesh_runtime::app::ServiceConfig;
 use imagemesh_runtime::nats::NatsConfig;
@@ -24,7 +27,7 @@ impl ServiceConfig for Config {
 }
 
 /// How builds run.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BuilderConfig {
     /// The build work loop; `concurrency` is the number of builds at once.
@@ -32,4 +35,42 @@ pub struct BuilderConfig {
     /// How this instance advertises itself to schedulers.
     pub placement: PlacementOptions,
     pub registry: RegistrySettings,
+    /// Where each build gets its own work directory (context, auth file, buildah `--root` and
+    /// `--runroot`); removed when the build ends, and leftovers of dead builders at start.
+    pub storage_dir: PathBuf,
+    /// The buildah program.
+    pub buildah: PathBuf,
+    /// Time limit of a build that sets none (`BuildOptions.timeout_seconds = 0`).
+    #[serde(with = "humantime_serde")]
+    pub default_timeout: Duration,
+    /// Longest time limit a request may ask for.
+    #[serde(with = "humantime_serde")]
+    pub max_timeout: Duration,
+    /// Largest build context accepted, in bytes, both as uploaded and once unpacked.
+    pub max_context_bytes: u64,
+}
+
+impl Default for BuilderConfig {
+    fn default() -> Self {
+        Self {
+            worker: WorkerOptions::default(),
+            placement: PlacementOptions::default(),
+            registry: RegistrySettings::default(),
+            storage_dir: std::env::temp_dir().join("imagemesh-builder"),
+            buildah: "buildah".into(),
+            default_timeout: Duration::from_secs(30 * 60),
+            max_timeout: Duration::from_secs(2 * 3600),
+            max_context_bytes: 512 * 1024 * 1024,
+        }
+    }
+}
+
+impl BuilderConfig {
+    /// The time limit of a build that asked for `seconds` (0 = the default).
+    pub fn timeout(&self, seconds: u32) -> Duration {
+        match seconds {
+            0 => self.default_timeout,
+            s => Duration::from_secs(s.into()).min(self.max_timeout),
+        }
+    }
 }

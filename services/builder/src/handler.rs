@@ -1,22 +1,34 @@
-//! One build request: authenticate to the build registry with the request's token, build and
-//! push, record the image, and hand it to the indexer with the same token.
+//! One build request: authenticate to the build registry with the request's token, skip work
+//! already done, build (Dockerfile) or copy (source image) and push, record the image, and hand
+//! it to the indexer with the same token.
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::object_store::ObjectStore;
 use async_nats::jetstream::{self, message::PublishMessage};
 use imagemesh_proto::CONTENT_TYPE_PROTOBUF;
 use imagemesh_proto::v1::{ContainerRequest, IndexRequest, RegistryCredential};
-use imagemesh_registry::{RegistryClient, RegistryError, RegistrySettings};
+use imagemesh_registry::{Access, RegistryClient, credential_for};
 use imagemesh_runtime::status::{StatusReporter, Step};
 use imagemesh_runtime::worker::{Delivery, Handler, Outcome};
-use imagemesh_runtime::{ErrorCode, Rejection, subjects, telemetry};
+use imagemesh_runtime::{ErrorCode, subjects, telemetry};
 use oci_client::RegistryOperation;
 use prost::Message;
 
+use crate::config::BuilderConfig;
+use crate::copy::ImageCopy;
+use crate::dockerfile::DockerfileBuild;
+use crate::failure::Failure;
+use crate::log::BuildLog;
+use crate::records::{self, Records};
+
 /// The builder's work handler.
 pub struct Builder {
+    pub client: async_nats::Client,
     pub js: jetstream::Context,
     pub status: StatusReporter,
-    pub registry: RegistrySettings,
+    pub settings: BuilderConfig,
+    pub contexts: ObjectStore,
+    pub records: Records,
 }
 
 impl Handler for Builder {
@@ -33,7 +45,7 @@ impl Handler for Builder {
     async fn handle(&self, request: ContainerRequest, _delivery: &Delivery) -> Outcome {
         match self.build(&request).await {
             Ok(()) => Outcome::Done,
-            Err(outcome) => outcome,
+            Err(failure) => failure.into(),
         }
     }
 }
@@ -47,28 +59,32 @@ fn scope_actions(credential: &RegistryCredential) -> String {
         .unwrap_or_default()
 }
 
-fn registry_failure(err: RegistryError) -> Outcome {
-    let retryable = err.is_retryable();
-    Outcome::failed(Rejection::new(err.error_code(), err.to_string()), retryable)
+fn secrets(request: &ContainerRequest) -> Vec<String> {
+    [&request.build_registry_creds, &request.image_credentials]
+        .into_iter()
+        .flatten()
+        .map(|c| c.secret.clone())
+        .collect()
 }
 
 impl Builder {
-    async fn build(&self, request: &ContainerRequest) -> Result<(), Outcome> {
+    async fn build(&self, request: &ContainerRequest) -> Result<(), Failure> {
         let id = &request.request_id;
         let credential = request.build_registry_creds.as_ref().ok_or_else(|| {
-            Outcome::Reject(Rejection::new(
+            Failure::reject(
                 ErrorCode::NoCredentials,
                 "request carries no build_registry_creds (the scheduler attaches them)",
-            ))
+            )
         })?;
-        let client = RegistryClient::new(&credential.registry, Some(credential), &self.registry);
-        let target = client
-            .reference(&request.build_image_ref)
-            .map_err(registry_failure)?;
-        client
+        let client = RegistryClient::new(
+            &credential.registry,
+            Some(credential),
+            &self.settings.registry,
+        );
+        let target = client.reference(&request.build_image_ref)?;
+        let access = client
             .check_access(&target, RegistryOperation::Push)
-            .await
-            .map_err(registry_failure)?;
+            .await?;
         let step = Step::running(
             "authenticated",
             format!("build registry {} accepted the token", client.registry()),
@@ -78,11 +94,102 @@ impl Builder {
         .detail("actions", scope_actions(credential));
         self.status.report(id, step).await;
 
-        self.request_index(request, String::new()).await?;
+        let existing = match &access {
+            Access::Manifest(digest) => Some(digest.as_str()),
+            Access::NoManifest => None,
+        };
+        let digest = match self.records.get(&request.image_id).await? {
+            Some(record)
+                if records::already_pushed(&record, &request.build_image_ref, existing) =>
+            {
+                let step = Step::running("already-built", "image already pushed; not rebuilt")
+                    .detail("image_ref", &record.image_ref)
+                    .detail("digest", &record.manifest_digest);
+                self.status.report(id, step).await;
+                record.manifest_digest
+            }
+            _ => self.build_and_push(request, &client, &target).await?,
+        };
+        self.request_index(request, digest).await?;
         let step = Step::running("index-requested", "image handed to the indexer")
             .detail("image_ref", &request.build_image_ref);
         self.status.report(id, step).await;
         Ok(())
+    }
+
+    /// Builds or copies, pushes, and records image id -> reference + digest.
+    async fn build_and_push(
+        &self,
+        request: &ContainerRequest,
+        client: &RegistryClient,
+        target: &imagemesh_registry::Reference,
+    ) -> Result<String, Failure> {
+        let options = request.build_options.clone().unwrap_or_default();
+        let log = BuildLog::new(self.client.clone(), &request.request_id, secrets(request));
+        let digest = if !options.dockerfile.is_empty() {
+            let build = DockerfileBuild {
+                settings: &self.settings,
+                contexts: &self.contexts,
+                status: &self.status,
+                log: &log,
+                request,
+            };
+            build.run().await?
+        } else if !options.source_image.is_empty() {
+            self.copy_source(request, &options.source_image, client, target, &log)
+                .await?
+        } else {
+            return Err(Failure::reject(
+                ErrorCode::MalformedRequest,
+                "a build needs build_options.dockerfile or build_options.source_image",
+            ));
+        };
+        let step = Step::running("pushed", format!("pushed {}", request.build_image_ref))
+            .detail("image_ref", &request.build_image_ref)
+            .detail("digest", &digest);
+        self.status.report(&request.request_id, step).await;
+        self.records
+            .put(&request.image_id, &request.build_image_ref, &digest)
+            .await?;
+        let step = Step::running("recorded", format!("image {} recorded", request.image_id));
+        self.status.report(&request.request_id, step).await;
+        Ok(digest)
+    }
+
+    async fn copy_source(
+        &self,
+        request: &ContainerRequest,
+        source_image: &str,
+        target_client: &RegistryClient,
+        target: &imagemesh_registry::Reference,
+        log: &BuildLog,
+    ) -> Result<String, Failure> {
+        let source: imagemesh_registry::Reference = source_image.parse().map_err(|e| {
+            Failure::reject(
+                ErrorCode::MalformedRequest,
+                format!("invalid source_image {source_image:?}: {e}"),
+            )
+        })?;
+        let registry = source.registry().to_string();
+        let source_client = RegistryClient::new(
+            &registry,
+            credential_for(request, &registry),
+            &self.settings.registry,
+        );
+        let step = Step::running("copying", format!("copying {source_image}"));
+        self.status.report(&request.request_id, step).await;
+        let copy = ImageCopy {
+            source: &source_client,
+            target: target_client,
+            log,
+        };
+        let copied = copy.copy(&source, target).await?;
+        log.line(&format!(
+            "copied {source_image}: {} blobs mounted, {} streamed, {} already present",
+            copied.mounted, copied.streamed, copied.present
+        ))
+        .await;
+        Ok(copied.digest)
     }
 
     /// Asks the indexer to index the pushed image, with the token that pushed it.
@@ -90,7 +197,7 @@ impl Builder {
         &self,
         request: &ContainerRequest,
         manifest_digest: String,
-    ) -> Result<(), Outcome> {
+    ) -> Result<(), Failure> {
         let index = IndexRequest {
             request_id: request.request_id.clone(),
             image_id: request.image_id.clone(),
@@ -102,6 +209,7 @@ impl Builder {
         let mut headers = HeaderMap::new();
         headers.insert(subjects::CONTENT_TYPE_HEADER, CONTENT_TYPE_PROTOBUF);
         telemetry::inject(&mut headers);
+        // The request id is the message id: a redelivered build hands off once.
         let message = PublishMessage::build()
             .payload(index.encode_to_vec().into())
             .headers(headers)
@@ -113,11 +221,8 @@ impl Builder {
                 .await?;
             Ok::<_, async_nats::Error>(())
         };
-        published.await.map_err(|err| {
-            Outcome::Retry(Rejection::new(
-                ErrorCode::Internal,
-                format!("could not publish the index request: {err}"),
-            ))
-        })
+        published
+            .await
+            .map_err(|err| Failure::internal(format!("could not publish the index request: {err}")))
     }
 }

@@ -1,10 +1,26 @@
 //! The builder: builds an image for a build request and pushes it to the build registry with
 //! the request's `build_registry_creds` (attached by the scheduler), records image id -> pushed
 //! reference, and asks the indexer to index it with the same credential.
+//!
+//! - [`handler`]: one request, start to hand-off; thin, it only sequences the steps below.
+//! - [`dockerfile`]: a Dockerfile build in a private directory ([`workdir`]): the context from
+//!   the object store ([`context`]), credentials in an auth file ([`auth`]), buildah
+//!   ([`buildah`]) with its output streamed to `imagemesh.buildlog.<request id>` ([`log`]).
+//! - [`copy`]: a source-image build, copied registry to registry with oci-client.
+//! - [`records`]: image id -> pushed reference and digest (KV `imagemesh-image-refs`).
 #![forbid(unsafe_code)]
 
+mod auth;
+mod buildah;
 pub mod config;
+mod context;
+mod copy;
+mod dockerfile;
+mod failure;
 mod handler;
+mod log;
+mod records;
+mod workdir;
 
 use async_nats::Client;
 pub use config::Config;
@@ -34,10 +50,14 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
     streams::ensure(&js, &used, &config.streams).await?;
     let mut settings = config.builder;
     settings.placement = settings.placement.resolved();
+    workdir::sweep_stale(&settings.storage_dir);
     let handler = Builder {
+        client: client.clone(),
+        contexts: streams::contexts(&js, &config.streams).await?,
+        records: records::Records::new(streams::image_refs(&js, &config.streams).await?),
         js: js.clone(),
         status: StatusReporter::new(js, IDENTITY.name).with_instance(&settings.placement.worker_id),
-        registry: settings.registry.clone(),
+        settings: settings.clone(),
     };
     let work = Work::Placed {
         kind: placement::BUILD,

@@ -1,0 +1,245 @@
+//! Dockerfile builds: context, credentials, `buildah bud`, `buildah push`, in a private build
+//! directory that is removed on every path.
+
+use std::time::Duration;
+
+use async_nats::jetstream::object_store::ObjectStore;
+use imagemesh_proto::v1::{AuthScheme, ContainerRequest, RegistryCredential};
+use imagemesh_registry::{Reference, RegistrySettings, credential_for, host};
+use imagemesh_runtime::ErrorCode;
+use imagemesh_runtime::status::{StatusReporter, Step};
+use tokio::time::Instant;
+
+use crate::auth;
+use crate::buildah::{BudSpec, Buildah, BuildahError};
+use crate::config::BuilderConfig;
+use crate::context;
+use crate::failure::Failure;
+use crate::log::BuildLog;
+use crate::workdir::WorkDir;
+
+/// One Dockerfile build of one request.
+pub struct DockerfileBuild<'a> {
+    pub settings: &'a BuilderConfig,
+    pub contexts: &'a ObjectStore,
+    pub status: &'a StatusReporter,
+    pub log: &'a BuildLog,
+    pub request: &'a ContainerRequest,
+}
+
+impl DockerfileBuild<'_> {
+    /// Builds and pushes to `request.build_image_ref`; returns the pushed manifest digest.
+    pub async fn run(&self) -> Result<String, Failure> {
+        let dir = WorkDir::create(&self.settings.storage_dir, &self.request.request_id)
+            .map_err(|e| Failure::internal(format!("cannot create a build directory: {e}")))?;
+        let result = self.run_in(&dir).await;
+        dir.remove().await;
+        result
+    }
+
+    async fn run_in(&self, dir: &WorkDir) -> Result<String, Failure> {
+        let options = self.request.build_options.clone().unwrap_or_default();
+        let timeout = self.settings.timeout(options.timeout_seconds);
+        let deadline = Instant::now() + timeout;
+        let id = &self.request.request_id;
+        if !options.context_object.is_empty() {
+            let bytes = self.fetch_context(dir, &options.context_object).await?;
+            let step = Step::running("context-fetched", format!("build context {bytes} bytes"))
+                .detail("context_object", &options.context_object)
+                .detail("bytes", bytes);
+            self.status.report(id, step).await;
+        }
+        let dockerfile = dir.path().join("Dockerfile");
+        std::fs::write(&dockerfile, &options.dockerfile)
+            .map_err(|e| Failure::internal(format!("cannot write the Dockerfile: {e}")))?;
+        let buildah = self.buildah(dir, &options.dockerfile)?;
+
+        let tag = format!("localhost/imagemesh-build:{}", self.request.image_id);
+        let mut build_args: Vec<_> = options.build_args.into_iter().collect();
+        build_args.sort();
+        let spec = BudSpec {
+            dockerfile: &dockerfile,
+            context: &dir.context(),
+            tag: &tag,
+            build_args,
+        };
+        self.status
+            .report(id, Step::running("building", "buildah bud"))
+            .await;
+        buildah
+            .bud(&spec, self.log, deadline)
+            .await
+            .map_err(|e| self.build_failure(e, timeout))?;
+        self.status
+            .report(id, Step::running("built", "image built"))
+            .await;
+
+        let destination = format!("docker://{}", self.request.build_image_ref);
+        buildah
+            .push(&tag, &destination, self.log, deadline)
+            .await
+            .map_err(|e| self.push_failure(e, timeout))
+    }
+
+    async fn fetch_context(&self, dir: &WorkDir, name: &str) -> Result<u64, Failure> {
+        let limit = self.settings.max_context_bytes;
+        let archive = dir.path().join("context.tar");
+        let bytes = context::fetch(self.contexts, name, &archive, limit).await?;
+        let into = dir.context();
+        tokio::task::spawn_blocking(move || context::unpack(&archive, &into, limit))
+            .await
+            .map_err(|e| Failure::internal(format!("context unpacking stopped: {e}")))??;
+        Ok(bytes)
+    }
+
+    /// buildah with an auth file holding the credential of every registry the build talks to:
+    /// the build registry (push) and each base image's registry (pull).
+    fn buildah<'d>(&'d self, dir: &'d WorkDir, dockerfile: &str) -> Result<Buildah<'d>, Failure> {
+        let build_registry = self.build_credential()?;
+        let mut credentials = vec![build_registry];
+        let mut registries = vec![host::normalize(&build_registry.registry)];
+        for base in base_registries(dockerfile) {
+            if let Some(credential) = credential_for(self.request, &base) {
+                credentials.push(credential);
+            }
+            registries.push(base);
+        }
+        if let Some(bearer) = credentials
+            .iter()
+            .find(|c| c.scheme() == AuthScheme::Bearer)
+        {
+            return Err(Failure::reject(
+                ErrorCode::NoCredentials,
+                format!(
+                    "the credential for {} is a bearer token, which buildah cannot be given \
+                     without putting it on its command line; Dockerfile builds need basic credentials",
+                    bearer.registry
+                ),
+            ));
+        }
+        let auth_file = dir.path().join("auth.json");
+        auth::write_auth_file(&auth_file, &credentials)
+            .map_err(|e| Failure::internal(format!("cannot write the registry auth file: {e}")))?;
+        let conf = dir.path().join("registries.conf");
+        let insecure = insecure(&self.settings.registry, registries);
+        auth::write_registries_conf(&conf, &insecure)
+            .map_err(|e| Failure::internal(format!("cannot write registries.conf: {e}")))?;
+        Ok(Buildah::new(&self.settings.buildah, dir, auth_file, conf))
+    }
+
+    fn build_credential(&self) -> Result<&RegistryCredential, Failure> {
+        self.request.build_registry_creds.as_ref().ok_or_else(|| {
+            Failure::reject(
+                ErrorCode::NoCredentials,
+                "request carries no build_registry_creds",
+            )
+        })
+    }
+
+    fn build_failure(&self, err: BuildahError, timeout: Duration) -> Failure {
+        match err {
+            BuildahError::TimedOut => Failure::build(format!(
+                "build exceeded its time limit of {}s and was stopped",
+                timeout.as_secs()
+            )),
+            BuildahError::Failed { error_line, .. } => Failure::build(format!(
+                "build failed: {error_line}\nlast lines of the build log:\n{}",
+                self.log.tail().join("\n")
+            )),
+            BuildahError::Spawn(e) => Failure::internal(format!("cannot run buildah: {e}")),
+        }
+    }
+
+    fn push_failure(&self, err: BuildahError, timeout: Duration) -> Failure {
+        let registry = &self
+            .build_credential()
+            .map(|c| c.registry.clone())
+            .unwrap_or_default();
+        match err {
+            BuildahError::Failed { error_line, .. } => {
+                let lower = error_line.to_ascii_lowercase();
+                let message = format!("push to {registry} failed: {error_line}");
+                if ["unauthorized", "authentication required", "denied"]
+                    .iter()
+                    .any(|w| lower.contains(w))
+                {
+                    Failure::reject(ErrorCode::RegistryAuthRejected, message)
+                } else {
+                    Failure::retry(ErrorCode::RegistryUnavailable, message)
+                }
+            }
+            other => self.build_failure(other, timeout),
+        }
+    }
+}
+
+/// Registries whose HTTP is plain: loopback ones and those configured insecure.
+fn insecure(settings: &RegistrySettings, registries: Vec<String>) -> Vec<String> {
+    let mut insecure: Vec<String> = registries
+        .into_iter()
+        .filter(|r| settings.is_insecure(r))
+        .collect();
+    insecure.extend(settings.insecure.iter().map(|r| host::normalize(r)));
+    insecure.sort();
+    insecure.dedup();
+    insecure
+}
+
+/// The registries of the images a Dockerfile starts from (`FROM` lines), skipping `scratch`,
+/// earlier stages and references built from `ARG`s (resolved by buildah, pulled anonymously).
+pub fn base_registries(dockerfile: &str) -> Vec<String> {
+    let mut stages = Vec::new();
+    let mut registries = Vec::new();
+    for line in dockerfile.lines() {
+        let mut words = line.split_whitespace();
+        if !words.next().is_some_and(|w| w.eq_ignore_ascii_case("FROM")) {
+            continue;
+        }
+        let rest: Vec<&str> = words.filter(|w| !w.starts_with("--")).collect();
+        let Some(image) = rest.first() else { continue };
+        if let [_, as_word, name] = rest.as_slice()
+            && as_word.eq_ignore_ascii_case("AS")
+        {
+            stages.push(name.to_ascii_lowercase());
+        }
+        let lower = image.to_ascii_lowercase();
+        if lower == "scratch"
+            || image.contains('$')
+            || stages[..stages.len().saturating_sub(1)].contains(&lower)
+        {
+            continue;
+        }
+        if let Ok(reference) = image.parse::<Reference>() {
+            registries.push(host::normalize(reference.registry()));
+        }
+    }
+    registries.sort();
+    registries.dedup();
+    registries
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_registries_come_from_from_lines() {
+        let dockerfile = "FROM 127.0.0.1:5000/base/busybox:1 AS build\n\
+                          RUN echo\n\
+                          from --platform=linux/amd64 registry.example/x/y@sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\n\
+                          FROM build\nFROM scratch\nFROM ${BASE}\nFROM busybox\n";
+        assert_eq!(
+            base_registries(dockerfile),
+            vec!["127.0.0.1:5000", "docker.io", "registry.example"]
+        );
+    }
+
+    #[test]
+    fn loopback_and_configured_registries_are_insecure() {
+        let settings = RegistrySettings {
+            insecure: vec!["lab.internal:5000".into()],
+        };
+        let found = insecure(&settings, vec!["127.0.0.1:5000".into(), "docker.io".into()]);
+        assert_eq!(found, vec!["127.0.0.1:5000", "lab.internal:5000"]);
+    }
+}
