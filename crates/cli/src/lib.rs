@@ -2,8 +2,10 @@
 //!
 //! - `imagemesh submit`: publish a build or runtime ContainerRequest to the intake.
 //! - `imagemesh watch ID`: follow a request's status events until it succeeds or fails.
+//! - `imagemesh build -f Dockerfile CONTEXT`: upload a context, build, show the live log.
 #![forbid(unsafe_code)]
 
+mod build;
 mod submit;
 mod watch;
 
@@ -40,6 +42,8 @@ pub enum Command {
     Submit(submit::SubmitArgs),
     /// Follow a request's status until it succeeds or fails.
     Watch(watch::WatchArgs),
+    /// Build an image from a Dockerfile and a context directory; prints the image id.
+    Build(build::BuildArgs),
 }
 
 /// Runs a command; the exit code says whether it (and a watched request) succeeded.
@@ -58,6 +62,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Submit(args) => submit::run(&client, args).await,
         Command::Watch(args) => watch::run(&client, args).await,
+        Command::Build(args) => build::run(&client, args).await,
     }
 }
 

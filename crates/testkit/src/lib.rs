@@ -8,8 +8,10 @@
 //! - [`Registry`]: Debian's `docker-registry` (distribution 2.8), open or htpasswd-protected.
 //! - [`ServiceProcess`]: an imagemesh service binary with its config file and captured log.
 //! - [`eventually`]: poll a condition until it holds or a deadline passes.
+//! - [`images`]: a busybox base image for build tests, and pulling built images back.
 #![forbid(unsafe_code)]
 
+pub mod images;
 mod nats;
 mod process;
 mod registry;

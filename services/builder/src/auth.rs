@@ -5,9 +5,10 @@
 //! `--authfile` keeps it in a file only this process (mode 0600, root) can read, deleted with
 //! the build. The auth file can only hold `user:secret` pairs: containers/image reads a bearer
 //! registry token only from `SystemContext.DockerBearerRegistryToken` (skopeo's
-//! `--registry-token` flag), and the file's `identitytoken` field is an OAuth2 refresh token
-//! that it exchanges at the token endpoint, not a registry token. Bearer credentials are
-//! therefore used in-process (see [`crate::layout`]) and never given to buildah.
+//! `--registry-token` flag; buildah has no way to pass it), and the file's `identitytoken`
+//! field is an OAuth2 refresh token that it exchanges at the token endpoint, not a registry
+//! token. So bearer credentials never go to buildah: source-image copies use them in-process
+//! with oci-client, and Dockerfile builds refuse them with a clear error.
 
 use std::fs::OpenOptions;
 use std::io::Write;

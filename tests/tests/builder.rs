@@ -1,0 +1,461 @@
+//! The builder end to end, against real buildah, skopeo, registry and NATS: Dockerfile builds
+//! from a busybox base in the build registry, pushed with the request's token and pulled back;
+//! source-image copies; idempotent rebuilds; failures of every kind with the builder's error
+//! text; cleanup of every build directory; the `imagemesh build` CLI.
+
+use std::path::Path;
+use std::time::Duration;
+
+use futures::StreamExt;
+use imagemesh_proto::v1::{
+    BuildOptions, ContainerRequest, ErrorCode, ImageRecord, RequestKind, RequestState, StatusEvent,
+};
+use imagemesh_runtime::streams::{self, StreamOptions};
+use imagemesh_runtime::subjects;
+use imagemesh_testkit::images::{PulledImage, push_busybox};
+use imagemesh_testkit::{ServiceProcess, eventually, wait_for_service};
+use imagemesh_tests::{Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, describe, find};
+use prost::Message;
+use tempfile::TempDir;
+
+const WAIT: Duration = Duration::from_secs(120);
+const BASE: &str = "base/busybox:1";
+
+/// A mesh whose builder runs with its own storage directory and settings.
+struct BuildMesh {
+    mesh: Mesh,
+    builder: ServiceProcess,
+    storage: TempDir,
+}
+
+impl BuildMesh {
+    async fn start(env: &[(&str, &str)]) -> Self {
+        let options = MeshOptions {
+            start: vec!["credential", "scheduler", "indexer"],
+            ..Default::default()
+        };
+        let mesh = Mesh::start(options).await;
+        let storage = tempfile::tempdir().unwrap();
+        let dir = storage.path().to_str().unwrap().to_string();
+        let mut all_env = vec![("IMAGEMESH_BUILDER__STORAGE_DIR", dir.as_str())];
+        all_env.extend_from_slice(env);
+        let builder = ServiceProcess::spawn("imagemesh-builder", &mesh.config("builder"), &all_env);
+        wait_for_service(&mesh.client, "builder", Duration::from_secs(20)).await;
+        push_busybox(mesh.registry.addr(), BASE, REGISTRY_USER, REGISTRY_PASSWORD);
+        Self {
+            mesh,
+            builder,
+            storage,
+        }
+    }
+
+    fn base(&self) -> String {
+        format!("{}/{BASE}", self.mesh.registry.addr())
+    }
+
+    /// Uploads a context holding `files` as object `name`.
+    async fn upload(&self, name: &str, files: &[(&str, &[u8])]) {
+        let mut tar = tar::Builder::new(Vec::new());
+        for (path, data) in files {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            tar.append_data(&mut header, path, *data).unwrap();
+        }
+        let bytes = tar.into_inner().unwrap();
+        let js = async_nats::jetstream::new(self.mesh.client.clone());
+        let store = streams::contexts(&js, &StreamOptions::default())
+            .await
+            .unwrap();
+        store.put(name, &mut bytes.as_slice()).await.unwrap();
+    }
+
+    /// Waits until the builder handed the request on or it failed.
+    async fn wait_builder(&self, id: &str) -> Vec<StatusEvent> {
+        eventually(WAIT, &format!("builder to finish {id}"), || async {
+            let events = self.mesh.events(id).await;
+            let done = events.iter().any(|e| {
+                (e.service == "builder" && e.phase == "index-requested")
+                    || e.state() == RequestState::Failed
+            });
+            done.then_some(events)
+        })
+        .await
+    }
+
+    fn pull(&self, image_id: &str) -> PulledImage {
+        let reference = format!("imagemesh/builds:{image_id}");
+        PulledImage::pull(
+            self.mesh.registry.addr(),
+            &reference,
+            REGISTRY_USER,
+            REGISTRY_PASSWORD,
+        )
+    }
+
+    /// Every build directory is gone.
+    async fn assert_cleaned_up(&self) {
+        eventually(
+            Duration::from_secs(10),
+            "build directories to be removed",
+            || async {
+                let left: Vec<_> = std::fs::read_dir(self.storage.path())
+                    .unwrap()
+                    .flatten()
+                    .collect();
+                left.is_empty().then_some(())
+            },
+        )
+        .await;
+    }
+
+    async fn assert_no_secret_leaked(&self, ids: &[&str]) {
+        self.mesh
+            .assert_no_secret_leaked(ids, &[REGISTRY_PASSWORD])
+            .await;
+        assert!(
+            !self.builder.logs().contains(REGISTRY_PASSWORD),
+            "password in builder log"
+        );
+    }
+}
+
+fn build(id: &str, dockerfile: &str, context: &str) -> ContainerRequest {
+    ContainerRequest {
+        request_id: id.into(),
+        image_id: format!("img-{id}"),
+        kind: RequestKind::Build as i32,
+        build_options: Some(BuildOptions {
+            dockerfile: dockerfile.into(),
+            context_object: context.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn failed(events: &[StatusEvent]) -> &StatusEvent {
+    let last = events.last().unwrap();
+    assert_eq!(last.state(), RequestState::Failed, "{}", describe(events));
+    assert_eq!(last.service, "builder", "{}", describe(events));
+    last
+}
+
+fn env_of(config: &serde_json::Value) -> Vec<String> {
+    config["config"]["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect()
+}
+
+fn read(root: &Path, path: &str) -> String {
+    std::fs::read_to_string(root.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+#[tokio::test]
+async fn dockerfile_builds_run_at_once_are_pushed_with_the_token_recorded_and_indexed() {
+    let m = BuildMesh::start(&[]).await;
+    let base = m.base();
+    let mut log = m
+        .mesh
+        .client
+        .subscribe(subjects::build_log("df-a"))
+        .await
+        .unwrap();
+    let ids = ["df-a", "df-b", "df-c"];
+    for id in ids {
+        m.upload(
+            &format!("ctx-{id}"),
+            &[("greeting.txt", format!("hello from {id}\n").as_bytes())],
+        )
+        .await;
+        let dockerfile = format!(
+            "FROM {base}\nARG FLAVOUR\nENV GREETING=hi-{id} FLAVOUR=$FLAVOUR\nCOPY greeting.txt /app/greeting.txt\n\
+             RUN echo \"built $FLAVOUR\" > /app/built.txt && cat /app/greeting.txt\n\
+             ENTRYPOINT [\"/bin/sh\", \"-c\", \"cat /app/greeting.txt\"]\n"
+        );
+        let mut request = build(id, &dockerfile, &format!("ctx-{id}"));
+        let options = request.build_options.as_mut().unwrap();
+        options
+            .build_args
+            .insert("FLAVOUR".into(), format!("flavour-{id}"));
+        m.mesh.submit(&request).await;
+    }
+    let mut digests = Vec::new();
+    for id in ids {
+        let events = m.mesh.wait_terminal(id, WAIT).await;
+        assert_eq!(
+            events.last().unwrap().state(),
+            RequestState::Succeeded,
+            "{}",
+            describe(&events)
+        );
+        for phase in [
+            "authenticated",
+            "context-fetched",
+            "building",
+            "built",
+            "pushed",
+            "recorded",
+            "index-requested",
+        ] {
+            assert!(
+                find(&events, "builder", phase).is_some(),
+                "{id} {phase}: {}",
+                describe(&events)
+            );
+        }
+        assert!(
+            find(&events, "indexer", "authenticated").is_some(),
+            "{}",
+            describe(&events)
+        );
+        let pushed = find(&events, "builder", "pushed").unwrap();
+        let image_ref = format!("{}/imagemesh/builds:img-{id}", m.mesh.registry.addr());
+        assert_eq!(pushed.details["image_ref"], image_ref);
+        let digest = pushed.details["digest"].clone();
+
+        let image = m.pull(&format!("img-{id}"));
+        let env = env_of(&image.config);
+        assert!(env.contains(&format!("GREETING=hi-{id}")), "{env:?}");
+        assert_eq!(
+            image.config["config"]["Entrypoint"],
+            serde_json::json!(["/bin/sh", "-c", "cat /app/greeting.txt"])
+        );
+        // The base layer plus the COPY and RUN layers, all gzip.
+        let layers = image.manifest["layers"].as_array().unwrap();
+        assert_eq!(layers.len(), 3, "{:?}", image.manifest);
+        assert!(
+            layers
+                .iter()
+                .all(|l| l["mediaType"].as_str().unwrap().ends_with("gzip"))
+        );
+        let root = image.rootfs();
+        assert_eq!(
+            read(&root, "app/greeting.txt"),
+            format!("hello from {id}\n")
+        );
+        assert_eq!(
+            read(&root, "app/built.txt"),
+            format!("built flavour-{id}\n")
+        );
+        assert!(root.join("bin/busybox").exists());
+
+        let js = async_nats::jetstream::new(m.mesh.client.clone());
+        let kv = streams::image_refs(&js, &StreamOptions::default())
+            .await
+            .unwrap();
+        let record =
+            ImageRecord::decode(kv.get(format!("img-{id}")).await.unwrap().unwrap()).unwrap();
+        assert_eq!(record.image_ref, image_ref);
+        assert_eq!(record.manifest_digest, digest);
+        digests.push(digest);
+    }
+    digests.dedup();
+    assert_eq!(digests.len(), 3, "each build made its own image");
+
+    // The build log of df-a arrived line by line, RUN output included.
+    let mut lines = Vec::new();
+    while let Ok(Some(message)) = tokio::time::timeout(Duration::from_millis(500), log.next()).await
+    {
+        lines.push(String::from_utf8_lossy(&message.payload).into_owned());
+    }
+    assert!(lines.iter().any(|l| l.starts_with("STEP 1/")), "{lines:?}");
+    assert!(lines.iter().any(|l| l == "hello from df-a"), "{lines:?}");
+
+    // The same image id again: recorded with the digest the registry serves, so not rebuilt.
+    let mut again = build("df-a-again", "FROM scratch\n", "");
+    again.image_id = "img-df-a".into();
+    m.mesh.submit(&again).await;
+    let events = m.wait_builder("df-a-again").await;
+    let skipped = find(&events, "builder", "already-built").expect(&describe(&events));
+    assert_eq!(skipped.details["digest"], digests[0]);
+    assert!(
+        find(&events, "builder", "building").is_none(),
+        "{}",
+        describe(&events)
+    );
+
+    m.assert_cleaned_up().await;
+    m.assert_no_secret_leaked(&["df-a", "df-b", "df-c", "df-a-again"])
+        .await;
+}
+
+#[tokio::test]
+async fn bad_builds_fail_with_the_builders_error_and_leave_nothing_behind() {
+    let m = BuildMesh::start(&[("IMAGEMESH_BUILDER__MAX_CONTEXT_BYTES", "8192")]).await;
+    let base = m.base();
+    m.upload("small", &[("f.txt", b"x")]).await;
+    m.upload("big", &[("big.bin", &[7u8; 20_000])]).await;
+    let mut timeout = build("slow", &format!("FROM {base}\nRUN sleep 987\n"), "");
+    timeout.build_options.as_mut().unwrap().timeout_seconds = 3;
+    let requests = [
+        build(
+            "run-fails",
+            &format!("FROM {base}\nRUN echo about to fail && exit 3\n"),
+            "small",
+        ),
+        build("syntax", "FROMM nothing\nRUN\n", ""),
+        build(
+            "no-base",
+            &format!("FROM {}/base/missing:1\n", m.mesh.registry.addr()),
+            "",
+        ),
+        build("no-context", &format!("FROM {base}\n"), "never-uploaded"),
+        build(
+            "big-context",
+            &format!("FROM {base}\nCOPY big.bin /\n"),
+            "big",
+        ),
+        timeout,
+    ];
+    for request in &requests {
+        m.mesh.submit(request).await;
+    }
+    let expect = [
+        (
+            "run-fails",
+            ErrorCode::BuildFailed,
+            "RUN echo about to fail && exit 3\": exit status 3",
+        ),
+        ("syntax", ErrorCode::BuildFailed, "no FROM statement found"),
+        ("no-base", ErrorCode::BuildFailed, "manifest unknown"),
+        (
+            "no-context",
+            ErrorCode::NotFound,
+            "\"never-uploaded\" is not in the imagemesh-contexts bucket",
+        ),
+        (
+            "big-context",
+            ErrorCode::BuildFailed,
+            "larger than the limit of 8192 bytes",
+        ),
+        (
+            "slow",
+            ErrorCode::BuildFailed,
+            "exceeded its time limit of 3s",
+        ),
+    ];
+    for (id, code, text) in expect {
+        let events = m.wait_builder(id).await;
+        let last = failed(&events);
+        assert_eq!(last.error_code(), code, "{id}: {}", describe(&events));
+        assert!(last.message.contains(text), "{id}: {}", last.message);
+        assert!(find(&events, "builder", "pushed").is_none());
+    }
+    let run_fails = m.mesh.events("run-fails").await;
+    assert!(
+        failed(&run_fails).message.contains("about to fail"),
+        "the log tail is in the message"
+    );
+    let letters = m.mesh.dead_letters().await;
+    for (id, ..) in expect {
+        assert!(
+            letters
+                .iter()
+                .any(|l| l.request_id == id && l.service == "builder"),
+            "{id}"
+        );
+    }
+    // The timed-out build's process group was killed, its RUN step with it.
+    assert!(
+        !running_cmdline("sleep\u{0}987"),
+        "the timed-out RUN step is still running"
+    );
+    m.assert_cleaned_up().await;
+    let ids: Vec<&str> = expect.iter().map(|(id, ..)| *id).collect();
+    m.assert_no_secret_leaked(&ids).await;
+}
+
+fn running_cmdline(needle: &str) -> bool {
+    std::fs::read_dir("/proc").unwrap().flatten().any(|entry| {
+        std::fs::read(entry.path().join("cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).contains(needle))
+            .unwrap_or(false)
+    })
+}
+
+#[tokio::test]
+async fn a_source_image_is_copied_into_the_build_registry_by_cross_repository_mount() {
+    let m = BuildMesh::start(&[]).await;
+    let mut request = build("copy-1", "", "");
+    request.build_options.as_mut().unwrap().source_image = m.base();
+    m.mesh.submit(&request).await;
+    let events = m.wait_builder("copy-1").await;
+    let pushed =
+        find(&events, "builder", "pushed").unwrap_or_else(|| panic!("{}", describe(&events)));
+    let source = PulledImage::pull(
+        m.mesh.registry.addr(),
+        BASE,
+        REGISTRY_USER,
+        REGISTRY_PASSWORD,
+    );
+    let copy = m.pull("img-copy-1");
+    assert_eq!(
+        copy.manifest, source.manifest,
+        "manifest copied byte for byte"
+    );
+    assert!(pushed.details["digest"].starts_with("sha256:"));
+    assert!(copy.rootfs().join("bin/busybox").exists());
+    assert!(
+        m.builder.logs().contains("mounted blob"),
+        "blobs were mounted, not re-uploaded"
+    );
+    m.assert_no_secret_leaked(&["copy-1"]).await;
+}
+
+#[tokio::test]
+async fn the_cli_builds_a_context_shows_the_log_and_prints_the_image_id() {
+    let m = BuildMesh::start(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let context = dir.path().join("ctx");
+    std::fs::create_dir(&context).unwrap();
+    std::fs::write(context.join("note.txt"), "from the cli\n").unwrap();
+    let good = dir.path().join("Dockerfile");
+    std::fs::write(
+        &good,
+        format!(
+            "FROM {}\nCOPY note.txt /note.txt\nRUN cat /note.txt\n",
+            m.base()
+        ),
+    )
+    .unwrap();
+    let bad = dir.path().join("Dockerfile.bad");
+    std::fs::write(
+        &bad,
+        format!("FROM {}\nRUN echo cli-broken && false\n", m.base()),
+    )
+    .unwrap();
+
+    let cli = |dockerfile: &Path, image_id: &str| {
+        let nats = m.mesh.nats.url();
+        let mut command = tokio::process::Command::new(imagemesh_testkit::bin_path("imagemesh"));
+        command
+            .args(["--nats-url", &nats, "build", "--image-id", image_id, "-f"])
+            .arg(dockerfile)
+            .arg(&context)
+            .args(["--timeout", "2m"]);
+        command.output()
+    };
+    let out = cli(&good, "cli-good").await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "cli-good");
+    assert!(
+        stderr.contains("  | from the cli"),
+        "live log shown: {stderr}"
+    );
+    assert_eq!(
+        read(&m.pull("cli-good").rootfs(), "note.txt"),
+        "from the cli\n"
+    );
+
+    let out = cli(&bad, "cli-bad").await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("error: build"), "{stderr}");
+    assert!(stderr.contains("RUN echo cli-broken && false"), "{stderr}");
+    m.assert_cleaned_up().await;
+}
