@@ -3,19 +3,17 @@
 //! its own config file and captured log. Everything stops when the [`Mesh`] drops.
 #![forbid(unsafe_code)]
 
+pub mod probe;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::consumer::DeliverPolicy;
-use async_nats::jetstream::consumer::pull::OrderedConfig;
 use async_nats::jetstream::message::PublishMessage;
 use futures::StreamExt;
 use imagemesh_proto::v1::{ContainerRequest, DeadLetter, RequestState, StatusEvent};
 use imagemesh_runtime::{streams, subjects};
-use imagemesh_testkit::{
-    NatsServer, Registry, RegistryAuth, ServiceProcess, eventually, wait_for_service,
-};
+use imagemesh_testkit::{NatsServer, Registry, RegistryAuth, ServiceProcess, eventually};
 use prost::Message;
 
 /// The five services, in start order.
@@ -37,6 +35,10 @@ pub struct MeshOptions {
     pub start: Vec<&'static str>,
     /// Deliveries before a request is given up (scheduler intake and workers).
     pub max_deliver: u32,
+    /// How long JetStream waits for an ack before redelivering.
+    pub ack_wait: Duration,
+    /// Worker heartbeat period (and the scheduler's re-routing sweep).
+    pub heartbeat: Duration,
 }
 
 impl Default for MeshOptions {
@@ -45,6 +47,8 @@ impl Default for MeshOptions {
             credential_password: REGISTRY_PASSWORD.into(),
             start: SERVICES.to_vec(),
             max_deliver: 5,
+            ack_wait: Duration::from_secs(10),
+            heartbeat: Duration::from_millis(500),
         }
     }
 }
@@ -83,33 +87,56 @@ impl Mesh {
 
     /// Starts one service and waits until it is ready.
     pub async fn start_service(&mut self, service: &'static str) {
-        let config = self.config(service);
-        let binary = format!("imagemesh-{service}");
-        let env = [(PASSWORD_ENV, self.options.credential_password.as_str())];
-        let process = ServiceProcess::spawn(&binary, &config, &env);
-        self.services.insert(service, process);
-        wait_for_service(&self.client, service, Duration::from_secs(20)).await;
+        self.start_instance(service, service, &[]).await;
     }
 
-    pub fn service(&mut self, service: &str) -> &mut ServiceProcess {
-        self.services.get_mut(service).expect("service started")
+    /// Starts an instance of `service` known to the test as `instance`, with extra environment
+    /// (e.g. `IMAGEMESH_MOUNTER__PLACEMENT__WORKER_ID`), and waits until it answers PING.
+    pub async fn start_instance(
+        &mut self,
+        service: &'static str,
+        instance: &'static str,
+        env: &[(&str, &str)],
+    ) {
+        let config = self.config(service);
+        let binary = format!("imagemesh-{service}");
+        let mut all_env = vec![(PASSWORD_ENV, self.options.credential_password.as_str())];
+        all_env.extend_from_slice(env);
+        let before = count_instances(&self.client, service).await;
+        let process = ServiceProcess::spawn(&binary, &config, &all_env);
+        self.services.insert(instance, process);
+        let what = format!("a new {service} instance to answer $SRV.PING");
+        eventually(Duration::from_secs(20), &what, || async {
+            (count_instances(&self.client, service).await > before).then_some(())
+        })
+        .await;
+    }
+
+    /// The process of a service (or named instance).
+    pub fn service(&mut self, instance: &str) -> &mut ServiceProcess {
+        self.services.get_mut(instance).expect("service started")
     }
 
     /// The TOML config of `service` in this mesh.
     pub fn config(&self, service: &str) -> String {
         let nats = format!("[nats]\nurl = \"{}\"\n", self.nats.url());
         let worker = format!(
-            "concurrency = 8\nmax_deliver = {}\nack_wait = \"10s\"\nretry_initial = \"100ms\"\nretry_max = \"400ms\"\nshutdown_grace = \"5s\"\n",
-            self.options.max_deliver
+            "concurrency = 8\nmax_deliver = {}\nack_wait = \"{}ms\"\nretry_initial = \"100ms\"\nretry_max = \"400ms\"\nshutdown_grace = \"5s\"\n",
+            self.options.max_deliver,
+            self.options.ack_wait.as_millis()
         );
+        let heartbeat = format!("heartbeat = \"{}ms\"\n", self.options.heartbeat.as_millis());
         let registry = self.registry.addr();
         let body = match service {
             "credential" => format!(
                 "[[credential.registries]]\nprovider = \"basic\"\nhost = \"{registry}\"\nusername = \"{REGISTRY_USER}\"\npassword = {{ env = \"{PASSWORD_ENV}\" }}\n"
             ),
             "scheduler" => format!(
-                "[scheduler]\nbuild_registry = \"{registry}\"\nbuild_repository = \"imagemesh/builds\"\ncredential_timeout = \"500ms\"\n[scheduler.intake]\n{worker}"
+                "[scheduler]\nbuild_registry = \"{registry}\"\nbuild_repository = \"imagemesh/builds\"\ncredential_timeout = \"500ms\"\n{heartbeat}[scheduler.intake]\n{worker}"
             ),
+            "builder" | "mounter" => {
+                format!("[{service}.worker]\n{worker}[{service}.placement]\n{heartbeat}")
+            }
             other => format!("[{other}.worker]\n{worker}"),
         };
         format!("{nats}{body}")
@@ -178,41 +205,30 @@ impl Mesh {
             .collect()
     }
 
+    /// Reads every stored message on `filter` by direct sequence lookups (no consumers, so
+    /// polling in a loop leaves nothing behind on the server).
     async fn read_all(&self, stream: &str, filter: &str) -> Vec<Vec<u8>> {
         let js = async_nats::jetstream::new(self.client.clone());
         let Ok(stream) = js.get_stream(stream).await else {
             return Vec::new();
         };
-        let pending = stream
-            .get_info()
-            .await
-            .map(|info| info.state.messages)
-            .unwrap_or(0);
-        if pending == 0 {
-            return Vec::new();
-        }
-        let consumer = stream
-            .create_consumer(OrderedConfig {
-                filter_subject: filter.to_string(),
-                deliver_policy: DeliverPolicy::All,
-                ..Default::default()
-            })
-            .await
-            .expect("ordered consumer");
-        let info = consumer.cached_info().clone();
-        let mut remaining = info.num_pending;
         let mut out = Vec::new();
-        let mut messages = consumer.messages().await.expect("messages");
-        while remaining > 0 {
-            match tokio::time::timeout(Duration::from_secs(5), messages.next()).await {
-                Ok(Some(Ok(message))) => {
+        let mut next = 1;
+        loop {
+            let found = stream
+                .raw_message_builder()
+                .sequence(next)
+                .next_by_subject(filter.to_string())
+                .send()
+                .await;
+            match found {
+                Ok(message) => {
+                    next = message.sequence + 1;
                     out.push(message.payload.to_vec());
-                    remaining -= 1;
                 }
-                _ => break,
+                Err(_) => return out,
             }
         }
-        out
     }
 
     /// Everything every service logged.
@@ -242,6 +258,26 @@ impl Mesh {
             );
         }
     }
+}
+
+/// How many instances of `service` answer `$SRV.PING.<service>` within a short wait.
+pub async fn count_instances(client: &async_nats::Client, service: &str) -> usize {
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(inbox.clone()).await.expect("subscribe");
+    let subject = format!("$SRV.PING.{service}");
+    client
+        .publish_with_reply(subject, inbox, "".into())
+        .await
+        .expect("publish");
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(150);
+    let mut count = 0;
+    while let Ok(Some(reply)) = tokio::time::timeout_at(deadline, replies.next()).await {
+        // With nobody subscribed the server itself answers "no responders" (status 503).
+        if reply.status != Some(async_nats::StatusCode::NO_RESPONDERS) {
+            count += 1;
+        }
+    }
+    count
 }
 
 pub fn is_terminal(event: &StatusEvent) -> bool {

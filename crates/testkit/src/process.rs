@@ -121,6 +121,22 @@ impl ServiceProcess {
         child.wait().map(|s| s.success()).unwrap_or(false)
     }
 
+    /// SIGSTOP: the process stays alive but does nothing (no heartbeats, no work).
+    pub fn pause(&self) {
+        self.signal(Signal::SIGSTOP);
+    }
+
+    /// SIGCONT after [`ServiceProcess::pause`].
+    pub fn resume(&self) {
+        self.signal(Signal::SIGCONT);
+    }
+
+    fn signal(&self, signal: Signal) {
+        if let Some(child) = &self.child {
+            let _ = kill(Pid::from_raw(child.id() as i32), signal);
+        }
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         self.child
@@ -137,6 +153,9 @@ impl ServiceProcess {
 
 impl Drop for ServiceProcess {
     fn drop(&mut self) {
+        // A stopped process cannot act on SIGKILL until continued on some kernels' accounting;
+        // continue it first so it dies at once.
+        self.resume();
         self.kill();
         if std::thread::panicking() {
             eprintln!("---- {} log ----\n{}", self.binary, self.logs());

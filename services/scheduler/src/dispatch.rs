@@ -80,6 +80,12 @@ impl Dispatcher {
             .put(&request.request_id, record.encode_to_vec().into())
             .await
             .map_err(|e| transient(format!("could not record the dispatch: {e}")))?;
+        tracing::debug!(
+            request_id = request.request_id,
+            subject,
+            sequence = ack.sequence,
+            "dispatched"
+        );
         Ok(Dispatched { subject, worker })
     }
 }

@@ -1,0 +1,223 @@
+//! The scheduler under stress: crashes, company, absent workers, duplicates and public images.
+//! Requests are counted where they arrive (a probe consuming the builder and mounter queues).
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use imagemesh_proto::v1::{BuildOptions, ContainerRequest, RequestKind, RequestState};
+use imagemesh_runtime::streams;
+use imagemesh_testkit::eventually;
+use imagemesh_tests::probe::Probe;
+use imagemesh_tests::{Mesh, MeshOptions, describe, find};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+fn request(index: usize, registry: &str) -> ContainerRequest {
+    let id = format!("req-{index:04}");
+    if index % 2 == 0 {
+        ContainerRequest {
+            request_id: id.clone(),
+            image_id: format!("img-{id}"),
+            kind: RequestKind::Build as i32,
+            build_options: Some(BuildOptions {
+                dockerfile: "FROM scratch\n".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    } else {
+        ContainerRequest {
+            request_id: id,
+            kind: RequestKind::Runtime as i32,
+            image_ref: format!("{registry}/imagemesh/builds:img-{index}"),
+            ..Default::default()
+        }
+    }
+}
+
+async fn submit_many(mesh: &Mesh, count: usize) {
+    let registry = mesh.registry.addr().to_string();
+    for index in 0..count {
+        mesh.submit(&request(index, &registry)).await;
+    }
+}
+
+/// Waits until the intake holds nothing (every request acked), so late duplicates would show.
+async fn wait_intake_drained(mesh: &Mesh) {
+    let js = jetstream::new(mesh.client.clone());
+    eventually(WAIT, "the intake to drain", || async {
+        let mut stream = js.get_stream(streams::INTAKE).await.ok()?;
+        (stream.info().await.ok()?.state.messages == 0).then_some(())
+    })
+    .await;
+    // One more ack-wait for anything redelivered to land at the probe.
+    tokio::time::sleep(mesh.options.ack_wait + Duration::from_millis(500)).await;
+}
+
+fn assert_every_request_once(probe: &Probe, count: usize) {
+    assert_eq!(
+        probe.duplicates(),
+        Vec::<(String, usize)>::new(),
+        "requests dispatched twice"
+    );
+    assert_eq!(probe.distinct(), count);
+    for index in 0..count {
+        let request = probe
+            .get(&format!("req-{index:04}"))
+            .expect("request arrived");
+        let creds = request
+            .build_registry_creds
+            .expect("build_registry_creds attached");
+        let expected = if index % 2 == 0 {
+            vec!["pull", "push"]
+        } else {
+            vec!["pull"]
+        };
+        assert_eq!(creds.scope.unwrap().actions, expected);
+    }
+}
+
+fn scheduler_only() -> MeshOptions {
+    MeshOptions {
+        start: vec!["credential", "scheduler"],
+        ack_wait: Duration::from_secs(2),
+        max_deliver: 50,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_scheduler_killed_mid_stream_loses_nothing_and_dispatches_nothing_twice() {
+    let mut mesh = Mesh::start(scheduler_only()).await;
+    let probe = Probe::start(&mesh.client).await;
+    submit_many(&mesh, 1000).await;
+
+    eventually(WAIT, "some requests to be dispatched", || async {
+        (probe.distinct() >= 150).then_some(())
+    })
+    .await;
+    mesh.service("scheduler").kill();
+    let at_kill = probe.distinct();
+    assert!(
+        at_kill < 1000,
+        "the scheduler finished before it could be killed"
+    );
+    mesh.service("scheduler").restart();
+
+    probe.wait_for(1000, WAIT).await;
+    wait_intake_drained(&mesh).await;
+    assert_every_request_once(&probe, 1000);
+    assert!(mesh.service("scheduler").logs().contains("scheduling"));
+}
+
+#[tokio::test]
+async fn two_schedulers_share_the_intake_without_duplicates() {
+    let mut mesh = Mesh::start(scheduler_only()).await;
+    mesh.start_instance("scheduler", "scheduler-2", &[]).await;
+    let probe = Probe::start(&mesh.client).await;
+    submit_many(&mesh, 1000).await;
+
+    probe.wait_for(1000, WAIT).await;
+    wait_intake_drained(&mesh).await;
+    assert_every_request_once(&probe, 1000);
+    for instance in ["scheduler", "scheduler-2"] {
+        let dispatched = mesh.service(instance).logs().matches("dispatched").count();
+        assert!(dispatched > 0, "{instance} dispatched nothing");
+    }
+}
+
+#[tokio::test]
+async fn a_worker_that_stops_heartbeating_loses_its_queued_work_to_a_live_one() {
+    let options = MeshOptions {
+        start: vec!["credential", "scheduler"],
+        heartbeat: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let mut mesh = Mesh::start(options).await;
+    let id = "IMAGEMESH_MOUNTER__PLACEMENT__WORKER_ID";
+    mesh.start_instance("mounter", "mounter-a", &[(id, "mounter-a")])
+        .await;
+    mesh.start_instance("mounter", "mounter-b", &[(id, "mounter-b")])
+        .await;
+    // Both advertised: the scheduler will route to both.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // mounter-a freezes: it neither heartbeats nor works, but the scheduler does not know yet.
+    mesh.service("mounter-a").pause();
+    let registry = mesh.registry.addr().to_string();
+    let ids: Vec<String> = (0..20).map(|i| format!("rt-{i}")).collect();
+    for id in &ids {
+        mesh.submit(&ContainerRequest {
+            request_id: id.clone(),
+            kind: RequestKind::Runtime as i32,
+            image_ref: format!("{registry}/imagemesh/builds:anything"),
+            ..Default::default()
+        })
+        .await;
+    }
+
+    let mut sent_to_a = 0;
+    for id in &ids {
+        let events = mesh.wait_terminal(id, WAIT).await;
+        assert_eq!(
+            events.last().unwrap().state(),
+            RequestState::Succeeded,
+            "{id}: {}",
+            describe(&events)
+        );
+        let done_by = &events.last().unwrap().details["worker"];
+        assert_eq!(done_by, "mounter-b", "{id}: {}", describe(&events));
+        let dispatched = find(&events, "scheduler", "dispatched").unwrap();
+        if dispatched.details["worker"] == "mounter-a" {
+            sent_to_a += 1;
+            let rerouted = find(&events, "scheduler", "rerouted").expect("re-routed");
+            assert_eq!(rerouted.details["from_worker"], "mounter-a");
+        }
+    }
+    assert!(
+        sent_to_a > 0,
+        "nothing was placed on the frozen worker; the test proved nothing"
+    );
+    mesh.service("mounter-a").resume();
+}
+
+#[tokio::test]
+async fn public_images_get_no_image_credentials_and_a_resubmitted_request_is_not_dispatched_again()
+{
+    let mesh = Mesh::start(scheduler_only()).await;
+    let probe = Probe::start(&mesh.client).await;
+    let public = ContainerRequest {
+        request_id: "public-1".into(),
+        kind: RequestKind::Runtime as i32,
+        image_ref: "docker.io/library/busybox:1.36".into(),
+        ..Default::default()
+    };
+    mesh.submit(&public).await;
+    probe.wait_for(1, WAIT).await;
+    let dispatched = probe.get("public-1").unwrap();
+    assert!(
+        dispatched.image_credentials.is_none(),
+        "no credentials exist for docker.io"
+    );
+    let build = dispatched
+        .build_registry_creds
+        .expect("still gets a build-registry token");
+    assert_eq!(build.registry, mesh.registry.addr());
+
+    // Sent again later under another message id (past the publish de-duplication window).
+    mesh.publish_raw(
+        prost::Message::encode_to_vec(&public),
+        None,
+        Some("public-1-retry"),
+    )
+    .await;
+    wait_intake_drained(&mesh).await;
+    assert_eq!(probe.duplicates(), Vec::<(String, usize)>::new());
+    let events = mesh.events("public-1").await;
+    assert_eq!(
+        events.iter().filter(|e| e.phase == "dispatched").count(),
+        1,
+        "{}",
+        describe(&events)
+    );
+}
