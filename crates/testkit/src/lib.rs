@@ -12,9 +12,11 @@
 #![forbid(unsafe_code)]
 
 pub mod images;
+pub mod moto;
 mod nats;
 mod process;
 mod registry;
+pub mod token_server;
 mod wait;
 
 pub use nats::NatsServer;

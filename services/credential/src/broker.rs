@@ -1,15 +1,17 @@
-//! Matching a token request to a provider and shaping the answer.
+//! Matching a token request to a provider, through the token cache, and shaping the answer.
 
 use std::collections::HashMap;
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
 
+use futures::FutureExt;
 use imagemesh_proto::v1::{RegistryCredential, Scope, TokenRequest, TokenResponse};
 use imagemesh_registry::host;
 use imagemesh_runtime::{ErrorCode, Rejection};
 use secrecy::ExposeSecret;
 
-use crate::config::{CredentialConfig, RegistryConfig};
-use crate::providers::{self, Minted, Provider, ProviderError, StaticBasic};
+use crate::cache::{CacheKey, CacheSettings, TokenCache};
+use crate::config::CredentialConfig;
+use crate::providers::{self, Minted, Provider, ProviderError, ProviderSettings};
 
 /// Which scopes an endpoint may grant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,33 +24,41 @@ pub enum ScopePolicy {
 
 const KNOWN_ACTIONS: &[&str] = &["pull", "push"];
 
-/// Holds the providers, keyed by normalised registry host.
-#[derive(Debug)]
+/// Holds the providers, keyed by normalised registry host, and the token cache.
 pub struct Broker {
-    providers: HashMap<String, Provider>,
-    min_lifetime: Duration,
+    providers: HashMap<String, Arc<Provider>>,
+    cache: TokenCache,
 }
 
 impl Broker {
     /// Builds every provider; fails on a secret that cannot be read (naming it, not its value).
-    pub fn from_config(config: &CredentialConfig) -> anyhow::Result<Self> {
+    pub async fn from_config(config: &CredentialConfig) -> anyhow::Result<Self> {
+        config.validate()?;
+        let settings = ProviderSettings::from(config);
         let mut providers = HashMap::new();
         // Docker configs first, so explicit entries override them.
         for path in &config.docker_config {
-            for (registry, credential) in providers::load_docker_config(path)? {
-                providers.insert(registry, Provider::Static(credential));
+            let loaded = providers::load_docker_config(path, settings.helper_timeout).await?;
+            for (registry, provider) in loaded {
+                providers.insert(registry, Arc::new(provider));
             }
         }
         for entry in &config.registries {
             let registry = host::normalize(entry.host());
             anyhow::ensure!(!registry.is_empty(), "a registry entry has an empty host");
-            providers.insert(registry, build_provider(entry)?);
+            let provider = Provider::from_config(entry, settings).await?;
+            providers.insert(registry, Arc::new(provider));
         }
-        tracing::info!(registries = ?providers.keys().collect::<Vec<_>>(), "credential providers ready");
-        Ok(Self {
-            providers,
+        let kinds: Vec<String> = providers
+            .iter()
+            .map(|(registry, p)| format!("{registry} ({})", p.kind()))
+            .collect();
+        tracing::info!(registries = ?kinds, "credential providers ready");
+        let cache = TokenCache::new(CacheSettings {
+            cache: config.cache,
             min_lifetime: config.min_lifetime,
-        })
+        });
+        Ok(Self { providers, cache })
     }
 
     /// Answers a token request under `policy`.
@@ -65,55 +75,70 @@ impl Broker {
             ));
         }
         let scope = checked_scope(request.scope.clone().unwrap_or_default(), policy)?;
-        let provider = self.providers.get(&registry).ok_or_else(|| {
+        let provider = self.providers.get(&registry).cloned().ok_or_else(|| {
             Rejection::new(
                 ErrorCode::NoCredentials,
                 format!("no credentials configured for registry {registry}"),
             )
         })?;
-        let minted = provider
-            .mint(&registry, &scope)
-            .await
-            .map_err(|err| provider_rejection(&registry, err))?;
+        let (minted, cached) = if provider.is_static() {
+            // Nothing upstream to save: hand out what is held.
+            (provider.mint(&registry, &scope).await, false)
+        } else {
+            let key = CacheKey::new(&registry, &scope, provider.identity());
+            let fetch = upstream_call(provider.clone(), registry.clone(), scope.clone());
+            match self.cache.get(key, fetch).await {
+                Ok((minted, cached)) => (Ok(minted), cached),
+                Err(err) => (Err(err), false),
+            }
+        };
+        let minted = minted.map_err(|err| provider_rejection(&registry, err))?;
         tracing::debug!(
             registry,
             provider = provider.kind(),
             repository = scope.repository,
-            "credential minted"
+            actions = ?scope.actions,
+            cached,
+            "credential handed out"
         );
         Ok(TokenResponse {
-            credential: Some(self.credential(registry, scope, minted)),
-            cached: false,
+            credential: Some(credential(registry, scope, minted)),
+            cached,
         })
-    }
-
-    fn credential(&self, registry: String, scope: Scope, minted: Minted) -> RegistryCredential {
-        // An upstream expiry in the past or too near is reported as at least min_lifetime away,
-        // so clients do not refresh in a loop (documented in docs/credentials.md).
-        let floor = SystemTime::now() + self.min_lifetime;
-        let expires_at = minted.expires_at.map(|t| t.max(floor));
-        RegistryCredential {
-            registry,
-            scheme: minted.scheme as i32,
-            username: minted.username,
-            secret: minted.secret.expose_secret().to_string(),
-            expires_at: expires_at.map(prost_types::Timestamp::from),
-            scope: Some(scope),
-        }
     }
 }
 
-fn build_provider(entry: &RegistryConfig) -> anyhow::Result<Provider> {
-    Ok(match entry {
-        RegistryConfig::Basic {
-            host,
-            username,
-            password,
-        } => Provider::Static(StaticBasic::new(
-            username.clone(),
-            password.resolve(&format!("registry {host}"))?,
-        )),
+/// The upstream call for one cache key, run by the cache at most once at a time.
+fn upstream_call(provider: Arc<Provider>, registry: String, scope: Scope) -> crate::cache::Fetch {
+    Box::new(move || {
+        async move {
+            let result = provider.mint(&registry, &scope).await;
+            match &result {
+                Ok(minted) => tracing::debug!(
+                    registry,
+                    provider = provider.kind(),
+                    repository = scope.repository,
+                    expires_at = ?minted.expires_at,
+                    "minted upstream"
+                ),
+                Err(err) => tracing::info!(registry, provider = provider.kind(), error = %err, "upstream mint failed"),
+            }
+            result
+        }
+        .boxed()
     })
+}
+
+/// The wire form. The secret leaves its `SecretString` here, for the reply only.
+fn credential(registry: String, scope: Scope, minted: Minted) -> RegistryCredential {
+    RegistryCredential {
+        registry,
+        scheme: minted.scheme as i32,
+        username: minted.username,
+        secret: minted.secret.expose_secret().to_string(),
+        expires_at: minted.expires_at.map(prost_types::Timestamp::from),
+        scope: Some(scope),
+    }
 }
 
 /// Validates the actions and applies the endpoint's policy. Empty actions mean pull.
@@ -144,30 +169,26 @@ fn provider_rejection(registry: &str, err: ProviderError) -> Rejection {
     let code = match err {
         ProviderError::Rejected(_) => ErrorCode::CredentialRejected,
         ProviderError::Unavailable(_) => ErrorCode::CredentialUnavailable,
+        ProviderError::NotFound(_) => ErrorCode::NoCredentials,
     };
     Rejection::new(code, format!("registry {registry}: {err}"))
 }
 
 #[cfg(test)]
 mod tests {
-    use secrecy::SecretString;
-
     use super::*;
-    use crate::config::SecretRef;
+    use crate::config::{RegistryConfig, SecretRef};
 
-    fn broker() -> Broker {
+    async fn broker() -> Broker {
         let config = CredentialConfig {
             registries: vec![RegistryConfig::Basic {
                 host: "registry.example.com".into(),
                 username: "svc".into(),
-                password: SecretRef {
-                    value: Some(SecretString::from("pw-123")),
-                    ..Default::default()
-                },
+                password: SecretRef::value("pw-123"),
             }],
             ..Default::default()
         };
-        Broker::from_config(&config).unwrap()
+        Broker::from_config(&config).await.unwrap()
     }
 
     fn request(registry: &str, actions: &[&str]) -> TokenRequest {
@@ -183,7 +204,7 @@ mod tests {
 
     #[tokio::test]
     async fn exact_host_matching_only() {
-        let broker = broker();
+        let broker = broker().await;
         let ok = broker
             .mint(
                 &request("https://Registry.Example.com", &["pull"]),
@@ -207,7 +228,7 @@ mod tests {
 
     #[tokio::test]
     async fn refresh_is_pull_only_and_actions_are_checked() {
-        let broker = broker();
+        let broker = broker().await;
         let push = request("registry.example.com", &["pull", "push"]);
         let err = broker.mint(&push, ScopePolicy::PullOnly).await.unwrap_err();
         assert_eq!(err.code, ErrorCode::Forbidden);

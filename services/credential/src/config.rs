@@ -1,14 +1,19 @@
-//! Credential service configuration: which registries, and where their long-term credentials
-//! come from. Secrets are referenced (`{ env = "VAR" }` or `{ file = "path" }`) rather than
-//! written into the file; an inline `{ value = "..." }` is accepted for local development.
+//! Credential service configuration: which registries, where their long-term credentials come
+//! from, and how minted tokens are cached. Secrets are referenced (`{ env = "VAR" }` or
+//! `{ file = "path" }`) rather than written into the file; an inline `{ value = "..." }` is
+//! accepted for local development. `docs/credentials.md` has an example of every provider.
+
+mod registry;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use imagemesh_runtime::app::ServiceConfig;
 use imagemesh_runtime::nats::NatsConfig;
-use secrecy::SecretString;
+pub use registry::{EcrConfig, RegistryConfig, TokenAuthConfig};
 use serde::{Deserialize, Serialize};
+
+pub use crate::secret::{SecretError, SecretRef};
 
 /// The whole configuration file of the credential service.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -28,14 +33,23 @@ impl ServiceConfig for Config {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CredentialConfig {
-    /// Registries with an explicitly configured provider. Matched first.
+    /// Registries with an explicitly configured provider. They win over docker config entries.
     pub registries: Vec<RegistryConfig>,
-    /// Docker `config.json` files whose `auths` entries serve registries not listed above.
+    /// Docker `config.json` files: `auths` entries, `credHelpers` and `credsStore` serve the
+    /// registries they name (exact host match).
     pub docker_config: Vec<PathBuf>,
-    /// A minted credential is never reported as living shorter than this, so an upstream that
-    /// hands out already-expired tokens (moto's ECR does) cannot cause a refresh storm.
+    /// A minted token is never reported or cached as living shorter than this, so an upstream
+    /// that hands out already-expired tokens (moto's ECR does) cannot cause a refresh storm.
+    /// Must exceed `cache.margin`.
     #[serde(with = "humantime_serde")]
     pub min_lifetime: Duration,
+    /// How long one upstream call (ECR, a token endpoint) may take.
+    #[serde(with = "humantime_serde")]
+    pub upstream_timeout: Duration,
+    /// How long a `docker-credential-<name>` helper may take to answer.
+    #[serde(with = "humantime_serde")]
+    pub helper_timeout: Duration,
+    pub cache: CacheConfig,
 }
 
 impl Default for CredentialConfig {
@@ -44,81 +58,150 @@ impl Default for CredentialConfig {
             registries: Vec::new(),
             docker_config: Vec::new(),
             min_lifetime: Duration::from_secs(60),
+            upstream_timeout: Duration::from_secs(10),
+            helper_timeout: Duration::from_secs(10),
+            cache: CacheConfig::default(),
         }
     }
 }
 
-/// One registry and the provider of its credentials, tagged by `provider`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "provider", rename_all = "snake_case", deny_unknown_fields)]
-pub enum RegistryConfig {
-    /// A static username and password or token (htpasswd registries, GHCR/Docker Hub/NGC/GAR
-    /// access tokens), sent as HTTP Basic.
-    Basic {
-        host: String,
-        username: String,
-        password: SecretRef,
-    },
-}
-
-impl RegistryConfig {
-    /// The registry host this entry serves.
-    pub fn host(&self) -> &str {
-        match self {
-            RegistryConfig::Basic { host, .. } => host,
-        }
-    }
-}
-
-/// Where a secret comes from. Exactly one field must be set.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// The token cache. Keys are (registry, repository, actions, credential identity).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct SecretRef {
-    /// Name of an environment variable holding the secret.
-    pub env: Option<String>,
-    /// Path of a file holding the secret (trailing newline ignored).
-    pub file: Option<PathBuf>,
-    /// The secret itself (development only). Never serialized back out.
-    #[serde(skip_serializing)]
-    pub value: Option<SecretString>,
+pub struct CacheConfig {
+    /// A cached token is handed out only while it has more than this left, so its holder has
+    /// time to use it.
+    #[serde(with = "humantime_serde")]
+    pub margin: Duration,
+    /// A request that finds a token within this of its margin gets it and starts one background
+    /// refresh (never earlier than half-way through the token's usable life).
+    #[serde(with = "humantime_serde")]
+    pub refresh_ahead: Duration,
+    /// How long a credential without an expiry of its own (from a credential helper) is reused
+    /// before the helper is asked again.
+    #[serde(with = "humantime_serde")]
+    pub no_expiry_ttl: Duration,
+    /// Past this many keys, expired entries are swept on insert.
+    pub max_entries: usize,
 }
 
-/// Why a secret could not be read. Names where it was looked for, never its value.
-#[derive(Debug, thiserror::Error)]
-pub enum SecretError {
-    #[error("secret for {0}: set exactly one of env, file, value")]
-    Ambiguous(String),
-    #[error("secret for {owner}: environment variable {var} is not set")]
-    MissingEnv { owner: String, var: String },
-    #[error("secret for {owner}: cannot read {path}: {source}")]
-    File {
-        owner: String,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-}
-
-impl SecretRef {
-    /// Reads the secret. `owner` names what it is for, in errors.
-    pub fn resolve(&self, owner: &str) -> Result<SecretString, SecretError> {
-        match (&self.env, &self.file, &self.value) {
-            (Some(var), None, None) => {
-                std::env::var(var)
-                    .map(SecretString::from)
-                    .map_err(|_| SecretError::MissingEnv {
-                        owner: owner.into(),
-                        var: var.clone(),
-                    })
-            }
-            (None, Some(path), None) => std::fs::read_to_string(path)
-                .map(|s| SecretString::from(s.trim_end_matches(['\n', '\r']).to_string()))
-                .map_err(|source| SecretError::File {
-                    owner: owner.into(),
-                    path: path.clone(),
-                    source,
-                }),
-            (None, None, Some(value)) => Ok(value.clone()),
-            _ => Err(SecretError::Ambiguous(owner.into())),
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            margin: Duration::from_secs(10),
+            refresh_ahead: Duration::from_secs(60),
+            no_expiry_ttl: Duration::from_secs(300),
+            max_entries: 10_000,
         }
+    }
+}
+
+impl CredentialConfig {
+    /// Rejects settings under which a fresh token would already be stale (a refresh loop).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let margin = self.cache.margin;
+        anyhow::ensure!(
+            self.min_lifetime > margin,
+            "credential.min_lifetime ({:?}) must exceed credential.cache.margin ({margin:?})",
+            self.min_lifetime
+        );
+        anyhow::ensure!(
+            self.cache.no_expiry_ttl > margin,
+            "credential.cache.no_expiry_ttl ({:?}) must exceed credential.cache.margin ({margin:?})",
+            self.cache.no_expiry_ttl
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_provider_parses_from_toml() {
+        let text = r#"
+            [credential]
+            min_lifetime = "90s"
+            docker_config = ["/etc/imagemesh/docker.json"]
+            [credential.cache]
+            margin = "5s"
+            [[credential.registries]]
+            provider = "basic"
+            host = "registry.example.com"
+            username = "svc"
+            password = { env = "PW" }
+            [[credential.registries]]
+            provider = "ecr"
+            host = "123456789012.dkr.ecr.eu-west-1.amazonaws.com"
+            [[credential.registries]]
+            provider = "token"
+            host = "registry.example.org"
+            username = "svc"
+            password = { file = "/run/secrets/pw" }
+            [[credential.registries]]
+            provider = "ghcr"
+            username = "octocat"
+            token = { env = "GHCR_TOKEN" }
+            [[credential.registries]]
+            provider = "docker_hub"
+            username = "me"
+            token = { env = "HUB_TOKEN" }
+            [[credential.registries]]
+            provider = "ngc"
+            api_key = { env = "NGC_API_KEY" }
+            [[credential.registries]]
+            provider = "gar"
+            host = "europe-west1-docker.pkg.dev"
+            json_key = { file = "/run/secrets/gar.json" }
+            [[credential.registries]]
+            provider = "helper"
+            host = "registry.example.net"
+            helper = "pass"
+        "#;
+        let config: Config = imagemesh_runtime::config::load_from(
+            Some(&write_temp(text)),
+            [(
+                "IMAGEMESH_CREDENTIAL__UPSTREAM_TIMEOUT".to_string(),
+                "3s".to_string(),
+            )],
+        )
+        .unwrap();
+        let c = config.credential;
+        assert_eq!(c.min_lifetime, Duration::from_secs(90));
+        assert_eq!(c.upstream_timeout, Duration::from_secs(3));
+        assert_eq!(c.cache.margin, Duration::from_secs(5));
+        let hosts: Vec<_> = c.registries.iter().map(|r| r.host()).collect();
+        assert_eq!(
+            hosts,
+            [
+                "registry.example.com",
+                "123456789012.dkr.ecr.eu-west-1.amazonaws.com",
+                "registry.example.org",
+                "ghcr.io",
+                "docker.io",
+                "nvcr.io",
+                "europe-west1-docker.pkg.dev",
+                "registry.example.net"
+            ]
+        );
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn a_margin_longer_than_the_minimum_lifetime_is_refused() {
+        let config = CredentialConfig {
+            min_lifetime: Duration::from_secs(5),
+            ..Default::default()
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("min_lifetime"), "{err}");
+    }
+
+    fn write_temp(text: &str) -> PathBuf {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let path = dir.join("credential.toml");
+        std::fs::write(&path, text).unwrap();
+        path
     }
 }

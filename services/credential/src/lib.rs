@@ -5,17 +5,27 @@
 //! - `imagemesh.credential.refresh` (the mounter's): pull-only scopes, so NATS permissions can
 //!   keep mounters from ever obtaining push rights.
 //!
-//! [`broker::Broker`] matches the registry host exactly, asks the configured
-//! [`providers::Provider`], and returns a structured credential. Secrets are held in
-//! `secrecy::SecretString` until the moment they are put on the wire.
+//! Map of the crate:
+//! - [`config`]: registries and their providers, cache settings; [`secret`]: where a long-term
+//!   secret is read from (environment or file, never a request).
+//! - [`broker`]: exact host matching, the scope policy of each endpoint, the answer.
+//! - [`cache`]: per-(registry, repository, actions, identity) tokens, single-flight upstream
+//!   calls, refresh ahead of expiry, the minimum lifetime.
+//! - [`providers`]: static (basic, GHCR, Docker Hub, NGC, GAR), docker `config.json`, credential
+//!   helpers, AWS ECR, distribution token auth.
+//!
+//! Secrets are held in `secrecy::SecretString` (redacting `Debug`) until the moment they are put
+//! on the wire; errors and logs name registries, endpoints and variables, never values.
 //!
 //! [`TokenResponse`]: imagemesh_proto::v1::TokenResponse
 #![forbid(unsafe_code)]
 
 pub mod broker;
+pub mod cache;
 pub mod config;
 mod endpoints;
 pub mod providers;
+pub mod secret;
 
 use std::sync::Arc;
 
@@ -32,7 +42,7 @@ pub const IDENTITY: Identity = Identity {
 
 /// Serves token requests until `shutdown`.
 pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::Result<()> {
-    let broker = Arc::new(broker::Broker::from_config(&config.credential)?);
+    let broker = Arc::new(broker::Broker::from_config(&config.credential).await?);
     let service = service::register(&client, IDENTITY).await?;
     endpoints::serve(&service, broker, shutdown).await?;
     service.stop().await.map_err(|e| anyhow::anyhow!(e))?;

@@ -1,19 +1,30 @@
-//! Docker `config.json` `auths` entries.
+//! Docker `config.json`: `auths` entries, `credHelpers` and `credsStore`.
+//!
+//! Which provider serves a registry, per file: its `credHelpers` entry; else its `auths` entry's
+//! inline credential; else, with a `credsStore`, that store (for `auths` entries without an
+//! inline credential and for every server the store's `list` names). Hosts are normalised and
+//! matched exactly like everywhere else.
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::time::Duration;
 
 use base64::Engine;
 use imagemesh_registry::host;
 use secrecy::SecretString;
 use serde::Deserialize;
 
-use super::StaticBasic;
+use super::{CredentialHelper, Provider, StaticBasic, helper};
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct DockerConfigFile {
     #[serde(default)]
     auths: HashMap<String, AuthEntry>,
+    #[serde(default)]
+    cred_helpers: HashMap<String, String>,
+    #[serde(default)]
+    creds_store: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -40,10 +51,15 @@ pub enum DockerConfigError {
     },
     #[error("docker config {path}: entry for {registry} has no usable auth")]
     Entry { path: String, registry: String },
+    #[error("docker config {path}: {reason}")]
+    Helper { path: String, reason: String },
 }
 
-/// Reads the `auths` of a docker config file: normalised registry host -> static credential.
-pub fn load_docker_config(path: &Path) -> Result<HashMap<String, StaticBasic>, DockerConfigError> {
+/// Reads a docker config file: normalised registry host -> provider.
+pub async fn load_docker_config(
+    path: &Path,
+    helper_timeout: Duration,
+) -> Result<HashMap<String, Provider>, DockerConfigError> {
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| DockerConfigError::Read {
         path: shown.clone(),
@@ -56,23 +72,55 @@ pub fn load_docker_config(path: &Path) -> Result<HashMap<String, StaticBasic>, D
             line: e.line(),
             column: e.column(),
         })?;
-    let mut credentials = HashMap::new();
+    let helper_error = |reason: String| DockerConfigError::Helper {
+        path: shown.clone(),
+        reason,
+    };
+    let mut providers = HashMap::new();
+    let mut for_store = Vec::new();
     for (registry, entry) in file.auths {
-        let (username, password) = entry
-            .credentials()
-            .ok_or_else(|| DockerConfigError::Entry {
-                path: shown.clone(),
-                registry: registry.clone(),
-            })?;
-        credentials.insert(
-            host::normalize(&registry),
-            StaticBasic::new(username, SecretString::from(password)),
-        );
+        match entry.credentials() {
+            Some((username, password)) => {
+                let credential = StaticBasic::new(username, SecretString::from(password));
+                providers.insert(host::normalize(&registry), Provider::Static(credential));
+            }
+            None if file.creds_store.is_some() && entry.is_empty() => for_store.push(registry),
+            None => {
+                return Err(DockerConfigError::Entry {
+                    path: shown.clone(),
+                    registry,
+                });
+            }
+        }
     }
-    Ok(credentials)
+    if let Some(store) = &file.creds_store {
+        // The store may hold servers the file does not list; ask it once, at startup.
+        let listed = helper::list(store, helper_timeout)
+            .await
+            .map_err(|e| helper_error(format!("credsStore {store}: {e}")))?;
+        for server in for_store.into_iter().chain(listed) {
+            let registry = host::normalize(&server);
+            if providers.contains_key(&registry) {
+                continue;
+            }
+            let helper = CredentialHelper::new(store, &server, helper_timeout)
+                .map_err(|e| helper_error(e.to_string()))?;
+            providers.insert(registry, Provider::Helper(helper));
+        }
+    }
+    for (server, name) in file.cred_helpers {
+        let helper = CredentialHelper::new(&name, &server, helper_timeout)
+            .map_err(|e| helper_error(e.to_string()))?;
+        providers.insert(host::normalize(&server), Provider::Helper(helper));
+    }
+    Ok(providers)
 }
 
 impl AuthEntry {
+    fn is_empty(&self) -> bool {
+        self.auth.is_none() && self.username.is_none() && self.password.is_none()
+    }
+
     fn credentials(&self) -> Option<(String, String)> {
         if let (Some(user), Some(password)) = (&self.username, &self.password) {
             return Some((user.clone(), password.clone()));
@@ -88,12 +136,23 @@ impl AuthEntry {
 
 #[cfg(test)]
 mod tests {
+    use imagemesh_proto::v1::Scope;
     use secrecy::ExposeSecret;
 
     use super::*;
 
-    #[test]
-    fn reads_auth_and_username_password_entries_with_normalised_hosts() {
+    const WAIT: Duration = Duration::from_secs(5);
+
+    async fn mint(providers: &HashMap<String, Provider>, registry: &str) -> (String, String) {
+        let minted = providers[registry]
+            .mint(registry, &Scope::default())
+            .await
+            .unwrap();
+        (minted.username, minted.secret.expose_secret().to_string())
+    }
+
+    #[tokio::test]
+    async fn reads_auth_and_username_password_entries_with_normalised_hosts() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.json");
         let auth = base64::engine::general_purpose::STANDARD.encode("alice:pa:ss");
@@ -107,22 +166,52 @@ mod tests {
             ),
         )
         .unwrap();
-        let creds = load_docker_config(&path).unwrap();
-        let hub = creds["docker.io"].mint();
-        assert_eq!(hub.username, "alice");
-        assert_eq!(hub.secret.expose_secret(), "pa:ss");
-        assert_eq!(creds["ghcr.io"].mint().username, "bob");
+        let creds = load_docker_config(&path, WAIT).await.unwrap();
+        assert_eq!(
+            mint(&creds, "docker.io").await,
+            ("alice".into(), "pa:ss".into())
+        );
+        assert_eq!(mint(&creds, "ghcr.io").await.0, "bob");
     }
 
-    #[test]
-    fn errors_do_not_quote_the_file() {
+    #[tokio::test]
+    async fn errors_do_not_quote_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.json");
         std::fs::write(&path, r#"{"auths": {"r": {"auth": "c2VjcmV0"}}"#).unwrap();
-        let err = load_docker_config(&path).unwrap_err().to_string();
+        let err = load_docker_config(&path, WAIT)
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(!err.contains("c2VjcmV0"), "{err}");
         std::fs::write(&path, r#"{"auths": {"r": {"auth": "bm9jb2xvbg=="}}}"#).unwrap();
-        let err = load_docker_config(&path).unwrap_err().to_string();
+        let err = load_docker_config(&path, WAIT)
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("entry for r"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn cred_helpers_win_over_inline_auths_and_names_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        let auth = base64::engine::general_purpose::STANDARD.encode("inline:pw");
+        std::fs::write(
+            &path,
+            format!(
+                r#"{{"auths": {{"r.example": {{"auth": "{auth}"}}}},
+                    "credHelpers": {{"r.example": "imagemesh-test-none"}}}}"#
+            ),
+        )
+        .unwrap();
+        let creds = load_docker_config(&path, WAIT).await.unwrap();
+        assert_eq!(creds["r.example"].kind(), "helper");
+        std::fs::write(&path, r#"{"credHelpers": {"r.example": "../../bin/sh"}}"#).unwrap();
+        let err = load_docker_config(&path, WAIT)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("may only hold"), "{err}");
     }
 }

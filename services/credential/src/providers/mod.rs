@@ -1,17 +1,27 @@
 //! Credential providers: where a registry's credential comes from.
 //!
 //! A provider turns the long-term credential it holds into one a client can present for a scope.
-//! Static providers hand out what they hold; token-minting providers exchange it upstream.
+//! Static providers hand out what they hold; the others make an upstream call (ECR, a token
+//! endpoint, a credential helper process), whose results the broker caches.
 
+mod conventions;
 mod docker_config;
+mod ecr;
+mod helper;
 mod static_basic;
+mod token_auth;
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
-pub use docker_config::load_docker_config;
+pub use docker_config::{DockerConfigError, load_docker_config};
+pub use ecr::{EcrProvider, region_from_host};
+pub use helper::CredentialHelper;
 use imagemesh_proto::v1::{AuthScheme, Scope};
 use secrecy::SecretString;
 pub use static_basic::StaticBasic;
+pub use token_auth::{Challenge, TokenAuth};
+
+use crate::config::{CredentialConfig, RegistryConfig};
 
 /// A credential ready to hand out.
 #[derive(Debug, Clone)]
@@ -32,19 +42,82 @@ pub enum ProviderError {
     /// The upstream could not be reached or failed; worth retrying.
     #[error("upstream unavailable: {0}")]
     Unavailable(String),
+    /// The upstream has no credential for this registry (a credential helper said so).
+    #[error("{0}")]
+    NotFound(String),
 }
 
-/// A configured provider.
+/// A configured provider. The big ones are boxed: providers are built once and looked up often.
 #[derive(Debug)]
 pub enum Provider {
     Static(StaticBasic),
+    Helper(CredentialHelper),
+    Ecr(Box<EcrProvider>),
+    Token(Box<TokenAuth>),
+}
+
+/// Settings every provider may need.
+#[derive(Debug, Clone, Copy)]
+pub struct ProviderSettings {
+    pub upstream_timeout: Duration,
+    pub helper_timeout: Duration,
+}
+
+impl From<&CredentialConfig> for ProviderSettings {
+    fn from(config: &CredentialConfig) -> Self {
+        Self {
+            upstream_timeout: config.upstream_timeout,
+            helper_timeout: config.helper_timeout,
+        }
+    }
 }
 
 impl Provider {
+    /// Builds the provider of one registry entry. Reads its secrets now, so a missing one stops
+    /// the service at startup (naming where it was looked for, never its value).
+    pub async fn from_config(
+        entry: &RegistryConfig,
+        settings: ProviderSettings,
+    ) -> anyhow::Result<Provider> {
+        Ok(match entry {
+            RegistryConfig::Ecr(ecr) => {
+                Provider::Ecr(Box::new(EcrProvider::new(ecr, settings).await?))
+            }
+            RegistryConfig::Token(token) => {
+                Provider::Token(Box::new(TokenAuth::new(token, settings)?))
+            }
+            RegistryConfig::Helper { helper, host } => Provider::Helper(CredentialHelper::new(
+                helper,
+                host,
+                settings.helper_timeout,
+            )?),
+            other => Provider::Static(conventions::static_credential(other)?),
+        })
+    }
+
     /// A credential for `scope` on `registry`.
-    pub async fn mint(&self, _registry: &str, _scope: &Scope) -> Result<Minted, ProviderError> {
+    pub async fn mint(&self, _registry: &str, scope: &Scope) -> Result<Minted, ProviderError> {
         match self {
             Provider::Static(provider) => Ok(provider.mint()),
+            Provider::Helper(helper) => helper.get().await,
+            Provider::Ecr(ecr) => ecr.authorization_token().await,
+            Provider::Token(token) => token.mint(scope).await,
+        }
+    }
+
+    /// True when minting is handing out what the provider holds (no upstream call to save).
+    pub fn is_static(&self) -> bool {
+        matches!(self, Provider::Static(_))
+    }
+
+    /// Which long-term credential this provider presents, without its secret: part of the cache
+    /// key, so tokens minted with one credential are never served for another.
+    pub fn identity(&self) -> String {
+        match self {
+            Provider::Static(provider) => format!("static:{}", provider.username()),
+            Provider::Helper(helper) => format!("helper:{}", helper.name()),
+            Provider::Ecr(ecr) => format!("ecr:{}", ecr.identity()),
+            Provider::Token(token) => format!("token:{}", token.username()),
         }
     }
 
@@ -52,6 +125,9 @@ impl Provider {
     pub fn kind(&self) -> &'static str {
         match self {
             Provider::Static(_) => "static",
+            Provider::Helper(_) => "helper",
+            Provider::Ecr(_) => "ecr",
+            Provider::Token(_) => "token",
         }
     }
 }

@@ -5,8 +5,8 @@ use secrecy::SecretString;
 
 use super::Minted;
 
-/// Hands out the credential it holds. Used for htpasswd registries and for the static access
-/// tokens of GHCR, Docker Hub, NGC (`$oauthtoken`) and GAR (`_json_key`).
+/// Hands out the credential it holds. Used for htpasswd registries, docker config `auths`
+/// entries and the static access tokens of GHCR, Docker Hub, NGC and GAR.
 #[derive(Debug, Clone)]
 pub struct StaticBasic {
     username: String,
@@ -19,6 +19,10 @@ impl StaticBasic {
             username: username.into(),
             password,
         }
+    }
+
+    pub fn username(&self) -> &str {
+        &self.username
     }
 
     pub fn mint(&self) -> Minted {

@@ -1,0 +1,196 @@
+//! Cached-token round trip over NATS against a raw NATS request/reply echo, in the same run.
+//!
+//! A real nats-server, a token server, and the credential service in-process (its own runtime)
+//! configured for a token-auth registry. After one upstream mint, every request for the same
+//! (registry, repository, actions) is a cache hit. The baseline is a plain NATS subscriber on the
+//! service's runtime that answers each request with a pre-encoded TokenResponse of the same
+//! size; the client sends both the same payload with the same headers, in alternating blocks so
+//! machine noise hits both alike. Prints p50/p99 of each and the ratios.
+//!
+//! Environment: `BENCH_ROUNDS` (10) blocks of `BENCH_PER_ROUND` (2000) requests per kind.
+#![forbid(unsafe_code)]
+
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures::StreamExt;
+use imagemesh_credential::config::{Config, RegistryConfig, SecretRef, TokenAuthConfig};
+use imagemesh_proto::v1::{Scope, TokenRequest, TokenResponse};
+use imagemesh_runtime::{Rejection, Shutdown, subjects};
+use imagemesh_testkit::NatsServer;
+use imagemesh_testkit::token_server::TokenServer;
+use prost::Message;
+
+const ECHO_SUBJECT: &str = "bench.echo";
+const REGISTRY: &str = "bench-registry.example";
+const USER: &str = "bench";
+const PASSWORD: &str = "bench-Pw-1";
+
+fn env_number(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() -> anyhow::Result<()> {
+    let rounds = env_number("BENCH_ROUNDS", 10);
+    let per_round = env_number("BENCH_PER_ROUND", 2000);
+    let nats = NatsServer::start();
+    let tokens = TokenServer::start("bench", &[(USER, PASSWORD)]);
+
+    // The service side: the credential service and the echo, on their own runtime.
+    let server = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let shutdown = Shutdown::new();
+    let service_client = server.block_on(async_nats::connect(nats.url()))?;
+    let echo_client = server.block_on(async_nats::connect(nats.url()))?;
+    let service = server.spawn(imagemesh_credential::run(
+        config(&nats, &tokens),
+        service_client,
+        shutdown.clone(),
+    ));
+
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let result = client_rt.block_on(async {
+        let client = async_nats::connect(nats.url()).await?;
+        imagemesh_testkit::wait_for_service(&client, "credential", Duration::from_secs(20)).await;
+        let (payload, headers) = request();
+        let first = call(&client, subjects::CREDENTIAL_MINT, &payload, &headers).await?;
+        let reply_bytes = Bytes::from(first.encode_to_vec());
+        server.spawn(echo(echo_client, reply_bytes));
+        client.flush().await?;
+        measure(&client, &payload, &headers, rounds, per_round).await
+    });
+    shutdown.trigger();
+    let _ = server.block_on(service);
+    let (cached, echo) = result?;
+    report(&cached, &echo, tokens.requests(), rounds * per_round);
+    Ok(())
+}
+
+fn config(nats: &NatsServer, tokens: &TokenServer) -> Config {
+    let mut config = Config::default();
+    config.nats.url = nats.url();
+    config.credential.registries = vec![RegistryConfig::Token(TokenAuthConfig {
+        host: REGISTRY.into(),
+        username: USER.into(),
+        password: SecretRef::value(PASSWORD),
+        // Pinned: no registry needed, the bench measures the cache path only.
+        realm: Some(tokens.realm()),
+        service: Some(tokens.service().into()),
+        insecure: true,
+    })];
+    config
+}
+
+fn request() -> (Bytes, HeaderMap) {
+    let request = TokenRequest {
+        registry: REGISTRY.into(),
+        scope: Some(Scope {
+            repository: "bench/app".into(),
+            actions: vec!["pull".into(), "push".into()],
+        }),
+        request_id: "bench".into(),
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert(subjects::CONTENT_TYPE_HEADER, imagemesh_proto::CONTENT_TYPE_PROTOBUF);
+    (request.encode_to_vec().into(), headers)
+}
+
+async fn call(
+    client: &async_nats::Client,
+    subject: &'static str,
+    payload: &Bytes,
+    headers: &HeaderMap,
+) -> anyhow::Result<TokenResponse> {
+    let reply = client
+        .request_with_headers(subject, headers.clone(), payload.clone())
+        .await?;
+    if let Some(rejection) = Rejection::from_headers(reply.headers.as_ref()) {
+        anyhow::bail!("token request refused: {rejection}");
+    }
+    Ok(TokenResponse::decode(reply.payload)?)
+}
+
+/// A raw NATS responder: answers every request with `reply`.
+async fn echo(client: async_nats::Client, reply: Bytes) {
+    let Ok(mut requests) = client.subscribe(ECHO_SUBJECT).await else {
+        return;
+    };
+    while let Some(message) = requests.next().await {
+        if let Some(inbox) = message.reply {
+            let _ = client.publish(inbox, reply.clone()).await;
+        }
+    }
+}
+
+async fn measure(
+    client: &async_nats::Client,
+    payload: &Bytes,
+    headers: &HeaderMap,
+    rounds: usize,
+    per_round: usize,
+) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+    // Warm both paths (connections, allocator, caches) before measuring.
+    for _ in 0..per_round.min(1000) {
+        call(client, subjects::CREDENTIAL_MINT, payload, headers).await?;
+        client
+            .request_with_headers(ECHO_SUBJECT, headers.clone(), payload.clone())
+            .await?;
+    }
+    let mut cached = Vec::with_capacity(rounds * per_round);
+    let mut echo = Vec::with_capacity(rounds * per_round);
+    for _ in 0..rounds {
+        for _ in 0..per_round {
+            let start = Instant::now();
+            let response = call(client, subjects::CREDENTIAL_MINT, payload, headers).await?;
+            cached.push(start.elapsed());
+            anyhow::ensure!(response.cached, "a measured request missed the cache");
+        }
+        for _ in 0..per_round {
+            let start = Instant::now();
+            client
+                .request_with_headers(ECHO_SUBJECT, headers.clone(), payload.clone())
+                .await?;
+            echo.push(start.elapsed());
+        }
+    }
+    Ok((cached, echo))
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index]
+}
+
+fn report(cached: &[Duration], echo: &[Duration], upstream_calls: usize, per_kind: usize) {
+    let mut cached = cached.to_vec();
+    let mut echo = echo.to_vec();
+    cached.sort();
+    echo.sort();
+    let micros = |d: Duration| d.as_secs_f64() * 1e6;
+    let row = |name: &str, s: &[Duration]| {
+        println!(
+            "{name:<22} {:>9.1} {:>9.1} {:>9.1}",
+            micros(percentile(s, 0.5)),
+            micros(percentile(s, 0.99)),
+            micros(percentile(s, 0.999))
+        )
+    };
+    println!("credential: cached-token round trip vs raw NATS request/reply echo");
+    println!("{per_kind} requests each, alternating blocks; upstream token calls: {upstream_calls}");
+    println!("{:<22} {:>9} {:>9} {:>9}", "µs", "p50", "p99", "p99.9");
+    row("cached token (mint)", &cached);
+    row("raw NATS echo", &echo);
+    let p50 = micros(percentile(&cached, 0.5)) / micros(percentile(&echo, 0.5));
+    let p99 = micros(percentile(&cached, 0.99)) / micros(percentile(&echo, 0.99));
+    println!("ratio cached/echo      p50 {p50:.2}x   p99 {p99:.2}x");
+    let verdict = if p99 <= 2.0 { "met" } else { "NOT met" };
+    println!("goal cached p99 <= 2x echo p99: {verdict}");
+}

@@ -1,0 +1,128 @@
+//! One registry and the provider of its credentials, tagged by `provider`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::secret::SecretRef;
+
+/// A registry entry. Hosts are matched exactly after normalisation (scheme and path dropped,
+/// lowercased, Docker Hub aliases mapped to `docker.io`; the port is significant).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "provider", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RegistryConfig {
+    /// A static username and password or token, sent as HTTP Basic (htpasswd registries, and
+    /// any registry whose clients do the token exchange themselves).
+    Basic {
+        host: String,
+        username: String,
+        password: SecretRef,
+    },
+    /// GitHub Container Registry: a GitHub username and a personal access token
+    /// (`read:packages`, plus `write:packages` to push).
+    Ghcr {
+        #[serde(default = "ghcr_host")]
+        host: String,
+        username: String,
+        token: SecretRef,
+    },
+    /// Docker Hub: a Docker ID and a personal access token.
+    DockerHub {
+        #[serde(default = "docker_hub_host")]
+        host: String,
+        username: String,
+        token: SecretRef,
+    },
+    /// NVIDIA NGC: an API key; the username is always `$oauthtoken`.
+    Ngc {
+        #[serde(default = "ngc_host")]
+        host: String,
+        api_key: SecretRef,
+    },
+    /// Google Artifact Registry (`<location>-docker.pkg.dev`): a service-account key
+    /// (username `_json_key`) or an OAuth access token (username `oauth2accesstoken`).
+    Gar {
+        host: String,
+        /// The service-account key JSON (usually `{ file = ".../key.json" }`).
+        #[serde(default)]
+        json_key: Option<SecretRef>,
+        /// Or: a short-lived OAuth access token, e.g. kept fresh in a file by a sidecar.
+        #[serde(default)]
+        access_token: Option<SecretRef>,
+    },
+    /// AWS ECR: `GetAuthorizationToken` with static keys or the default AWS credential chain.
+    Ecr(EcrConfig),
+    /// Distribution token auth: the long-term credential is exchanged at the registry's token
+    /// endpoint for a short-lived bearer token scoped to the repository and actions asked for.
+    Token(TokenAuthConfig),
+    /// A `docker-credential-<helper>` executable on PATH, asked with the `get` protocol.
+    Helper { host: String, helper: String },
+}
+
+/// An ECR registry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EcrConfig {
+    /// `<account>.dkr.ecr.<region>.amazonaws.com` (also `ecr-fips` and `.amazonaws.com.cn`).
+    pub host: String,
+    /// AWS region; taken from the host when unset.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Static access key id. With `secret_access_key`; without both the default AWS credential
+    /// chain (environment, profile, web identity, ECS, IMDS) is used.
+    #[serde(default)]
+    pub access_key_id: Option<SecretRef>,
+    #[serde(default)]
+    pub secret_access_key: Option<SecretRef>,
+    /// Session token of temporary static keys.
+    #[serde(default)]
+    pub session_token: Option<SecretRef>,
+    /// ECR API endpoint override (a VPC endpoint; `moto_server` in tests).
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+}
+
+/// A registry with distribution token authentication.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenAuthConfig {
+    pub host: String,
+    pub username: String,
+    pub password: SecretRef,
+    /// Token endpoint. Unset: discovered from the registry's `WWW-Authenticate` challenge on
+    /// `GET /v2/`. Setting it pins where the long-term credential may be sent.
+    #[serde(default)]
+    pub realm: Option<String>,
+    /// The `service` parameter; with `realm`, otherwise taken from the challenge.
+    #[serde(default)]
+    pub service: Option<String>,
+    /// Speak plain HTTP to the registry and its realm (loopback registries always do).
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+fn ghcr_host() -> String {
+    "ghcr.io".into()
+}
+
+fn docker_hub_host() -> String {
+    "docker.io".into()
+}
+
+fn ngc_host() -> String {
+    "nvcr.io".into()
+}
+
+impl RegistryConfig {
+    /// The registry host this entry serves, as written.
+    pub fn host(&self) -> &str {
+        match self {
+            RegistryConfig::Basic { host, .. }
+            | RegistryConfig::Ghcr { host, .. }
+            | RegistryConfig::DockerHub { host, .. }
+            | RegistryConfig::Ngc { host, .. }
+            | RegistryConfig::Gar { host, .. }
+            | RegistryConfig::Helper { host, .. } => host,
+            RegistryConfig::Ecr(ecr) => &ecr.host,
+            RegistryConfig::Token(token) => &token.host,
+        }
+    }
+}
