@@ -270,7 +270,8 @@ async fn dockerfile_builds_run_at_once_are_pushed_with_the_token_recorded_and_in
     again.image_id = "img-df-a".into();
     m.mesh.submit(&again).await;
     let events = m.wait_builder("df-a-again").await;
-    let skipped = find(&events, "builder", "already-built").expect(&describe(&events));
+    let skipped = find(&events, "builder", "already-built")
+        .unwrap_or_else(|| panic!("{}", describe(&events)));
     assert_eq!(skipped.details["digest"], digests[0]);
     assert!(
         find(&events, "builder", "building").is_none(),
