@@ -291,7 +291,7 @@ async fn bad_builds_fail_with_the_builders_error_and_leave_nothing_behind() {
     m.upload("small", &[("f.txt", b"x")]).await;
     m.upload("big", &[("big.bin", &[7u8; 20_000])]).await;
     let mut timeout = build("slow", &format!("FROM {base}\nRUN sleep 987\n"), "");
-    timeout.build_options.as_mut().unwrap().timeout_seconds = 3;
+    timeout.build_options.as_mut().unwrap().timeout_seconds = 8;
     let requests = [
         build(
             "run-fails",
@@ -315,6 +315,16 @@ async fn bad_builds_fail_with_the_builders_error_and_leave_nothing_behind() {
     for request in &requests {
         m.mesh.submit(request).await;
     }
+    // While a build runs (its RUN step is sleeping), no process shows the password: buildah
+    // gets it from an auth file, never from its command line.
+    eventually(WAIT, "the slow build's RUN step to start", || async {
+        running_cmdline("sleep\u{0}987").then_some(())
+    })
+    .await;
+    assert!(
+        !running_cmdline(REGISTRY_PASSWORD),
+        "the registry password is on a command line"
+    );
     let expect = [
         (
             "run-fails",
@@ -336,7 +346,7 @@ async fn bad_builds_fail_with_the_builders_error_and_leave_nothing_behind() {
         (
             "slow",
             ErrorCode::BuildFailed,
-            "exceeded its time limit of 3s",
+            "exceeded its time limit of 8s",
         ),
     ];
     for (id, code, text) in expect {
