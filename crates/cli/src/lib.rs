@@ -3,9 +3,12 @@
 //! - `imagemesh submit`: publish a build or runtime ContainerRequest to the intake.
 //! - `imagemesh watch ID`: follow a request's status events until it succeeds or fails.
 //! - `imagemesh build -f Dockerfile CONTEXT`: upload a context, build, show the live log.
+//! - `imagemesh index show|cat IMAGE`: list an image's files or read one from its lazy-mount
+//!   index, straight from the registry.
 #![forbid(unsafe_code)]
 
 mod build;
+mod index;
 mod submit;
 mod watch;
 
@@ -44,6 +47,8 @@ pub enum Command {
     Watch(watch::WatchArgs),
     /// Build an image from a Dockerfile and a context directory; prints the image id.
     Build(build::BuildArgs),
+    /// Inspect an image's lazy-mount index in the registry (needs no NATS).
+    Index(index::IndexArgs),
 }
 
 /// Runs a command; the exit code says whether it (and a watched request) succeeded.
@@ -58,18 +63,28 @@ pub async fn run(cli: Cli) -> ExitCode {
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
-    let client = connect(&cli).await?;
-    match cli.command {
-        Command::Submit(args) => submit::run(&client, args).await,
-        Command::Watch(args) => watch::run(&client, args).await,
-        Command::Build(args) => build::run(&client, args).await,
+    let Cli {
+        nats_url,
+        nats_creds,
+        command,
+    } = cli;
+    let nats = || connect(&nats_url, nats_creds.as_ref());
+    match command {
+        Command::Submit(args) => submit::run(&nats().await?, args).await,
+        Command::Watch(args) => watch::run(&nats().await?, args).await,
+        Command::Build(args) => build::run(&nats().await?, args).await,
+        // Talks to the registry only.
+        Command::Index(args) => index::run(args).await,
     }
 }
 
-async fn connect(cli: &Cli) -> anyhow::Result<async_nats::Client> {
+async fn connect(
+    url: &str,
+    creds: Option<&std::path::PathBuf>,
+) -> anyhow::Result<async_nats::Client> {
     let nats = imagemesh_runtime::nats::NatsConfig {
-        url: cli.nats_url.clone(),
-        credentials_file: cli.nats_creds.clone(),
+        url: url.to_string(),
+        credentials_file: creds.cloned(),
         connect_wait: std::time::Duration::from_secs(3),
         ..Default::default()
     };

@@ -6,16 +6,26 @@
 //!   authenticated access check.
 //! - [`error`]: registry failures classified into what a request status must say, with the
 //!   registry named and no secret.
+//! - [`manifest`]: a reference resolved to one platform's image manifest.
+//! - [`index_artifact`]: finding an image's lazy-mount index artifact (referrers API, or the
+//!   referrers tag schema on registries without it).
+//! - [`blob_source`]: blob byte ranges over HTTP, the `BlobSource` of lazy reads.
 //!
 //! [`RegistryCredential`]: imagemesh_proto::v1::RegistryCredential
 #![forbid(unsafe_code)]
 
+pub mod blob_source;
 pub mod client;
 pub mod error;
 pub mod host;
+pub mod index_artifact;
+pub mod manifest;
 pub mod select;
 
+pub use blob_source::RegistryBlobSource;
 pub use client::{Access, RegistryClient, RegistrySettings};
 pub use error::{RegistryError, RegistryErrorKind};
+pub use index_artifact::{IndexArtifact, referrers_tag};
+pub use manifest::{PlatformSpec, ResolvedImage};
 pub use oci_client::Reference;
 pub use select::credential_for;

@@ -9,11 +9,13 @@
 //! - [`ServiceProcess`]: an imagemesh service binary with its config file and captured log.
 //! - [`eventually`]: poll a condition until it holds or a deadline passes.
 //! - [`images`]: a busybox base image for build tests, and pulling built images back.
+//! - [`oci_images`]: OCI test images built with umoci and pushed with skopeo.
 #![forbid(unsafe_code)]
 
 pub mod images;
 pub mod moto;
 mod nats;
+pub mod oci_images;
 mod process;
 mod registry;
 pub mod token_server;

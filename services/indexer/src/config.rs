@@ -1,5 +1,6 @@
 //! Indexer configuration.
 
+use imagemesh_lazyindex::IndexOptions;
 use imagemesh_registry::RegistrySettings;
 use imagemesh_runtime::app::ServiceConfig;
 use imagemesh_runtime::nats::NatsConfig;
@@ -23,10 +24,44 @@ impl ServiceConfig for Config {
 }
 
 /// How indexing runs.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct IndexerConfig {
-    /// The build work loop; `concurrency` is the number of images indexed at once.
+    /// The work loop; `concurrency` is the number of images indexed at once.
     pub worker: WorkerOptions,
     pub registry: RegistrySettings,
+    /// Layers of one image indexed at once (each is one streaming pass on one core).
+    pub layer_concurrency: usize,
+    /// Uncompressed bytes between checkpoints: a lazy read inflates at most this much extra.
+    pub span_size: u64,
+    /// Layers smaller than this (compressed) get no checkpoints; a read fetches them whole.
+    pub checkpoint_threshold: u64,
+    /// Keep encoded layer indexes in the `imagemesh-layer-indexes` object store, so a layer
+    /// shared by many images is indexed once.
+    pub layer_cache: bool,
+}
+
+impl Default for IndexerConfig {
+    fn default() -> Self {
+        let index = IndexOptions::default();
+        Self {
+            worker: WorkerOptions::default(),
+            registry: RegistrySettings::default(),
+            layer_concurrency: 2,
+            span_size: index.span_size,
+            checkpoint_threshold: index.checkpoint_threshold,
+            layer_cache: true,
+        }
+    }
+}
+
+impl IndexerConfig {
+    /// The ingest options these settings give.
+    pub fn index_options(&self) -> IndexOptions {
+        IndexOptions {
+            span_size: self.span_size,
+            checkpoint_threshold: self.checkpoint_threshold,
+            ..IndexOptions::default()
+        }
+    }
 }

@@ -1,0 +1,144 @@
+//! The lazy-mount index of an image, stored next to it as an OCI artifact.
+//!
+//! The artifact is an image manifest with `artifactType` [`INDEX_ARTIFACT_TYPE`], an empty
+//! config, one layer (the encoded index, [`INDEX_MEDIA_TYPE`]) and `subject` = the image
+//! manifest. Registries with the referrers API list it under the image; for those without it
+//! (distribution 2.8) the indexer also maintains the referrers tag schema: an image index tagged
+//! `sha256-<hex>` (the subject digest) listing every referrer. [`RegistryClient::find_index_artifact`]
+//! tries the API and falls back to the tag, so readers work with either.
+
+use oci_client::Reference;
+use oci_client::manifest::{OciDescriptor, OciImageManifest, OciManifest};
+
+use crate::client::RegistryClient;
+use crate::error::{RegistryError, RegistryErrorKind};
+
+/// `artifactType` of the index artifact manifest.
+pub const INDEX_ARTIFACT_TYPE: &str = "application/vnd.imagemesh.index.v1";
+/// Media type of the artifact's one layer: the encoded index (`docs/index-format.md`).
+pub const INDEX_MEDIA_TYPE: &str = "application/vnd.imagemesh.index.v1.imlzidx";
+/// Annotation carrying the index format version, so readers skip versions they cannot decode
+/// and the indexer re-indexes after a format change.
+pub const FORMAT_VERSION_ANNOTATION: &str = "dev.imagemesh.index.format-version";
+/// Media type of the empty config the OCI 1.1 artifact guidance prescribes.
+pub const EMPTY_CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.empty.v1+json";
+/// Largest index blob a reader downloads (an index is ~1 % of its image).
+pub const MAX_INDEX_SIZE: i64 = 1 << 30;
+
+/// The referrers-tag-schema tag of a subject: `sha256:abc…` → `sha256-abc…`.
+pub fn referrers_tag(subject_digest: &str) -> String {
+    subject_digest.replace(':', "-")
+}
+
+/// An index artifact found for an image manifest.
+#[derive(Debug, Clone)]
+pub struct IndexArtifact {
+    /// Digest of the artifact manifest (what the image-refs KV records).
+    pub digest: String,
+    pub manifest: OciImageManifest,
+}
+
+impl IndexArtifact {
+    /// The descriptor of the encoded index blob.
+    pub fn blob(&self) -> Option<&OciDescriptor> {
+        self.manifest
+            .layers
+            .iter()
+            .find(|l| l.media_type == INDEX_MEDIA_TYPE)
+    }
+}
+
+impl RegistryClient {
+    /// Finds the index artifact of the image manifest `subject_digest` in `image`'s repository
+    /// whose format version is `format_version`; `None` when the image is not indexed (yet).
+    pub async fn find_index_artifact(
+        &self,
+        image: &Reference,
+        subject_digest: &str,
+        format_version: u16,
+    ) -> Result<Option<IndexArtifact>, RegistryError> {
+        let subject = image.clone_with_digest(subject_digest.to_string());
+        self.oci()
+            .store_auth_if_needed(subject.resolve_registry(), self.auth())
+            .await;
+        let referrers = self
+            .oci()
+            .pull_referrers(&subject, Some(INDEX_ARTIFACT_TYPE))
+            .await
+            .map_err(|e| RegistryError::from_oci(self.registry(), image.repository(), &e))?;
+        let version = format_version.to_string();
+        // Newest last: the indexer appends; a registry's API lists in its own order, any will do.
+        let Some(entry) = referrers.manifests.iter().rev().find(|e| {
+            e.annotations
+                .as_ref()
+                .and_then(|a| a.get(FORMAT_VERSION_ANNOTATION))
+                == Some(&version)
+        }) else {
+            return Ok(None);
+        };
+        let reference = image.clone_with_digest(entry.digest.clone());
+        let (manifest, digest) = self
+            .oci()
+            .pull_manifest(&reference, self.auth())
+            .await
+            .map_err(|e| RegistryError::from_oci(self.registry(), image.repository(), &e))?;
+        match manifest {
+            OciManifest::Image(manifest) if is_index_of(&manifest, subject_digest) => {
+                Ok(Some(IndexArtifact { digest, manifest }))
+            }
+            _ => Err(self.unusable(image, "a listed index artifact is not one")),
+        }
+    }
+
+    /// Downloads the encoded index of `artifact` (digest-verified by oci-client).
+    pub async fn pull_index_blob(
+        &self,
+        image: &Reference,
+        artifact: &IndexArtifact,
+    ) -> Result<Vec<u8>, RegistryError> {
+        let blob = artifact
+            .blob()
+            .ok_or_else(|| self.unusable(image, "the index artifact has no index layer"))?;
+        if !(0..=MAX_INDEX_SIZE).contains(&blob.size) {
+            return Err(self.unusable(image, format!("index blob of {} bytes", blob.size)));
+        }
+        let mut out = Vec::with_capacity(blob.size as usize);
+        self.oci()
+            .pull_blob(image, blob, &mut out)
+            .await
+            .map_err(|e| RegistryError::from_oci(self.registry(), image.repository(), &e))?;
+        Ok(out)
+    }
+
+    fn unusable(&self, image: &Reference, detail: impl Into<String>) -> RegistryError {
+        RegistryError::new(
+            RegistryErrorKind::Invalid,
+            self.registry(),
+            image.repository(),
+            detail,
+        )
+    }
+}
+
+/// True when `manifest` is an imagemesh index artifact whose subject is `subject_digest`.
+pub fn is_index_of(manifest: &OciImageManifest, subject_digest: &str) -> bool {
+    manifest.artifact_type.as_deref() == Some(INDEX_ARTIFACT_TYPE)
+        && manifest
+            .subject
+            .as_ref()
+            .is_some_and(|s| s.digest == subject_digest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fallback_tag_follows_the_referrers_tag_schema() {
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        assert_eq!(
+            referrers_tag(&digest),
+            format!("sha256-{}", "ab".repeat(32))
+        );
+    }
+}

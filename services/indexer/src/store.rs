@@ -1,0 +1,203 @@
+//! Storing an encoded image index next to its image: an OCI artifact whose `subject` is the
+//! image manifest, plus the referrers-tag-schema index so registries without the referrers API
+//! (distribution 2.8) can list it. `docs/index-format.md` ("Storage in the registry") describes
+//! the layout.
+//!
+//! Everything pushed is deterministic for a given image and index (no timestamps), so two
+//! indexers racing on one image push byte-identical manifests.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use imagemesh_lazyindex::FORMAT_VERSION;
+use imagemesh_registry::index_artifact::{
+    EMPTY_CONFIG_MEDIA_TYPE, FORMAT_VERSION_ANNOTATION, INDEX_ARTIFACT_TYPE, INDEX_MEDIA_TYPE,
+};
+use imagemesh_registry::{
+    Reference, RegistryClient, RegistryError, RegistryErrorKind, ResolvedImage, referrers_tag,
+};
+use oci_client::manifest::{
+    ImageIndexEntry, OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE, OciDescriptor,
+    OciImageIndex, OciImageManifest, OciManifest,
+};
+use sha2::{Digest, Sha256};
+
+/// The OCI empty descriptor's content.
+const EMPTY_CONFIG: &[u8] = b"{}";
+
+/// Where an index was stored.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    /// Digest of the artifact manifest.
+    pub digest: String,
+    /// The referrers-tag-schema tag listing it.
+    pub tag: String,
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    format!("sha256:{:x}", Sha256::digest(bytes))
+}
+
+/// Pushes `encoded` as the index artifact of `image` and lists it under the fallback tag.
+pub async fn push_index(
+    client: &RegistryClient,
+    image: &ResolvedImage,
+    encoded: Vec<u8>,
+) -> Result<Stored, RegistryError> {
+    let repo = &image.reference;
+    let fail = |e: oci_client::errors::OciDistributionError| {
+        RegistryError::from_oci(client.registry(), repo.repository(), &e)
+    };
+    let blob = OciDescriptor {
+        media_type: INDEX_MEDIA_TYPE.into(),
+        digest: sha256(&encoded),
+        size: encoded.len() as i64,
+        ..Default::default()
+    };
+    push_blob(client, repo, Bytes::from(encoded), &blob.digest).await?;
+    push_blob(
+        client,
+        repo,
+        Bytes::from_static(EMPTY_CONFIG),
+        &sha256(EMPTY_CONFIG),
+    )
+    .await?;
+    let manifest = artifact_manifest(image, blob);
+    let body = serde_json::to_vec(&manifest).expect("manifests serialise");
+    let digest = sha256(&body);
+    let entry = ImageIndexEntry {
+        media_type: OCI_IMAGE_MEDIA_TYPE.into(),
+        digest: digest.clone(),
+        size: body.len() as i64,
+        platform: None,
+        // The referrers API copies the referrer's annotations into its listing; so do we.
+        annotations: manifest.annotations.clone(),
+        artifact_type: Some(INDEX_ARTIFACT_TYPE.into()),
+    };
+    client
+        .oci()
+        .push_manifest_raw(
+            &repo.clone_with_digest(digest.clone()),
+            body,
+            OCI_IMAGE_MEDIA_TYPE.parse().expect("static header value"),
+        )
+        .await
+        .map_err(fail)?;
+    let tag = list_referrer(client, image, entry).await?;
+    Ok(Stored { digest, tag })
+}
+
+/// Uploads a blob unless the repository already has it (re-indexing after a lost ack).
+async fn push_blob(
+    client: &RegistryClient,
+    repo: &Reference,
+    data: Bytes,
+    digest: &str,
+) -> Result<(), RegistryError> {
+    let fail = |e: oci_client::errors::OciDistributionError| {
+        RegistryError::from_oci(client.registry(), repo.repository(), &e)
+    };
+    if client.oci().blob_exists(repo, digest).await.map_err(fail)? {
+        return Ok(());
+    }
+    client
+        .oci()
+        .push_blob(repo, data, digest)
+        .await
+        .map_err(fail)?;
+    Ok(())
+}
+
+fn artifact_manifest(image: &ResolvedImage, blob: OciDescriptor) -> OciImageManifest {
+    let annotations = BTreeMap::from([(
+        FORMAT_VERSION_ANNOTATION.to_string(),
+        FORMAT_VERSION.to_string(),
+    )]);
+    OciImageManifest {
+        schema_version: 2,
+        media_type: Some(OCI_IMAGE_MEDIA_TYPE.into()),
+        artifact_type: Some(INDEX_ARTIFACT_TYPE.into()),
+        config: OciDescriptor {
+            media_type: EMPTY_CONFIG_MEDIA_TYPE.into(),
+            digest: sha256(EMPTY_CONFIG),
+            size: EMPTY_CONFIG.len() as i64,
+            ..Default::default()
+        },
+        layers: vec![blob],
+        subject: Some(image.descriptor.clone()),
+        annotations: Some(annotations),
+    }
+}
+
+/// Adds `entry` to the referrers index under the image's fallback tag (read, merge, write),
+/// replacing imagemesh indexes of the same format version and keeping every other referrer.
+async fn list_referrer(
+    client: &RegistryClient,
+    image: &ResolvedImage,
+    entry: ImageIndexEntry,
+) -> Result<String, RegistryError> {
+    let tag = referrers_tag(image.digest());
+    let repo = &image.reference;
+    let tag_ref = Reference::with_tag(
+        repo.registry().into(),
+        repo.repository().into(),
+        tag.clone(),
+    );
+    let fail = |e: &oci_client::errors::OciDistributionError| {
+        RegistryError::from_oci(client.registry(), repo.repository(), e)
+    };
+    let mut index = match client.oci().pull_manifest(&tag_ref, client.auth()).await {
+        Ok((OciManifest::ImageIndex(index), _)) => index,
+        Ok((OciManifest::Image(_), _)) => {
+            tracing::warn!(
+                tag,
+                "the referrers tag held an image manifest; replacing it"
+            );
+            empty_index()
+        }
+        Err(e) if fail(&e).kind == RegistryErrorKind::NotFound => empty_index(),
+        Err(e) => return Err(fail(&e)),
+    };
+    if index.manifests.iter().any(|m| m.digest == entry.digest) {
+        return Ok(tag);
+    }
+    let version = entry
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(FORMAT_VERSION_ANNOTATION))
+        .cloned();
+    index.manifests.retain(|m| {
+        let ours = m.artifact_type.as_deref() == Some(INDEX_ARTIFACT_TYPE);
+        let same_version = m
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(FORMAT_VERSION_ANNOTATION))
+            .cloned()
+            == version;
+        !(ours && same_version)
+    });
+    index.manifests.push(entry);
+    let body = serde_json::to_vec(&index).expect("indexes serialise");
+    client
+        .oci()
+        .push_manifest_raw(
+            &tag_ref,
+            body,
+            OCI_IMAGE_INDEX_MEDIA_TYPE
+                .parse()
+                .expect("static header value"),
+        )
+        .await
+        .map_err(|e| fail(&e))?;
+    Ok(tag)
+}
+
+fn empty_index() -> OciImageIndex {
+    OciImageIndex {
+        schema_version: 2,
+        media_type: Some(OCI_IMAGE_INDEX_MEDIA_TYPE.into()),
+        manifests: Vec::new(),
+        artifact_type: None,
+        annotations: None,
+    }
+}

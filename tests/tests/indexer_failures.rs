@@ -1,0 +1,157 @@
+//! The indexer refuses what it cannot index, clearly and once: corrupt layers (stored under
+//! their correct digest) fail with INVALID_IMAGE and a dead letter without the secret; a wrong
+//! credential and a missing image fail with their own codes; an unreachable registry is retried
+//! and then given up on.
+
+mod indexer_support;
+
+use std::io::Write;
+
+use imagemesh_proto::v1::{ErrorCode, IndexRequest, RequestState, StatusEvent};
+use imagemesh_tests::{Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, describe};
+use indexer_support::{credential, index, request};
+use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
+use oci_client::manifest::IMAGE_LAYER_GZIP_MEDIA_TYPE;
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use prost::Message;
+use sha2::{Digest, Sha256};
+
+async fn indexer_mesh() -> Mesh {
+    let options = MeshOptions {
+        start: vec!["indexer"],
+        max_deliver: 3,
+        ..Default::default()
+    };
+    Mesh::start(options).await
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    format!("sha256:{:x}", Sha256::digest(bytes))
+}
+
+/// Pushes a one-layer image whose layer is `layer` (labelled tar+gzip), with a config whose
+/// diff-id is the layer's own digest (nothing checks it before the layer is read).
+async fn push_image(registry: &str, repo: &str, layer: Vec<u8>) -> String {
+    let client = Client::new(ClientConfig {
+        protocol: ClientProtocol::Http,
+        ..Default::default()
+    });
+    let auth = RegistryAuth::Basic(REGISTRY_USER.into(), REGISTRY_PASSWORD.into());
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [sha256(&layer)]},
+    });
+    let config = Config::oci_v1(serde_json::to_vec(&config).unwrap(), None);
+    let layers = [ImageLayer::new(
+        layer,
+        IMAGE_LAYER_GZIP_MEDIA_TYPE.into(),
+        None,
+    )];
+    let reference: Reference = format!("{registry}/{repo}:v1").parse().unwrap();
+    client
+        .push(&reference, &layers, config, &auth, None)
+        .await
+        .expect("push the test image");
+    client
+        .fetch_manifest_digest(&reference, &auth)
+        .await
+        .unwrap()
+}
+
+fn failed(events: &[StatusEvent], code: ErrorCode) -> &StatusEvent {
+    let last = events.last().expect("events");
+    assert_eq!(last.state(), RequestState::Failed, "{}", describe(events));
+    assert_eq!(last.service, "indexer");
+    assert_eq!(last.error_code(), code, "{}", describe(events));
+    last
+}
+
+/// The request's dead letter: from the indexer, with the code, delivered `deliveries` times,
+/// keeping the credential's user but not its secret.
+async fn assert_dead_letter(mesh: &Mesh, id: &str, code: ErrorCode, deliveries: u64) {
+    let letters = mesh.dead_letters().await;
+    let letter = letters
+        .iter()
+        .find(|l| l.request_id == id)
+        .unwrap_or_else(|| panic!("no dead letter for {id}: {letters:?}"));
+    assert_eq!(letter.service, "indexer");
+    assert_eq!(letter.error_code(), code);
+    assert_eq!(letter.deliveries, deliveries, "{id}");
+    let kept = IndexRequest::decode(letter.payload.as_slice()).unwrap();
+    let cred = kept.credential.expect("credential kept without its secret");
+    assert_eq!(cred.username, REGISTRY_USER);
+    assert!(cred.secret.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_layers_are_rejected_as_invalid_images_with_a_dead_letter() {
+    let mesh = indexer_mesh().await;
+    let registry = mesh.registry.addr().to_string();
+    let not_gzip = b"this is not a gzip stream, whatever the media type says\n".repeat(1000);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&b"valid gzip around bytes that are no tar archive at all\n".repeat(500))
+        .unwrap();
+    let not_tar = gz.finish().unwrap();
+    let cases = [
+        ("not-gzip", not_gzip, "corrupt gzip"),
+        ("not-tar", not_tar, "corrupt tar"),
+    ];
+    for (repo, layer, reason) in cases {
+        let layer_digest = sha256(&layer);
+        push_image(&registry, repo, layer).await;
+        let events = index(&mesh, &request(&mesh, repo, &format!("{repo}:v1"))).await;
+        let last = failed(&events, ErrorCode::InvalidImage);
+        assert!(last.message.contains(&layer_digest), "{}", last.message);
+        assert!(
+            last.message.contains("not a valid layer"),
+            "{}",
+            last.message
+        );
+        assert!(last.message.contains(reason), "{}", last.message);
+        assert_dead_letter(&mesh, repo, ErrorCode::InvalidImage, 1).await;
+    }
+    mesh.assert_no_secret_leaked(&["not-gzip", "not-tar"], &[REGISTRY_PASSWORD])
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_credential_a_missing_image_and_a_dead_registry_each_fail_clearly() {
+    let mut mesh = indexer_mesh().await;
+    let registry = mesh.registry.addr().to_string();
+    push_image(&registry, "present", b"irrelevant".to_vec()).await;
+
+    let wrong = "wrong-Pw-9Xk2";
+    let mut bad = request(&mesh, "bad-cred", "present:v1");
+    bad.credential = Some(credential(&mesh, wrong));
+    let events = index(&mesh, &bad).await;
+    let last = failed(&events, ErrorCode::RegistryAuthRejected);
+    assert!(last.message.contains(&registry), "{}", last.message);
+    assert_dead_letter(&mesh, "bad-cred", ErrorCode::RegistryAuthRejected, 1).await;
+
+    let events = index(&mesh, &request(&mesh, "missing", "absent:v1")).await;
+    failed(&events, ErrorCode::NotFound);
+
+    let mut no_cred = request(&mesh, "no-cred", "present:v1");
+    no_cred.credential = None;
+    failed(&index(&mesh, &no_cred).await, ErrorCode::NoCredentials);
+
+    mesh.registry.stop();
+    let events = index(&mesh, &request(&mesh, "down", "present:v1")).await;
+    let last = failed(&events, ErrorCode::RegistryUnavailable);
+    assert!(
+        last.message.contains("gave up after 3 attempts"),
+        "{}",
+        last.message
+    );
+    assert!(
+        events.iter().any(|e| e.phase == "retrying"),
+        "{}",
+        describe(&events)
+    );
+
+    let ids = ["bad-cred", "missing", "no-cred", "down"];
+    mesh.assert_no_secret_leaked(&ids, &[REGISTRY_PASSWORD, wrong])
+        .await;
+}

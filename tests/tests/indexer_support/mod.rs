@@ -1,0 +1,114 @@
+//! Shared by the indexer end-to-end tests: publishing index requests, running the `imagemesh`
+//! CLI, reading the image-refs KV, and comparing an index with `umoci unpack`.
+#![allow(dead_code)]
+
+pub mod artifact;
+pub mod compare;
+pub mod images;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::message::PublishMessage;
+use imagemesh_proto::CONTENT_TYPE_PROTOBUF;
+use imagemesh_proto::v1::{AuthScheme, ImageRecord, IndexRequest, RegistryCredential, StatusEvent};
+use imagemesh_runtime::{streams, subjects};
+use imagemesh_testkit::bin_path;
+use imagemesh_tests::{Mesh, REGISTRY_PASSWORD, REGISTRY_USER};
+use prost::Message;
+
+pub const WAIT: Duration = Duration::from_secs(120);
+
+/// The build registry's credential, as the builder would pass it.
+pub fn credential(mesh: &Mesh, password: &str) -> RegistryCredential {
+    RegistryCredential {
+        registry: mesh.registry.addr().to_string(),
+        scheme: AuthScheme::Basic as i32,
+        username: REGISTRY_USER.into(),
+        secret: password.into(),
+        ..Default::default()
+    }
+}
+
+/// An index request for `repo:tag` in the mesh's registry.
+pub fn request(mesh: &Mesh, id: &str, image: &str) -> IndexRequest {
+    IndexRequest {
+        request_id: id.into(),
+        image_id: format!("img-{id}"),
+        image_ref: format!("{}/{image}", mesh.registry.addr()),
+        manifest_digest: String::new(),
+        credential: Some(credential(mesh, REGISTRY_PASSWORD)),
+        platform: String::new(),
+    }
+}
+
+/// Publishes an index request the way the builder does (protobuf, request id as message id).
+pub async fn publish(mesh: &Mesh, request: &IndexRequest) {
+    let js = async_nats::jetstream::new(mesh.client.clone());
+    let mut headers = HeaderMap::new();
+    headers.insert(subjects::CONTENT_TYPE_HEADER, CONTENT_TYPE_PROTOBUF);
+    let message = PublishMessage::build()
+        .payload(request.encode_to_vec().into())
+        .headers(headers)
+        .message_id(&request.request_id);
+    js.send_publish(subjects::INDEX, message)
+        .await
+        .expect("publish index request")
+        .await
+        .expect("index request stored");
+}
+
+/// Publishes and waits for the request's last event.
+pub async fn index(mesh: &Mesh, request: &IndexRequest) -> Vec<StatusEvent> {
+    publish(mesh, request).await;
+    mesh.wait_terminal(&request.request_id, WAIT).await
+}
+
+/// The image-refs KV record of `image_id`.
+pub async fn image_record(mesh: &Mesh, image_id: &str) -> Option<ImageRecord> {
+    let js = async_nats::jetstream::new(mesh.client.clone());
+    let store = js.get_key_value(streams::IMAGE_REFS_BUCKET).await.ok()?;
+    let value = store.get(image_id).await.expect("kv get")?;
+    Some(ImageRecord::decode(value).expect("record decodes"))
+}
+
+/// What one `imagemesh` run produced.
+pub struct CliOutput {
+    pub success: bool,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+}
+
+/// Runs `imagemesh <args>` with the registry password on stdin.
+pub fn cli(args: &[&str]) -> CliOutput {
+    let mut child = Command::new(bin_path("imagemesh"))
+        .args(args)
+        .args(["--username", REGISTRY_USER, "--password-stdin"])
+        .env_remove("IMAGEMESH_REGISTRY_PASSWORD")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run imagemesh");
+    let mut stdin = child.stdin.take().expect("stdin");
+    writeln!(stdin, "{REGISTRY_PASSWORD}").expect("write password");
+    drop(stdin);
+    let out = child.wait_with_output().expect("imagemesh exits");
+    CliOutput {
+        success: out.status.success(),
+        stdout: out.stdout,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A detail of an event, or a panic naming what is missing.
+pub fn detail<'a>(event: &'a StatusEvent, key: &str) -> &'a str {
+    event.details.get(key).unwrap_or_else(|| {
+        panic!(
+            "event {} has no detail {key}: {:?}",
+            event.phase, event.details
+        )
+    })
+}
