@@ -305,3 +305,66 @@ fn components(path: &str) -> impl DoubleEndedIterator<Item = String> + '_ {
         .filter(|c| !c.is_empty())
         .map(str::to_string)
 }
+
+#[cfg(test)]
+mod tests {
+    use imagemesh_lazyindex::{Compression, Entry, LayerIndex};
+
+    use super::*;
+
+    fn tree() -> MergedTree {
+        let link = |path: &str, target: &str| Entry {
+            link_target: Some(target.into()),
+            ..Entry::new(path, EntryKind::Symlink)
+        };
+        let entries = vec![
+            Entry::new("usr", EntryKind::Dir),
+            Entry::new("usr/lib", EntryKind::Dir),
+            Entry {
+                size: 1,
+                offset: Some(0),
+                ..Entry::new("usr/lib/x", EntryKind::File)
+            },
+            link("lib", "usr/lib"),
+            link("abs", "/usr/lib/x"),
+            link("up", "../../../usr/lib/x"),
+            link("loop", "loop"),
+        ];
+        let layer = LayerIndex {
+            digest: format!("sha256:{}", "0".repeat(64)),
+            diff_id: format!("sha256:{}", "1".repeat(64)),
+            compression: Compression::None,
+            compressed_size: 1024,
+            uncompressed_size: 1024,
+            checkpoints: Vec::new(),
+            entries,
+        };
+        MergedTree::from_layers([&layer])
+    }
+
+    #[test]
+    fn paths_resolve_through_symlinks_inside_the_image() {
+        let tree = tree();
+        assert_eq!(resolve(&tree, "/usr/lib/x").unwrap(), "usr/lib/x");
+        assert_eq!(resolve(&tree, "lib/x").unwrap(), "usr/lib/x");
+        assert_eq!(resolve(&tree, "/abs").unwrap(), "usr/lib/x");
+        assert_eq!(
+            resolve(&tree, "/up").unwrap(),
+            "usr/lib/x",
+            "never above the root"
+        );
+        assert_eq!(resolve(&tree, "/usr/./lib/../lib/x").unwrap(), "usr/lib/x");
+        assert!(
+            resolve(&tree, "/loop")
+                .unwrap_err()
+                .to_string()
+                .contains("too many levels")
+        );
+        assert!(
+            resolve(&tree, "/missing")
+                .unwrap_err()
+                .to_string()
+                .contains("no such file")
+        );
+    }
+}

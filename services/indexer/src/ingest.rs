@@ -4,6 +4,10 @@
 //! by `index_layer` on the blocking pool, so memory stays bounded by the ingest's own buffers
 //! (never a whole layer) and the async workers keep running while a layer inflates.
 
+use std::io::Read;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use imagemesh_lazyindex::{
     Compression, Error as IndexError, IndexOptions, LayerIndex, index_layer,
 };
@@ -43,12 +47,46 @@ pub async fn index_blob(
     // oci-client's stream also checks the blob digest at its end; a mismatch surfaces as an
     // I/O error carrying a `DigestError`, told apart below.
     let reader = SyncIoBridge::new(StreamReader::new(stream));
+    let (reader, _stop_on_drop) = Abandonable::new(reader);
     let indexed = tokio::task::spawn_blocking(move || index_layer(reader, &options))
         .await
         .map_err(|e| Failure::internal(format!("layer ingest task failed: {e}")))?;
     let index = indexed.map_err(|e| classify(e, client, image, &layer.digest))?;
     check_matches(&index, layer)?;
     Ok(index)
+}
+
+/// A reader that fails once its guard is dropped: when the request is abandoned (shutdown grace
+/// over), the blocking pass stops at its next read instead of pulling the rest of the layer.
+struct Abandonable<R> {
+    inner: R,
+    abandoned: Arc<AtomicBool>,
+}
+
+/// Marks its reader abandoned when dropped (with the request's future).
+struct AbandonOnDrop(Arc<AtomicBool>);
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+impl<R> Abandonable<R> {
+    fn new(inner: R) -> (Self, AbandonOnDrop) {
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let guard = AbandonOnDrop(abandoned.clone());
+        (Self { inner, abandoned }, guard)
+    }
+}
+
+impl<R: Read> Read for Abandonable<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.abandoned.load(Ordering::Relaxed) {
+            return Err(std::io::Error::other("indexing abandoned"));
+        }
+        self.inner.read(buf)
+    }
 }
 
 /// The layer as read must be the layer the manifest names.
