@@ -37,13 +37,15 @@ fn env_number(name: &str, default: usize) -> usize {
 fn main() -> anyhow::Result<()> {
     let rounds = env_number("BENCH_ROUNDS", 10);
     let per_round = env_number("BENCH_PER_ROUND", 2000);
-    let nats = NatsServer::start();
-    let tokens = TokenServer::start("bench", &[(USER, PASSWORD)]);
-
     // The service side: the credential service and the echo, on their own runtime.
     let server = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    // Logs and tracing as the service binary has them (info unless RUST_LOG says otherwise), so
+    // the measured path pays for its spans what production pays.
+    let _telemetry = server.block_on(async { imagemesh_runtime::telemetry::init("credential") });
+    let nats = NatsServer::start();
+    let tokens = TokenServer::start("bench", &[(USER, PASSWORD)]);
     let shutdown = Shutdown::new();
     let service_client = server.block_on(async_nats::connect(nats.url()))?;
     let echo_client = server.block_on(async_nats::connect(nats.url()))?;
@@ -99,7 +101,10 @@ fn request() -> (Bytes, HeaderMap) {
         request_id: "bench".into(),
     };
     let mut headers = HeaderMap::new();
-    headers.insert(subjects::CONTENT_TYPE_HEADER, imagemesh_proto::CONTENT_TYPE_PROTOBUF);
+    headers.insert(
+        subjects::CONTENT_TYPE_HEADER,
+        imagemesh_proto::CONTENT_TYPE_PROTOBUF,
+    );
     (request.encode_to_vec().into(), headers)
 }
 
@@ -184,7 +189,9 @@ fn report(cached: &[Duration], echo: &[Duration], upstream_calls: usize, per_kin
         )
     };
     println!("credential: cached-token round trip vs raw NATS request/reply echo");
-    println!("{per_kind} requests each, alternating blocks; upstream token calls: {upstream_calls}");
+    println!(
+        "{per_kind} requests each, alternating blocks; upstream token calls: {upstream_calls}"
+    );
     println!("{:<22} {:>9} {:>9} {:>9}", "µs", "p50", "p99", "p99.9");
     row("cached token (mint)", &cached);
     row("raw NATS echo", &echo);

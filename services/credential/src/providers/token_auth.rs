@@ -32,7 +32,8 @@ pub struct TokenAuth {
     password: SecretString,
     /// `http(s)://<host>`: where `/v2/` is asked for the challenge.
     base: Url,
-    plain_http_allowed: bool,
+    /// Configured `insecure`: plain HTTP to the registry and to any realm.
+    insecure: bool,
     pinned: Option<Challenge>,
     discovered: Mutex<Option<Challenge>>,
     http: reqwest::Client,
@@ -49,8 +50,8 @@ impl TokenAuth {
     pub fn new(config: &TokenAuthConfig, settings: ProviderSettings) -> anyhow::Result<Self> {
         let registry = host::normalize(&config.host);
         let owner = format!("registry {registry}");
-        let plain_http_allowed = config.insecure || host::is_loopback(&registry);
-        let scheme = if plain_http_allowed { "http" } else { "https" };
+        let plain_http = config.insecure || host::is_loopback(&registry);
+        let scheme = if plain_http { "http" } else { "https" };
         let base = Url::parse(&format!("{scheme}://{registry}"))
             .map_err(|e| anyhow::anyhow!("{owner}: not a usable host: {e}"))?;
         let pinned = match (&config.realm, &config.service) {
@@ -72,7 +73,7 @@ impl TokenAuth {
             username: config.username.clone(),
             registry,
             base,
-            plain_http_allowed,
+            insecure: config.insecure,
             pinned,
             discovered: Mutex::new(None),
             http,
@@ -142,12 +143,14 @@ impl TokenAuth {
         })
     }
 
-    /// Refuses to send the long-term credential over plain HTTP to anything but an insecure or
-    /// loopback registry's realm.
+    /// Refuses to send the long-term credential over plain HTTP, except to a loopback realm or
+    /// for a registry configured `insecure`: a challenge must not be able to lure it off-host
+    /// in clear text.
     fn check_realm(&self, challenge: &Challenge) -> Result<(), ProviderError> {
         let realm = &challenge.realm;
         let secure = realm.scheme() == "https";
-        let plain_ok = realm.scheme() == "http" && self.plain_http_allowed;
+        let loopback = realm.host_str().is_some_and(host::is_loopback);
+        let plain_ok = realm.scheme() == "http" && (self.insecure || loopback);
         if secure || plain_ok {
             Ok(())
         } else {
@@ -223,4 +226,45 @@ fn unavailable(target: &str, err: reqwest::Error) -> ProviderError {
         err.without_url().to_string()
     };
     ProviderError::Unavailable(format!("{target}: {reason}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::SecretRef;
+
+    fn pinned(host: &str, realm: &str, insecure: bool) -> anyhow::Result<TokenAuth> {
+        let config = TokenAuthConfig {
+            host: host.into(),
+            username: "u".into(),
+            password: SecretRef::value("pw-never-shown"),
+            realm: Some(realm.into()),
+            service: Some("s".into()),
+            insecure,
+        };
+        let settings = ProviderSettings {
+            upstream_timeout: Duration::from_secs(1),
+            helper_timeout: Duration::from_secs(1),
+        };
+        TokenAuth::new(&config, settings)
+    }
+
+    #[test]
+    fn the_credential_goes_over_plain_http_only_to_loopback_or_insecure_realms() {
+        assert!(pinned("registry.example.com", "https://auth.example.com/t", false).is_ok());
+        assert!(pinned("127.0.0.1:5000", "http://127.0.0.1:5001/token", false).is_ok());
+        assert!(pinned("registry.lan", "http://auth.lan/token", true).is_ok());
+        for (host, realm) in [
+            ("registry.example.com", "http://auth.example.com/t"),
+            // A loopback registry must not lure the credential off-host in clear text.
+            ("127.0.0.1:5000", "http://auth.example.com/token"),
+        ] {
+            let err = pinned(host, realm, false).expect_err("refused").to_string();
+            assert!(err.contains("not https"), "{err}");
+            assert!(!err.contains("pw-never-shown"), "{err}");
+        }
+        assert!(pinned("r.example", "ftp://r.example/t", true).is_err());
+    }
 }
