@@ -64,8 +64,12 @@ where
     let shutdown = Shutdown::new();
     shutdown.trigger_on_signals()?;
     run(config, client.clone(), shutdown).await?;
-    // Deliver what is still buffered (acks, status events) before exiting.
-    client.flush().await?;
+    // Deliver what is still buffered (acks, status events) before exiting. With NATS
+    // unreachable a flush waits for a reconnect forever; a SIGTERM must still end the process.
+    match tokio::time::timeout(std::time::Duration::from_secs(5), client.flush()).await {
+        Ok(flushed) => flushed?,
+        Err(_) => tracing::warn!("NATS unreachable; exiting without flushing"),
+    }
     tracing::info!("{name} stopped");
     Ok(())
 }
