@@ -56,3 +56,24 @@ async fn an_unreadable_secret_file_names_the_file_not_a_value() {
     assert!(logs.contains(&file.display().to_string()), "{logs}");
     assert!(!logs.contains("AKIAINLINE000000"), "{logs}");
 }
+
+#[tokio::test]
+async fn sigterm_ends_the_service_while_nats_is_unreachable() {
+    let mut nats = NatsServer::start();
+    let config = format!("[nats]\nurl = \"{}\"\n", nats.url());
+    let mut process = ServiceProcess::spawn("imagemesh-credential", &config, &[]);
+    let client = nats.client().await;
+    imagemesh_testkit::wait_for_service(&client, "credential", Duration::from_secs(20)).await;
+    nats.kill();
+    // terminate() waits for the exit; a service stuck waiting for NATS would never give it.
+    let exited = tokio::task::spawn_blocking(move || {
+        let clean = process.terminate();
+        (clean, process.logs())
+    });
+    let (clean, logs) = tokio::time::timeout(Duration::from_secs(30), exited)
+        .await
+        .expect("the service exits within 30 s of SIGTERM")
+        .unwrap();
+    assert!(clean, "{logs}");
+    assert!(logs.contains("credential stopped"), "{logs}");
+}
