@@ -118,7 +118,12 @@ impl StatusReporter {
             details: step.details,
         };
         let subject = subjects::status(request_id);
-        if let Err(err) = self.publish(subject, event.encode_to_vec().into()).await {
+        let payload = event.encode_to_vec().into();
+        let published = match step.state {
+            RequestState::Succeeded | RequestState::Failed => self.publish(subject, payload).await,
+            _ => self.publish_progress(subject, payload).await,
+        };
+        if let Err(err) = published {
             // A lost status event must not fail the work itself; say so loudly instead.
             tracing::error!(request_id, error = %err, "could not publish status event");
         }
@@ -148,8 +153,24 @@ impl StatusReporter {
         }
     }
 
-    /// Publishes and confirms the store in the background: events of one request keep their
-    /// order (one connection), and the work path does not wait a round trip per event.
+    /// Publishes a progress event without waiting for JetStream's acknowledgement (the stream
+    /// stores it all the same; events of one request keep their order on one connection).
+    async fn publish_progress(
+        &self,
+        subject: String,
+        payload: Bytes,
+    ) -> Result<(), async_nats::Error> {
+        let mut headers = HeaderMap::new();
+        telemetry::inject(&mut headers);
+        self.js
+            .client()
+            .publish_with_headers(subject, headers, payload)
+            .await?;
+        Ok(())
+    }
+
+    /// Publishes an event that must not be lost (a final state, a dead letter) and confirms the
+    /// store in the background, so the work path does not wait a round trip.
     async fn publish(&self, subject: String, payload: Bytes) -> Result<(), async_nats::Error> {
         let mut headers = HeaderMap::new();
         telemetry::inject(&mut headers);

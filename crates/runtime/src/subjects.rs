@@ -1,4 +1,5 @@
-//! Every NATS subject of the mesh. `docs/subjects.md` describes them; keep the two in step.
+//! Every NATS subject of the mesh. `docs/architecture.md` (Subjects and streams) describes
+//! them; keep the two in step.
 
 /// Where clients publish ContainerRequests (stream `IMAGEMESH_INTAKE`).
 pub const INTAKE: &str = "imagemesh.intake";

@@ -35,6 +35,10 @@ pub struct SchedulerConfig {
     /// How long to wait for the credential service per attempt.
     #[serde(with = "humantime_serde")]
     pub credential_timeout: Duration,
+    /// How long a token from the credential service is reused for further requests with the
+    /// same registry, repository and actions (never past half its lifetime); 0 = never.
+    #[serde(with = "humantime_serde")]
+    pub token_reuse: Duration,
     /// How often workers are expected to heartbeat, and how often queued work of workers that
     /// stopped is re-routed.
     #[serde(with = "humantime_serde")]
@@ -52,6 +56,7 @@ impl Default for SchedulerConfig {
             build_repository: "imagemesh/builds".into(),
             credential_timeout: Duration::from_secs(2),
             heartbeat: Duration::from_secs(2),
+            token_reuse: Duration::from_secs(30),
             intake: WorkerOptions::default(),
             registry: RegistrySettings::default(),
         }

@@ -3,8 +3,9 @@
 //! A request goes to the live worker with the most free capacity (its own subject) or, when no
 //! worker advertises room, to the shared queue. It is published with the request id as
 //! JetStream message id (a redelivered intake message within the de-duplication window is
-//! stored once) and recorded in the `imagemesh-dispatched` bucket after the PubAck (a request
-//! seen again later, e.g. a client retry, is recognised and not dispatched again).
+//! stored once), and its id is claimed first in the `imagemesh-dispatched` bucket with an atomic
+//! create (a request seen again later, e.g. a client retry after the window, finds the claim and
+//! is not dispatched again). One write per request does both jobs.
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, kv, message::PublishMessage};
@@ -13,6 +14,15 @@ use imagemesh_proto::v1::{ContainerRequest, DispatchRecord};
 use imagemesh_runtime::placement::{Directory, WorkKind};
 use imagemesh_runtime::{ErrorCode, Rejection, status, subjects, telemetry};
 use prost::Message;
+
+/// What the dispatch record said about a request id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Ours to dispatch.
+    New,
+    /// Seen before: it went out already (or is going out).
+    Repeat,
+}
 
 /// Where a request went.
 #[derive(Debug, Clone)]
@@ -33,14 +43,38 @@ fn transient(message: String) -> Rejection {
 }
 
 impl Dispatcher {
-    /// The record of an earlier dispatch of this request id, if any.
-    pub async fn earlier(&self, request_id: &str) -> Result<Option<DispatchRecord>, Rejection> {
-        let entry = self
+    /// Claims the request id in the `imagemesh-dispatched` bucket (an atomic create).
+    ///
+    /// On a first delivery an existing claim means the request was seen before (a client
+    /// retry after the de-duplication window): [`Claim::Repeat`], do nothing. On a redelivery the
+    /// claim may be our own from the attempt that did not finish: carry on, the message id
+    /// keeps a second publish from being stored twice.
+    pub async fn claim(&self, request_id: &str, attempt: u64) -> Result<Claim, Rejection> {
+        let record = DispatchRecord {
+            request_id: request_id.to_string(),
+            dispatched_at: Some(status::now()),
+            ..Default::default()
+        };
+        match self
             .records
-            .get(request_id)
+            .create(request_id, record.encode_to_vec().into())
             .await
-            .map_err(|e| transient(format!("dispatch record lookup failed: {e}")))?;
-        Ok(entry.and_then(|bytes| DispatchRecord::decode(bytes).ok()))
+        {
+            Ok(_) => Ok(Claim::New),
+            Err(err) if err.kind() == kv::CreateErrorKind::AlreadyExists => Ok(if attempt == 1 {
+                Claim::Repeat
+            } else {
+                Claim::New
+            }),
+            Err(err) => Err(transient(format!("could not claim the request id: {err}"))),
+        }
+    }
+
+    /// Gives a claim back, so a request that was refused can be submitted again.
+    pub async fn release(&self, request_id: &str) {
+        if let Err(err) = self.records.purge(request_id).await {
+            tracing::warn!(request_id, error = %err, "could not release the request id");
+        }
     }
 
     /// Publishes `request` for `kind` and records it. Errors are transient (NATS trouble).
@@ -70,16 +104,6 @@ impl Dispatcher {
                 "already in the work stream; not dispatched again"
             );
         }
-        let record = DispatchRecord {
-            request_id: request.request_id.clone(),
-            subject: subject.clone(),
-            stream_sequence: ack.sequence,
-            dispatched_at: Some(status::now()),
-        };
-        self.records
-            .put(&request.request_id, record.encode_to_vec().into())
-            .await
-            .map_err(|e| transient(format!("could not record the dispatch: {e}")))?;
         tracing::debug!(
             request_id = request.request_id,
             subject,

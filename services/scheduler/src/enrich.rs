@@ -8,6 +8,8 @@ use imagemesh_proto::v1::{
 use imagemesh_registry::{Reference, host};
 use imagemesh_runtime::credentials::{CredentialClient, CredentialError};
 use imagemesh_runtime::{ErrorCode, Rejection};
+
+use crate::token_cache::TokenCache;
 use prost::Message;
 
 /// Why a request could not be enriched.
@@ -38,6 +40,7 @@ fn permanent(code: ErrorCode, message: impl Into<String>) -> EnrichError {
 /// Resolves where an image lives and which credentials each registry needs.
 pub struct Enricher {
     pub credentials: CredentialClient,
+    pub tokens: TokenCache,
     pub build_registry: String,
     pub build_repository: String,
     pub image_refs: kv::Store,
@@ -50,9 +53,14 @@ impl Enricher {
         request.image_credentials = None;
         request.build_registry_creds = None;
         let kind = request.kind();
-        let build_repository = match kind {
-            RequestKind::Build => self.resolve_build_target(request)?,
-            RequestKind::Runtime => self.resolve_runtime_image(request).await?,
+        let build_target = match kind {
+            RequestKind::Build => Some(self.resolve_build_target(request)?),
+            RequestKind::Runtime => {
+                if request.image_ref.is_empty() {
+                    request.image_ref = self.recorded_image_ref(&request.image_id).await?;
+                }
+                None
+            }
             RequestKind::Unspecified => {
                 return Err(permanent(
                     ErrorCode::MalformedRequest,
@@ -60,9 +68,30 @@ impl Enricher {
                 ));
             }
         };
+        // Parsed once: reference parsing is a regex match, the costliest step of the hot path.
+        let image = match request.image_ref.as_str() {
+            "" => None,
+            image_ref => Some(parse_reference(image_ref)?),
+        };
+        let in_build_registry = image
+            .as_ref()
+            .is_some_and(|r| host::same_registry(r.registry(), &self.build_registry));
+        let build_repository = match (build_target, &image) {
+            (Some(repository), _) => repository,
+            (None, Some(image)) if in_build_registry => {
+                request.build_image_ref = request.image_ref.clone();
+                image.repository().to_string()
+            }
+            (None, _) => self.build_repository.clone(),
+        };
         self.attach_build_registry_credentials(request, kind, build_repository)
             .await?;
-        self.attach_image_credentials(request).await
+        match image {
+            Some(image) if !in_build_registry => {
+                self.attach_image_credentials(request, &image).await
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Build: the image goes to `<build registry>/<repository>:<image id>`.
@@ -91,23 +120,6 @@ impl Enricher {
             request.image_ref = options.source_image;
         }
         Ok(repository)
-    }
-
-    /// Runtime: the image is `image_ref`, or what the builder recorded for `image_id`.
-    async fn resolve_runtime_image(
-        &self,
-        request: &mut ContainerRequest,
-    ) -> Result<String, EnrichError> {
-        if request.image_ref.is_empty() {
-            request.image_ref = self.recorded_image_ref(&request.image_id).await?;
-        }
-        let reference = parse_reference(&request.image_ref)?;
-        if host::same_registry(reference.registry(), &self.build_registry) {
-            request.build_image_ref = request.image_ref.clone();
-            Ok(reference.repository().to_string())
-        } else {
-            Ok(self.build_repository.clone())
-        }
     }
 
     async fn recorded_image_ref(&self, image_id: &str) -> Result<String, EnrichError> {
@@ -177,23 +189,13 @@ impl Enricher {
     async fn attach_image_credentials(
         &self,
         request: &mut ContainerRequest,
+        image: &Reference,
     ) -> Result<(), EnrichError> {
-        if request.image_ref.is_empty() {
-            return Ok(());
-        }
-        let reference = parse_reference(&request.image_ref)?;
-        if host::same_registry(reference.registry(), &self.build_registry) {
-            return Ok(());
-        }
-        let registry = host::normalize(reference.registry());
+        let registry = host::normalize(image.registry());
         let pull = vec!["pull".to_string()];
+        let repository = image.repository().to_string();
         request.image_credentials = self
-            .mint(
-                &request.request_id,
-                &registry,
-                reference.repository().to_string(),
-                pull,
-            )
+            .mint(&request.request_id, &registry, repository, pull)
             .await?;
         Ok(())
     }
@@ -206,19 +208,25 @@ impl Enricher {
         repository: String,
         actions: Vec<String>,
     ) -> Result<Option<RegistryCredential>, EnrichError> {
+        if let Some(remembered) = self.tokens.get(registry, &repository, &actions) {
+            return Ok(remembered);
+        }
         let token_request = TokenRequest {
             registry: registry.to_string(),
             scope: Some(Scope {
-                repository,
-                actions,
+                repository: repository.clone(),
+                actions: actions.clone(),
             }),
             request_id: request_id.to_string(),
         };
-        match self.credentials.mint(&token_request).await {
-            Ok(response) => Ok(response.credential),
-            Err(CredentialError::Refused(r)) if r.code == ErrorCode::NoCredentials => Ok(None),
-            Err(err) => Err(err.into()),
-        }
+        let credential = match self.credentials.mint(&token_request).await {
+            Ok(response) => response.credential,
+            Err(CredentialError::Refused(r)) if r.code == ErrorCode::NoCredentials => None,
+            Err(err) => return Err(err.into()),
+        };
+        self.tokens
+            .put(registry, &repository, &actions, credential.clone());
+        Ok(credential)
     }
 }
 

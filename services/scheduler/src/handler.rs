@@ -5,7 +5,7 @@ use imagemesh_runtime::placement;
 use imagemesh_runtime::status::{StatusReporter, Step};
 use imagemesh_runtime::worker::{Delivery, Handler, Outcome};
 
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{Claim, Dispatcher};
 use crate::enrich::{EnrichError, Enricher};
 
 /// The scheduler's intake handler.
@@ -31,39 +31,32 @@ impl Handler for Scheduler {
 
     async fn handle(&self, mut request: ContainerRequest, delivery: &Delivery) -> Outcome {
         let id = request.request_id.clone();
-        match self.dispatcher.earlier(&id).await {
-            Ok(Some(record)) => {
-                // A client retry or a redelivery after a crash: it went out already.
+        // Claiming the id and asking for credentials are independent round trips.
+        let (claim, enriched) = tokio::join!(
+            self.dispatcher.claim(&id, delivery.attempt),
+            self.enricher.enrich(&mut request)
+        );
+        match claim {
+            Ok(Claim::New) => {}
+            Ok(Claim::Repeat) => {
+                // A client retry of a request that went out already.
                 tracing::info!(
                     request_id = id,
-                    subject = record.subject,
-                    "already dispatched"
+                    "request id seen before; not dispatched again"
                 );
                 return Outcome::Done;
             }
-            Ok(None) => {}
             Err(rejection) => return Outcome::Retry(rejection),
         }
-        if delivery.attempt == 1 {
-            self.status
-                .report(
-                    &id,
-                    Step::pending("accepted", "request accepted by the scheduler"),
-                )
-                .await;
-        }
-        match self.enricher.enrich(&mut request).await {
+        match enriched {
             Ok(()) => {}
             Err(EnrichError::Transient(rejection)) => return Outcome::Retry(rejection),
-            Err(EnrichError::Permanent(rejection)) => return Outcome::Reject(rejection),
+            Err(EnrichError::Permanent(rejection)) => {
+                // Refused for good: free the id so a corrected request may use it again.
+                self.dispatcher.release(&id).await;
+                return Outcome::Reject(rejection);
+            }
         }
-        let registry = &self.enricher.build_registry;
-        let step = Step::running(
-            "credentials-attached",
-            format!("credentials attached for build registry {registry}"),
-        )
-        .detail("image_credentials", request.image_credentials.is_some());
-        self.status.report(&id, step).await;
         let kind = match request.kind() {
             RequestKind::Build => placement::BUILD,
             _ => placement::MOUNT,
@@ -72,13 +65,17 @@ impl Handler for Scheduler {
             Ok(dispatched) => dispatched,
             Err(rejection) => return Outcome::Retry(rejection),
         };
-        let step = Step::running(
-            "dispatched",
-            format!("dispatched to {}", dispatched.subject),
-        )
-        .detail("subject", &dispatched.subject)
-        .detail("worker", &dispatched.worker)
-        .detail("build_image_ref", &request.build_image_ref);
+        // One event on the happy path; waits and retries report their own.
+        let registry = &self.enricher.build_registry;
+        let message = format!(
+            "credentials attached for build registry {registry}; dispatched to {}",
+            dispatched.subject
+        );
+        let step = Step::running("dispatched", message)
+            .detail("subject", &dispatched.subject)
+            .detail("worker", &dispatched.worker)
+            .detail("build_image_ref", &request.build_image_ref)
+            .detail("image_credentials", request.image_credentials.is_some());
         self.status.report(&id, step).await;
         Outcome::Done
     }

@@ -14,6 +14,7 @@ mod dispatch;
 pub mod enrich;
 mod handler;
 mod reroute;
+mod token_cache;
 
 use async_nats::Client;
 pub use config::Config;
@@ -27,6 +28,7 @@ use imagemesh_runtime::{Shutdown, streams, subjects};
 use crate::dispatch::Dispatcher;
 use crate::enrich::Enricher;
 use crate::handler::Scheduler;
+use crate::token_cache::TokenCache;
 
 /// How the scheduler presents itself to `$SRV.INFO`.
 pub const IDENTITY: Identity = Identity {
@@ -62,6 +64,7 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
     let handler = Scheduler {
         enricher: Enricher {
             credentials: CredentialClient::new(client.clone(), settings.credential_timeout),
+            tokens: TokenCache::new(settings.token_reuse),
             build_registry: imagemesh_registry::host::normalize(&settings.build_registry),
             build_repository: settings.build_repository.clone(),
             image_refs,

@@ -1,0 +1,133 @@
+//! The baseline: raw JetStream consume→publish with the scheduler's concurrency.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{AckPolicy, pull};
+use async_nats::jetstream::stream::{Config, RetentionPolicy};
+use async_nats::jetstream::{self, AckKind};
+use futures::StreamExt;
+use imagemesh_runtime::Shutdown;
+use imagemesh_testkit::Registry;
+use prost::Message;
+use std::sync::Arc;
+use tokio::sync::Semaphore;
+
+pub const IN_SUBJECT: &str = "bench.relay.in";
+pub const OUT_SUBJECT: &str = "bench.relay.out";
+const IN_STREAM: &str = "BENCH_RELAY_IN";
+pub const OUT_STREAM: &str = "BENCH_RELAY_OUT";
+
+pub async fn ensure_streams(js: &jetstream::Context) -> anyhow::Result<()> {
+    for (name, subject) in [(IN_STREAM, IN_SUBJECT), (OUT_STREAM, OUT_SUBJECT)] {
+        js.create_or_update_stream(Config {
+            name: name.into(),
+            subjects: vec![subject.into()],
+            retention: RetentionPolicy::WorkQueue,
+            duplicate_window: Duration::from_secs(600),
+            ..Default::default()
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+pub async fn publish(
+    js: &jetstream::Context,
+    registry: &Registry,
+    prefix: &str,
+    count: usize,
+) -> anyhow::Result<usize> {
+    let mut acks = Vec::with_capacity(count);
+    for n in 0..count {
+        let id = format!("{prefix}-{n}");
+        let payload = crate::container_request(registry, id.clone()).encode_to_vec();
+        let message = jetstream::message::PublishMessage::build()
+            .payload(payload.into())
+            .message_id(&id);
+        acks.push(js.send_publish(IN_SUBJECT, message).await?);
+        // The context caps acknowledgements in flight; settle them in chunks.
+        if acks.len() == 1000 {
+            for ack in acks.drain(..) {
+                ack.await?;
+            }
+        }
+    }
+    for ack in acks {
+        ack.await?;
+    }
+    Ok(count)
+}
+
+/// Relays until `shutdown`: pull (bounded by `concurrency`), publish with PubAck, ack.
+pub async fn run(url: String, concurrency: usize, shutdown: Shutdown) -> anyhow::Result<()> {
+    let client = async_nats::connect(url).await?;
+    let js = jetstream::new(client);
+    let stream = js.get_stream(IN_STREAM).await?;
+    let consumer = stream
+        .get_or_create_consumer(
+            "relay",
+            pull::Config {
+                durable_name: Some("relay".into()),
+                ack_policy: AckPolicy::Explicit,
+                ..Default::default()
+            },
+        )
+        .await?;
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(concurrency)
+        .messages()
+        .await?;
+    let permits = Arc::new(Semaphore::new(concurrency));
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            permit = permits.clone().acquire_owned() => permit?,
+        };
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            next = messages.next() => match next {
+                Some(Ok(message)) => message,
+                _ => continue,
+            },
+        };
+        let js = js.clone();
+        tokio::spawn(async move {
+            let id = message
+                .info()
+                .map(|i| i.stream_sequence)
+                .unwrap_or_default()
+                .to_string();
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(message.payload.clone())
+                .message_id(id);
+            if let Ok(ack) = js.send_publish(OUT_SUBJECT, publish).await {
+                if ack.await.is_ok() {
+                    let _ = message.double_ack_with(AckKind::Ack).await;
+                }
+            }
+            drop(permit);
+        });
+    }
+}
+
+pub async fn wait_out_count(js: &jetstream::Context, expected: u64) -> anyhow::Result<()> {
+    loop {
+        let mut stream = js.get_stream(OUT_STREAM).await?;
+        if stream.info().await?.state.messages >= expected {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+pub async fn purge(js: &jetstream::Context) -> anyhow::Result<()> {
+    js.get_stream(OUT_STREAM).await?.purge().await?;
+    Ok(())
+}
+
+pub async fn delete(js: &jetstream::Context) -> anyhow::Result<()> {
+    js.delete_stream(IN_STREAM).await?;
+    js.delete_stream(OUT_STREAM).await?;
+    Ok(())
+}

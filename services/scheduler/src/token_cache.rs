@@ -1,0 +1,147 @@
+//! A short-lived memory of tokens the credential service handed the scheduler.
+//!
+//! Thousands of requests a second for the same build repository would otherwise each cost a
+//! round trip to the credential service. A token is reused for at most `ttl` and never past
+//! half of its remaining lifetime when it was minted, so every request still leaves with a
+//! token that lives long enough, and a credential revoked at the credential service stops being
+//! handed out within `ttl`. "No credentials for this registry" (a public image) is remembered
+//! the same way. `ttl = 0` turns the cache off.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use imagemesh_proto::v1::RegistryCredential;
+
+/// Entries kept before expired ones are swept out.
+const MAX_ENTRIES: usize = 10_000;
+
+type Key = (String, String, Vec<String>);
+
+struct Entry {
+    /// `None`: the credential service has nothing for this registry.
+    credential: Option<RegistryCredential>,
+    fresh_until: Instant,
+}
+
+pub struct TokenCache {
+    ttl: Duration,
+    entries: Mutex<HashMap<Key, Entry>>,
+}
+
+impl TokenCache {
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            entries: Mutex::default(),
+        }
+    }
+
+    /// A remembered answer: `Some(Some(cred))`, `Some(None)` (known public), or `None` (ask).
+    pub fn get(
+        &self,
+        registry: &str,
+        repository: &str,
+        actions: &[String],
+    ) -> Option<Option<RegistryCredential>> {
+        let entries = self.entries.lock().expect("token cache lock");
+        let key = (
+            registry.to_string(),
+            repository.to_string(),
+            actions.to_vec(),
+        );
+        entries
+            .get(&key)
+            .filter(|entry| entry.fresh_until > Instant::now())
+            .map(|entry| entry.credential.clone())
+    }
+
+    /// Remembers what the credential service answered.
+    pub fn put(
+        &self,
+        registry: &str,
+        repository: &str,
+        actions: &[String],
+        credential: Option<RegistryCredential>,
+    ) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let now = Instant::now();
+        let lifetime = credential
+            .as_ref()
+            .and_then(|c| c.expires_at.clone())
+            .and_then(|t| SystemTime::try_from(t).ok())
+            .map(|expiry| expiry.duration_since(SystemTime::now()).unwrap_or_default() / 2)
+            .unwrap_or(self.ttl);
+        let entry = Entry {
+            credential,
+            fresh_until: now + lifetime.min(self.ttl),
+        };
+        let mut entries = self.entries.lock().expect("token cache lock");
+        if entries.len() >= MAX_ENTRIES {
+            entries.retain(|_, e| e.fresh_until > now);
+            if entries.len() >= MAX_ENTRIES {
+                entries.clear();
+            }
+        }
+        entries.insert(
+            (
+                registry.to_string(),
+                repository.to_string(),
+                actions.to_vec(),
+            ),
+            entry,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn credential(expires_in: Option<Duration>) -> RegistryCredential {
+        RegistryCredential {
+            registry: "r".into(),
+            secret: "s".into(),
+            expires_at: expires_in.map(|d| prost_types::Timestamp::from(SystemTime::now() + d)),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn reuses_within_ttl_and_half_the_lifetime_only() {
+        let pull = vec!["pull".to_string()];
+        let cache = TokenCache::new(Duration::from_secs(30));
+        cache.put("r", "a", &pull, Some(credential(None)));
+        assert!(cache.get("r", "a", &pull).unwrap().is_some());
+        assert!(cache.get("r", "b", &pull).is_none(), "other repository");
+        assert!(
+            cache
+                .get("r", "a", &["pull".into(), "push".into()])
+                .is_none(),
+            "other actions"
+        );
+
+        // A token with 1 s left is reused for at most 0.5 s.
+        cache.put(
+            "r",
+            "short",
+            &pull,
+            Some(credential(Some(Duration::from_secs(1)))),
+        );
+        assert!(cache.get("r", "short", &pull).is_some());
+        std::thread::sleep(Duration::from_millis(600));
+        assert!(cache.get("r", "short", &pull).is_none());
+
+        cache.put("public", "x", &pull, None);
+        assert_eq!(cache.get("public", "x", &pull), Some(None));
+    }
+
+    #[test]
+    fn zero_ttl_disables() {
+        let cache = TokenCache::new(Duration::ZERO);
+        cache.put("r", "a", &[], Some(credential(None)));
+        assert!(cache.get("r", "a", &[]).is_none());
+    }
+}
