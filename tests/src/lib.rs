@@ -39,6 +39,8 @@ pub struct MeshOptions {
     pub ack_wait: Duration,
     /// Worker heartbeat period (and the scheduler's re-routing sweep).
     pub heartbeat: Duration,
+    /// Extra environment for every service (e.g. `OTEL_*`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for MeshOptions {
@@ -49,6 +51,7 @@ impl Default for MeshOptions {
             max_deliver: 5,
             ack_wait: Duration::from_secs(10),
             heartbeat: Duration::from_millis(500),
+            env: Vec::new(),
         }
     }
 }
@@ -101,6 +104,12 @@ impl Mesh {
         let config = self.config(service);
         let binary = format!("imagemesh-{service}");
         let mut all_env = vec![(PASSWORD_ENV, self.options.credential_password.as_str())];
+        all_env.extend(
+            self.options
+                .env
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        );
         all_env.extend_from_slice(env);
         let before = count_instances(&self.client, service).await;
         let process = ServiceProcess::spawn(&binary, &config, &all_env);

@@ -74,7 +74,10 @@ pub async fn run(client: &async_nats::Client, args: BuildArgs) -> anyhow::Result
         .subscribe(subjects::build_log(&request.request_id))
         .await?;
     submit::publish(client, &request, false).await?;
-    eprintln!("submitted build {}", request.request_id);
+    match imagemesh_runtime::telemetry::current_trace_id() {
+        Some(trace) => eprintln!("submitted build {} (trace {trace})", request.request_id),
+        None => eprintln!("submitted build {}", request.request_id),
+    }
     follow(client, &request, log, args.timeout).await
 }
 

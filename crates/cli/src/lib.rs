@@ -15,6 +15,7 @@ mod watch;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tracing::Instrument;
 
 /// The imagemesh command-line client.
 #[derive(Debug, Parser)]
@@ -70,9 +71,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     } = cli;
     let nats = || connect(&nats_url, nats_creds.as_ref());
     match command {
-        Command::Submit(args) => submit::run(&nats().await?, args).await,
+        Command::Submit(args) => {
+            let span = tracing::info_span!("imagemesh submit");
+            submit::run(&nats().await?, args).instrument(span).await
+        }
         Command::Watch(args) => watch::run(&nats().await?, args).await,
-        Command::Build(args) => build::run(&nats().await?, args).await,
+        Command::Build(args) => {
+            let span = tracing::info_span!("imagemesh build");
+            build::run(&nats().await?, args).instrument(span).await
+        }
         // Talks to the registry only.
         Command::Index(args) => index::run(args).await,
     }

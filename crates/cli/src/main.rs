@@ -11,5 +11,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(imagemesh_cli::run(cli))
+    runtime.block_on(async {
+        // Spans of this command are the root of the request's trace; the guard flushes them.
+        let _telemetry = imagemesh_runtime::telemetry::init_cli("imagemesh-cli");
+        imagemesh_cli::run(cli).await
+    })
 }

@@ -65,7 +65,10 @@ pub struct SubmitArgs {
 pub async fn run(client: &async_nats::Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let request = build_request(&args)?;
     publish(client, &request, args.json).await?;
-    println!("submitted request {}", request.request_id);
+    match imagemesh_runtime::telemetry::current_trace_id() {
+        Some(trace) => println!("submitted request {} (trace {trace})", request.request_id),
+        None => println!("submitted request {}", request.request_id),
+    }
     if args.watch {
         return watch::follow(client, &request.request_id, args.timeout).await;
     }

@@ -24,6 +24,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use crate::service::WorkCounters;
 use crate::status::{DeadLetterInfo, StatusReporter, Step};
 use crate::{ErrorCode, Rejection, Shutdown, subjects, telemetry};
 
@@ -103,6 +104,8 @@ pub struct Delivery {
     pub attempt: u64,
     pub max_attempts: u64,
     pub headers: Option<HeaderMap>,
+    /// When this instance received it (for the duration metric).
+    pub received: std::time::Instant,
 }
 
 impl Delivery {
@@ -151,6 +154,7 @@ pub struct Worker<H: Handler> {
     handler: Arc<H>,
     status: StatusReporter,
     permits: Arc<Semaphore>,
+    counters: Arc<WorkCounters>,
 }
 
 /// Creates the durable consumer, or updates it to `options`.
@@ -190,7 +194,12 @@ impl<H: Handler> Worker<H> {
         status: StatusReporter,
     ) -> Self {
         let permits = Arc::new(Semaphore::new(options.concurrency.max(1)));
+        let counters = Arc::new(WorkCounters::new(
+            permits.clone(),
+            options.concurrency.max(1),
+        ));
         Self {
+            counters,
             js,
             consumers,
             options,
@@ -198,6 +207,11 @@ impl<H: Handler> Worker<H> {
             status,
             permits,
         }
+    }
+
+    /// What this worker has done so far (reported on `$SRV.STATS`).
+    pub fn counters(&self) -> Arc<WorkCounters> {
+        self.counters.clone()
     }
 
     /// The concurrency permits: free permits = free capacity (advertised to schedulers).
@@ -227,6 +241,7 @@ impl<H: Handler> Worker<H> {
                         status: self.status.clone(),
                         options: self.options.clone(),
                         abort: abort.clone(),
+                        counters: self.counters.clone(),
                     };
                     tasks.spawn(async move {
                         job.process(message).await;
@@ -291,15 +306,38 @@ impl<H: Handler> Worker<H> {
     }
 }
 
+/// Records one settled work item in the metrics.
+fn record_metric(service: &'static str, outcome: &'static str, delivery: &Delivery) {
+    use crate::telemetry::metrics::{self, attr};
+    let attributes = [attr("service", service), attr("outcome", outcome)];
+    let metrics = metrics::get();
+    metrics.requests.add(1, &attributes);
+    metrics
+        .duration
+        .record(delivery.received.elapsed().as_secs_f64(), &attributes);
+}
+
 /// What one spawned task needs to process one message.
 struct Job<H: Handler> {
     handler: Arc<H>,
     status: StatusReporter,
     options: WorkerOptions,
     abort: Shutdown,
+    counters: Arc<WorkCounters>,
 }
 
 impl<H: Handler> Job<H> {
+    fn record(&self, outcome: &'static str, delivery: &Delivery) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let counter = match outcome {
+            "done" => &self.counters.done,
+            "retry" => &self.counters.retried,
+            _ => &self.counters.rejected,
+        };
+        counter.fetch_add(1, Relaxed);
+        record_metric(self.status.service(), outcome, delivery);
+    }
+
     async fn process(self, message: jetstream::Message) {
         let attempt = message
             .info()
@@ -310,6 +348,7 @@ impl<H: Handler> Job<H> {
             attempt,
             max_attempts: self.options.max_deliver.max(1) as u64,
             headers: message.headers.clone(),
+            received: std::time::Instant::now(),
         };
         let span = tracing::info_span!(
             "process",
@@ -405,7 +444,10 @@ impl<H: Handler> Job<H> {
         outcome: Outcome,
     ) {
         match outcome {
-            Outcome::Done => ack(message, AckKind::Ack).await,
+            Outcome::Done => {
+                self.record("done", delivery);
+                ack(message, AckKind::Ack).await
+            }
             Outcome::Retry(rejection) if delivery.is_last_attempt() => {
                 let rejection = Rejection::new(
                     rejection.code,
@@ -439,6 +481,7 @@ impl<H: Handler> Job<H> {
                     ),
                 );
                 self.status.report(request_id, step).await;
+                self.record("retry", delivery);
                 ack(message, AckKind::Nak(Some(after))).await;
             }
             Outcome::Reject(rejection) => {
@@ -466,6 +509,7 @@ impl<H: Handler> Job<H> {
         payload: Bytes,
         content_type: &str,
     ) {
+        self.record("rejected", delivery);
         tracing::warn!(request_id, code = ?rejection.code, reason = %rejection.message, "request rejected");
         if !request_id.is_empty() {
             self.status
@@ -529,7 +573,6 @@ pub async fn serve<H: Handler>(
 ) -> anyhow::Result<()> {
     use crate::placement;
     let js = jetstream::new(client.clone());
-    let service = crate::service::register(client, identity).await?;
     let mut status = StatusReporter::new(js.clone(), identity.name);
     let (specs, advertised) = match work {
         Work::Queue(spec) => (vec![spec], None),
@@ -570,6 +613,9 @@ pub async fn serve<H: Handler>(
         Arc::new(handler),
         status,
     );
+    let counters = worker.counters();
+    let service =
+        crate::service::register_worker(client, identity, counters, shutdown.clone()).await?;
     let advertiser = match advertised {
         Some((kind, placement, replicas)) => {
             let store = placement::workers_bucket(&js, placement.heartbeat, replicas).await?;

@@ -16,6 +16,7 @@ pub mod images;
 pub mod moto;
 mod nats;
 pub mod oci_images;
+pub mod otlp;
 mod process;
 mod registry;
 pub mod token_server;

@@ -71,7 +71,7 @@ impl ServiceProcess {
         command
             .arg("--config")
             .arg(self.dir.path().join("config.toml"))
-            .env("RUST_LOG", "debug,async_nats=info,h2=info,hyper=info,hyper_util=info,rustls=info,reqwest=info,tower=info")
+            .env("RUST_LOG", "debug,async_nats=info,h2=info,hyper=info,hyper_util=info,rustls=info,reqwest=info,tower=info,opentelemetry_sdk=info,opentelemetry_otlp=info,opentelemetry_http=info")
             .env_remove("IMAGEMESH_CONFIG")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())

@@ -62,6 +62,7 @@ impl<'a> Buildah<'a> {
 
     /// `buildah bud --layers --isolation chroot`: chroot isolation is what lets `RUN` work
     /// without a container runtime or user namespaces.
+    #[tracing::instrument(name = "buildah bud", skip_all, fields(tag = spec.tag))]
     pub async fn bud(
         &self,
         spec: &BudSpec<'_>,
@@ -86,6 +87,7 @@ impl<'a> Buildah<'a> {
 
     /// `buildah push` to `destination` (a containers-transport name such as
     /// `docker://host/repo:tag` or `oci:/dir:tag`); returns the pushed manifest digest.
+    #[tracing::instrument(name = "buildah push", skip_all, fields(destination))]
     pub async fn push(
         &self,
         image: &str,
@@ -93,6 +95,7 @@ impl<'a> Buildah<'a> {
         log: &BuildLog,
         deadline: Instant,
     ) -> Result<String, BuildahError> {
+        tracing::Span::current().record("destination", destination);
         let digest_file = self.dir.path().join("digest");
         let mut command = self.command();
         command

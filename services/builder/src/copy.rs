@@ -44,6 +44,7 @@ pub struct ImageCopy<'a> {
 
 impl ImageCopy<'_> {
     /// Copies `from` to `to` (tag or index and all its manifests).
+    #[tracing::instrument(name = "copy image", skip_all, fields(from = %from, to = %to))]
     pub async fn copy(&self, from: &Reference, to: &Reference) -> Result<Copied, Failure> {
         self.source
             .oci()

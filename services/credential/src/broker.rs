@@ -114,13 +114,18 @@ fn upstream_call(provider: Arc<Provider>, registry: String, scope: Scope) -> cra
         async move {
             let result = provider.mint(&registry, &scope).await;
             match &result {
-                Ok(minted) => tracing::debug!(
+                Ok(minted) => {
+                    let metrics = imagemesh_runtime::telemetry::metrics::get();
+                    let attribute = imagemesh_runtime::telemetry::metrics::attr("registry", registry.clone());
+                    metrics.tokens_minted.add(1, &[attribute]);
+                    tracing::debug!(
                     registry,
                     provider = provider.kind(),
                     repository = scope.repository,
                     expires_at = ?minted.expires_at,
                     "minted upstream"
-                ),
+                    )
+                }
                 Err(err) => tracing::info!(registry, provider = provider.kind(), error = %err, "upstream mint failed"),
             }
             result

@@ -35,7 +35,18 @@ pub async fn serve(
             else => return Ok(()),
         };
         let broker = broker.clone();
-        let span = tracing::info_span!("credential mint", policy = ?policy, registry = tracing::field::Empty, request_id = tracing::field::Empty);
+        let name = match policy {
+            ScopePolicy::PullPush => "credential mint",
+            ScopePolicy::PullOnly => "credential refresh",
+        };
+        let span = tracing::info_span!(
+            "credential",
+            otel.name = name,
+            registry = tracing::field::Empty,
+            repository = tracing::field::Empty,
+            request_id = tracing::field::Empty,
+            cached = tracing::field::Empty,
+        );
         telemetry::continue_trace(&span, request.message.headers.as_ref());
         tokio::spawn(answer(broker, request, policy).instrument(span));
     }
@@ -47,7 +58,24 @@ async fn answer(broker: Arc<Broker>, request: Request, policy: ScopePolicy) {
             let span = tracing::Span::current();
             span.record("registry", token_request.registry.as_str());
             span.record("request_id", token_request.request_id.as_str());
-            broker.mint(&token_request, policy).await
+            if let Some(scope) = &token_request.scope {
+                span.record("repository", scope.repository.as_str());
+            }
+            let result = broker.mint(&token_request, policy).await;
+            if let Ok(response) = &result {
+                span.record("cached", response.cached);
+                let endpoint = match policy {
+                    ScopePolicy::PullPush => "mint",
+                    ScopePolicy::PullOnly => "refresh",
+                };
+                let metrics = telemetry::metrics::get();
+                let attributes = [
+                    telemetry::metrics::attr("endpoint", endpoint),
+                    telemetry::metrics::attr("cached", response.cached),
+                ];
+                metrics.token_requests.add(1, &attributes);
+            }
+            result
         }
         Err(rejection) => Err(rejection),
     };

@@ -40,6 +40,7 @@ struct RootFs {
 }
 
 /// Resolves `reference` to the `platform` image and reads its config.
+#[tracing::instrument(name = "resolve image", skip_all, fields(registry = client.registry(), repository = reference.repository()))]
 pub async fn fetch(
     client: &RegistryClient,
     reference: &Reference,

@@ -46,6 +46,11 @@ impl LayerJob<'_> {
             .await
     }
 
+    #[tracing::instrument(
+        name = "index layer",
+        skip_all,
+        fields(layer = i, digest = %descriptor.digest, compressed_bytes = descriptor.size, cache_hit, entries)
+    )]
     async fn one(&self, i: usize, descriptor: &OciDescriptor) -> Result<Layer, Failure> {
         let cached = match self.cache {
             Some(cache) => cache.get(&descriptor.digest).await,
@@ -71,6 +76,16 @@ impl LayerJob<'_> {
                 }
             }
         };
+        let span = tracing::Span::current();
+        span.record("cache_hit", layer.from_cache);
+        span.record("entries", layer.index.entries.len());
+        if !layer.from_cache {
+            let metrics = imagemesh_runtime::telemetry::metrics::get();
+            let service = imagemesh_runtime::telemetry::metrics::attr("service", "indexer");
+            metrics
+                .bytes_fetched
+                .add(descriptor.size.max(0) as u64, &[service]);
+        }
         let expected = &self.image.diff_ids[i];
         if &layer.index.diff_id != expected {
             return Err(Failure::invalid(format!(

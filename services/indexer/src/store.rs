@@ -39,6 +39,7 @@ fn sha256(bytes: &[u8]) -> String {
 }
 
 /// Pushes `encoded` as the index artifact of `image` and lists it under the fallback tag.
+#[tracing::instrument(name = "store index", skip_all, fields(registry = client.registry(), repository = image.reference.repository(), index_bytes = encoded.len()))]
 pub async fn push_index(
     client: &RegistryClient,
     image: &ResolvedImage,
