@@ -1,5 +1,8 @@
 //! Mounter configuration.
 
+use std::path::PathBuf;
+use std::time::Duration;
+
 use imagemesh_registry::RegistrySettings;
 use imagemesh_runtime::app::ServiceConfig;
 use imagemesh_runtime::nats::NatsConfig;
@@ -24,12 +27,89 @@ impl ServiceConfig for Config {
 }
 
 /// How mounts are made.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MounterConfig {
-    /// The build work loop; `concurrency` is the number of mounts prepared at once.
+    /// The runtime-request work loop; `concurrency` is the number of mounts prepared at once.
     pub worker: WorkerOptions,
     /// How this instance advertises itself to schedulers.
     pub placement: PlacementOptions,
     pub registry: RegistrySettings,
+    /// Directory holding one mount point per container: `<mount_root>/<container id>` (or the
+    /// request id when the request names no container). Created when missing.
+    pub mount_root: PathBuf,
+    /// Platform picked from multi-platform images (`os/arch[/variant]`).
+    pub platform: String,
+    /// Threads reading FUSE requests per mount. Reads are answered from the async runtime, so
+    /// these threads never wait for the registry.
+    pub fuse_threads: usize,
+    /// Let every user (containers run as any uid) use the mounts; the kernel still checks file
+    /// modes (`default_permissions`).
+    pub allow_other: bool,
+    pub cache: CacheConfig,
+    pub refresh: RefreshConfig,
+}
+
+impl Default for MounterConfig {
+    fn default() -> Self {
+        Self {
+            worker: WorkerOptions::default(),
+            placement: PlacementOptions::default(),
+            registry: RegistrySettings::default(),
+            mount_root: PathBuf::from("/run/imagemesh/mounts"),
+            platform: imagemesh_registry::manifest::DEFAULT_PLATFORM.to_string(),
+            fuse_threads: 2,
+            allow_other: true,
+            cache: CacheConfig::default(),
+            refresh: RefreshConfig::default(),
+        }
+    }
+}
+
+/// In-memory caches shared by every mount of this instance (keyed by layer digest and byte
+/// range, so images sharing a base layer share its cached bytes).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Budget for compressed spans fetched from registries (a small layer is one span): a span
+    /// read again is not fetched again while it is here.
+    pub compressed_bytes: u64,
+    /// Budget for inflated file data, so consecutive small reads (the kernel reads 128 KiB at a
+    /// time) do not inflate the same span over and over.
+    pub decoded_bytes: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            compressed_bytes: 256 << 20,
+            decoded_bytes: 128 << 20,
+        }
+    }
+}
+
+/// Refreshing a mount's credential before it expires.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RefreshConfig {
+    /// Refresh this long before `expires_at` — or at half the remaining life, when that comes
+    /// first (short-lived tokens).
+    #[serde(with = "humantime_serde")]
+    pub margin: Duration,
+    /// Wait before asking again after a failed refresh (or one that returned the same token).
+    #[serde(with = "humantime_serde")]
+    pub retry: Duration,
+    /// How long one refresh request to the credential service may take.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for RefreshConfig {
+    fn default() -> Self {
+        Self {
+            margin: Duration::from_secs(60),
+            retry: Duration::from_secs(2),
+            timeout: Duration::from_secs(5),
+        }
+    }
 }

@@ -1,18 +1,44 @@
-//! One runtime request: reach the image with the request's credentials.
+//! One runtime request: mount its image lazily, read-only, at `<mount_root>/<container id>`.
+//!
+//! Status phases: `resolved` (manifest and index found), then `mounted` (succeeded) with the
+//! mount point, digests, entry count, bytes fetched so far and where to unmount. A redelivered
+//! request for a mount that exists reports it again (`existing=true`) and mounts nothing.
 
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use imagemesh_lazyindex::{EntryKind, MergedTree};
 use imagemesh_proto::v1::ContainerRequest;
 use imagemesh_registry::{
-    Reference, RegistryClient, RegistryError, RegistrySettings, credential_for,
+    PlatformSpec, Reference, RegistryClient, RegistrySettings, credential_for,
 };
+use imagemesh_runtime::credentials::CredentialClient;
 use imagemesh_runtime::status::{StatusReporter, Step};
 use imagemesh_runtime::worker::{Delivery, Handler, Outcome};
-use imagemesh_runtime::{ErrorCode, Rejection};
-use oci_client::RegistryOperation;
+use imagemesh_runtime::{ErrorCode, Rejection, Shutdown};
+use tokio::runtime::Handle;
+
+use crate::config::RefreshConfig;
+use crate::control;
+use crate::fs::ImageFs;
+use crate::fs::inodes::Inodes;
+use crate::mounts::{Mount, MountInfo, MountTable, Reserved};
+use crate::open::{OpenedImage, open};
+use crate::reader::{ImageReader, Shared};
+use crate::refresh::{Refresh, RefreshCounters};
+use crate::source::MountSource;
 
 /// The mounter's work handler.
 pub struct Mounter {
     pub status: StatusReporter,
     pub registry: RegistrySettings,
+    pub platform: PlatformSpec,
+    pub mounts: Arc<MountTable>,
+    pub shared: Arc<Shared>,
+    pub credentials: CredentialClient,
+    pub refresh: RefreshConfig,
+    pub runtime: Handle,
+    pub worker_id: String,
 }
 
 impl Handler for Mounter {
@@ -34,51 +60,170 @@ impl Handler for Mounter {
     }
 }
 
-fn registry_failure(err: RegistryError) -> Outcome {
-    let retryable = err.is_retryable();
-    Outcome::failed(Rejection::new(err.error_code(), err.to_string()), retryable)
+fn reject(code: ErrorCode, message: impl Into<String>) -> Outcome {
+    Outcome::Reject(Rejection::new(code, message))
+}
+
+/// The mount's id: the container's, else the request's; it names a directory, so it must be a
+/// plain token.
+fn mount_id(request: &ContainerRequest) -> Result<&str, Outcome> {
+    let id = if request.container_id.is_empty() {
+        &request.request_id
+    } else {
+        &request.container_id
+    };
+    imagemesh_proto::validate_request_id(id)
+        .map_err(|e| reject(ErrorCode::MalformedRequest, format!("container_id: {e}")))?;
+    Ok(id)
 }
 
 impl Mounter {
     async fn mount(&self, request: &ContainerRequest) -> Result<(), Outcome> {
+        let id = mount_id(request)?;
         let image: Reference = request.image_ref.parse().map_err(|e| {
-            Outcome::Reject(Rejection::new(
+            reject(
                 ErrorCode::MalformedRequest,
                 format!("invalid image_ref: {e}"),
-            ))
+            )
         })?;
+        match self.mounts.reserve(id, &request.image_ref) {
+            Reserved::New => {}
+            Reserved::Existing(mount) => {
+                let step = self.mounted_step(&mount, 0.0).detail("existing", true);
+                self.status.report(&request.request_id, step).await;
+                return Ok(());
+            }
+            Reserved::Conflict(other) => {
+                return Err(reject(
+                    ErrorCode::MalformedRequest,
+                    format!("container {id} already has another image mounted ({other})"),
+                ));
+            }
+            Reserved::Busy => {
+                return Err(Outcome::Retry(Rejection::new(
+                    ErrorCode::Internal,
+                    format!("container {id} is being mounted by another delivery"),
+                )));
+            }
+        }
+        let result = self.mount_new(id, &image, request).await;
+        if result.is_err() {
+            self.mounts.release(id);
+        }
+        result
+    }
+
+    async fn mount_new(
+        &self,
+        id: &str,
+        image: &Reference,
+        request: &ContainerRequest,
+    ) -> Result<(), Outcome> {
+        let started = Instant::now();
         let registry = image.registry().to_string();
         // The build-registry token when the image lives there (the token that pushed it).
         let credential = credential_for(request, &registry);
-        let client = RegistryClient::new(&registry, credential, &self.registry);
-        client
-            .check_access(&image, RegistryOperation::Pull)
+        let client = Arc::new(RegistryClient::new(&registry, credential, &self.registry));
+        let opened = open(&client, image, &self.platform)
             .await
-            .map_err(registry_failure)?;
-        let how = if credential.is_some() {
-            "with the request's credential"
-        } else {
-            "anonymously"
+            .map_err(|e| e.into_outcome())?;
+        self.report_resolved(request, &opened).await;
+        let reference = opened.resolved.reference.clone();
+        let source = Arc::new(MountSource::new(client, &reference, self.registry.clone()).await);
+        let reader = Arc::new(ImageReader::new(
+            opened.index.clone(),
+            source.clone(),
+            self.shared.clone(),
+        ));
+        let index = opened.index.clone();
+        let inodes = tokio::task::spawn_blocking(move || {
+            Arc::new(Inodes::build(&MergedTree::from_layers(&index.layers)))
+        })
+        .await
+        .map_err(|e| reject(ErrorCode::Internal, format!("building the file table: {e}")))?;
+        let info = MountInfo {
+            id: id.to_string(),
+            request_id: request.request_id.clone(),
+            image_ref: request.image_ref.clone(),
+            image_digest: opened.resolved.digest().to_string(),
+            index_digest: opened.index_digest.clone(),
+            mountpoint: self.mounts.mountpoint(id),
+            entries: inodes.len(),
+            mounted_at: SystemTime::now(),
         };
-        let mut step = Step::running(
-            "authenticated",
-            format!("registry {registry} reachable {how}"),
-        );
+        let fs = ImageFs {
+            inodes,
+            reader,
+            runtime: self.runtime.clone(),
+            mount_id: id.to_string(),
+        };
+        let counters = Arc::new(RefreshCounters::new(credential));
+        let stop_refresh = Shutdown::new();
+        let mounts = self.mounts.clone();
+        let (c, s) = (counters.clone(), stop_refresh.clone());
+        let mount = tokio::task::spawn_blocking(move || mounts.mount_blocking(fs, info, c, s))
+            .await
+            .map_err(|e| reject(ErrorCode::Internal, format!("mount task failed: {e}")))?
+            .map_err(|e| {
+                // A mount point in a bad state or /dev/fuse busy may clear up: retry.
+                Outcome::Retry(Rejection::new(
+                    ErrorCode::Internal,
+                    format!("mounting {id} failed: {e}"),
+                ))
+            })?;
         if let Some(credential) = credential {
-            let actions = credential
-                .scope
-                .as_ref()
-                .map(|s| s.actions.join(","))
-                .unwrap_or_default();
-            step = step
-                .detail("registry", &credential.registry)
-                .detail("username", &credential.username)
-                .detail("actions", actions);
+            let refresh = Refresh {
+                credentials: self.credentials.clone(),
+                config: self.refresh.clone(),
+                source,
+                counters,
+                mount_id: id.to_string(),
+                request_id: request.request_id.clone(),
+            };
+            tokio::spawn(refresh.run(credential.clone(), stop_refresh));
         }
-        self.status.report(&request.request_id, step).await;
-        let step = Step::succeeded("ready", "image ready to mount")
-            .detail("image_ref", &request.image_ref);
+        let seconds = started.elapsed().as_secs_f64();
+        tracing::info!(mount_id = id, mountpoint = %mount.info.mountpoint.display(), seconds, "mounted");
+        let step = self.mounted_step(&mount, seconds).detail("existing", false);
         self.status.report(&request.request_id, step).await;
         Ok(())
+    }
+
+    async fn report_resolved(&self, request: &ContainerRequest, opened: &OpenedImage) {
+        let layers = &opened.index.layers;
+        let compressed: u64 = layers.iter().map(|l| l.compressed_size).sum();
+        let files = layers
+            .iter()
+            .flat_map(|l| &l.entries)
+            .filter(|e| e.kind == EntryKind::File)
+            .count();
+        let step = Step::running("resolved", "image and its index found")
+            .detail("image_digest", opened.resolved.digest())
+            .detail("index_digest", &opened.index_digest)
+            .detail("index_bytes", opened.index_bytes)
+            .detail("layers", layers.len())
+            .detail("layer_files", files)
+            .detail("compressed_bytes", compressed);
+        self.status.report(&request.request_id, step).await;
+    }
+
+    fn mounted_step(&self, mount: &Mount, seconds: f64) -> Step {
+        let info = &mount.info;
+        let stats = mount.reader.stats();
+        Step::succeeded(
+            "mounted",
+            format!("image mounted read-only at {}", info.mountpoint.display()),
+        )
+        .detail("mount_id", &info.id)
+        .detail("mountpoint", info.mountpoint.display())
+        .detail("image_ref", &info.image_ref)
+        .detail("image_digest", &info.image_digest)
+        .detail("index_digest", &info.index_digest)
+        .detail("entries", info.entries)
+        .detail("bytes_fetched", stats.bytes_fetched)
+        .detail("range_requests", stats.range_requests)
+        .detail("seconds", format!("{seconds:.3}"))
+        .detail("unmount_subject", control::unmount_subject(&self.worker_id))
+        .detail("stats_subject", control::stats_subject(&self.worker_id))
     }
 }

@@ -1,20 +1,48 @@
-//! The mounter: for a runtime request, mounts the image lazily with the request's credentials
-//! (the build-registry token when the image lives in the build registry), refreshing them
-//! before they expire.
+//! The mounter: for a runtime request, mounts the image lazily and read-only over FUSE at
+//! `<mount_root>/<container id>`, fetching only the byte ranges files are read from with the
+//! request's credential, and refreshing that credential before it expires.
+//!
+//! - [`handler`]: one runtime request → a mount (idempotent per mount id).
+//! - [`open`](mod@open): the platform's image manifest and its lazy-mount index from the registry.
+//! - [`fs`]: the FUSE filesystem (metadata from an inode table; reads answered from tokio).
+//! - [`reader`] + [`cache`]: cached, single-flight range reads inflated in the blocking pool.
+//! - [`source`]: the registry blob source whose credential can be swapped under live reads.
+//! - [`refresh`]: one task per mount renewing its token through `imagemesh.credential.refresh`.
+//! - [`mounts`]: the mount table; unmount, detach of busy and stale mounts.
+//! - [`control`]: `imagemesh.mounter.<worker>.unmount` / `.mounts` endpoints.
+//!
+//! `docs/mounter.md` describes the whole.
 #![forbid(unsafe_code)]
 
+mod cache;
 pub mod config;
+mod control;
+mod fs;
 mod handler;
+mod mounts;
+mod open;
+mod reader;
+mod refresh;
+mod source;
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_nats::Client;
 pub use config::Config;
+use imagemesh_registry::PlatformSpec;
+use imagemesh_runtime::credentials::CredentialClient;
 use imagemesh_runtime::placement;
 use imagemesh_runtime::service::Identity;
 use imagemesh_runtime::status::StatusReporter;
 use imagemesh_runtime::worker::{self, Work};
 use imagemesh_runtime::{Shutdown, streams};
 
+use crate::control::{Control, MountReport};
+pub use crate::control::{stats_subject, unmount_subject};
 use crate::handler::Mounter;
+use crate::mounts::{FuseOptions, MountTable};
+use crate::reader::Shared;
 
 /// How the mounter presents itself to `$SRV.INFO`.
 pub const IDENTITY: Identity = Identity {
@@ -22,21 +50,67 @@ pub const IDENTITY: Identity = Identity {
     description: "Mounts images lazily with the request's credentials",
 };
 
-/// Mounts until `shutdown`.
+/// Mounts until `shutdown`, then unmounts everything it mounted.
 pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::Result<()> {
     let js = async_nats::jetstream::new(client.clone());
     let used = [streams::MOUNT, streams::STATUS, streams::DEAD_LETTER];
     streams::ensure(&js, &used, &config.streams).await?;
     let mut settings = config.mounter;
     settings.placement = settings.placement.resolved();
+    let worker_id = settings.placement.worker_id.clone();
+    let platform = PlatformSpec::parse(&settings.platform).map_err(|e| anyhow::anyhow!(e))?;
+    let fuse = FuseOptions {
+        threads: settings.fuse_threads,
+        allow_other: settings.allow_other,
+    };
+    let mounts = Arc::new(
+        MountTable::open(&settings.mount_root, fuse)
+            .map_err(|e| anyhow::anyhow!("mount root {}: {e}", settings.mount_root.display()))?,
+    );
+    let shared = Arc::new(Shared::new(cache::Caches::new(&settings.cache)));
+    let status = StatusReporter::new(js, IDENTITY.name).with_instance(&worker_id);
+    let control = Control {
+        worker_id: worker_id.clone(),
+        mounts: mounts.clone(),
+        shared: shared.clone(),
+        status: status.clone(),
+    };
+    let control_service = control::serve(&client, control.clone(), shutdown.clone()).await?;
     let handler = Mounter {
-        status: StatusReporter::new(js, IDENTITY.name).with_instance(&settings.placement.worker_id),
+        status,
         registry: settings.registry.clone(),
+        platform,
+        mounts: mounts.clone(),
+        shared,
+        credentials: CredentialClient::new(client.clone(), settings.refresh.timeout),
+        refresh: settings.refresh.clone(),
+        runtime: tokio::runtime::Handle::current(),
+        worker_id,
     };
     let work = Work::Placed {
         kind: placement::MOUNT,
         placement: settings.placement.clone(),
         replicas: config.streams.replicas,
     };
-    worker::serve(&client, IDENTITY, work, settings.worker, handler, shutdown).await
+    let served = worker::serve(&client, IDENTITY, work, settings.worker, handler, shutdown).await;
+    // Whatever ended the work loop, leave no mount behind.
+    unmount_all(&control).await;
+    if let Err(err) = control_service.stop().await {
+        tracing::warn!(error = %err, "stopping the control service");
+    }
+    served
+}
+
+async fn unmount_all(control: &Control) {
+    let unmounting = control.mounts.unmount_all();
+    // A session thread that never ends must not keep the process alive past its grace.
+    match tokio::time::timeout(Duration::from_secs(30), unmounting).await {
+        Ok(done) => {
+            for mount in done {
+                let report = MountReport::of(&mount);
+                control.report_unmounted(&mount, &report).await;
+            }
+        }
+        Err(_) => tracing::error!("unmounting took over 30 s; exiting anyway"),
+    }
 }

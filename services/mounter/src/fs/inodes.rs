@@ -1,0 +1,164 @@
+//! The merged tree as inodes: numbers the kernel can hold, children in name order for lookups
+//! by binary search, and one inode shared by the names of a hardlinked file.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{FileAttr, FileType, INodeNo};
+use imagemesh_lazyindex::{EntryKind, MergedEntry, MergedTree};
+
+/// Hops followed when resolving a chain of hardlinks (a loop would be a broken index).
+const MAX_LINK_HOPS: usize = 40;
+
+/// One inode.
+pub struct Node {
+    pub entry: MergedEntry,
+    pub parent: u64,
+    /// (name, inode), sorted by name.
+    pub children: Vec<(String, u64)>,
+    pub nlink: u32,
+}
+
+/// Every inode of one image; inode `n` is `nodes[n - 1]`, the root is 1.
+pub struct Inodes {
+    nodes: Vec<Node>,
+}
+
+impl Inodes {
+    pub fn build(tree: &MergedTree) -> Self {
+        let mut nodes = Vec::with_capacity(tree.len());
+        let mut inode_of: HashMap<&str, u64> = HashMap::with_capacity(tree.len());
+        // Inodes first, for every path that is not one more name of a file already numbered.
+        for (path, entry) in tree.iter() {
+            if shared_target(tree, path, entry).is_none() {
+                inode_of.insert(path, nodes.len() as u64 + 1);
+                nodes.push(Node {
+                    entry: entry.clone(),
+                    parent: 1,
+                    children: Vec::new(),
+                    nlink: 1,
+                });
+            }
+        }
+        // Then names: path order lists a directory's children in name order.
+        for (path, entry) in tree.iter().filter(|(p, _)| !p.is_empty()) {
+            let (parent_path, name) = path.rsplit_once('/').unwrap_or(("", path));
+            let ino = match shared_target(tree, path, entry) {
+                Some(target) => {
+                    let ino = inode_of[target.as_str()];
+                    nodes[ino as usize - 1].nlink += 1;
+                    ino
+                }
+                None => inode_of[path],
+            };
+            let parent = inode_of[parent_path];
+            nodes[parent as usize - 1]
+                .children
+                .push((name.to_string(), ino));
+            if inode_of.get(path) == Some(&ino) {
+                nodes[ino as usize - 1].parent = parent;
+            }
+        }
+        for node in &mut nodes {
+            if node.entry.kind == EntryKind::Dir {
+                node.nlink = 2;
+            }
+        }
+        let subdirs: Vec<u64> = nodes
+            .iter()
+            .filter(|n| n.entry.kind == EntryKind::Dir)
+            .map(|n| n.parent)
+            .collect();
+        for parent in subdirs.into_iter().skip(1) {
+            nodes[parent as usize - 1].nlink += 1;
+        }
+        Self { nodes }
+    }
+
+    pub fn get(&self, ino: u64) -> Option<&Node> {
+        self.nodes.get(usize::try_from(ino).ok()?.checked_sub(1)?)
+    }
+
+    pub fn lookup(&self, parent: u64, name: &str) -> Option<u64> {
+        let children = &self.get(parent)?.children;
+        let at = children
+            .binary_search_by(|(n, _)| n.as_str().cmp(name))
+            .ok()?;
+        Some(children[at].1)
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// The kernel's view of inode `ino`.
+    pub fn attr(&self, ino: u64) -> Option<FileAttr> {
+        let node = self.get(ino)?;
+        let e = &node.entry;
+        let mtime = if e.mtime >= 0 {
+            UNIX_EPOCH + Duration::new(e.mtime as u64, e.mtime_nsec)
+        } else {
+            UNIX_EPOCH - Duration::from_secs(e.mtime.unsigned_abs())
+        };
+        let size = match e.kind {
+            EntryKind::Symlink => e.link_target.as_ref().map_or(0, |t| t.len() as u64),
+            _ => e.size,
+        };
+        Some(FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: mtime,
+            mtime,
+            ctime: mtime,
+            crtime: SystemTime::UNIX_EPOCH,
+            kind: file_type(e.kind),
+            perm: (e.mode & 0o7777) as u16,
+            nlink: node.nlink,
+            uid: u32::try_from(e.uid).unwrap_or(u32::MAX),
+            gid: u32::try_from(e.gid).unwrap_or(u32::MAX),
+            rdev: e
+                .device
+                .map_or(0, |(major, minor)| encode_dev(major, minor)),
+            blksize: 4096,
+            flags: 0,
+        })
+    }
+}
+
+/// The kernel's `new_encode_dev`: minor's low byte, major, then the minor's high bits.
+fn encode_dev(major: u32, minor: u32) -> u32 {
+    (minor & 0xff) | ((major & 0xfff) << 8) | ((minor & !0xff) << 12)
+}
+
+pub fn file_type(kind: EntryKind) -> FileType {
+    match kind {
+        EntryKind::Dir => FileType::Directory,
+        EntryKind::Symlink => FileType::Symlink,
+        EntryKind::CharDevice => FileType::CharDevice,
+        EntryKind::BlockDevice => FileType::BlockDevice,
+        EntryKind::Fifo => FileType::NamedPipe,
+        _ => FileType::RegularFile,
+    }
+}
+
+/// For a path created by a hardlink whose target still holds the same file: the path that
+/// owns the inode. A target replaced since the link was made keeps its own inode.
+fn shared_target(tree: &MergedTree, path: &str, entry: &MergedEntry) -> Option<String> {
+    let mut target = entry.hardlink_to.clone()?;
+    for _ in 0..MAX_LINK_HOPS {
+        let found = tree.get(&target)?;
+        if target == path || !same_file(found, entry) {
+            return None;
+        }
+        match &found.hardlink_to {
+            Some(next) => target = next.clone(),
+            None => return Some(target),
+        }
+    }
+    None
+}
+
+fn same_file(a: &MergedEntry, b: &MergedEntry) -> bool {
+    a.kind == b.kind && a.data == b.data && a.size == b.size && a.mode == b.mode
+}

@@ -1,0 +1,286 @@
+//! The mounts of this instance: one FUSE session per container under `mount_root`.
+//!
+//! A mount is kept until it is unmounted (control endpoint) or the service stops; dropping a
+//! fuser session unmounts it. A mount point still busy (a process has a file open) is detached
+//! lazily so it disappears from the namespace at once and the kernel finishes it when the last
+//! file closes. Mounts left behind by a killed instance ("transport endpoint is not connected")
+//! are detached when the next instance starts.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use fuser::{BackgroundSession, MountOption, SessionACL};
+use imagemesh_runtime::Shutdown;
+
+use crate::fs::ImageFs;
+use crate::reader::ImageReader;
+use crate::refresh::RefreshCounters;
+
+/// How sessions are mounted.
+#[derive(Debug, Clone)]
+pub struct FuseOptions {
+    pub threads: usize,
+    pub allow_other: bool,
+}
+
+/// What a mount is, for status events and the stats endpoint.
+pub struct MountInfo {
+    pub id: String,
+    pub request_id: String,
+    pub image_ref: String,
+    pub image_digest: String,
+    pub index_digest: String,
+    pub mountpoint: PathBuf,
+    pub entries: usize,
+    pub mounted_at: SystemTime,
+}
+
+/// One live mount.
+pub struct Mount {
+    pub info: MountInfo,
+    pub reader: Arc<ImageReader>,
+    pub refresh: Arc<RefreshCounters>,
+    /// Stops the credential refresh task.
+    pub stop_refresh: Shutdown,
+    session: Mutex<Option<BackgroundSession>>,
+}
+
+enum Slot {
+    /// A request is mounting it right now.
+    Mounting(String),
+    Mounted(Arc<Mount>),
+}
+
+/// What [`MountTable::reserve`] found.
+pub enum Reserved {
+    /// The id is ours to mount.
+    New,
+    /// Already mounted with this image (a redelivery): report it.
+    Existing(Arc<Mount>),
+    /// Mounted, or being mounted, with another image.
+    Conflict(String),
+    /// Being mounted by another delivery right now.
+    Busy,
+}
+
+/// Every mount of this instance, by mount id.
+pub struct MountTable {
+    root: PathBuf,
+    fuse: FuseOptions,
+    slots: Mutex<HashMap<String, Slot>>,
+}
+
+impl MountTable {
+    /// Creates `root` and detaches whatever an earlier instance left mounted under it.
+    pub fn open(root: &Path, fuse: FuseOptions) -> std::io::Result<Self> {
+        std::fs::create_dir_all(root)?;
+        let root = root.canonicalize()?;
+        for stale in mounts_under(&root) {
+            tracing::warn!(mountpoint = %stale.display(), "detaching a mount left by an earlier instance");
+            detach(&stale);
+            let _ = std::fs::remove_dir(&stale);
+        }
+        Ok(Self {
+            root,
+            fuse,
+            slots: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn mountpoint(&self, id: &str) -> PathBuf {
+        self.root.join(id)
+    }
+
+    /// Claims `id` for mounting `image_ref`, unless it is mounted or being mounted.
+    pub fn reserve(&self, id: &str, image_ref: &str) -> Reserved {
+        let mut slots = self.slots.lock().expect("mount table lock");
+        match slots.get(id) {
+            None => {
+                slots.insert(id.to_string(), Slot::Mounting(image_ref.to_string()));
+                Reserved::New
+            }
+            Some(Slot::Mounted(m)) if m.info.image_ref == image_ref => {
+                Reserved::Existing(m.clone())
+            }
+            Some(Slot::Mounted(m)) => Reserved::Conflict(m.info.image_ref.clone()),
+            Some(Slot::Mounting(other)) if other != image_ref => Reserved::Conflict(other.clone()),
+            Some(Slot::Mounting(_)) => Reserved::Busy,
+        }
+    }
+
+    /// Gives up a reservation that did not end in a mount.
+    pub fn release(&self, id: &str) {
+        let mut slots = self.slots.lock().expect("mount table lock");
+        if matches!(slots.get(id), Some(Slot::Mounting(_))) {
+            slots.remove(id);
+        }
+    }
+
+    /// Mounts `fs` at the reserved id's mount point (blocking: run it off the async threads).
+    pub fn mount_blocking(
+        &self,
+        fs: ImageFs,
+        info: MountInfo,
+        refresh: Arc<RefreshCounters>,
+        stop_refresh: Shutdown,
+    ) -> std::io::Result<Arc<Mount>> {
+        let reader = fs.reader.clone();
+        let mountpoint = info.mountpoint.clone();
+        if mounts_under(&self.root).contains(&mountpoint) {
+            detach(&mountpoint);
+        }
+        std::fs::create_dir_all(&mountpoint)?;
+        let session = fuser::spawn_mount(fs, &mountpoint, &self.fuse_config())?;
+        let mount = Arc::new(Mount {
+            info,
+            reader,
+            refresh,
+            stop_refresh,
+            session: Mutex::new(Some(session)),
+        });
+        let mut slots = self.slots.lock().expect("mount table lock");
+        slots.insert(mount.info.id.clone(), Slot::Mounted(mount.clone()));
+        Ok(mount)
+    }
+
+    fn fuse_config(&self) -> fuser::Config {
+        let mut config = fuser::Config::default();
+        config.mount_options = vec![
+            MountOption::RO,
+            MountOption::FSName("imagemesh".into()),
+            MountOption::Subtype("imagemesh".into()),
+            MountOption::NoDev,
+            MountOption::NoSuid,
+            MountOption::NoAtime,
+            // With allow_other, the kernel checks modes and owners as for any file system.
+            MountOption::DefaultPermissions,
+        ];
+        config.acl = if self.fuse.allow_other {
+            SessionACL::All
+        } else {
+            SessionACL::Owner
+        };
+        config.n_threads = Some(self.fuse.threads.max(1));
+        config
+    }
+
+    /// Every live mount, in id order.
+    pub fn all(&self) -> Vec<Arc<Mount>> {
+        let slots = self.slots.lock().expect("mount table lock");
+        let mut all: Vec<Arc<Mount>> = slots
+            .values()
+            .filter_map(|s| match s {
+                Slot::Mounted(m) => Some(m.clone()),
+                Slot::Mounting(_) => None,
+            })
+            .collect();
+        all.sort_by(|a, b| a.info.id.cmp(&b.info.id));
+        all
+    }
+
+    /// Takes `id` out of the table and unmounts it; `None` when there is no such mount.
+    pub async fn unmount(&self, id: &str) -> Option<Arc<Mount>> {
+        let mount = {
+            let mut slots = self.slots.lock().expect("mount table lock");
+            match slots.get(id) {
+                Some(Slot::Mounted(_)) => match slots.remove(id) {
+                    Some(Slot::Mounted(m)) => m,
+                    _ => unreachable!("checked above"),
+                },
+                _ => return None,
+            }
+        };
+        mount.stop_refresh.trigger();
+        let session = mount.session.lock().expect("session lock").take();
+        let mountpoint = mount.info.mountpoint.clone();
+        let done = tokio::task::spawn_blocking(move || end_session(session, &mountpoint)).await;
+        if let Err(err) = done {
+            tracing::error!(mount_id = id, error = %err, "unmount task failed");
+        }
+        Some(mount)
+    }
+
+    /// Unmounts everything (shutdown).
+    pub async fn unmount_all(&self) -> Vec<Arc<Mount>> {
+        let ids: Vec<String> = self.all().iter().map(|m| m.info.id.clone()).collect();
+        let mut done = Vec::new();
+        for id in ids {
+            done.extend(self.unmount(&id).await);
+        }
+        done
+    }
+}
+
+/// Unmounts and waits for the session's threads; detaches instead when the mount is busy.
+fn end_session(session: Option<BackgroundSession>, mountpoint: &Path) {
+    if let Some(session) = session
+        && let Err(err) = session.umount_and_join()
+    {
+        tracing::warn!(mountpoint = %mountpoint.display(), error = %err, "unmount failed; detaching");
+        detach(mountpoint);
+    }
+    if let Err(err) = std::fs::remove_dir(mountpoint) {
+        tracing::debug!(mountpoint = %mountpoint.display(), error = %err, "mount point not removed");
+    }
+}
+
+/// Lazy unmount: gone from the namespace now, finished by the kernel when no longer busy.
+fn detach(mountpoint: &Path) {
+    if let Err(err) = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH) {
+        tracing::warn!(mountpoint = %mountpoint.display(), error = %err, "detach failed");
+    }
+}
+
+/// Mount points at or below `root`, from `/proc/self/mountinfo` (octal escapes decoded).
+pub fn mounts_under(root: &Path) -> Vec<PathBuf> {
+    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = table
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|field| PathBuf::from(unescape(field)))
+        .filter(|path| path.starts_with(root) && path != root)
+        .collect();
+    // Deepest first, so nested mounts are detached before their parents.
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found
+}
+
+/// `\040` and friends, as the kernel escapes spaces, tabs, newlines and backslashes.
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|d| {
+            let text = std::str::from_utf8(d).ok()?;
+            u8::from_str_radix(text, 8).ok()
+        });
+        match (bytes[i], octal) {
+            (b'\\', Some(byte)) => {
+                out.push(byte);
+                i += 4;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unescape;
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape(r"/run/a\040b"), "/run/a b");
+        assert_eq!(unescape(r"/x\134y"), r"/x\y");
+        assert_eq!(unescape("/plain"), "/plain");
+    }
+}

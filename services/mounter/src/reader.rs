@@ -1,0 +1,260 @@
+//! File reads of one mounted image: cached, single-flight, inflated off the async threads.
+//!
+//! A layer's uncompressed stream is cut into *spans* by the index's checkpoints (4 MiB by
+//! default; a small layer is one span) and each span into [`PIECE`]-sized pieces counted from
+//! the span start. A read is served piece by piece from the decoded cache. On a miss the reader
+//! takes the span's flight lock (so concurrent readers of one span — the kernel's readahead —
+//! wait for one fetch instead of racing), fetches the span's compressed bytes with one range
+//! request (or takes them from the compressed cache), verifies and inflates from the checkpoint
+//! in the blocking pool, and caches every piece from the one asked for up to [`MAX_RUN`] later
+//! or the span's end: the next reads of the file are memory copies.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use bytes::{Bytes, BytesMut};
+use imagemesh_lazyindex::{DataRef, ImageIndex};
+use tokio::sync::{OwnedMutexGuard, Semaphore};
+
+use crate::cache::{Caches, RangeKey};
+use crate::source::MountSource;
+
+/// Decoded cache granularity.
+pub const PIECE: u64 = 1 << 20;
+/// Most bytes inflated for one miss (a multiple of [`PIECE`]): bounds a read's memory and CPU.
+pub const MAX_RUN: u64 = 4 << 20;
+
+/// Why a read failed (the kernel sees EIO; the log sees this).
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Registry(#[from] imagemesh_registry::RegistryError),
+    #[error(transparent)]
+    Index(#[from] imagemesh_lazyindex::Error),
+    #[error("inflate task failed: {0}")]
+    Task(String),
+}
+
+/// What every mount of the instance shares: caches, flight locks, inflate slots.
+pub struct Shared {
+    pub caches: Caches,
+    flights: Mutex<HashMap<RangeKey, Weak<tokio::sync::Mutex<()>>>>,
+    /// Inflating is CPU-bound: at most one inflate per core at a time.
+    inflate_slots: Semaphore,
+}
+
+impl Shared {
+    pub fn new(caches: Caches) -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Self {
+            caches,
+            flights: Mutex::new(HashMap::new()),
+            inflate_slots: Semaphore::new(cores),
+        }
+    }
+
+    async fn flight(&self, key: RangeKey) -> OwnedMutexGuard<()> {
+        let lock = {
+            let mut flights = self.flights.lock().expect("flights lock");
+            flights.retain(|_, lock| lock.strong_count() > 0);
+            match flights.get(&key).and_then(Weak::upgrade) {
+                Some(lock) => lock,
+                None => {
+                    let lock = Arc::new(tokio::sync::Mutex::new(()));
+                    flights.insert(key, Arc::downgrade(&lock));
+                    lock
+                }
+            }
+        };
+        lock.lock_owned().await
+    }
+}
+
+/// Reads files of one image.
+pub struct ImageReader {
+    image: Arc<ImageIndex>,
+    digests: Vec<Arc<str>>,
+    source: Arc<MountSource>,
+    shared: Arc<Shared>,
+    reads: AtomicU64,
+    returned: AtomicU64,
+    inflated: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// A mount's read counters.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReadStats {
+    pub reads: u64,
+    pub bytes_returned: u64,
+    pub range_requests: u64,
+    pub bytes_fetched: u64,
+    pub bytes_inflated: u64,
+    pub read_errors: u64,
+}
+
+impl ImageReader {
+    pub fn new(image: Arc<ImageIndex>, source: Arc<MountSource>, shared: Arc<Shared>) -> Self {
+        let digests = image
+            .layers
+            .iter()
+            .map(|l| l.digest.as_str().into())
+            .collect();
+        Self {
+            image,
+            digests,
+            source,
+            shared,
+            reads: AtomicU64::new(0),
+            returned: AtomicU64::new(0),
+            inflated: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+        }
+    }
+
+    pub fn stats(&self) -> ReadStats {
+        ReadStats {
+            reads: self.reads.load(Ordering::Relaxed),
+            bytes_returned: self.returned.load(Ordering::Relaxed),
+            range_requests: self.source.requests(),
+            bytes_fetched: self.source.bytes_fetched(),
+            bytes_inflated: self.inflated.load(Ordering::Relaxed),
+            read_errors: self.errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Up to `len` bytes of a file of `size` bytes whose data is at `data`, from `offset`.
+    pub async fn read(
+        &self,
+        data: DataRef,
+        size: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes, ReadError> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        let result = self.read_range(data, size, offset, len).await;
+        match &result {
+            Ok(bytes) => self
+                .returned
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed),
+            Err(_) => self.errors.fetch_add(1, Ordering::Relaxed),
+        };
+        result
+    }
+
+    async fn read_range(
+        &self,
+        data: DataRef,
+        size: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes, ReadError> {
+        let end = offset.saturating_add(len).min(size);
+        let (a, b) = (data.offset + offset.min(end), data.offset + end);
+        let mut out = BytesMut::new();
+        let mut pos = a;
+        while pos < b {
+            let (start, piece) = self.piece(data.layer, pos).await?;
+            let from = (pos - start) as usize;
+            let to = ((b - start) as usize).min(piece.len());
+            if pos == a && to - from == (b - a) as usize {
+                // The whole read is in one piece: hand out a slice, no copy.
+                return Ok(piece.slice(from..to));
+            }
+            out.extend_from_slice(&piece[from..to]);
+            pos = start + to as u64;
+        }
+        Ok(out.freeze())
+    }
+
+    /// The cached piece holding uncompressed offset `pos` of `layer`, as (its start, bytes).
+    async fn piece(&self, layer: usize, pos: u64) -> Result<(u64, Bytes), ReadError> {
+        let index = &self.image.layers[layer];
+        let cps = &index.checkpoints;
+        let span = cps.partition_point(|c| c.uncompressed_offset <= pos).max(1) - 1;
+        let span_start = cps[span].uncompressed_offset;
+        let span_end = cps
+            .get(span + 1)
+            .map_or(index.uncompressed_size, |c| c.uncompressed_offset);
+        let start = span_start + (pos - span_start) / PIECE * PIECE;
+        let key = self.key(layer, start, (start + PIECE).min(span_end));
+        if let Some(bytes) = self.shared.caches.decoded.get(&key) {
+            return Ok((start, bytes));
+        }
+        let compressed = index.span_range(span);
+        let _flight = self
+            .shared
+            .flight(self.key(layer, compressed.start, compressed.end))
+            .await;
+        if let Some(bytes) = self.shared.caches.decoded.peek(&key) {
+            return Ok((start, bytes));
+        }
+        let run_end = (start + MAX_RUN).min(span_end);
+        let run = self.inflate(layer, start, run_end).await?;
+        Ok((start, self.cache_pieces(layer, start, span_end, &run)))
+    }
+
+    /// Fetches (or takes from the cache) and inflates the uncompressed range `[start, end)`,
+    /// which lies inside one span.
+    async fn inflate(&self, layer: usize, start: u64, end: u64) -> Result<Vec<u8>, ReadError> {
+        let plan = self.image.layers[layer].plan_read(start..end)?;
+        let span_key = self.key(layer, plan.fetch.start, plan.fetch.end);
+        let cached = self.shared.caches.compressed.get(&span_key);
+        let compressed = match &cached {
+            Some(bytes) => bytes.clone(),
+            None => {
+                let digest = &self.digests[layer];
+                self.source.fetch(digest, plan.fetch.clone()).await?
+            }
+        };
+        let _slot = self
+            .shared
+            .inflate_slots
+            .acquire()
+            .await
+            .expect("never closed");
+        let image = self.image.clone();
+        let fetched = compressed.clone();
+        let decoded =
+            tokio::task::spawn_blocking(move || image.layers[layer].decode_read(&plan, &fetched))
+                .await
+                .map_err(|e| ReadError::Task(e.to_string()))??;
+        // Only verified spans enter the cache: decode_read checked their digests.
+        if cached.is_none() {
+            self.shared.caches.compressed.insert(span_key, compressed);
+        }
+        self.inflated
+            .fetch_add(decoded.len() as u64, Ordering::Relaxed);
+        Ok(decoded)
+    }
+
+    /// Caches `run` (uncompressed bytes from `start`) piece by piece; returns the first piece.
+    fn cache_pieces(&self, layer: usize, start: u64, span_end: u64, run: &[u8]) -> Bytes {
+        let mut first = None;
+        for (i, chunk) in run.chunks(PIECE as usize).enumerate() {
+            let piece_start = start + i as u64 * PIECE;
+            let piece_end = (piece_start + PIECE).min(span_end);
+            // Only whole pieces are cached (the last chunk of a run is whole by construction).
+            if chunk.len() as u64 != piece_end - piece_start {
+                break;
+            }
+            // Copies, so every cached piece owns exactly its bytes and the budget is honest.
+            let bytes = Bytes::copy_from_slice(chunk);
+            self.shared
+                .caches
+                .decoded
+                .insert(self.key(layer, piece_start, piece_end), bytes.clone());
+            first.get_or_insert(bytes);
+        }
+        first.unwrap_or_else(|| Bytes::copy_from_slice(&run[..run.len().min(PIECE as usize)]))
+    }
+
+    fn key(&self, layer: usize, start: u64, end: u64) -> RangeKey {
+        RangeKey {
+            digest: self.digests[layer].clone(),
+            start,
+            end,
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! The registry a mount reads from, with a credential that can be replaced while reads go on.
+//!
+//! oci-client keeps the first auth a `Client` used for a registry for its whole life, so a new
+//! credential needs a new client: [`MountSource::swap`] builds one and later reads use it, while
+//! reads already in flight finish with the old one.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use imagemesh_proto::v1::RegistryCredential;
+use imagemesh_registry::{
+    Reference, RegistryBlobSource, RegistryClient, RegistryError, RegistrySettings,
+};
+
+/// Blob ranges of one image's repository, read with the mount's current credential.
+pub struct MountSource {
+    image: Reference,
+    settings: RegistrySettings,
+    current: RwLock<Arc<RegistryBlobSource>>,
+    requests: AtomicU64,
+    fetched: AtomicU64,
+}
+
+impl MountSource {
+    /// Reads `image`'s blobs with `client` (the client the image was opened with).
+    pub async fn new(
+        client: Arc<RegistryClient>,
+        image: &Reference,
+        settings: RegistrySettings,
+    ) -> Self {
+        let source = RegistryBlobSource::new(client, image).await;
+        Self {
+            image: image.clone(),
+            settings,
+            current: RwLock::new(Arc::new(source)),
+            requests: AtomicU64::new(0),
+            fetched: AtomicU64::new(0),
+        }
+    }
+
+    /// Reads go on with `credential` from now on.
+    pub async fn swap(&self, credential: &RegistryCredential) {
+        let client = Arc::new(RegistryClient::new(
+            self.image.registry(),
+            Some(credential),
+            &self.settings,
+        ));
+        let source = Arc::new(RegistryBlobSource::new(client, &self.image).await);
+        *self.current.write().expect("source lock") = source;
+    }
+
+    /// Fetches exactly `range` of blob `digest` with one range request.
+    pub async fn fetch(&self, digest: &str, range: Range<u64>) -> Result<Bytes, RegistryError> {
+        // Clone the Arc and drop the lock before awaiting: a swap must never wait for a read.
+        let source = self.current.read().expect("source lock").clone();
+        let bytes = source.fetch(digest, range).await?;
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.fetched
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok(bytes)
+    }
+
+    /// Range requests made so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Compressed bytes fetched so far.
+    pub fn bytes_fetched(&self) -> u64 {
+        self.fetched.load(Ordering::Relaxed)
+    }
+
+    pub fn image(&self) -> &Reference {
+        &self.image
+    }
+}
