@@ -99,6 +99,7 @@ fn request() -> (Bytes, HeaderMap) {
             actions: vec!["pull".into(), "push".into()],
         }),
         request_id: "bench".into(),
+        credential_ref: String::new(),
     };
     let mut headers = HeaderMap::new();
     headers.insert(

@@ -27,6 +27,7 @@ fn request(registry: &str, actions: &[&str]) -> TokenRequest {
             actions: actions.iter().map(|a| a.to_string()).collect(),
         }),
         request_id: "cred-test".into(),
+        credential_ref: String::new(),
     }
 }
 

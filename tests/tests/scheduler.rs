@@ -221,3 +221,132 @@ async fn public_images_get_no_image_credentials_and_a_resubmitted_request_is_not
         describe(&events)
     );
 }
+
+#[tokio::test]
+async fn runtime_secrets_are_resolved_per_image_and_held_by_the_credential_service() {
+    let mesh = Mesh::start(MeshOptions {
+        start: vec!["scheduler"],
+        ..Default::default()
+    })
+    .await;
+    // A named credential for a team registry, and nothing else for that registry.
+    let team_secret = "team-Pw-93kd";
+    let config = format!(
+        "{}[credential.secrets.team-hub]\nprovider = \"basic\"\nhost = \"registry.team.example\"\nusername = \"team-user\"\npassword = {{ value = \"{team_secret}\" }}\n",
+        mesh.config("credential")
+    );
+    let credential = imagemesh_testkit::ServiceProcess::spawn(
+        "imagemesh-credential",
+        &config,
+        &[(
+            imagemesh_tests::PASSWORD_ENV,
+            imagemesh_tests::REGISTRY_PASSWORD,
+        )],
+    );
+    imagemesh_testkit::wait_for_service(&mesh.client, "credential", WAIT).await;
+    let probe = Probe::start(&mesh.client).await;
+
+    // The owner of the images records which credential pulls them, with the CLI.
+    for (image_id, name) in [
+        ("app-1", "team-hub"),
+        ("app-3", "no-such-credential"),
+        ("app-4", "team-hub"),
+    ] {
+        let status = std::process::Command::new(imagemesh_testkit::bin_path("imagemesh"))
+            .args(["image-secret", "set", image_id, name])
+            .env("NATS_URL", mesh.nats.url())
+            .output()
+            .unwrap();
+        assert!(
+            status.status.success(),
+            "{}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+    }
+    let runtime = |id: &str, image_id: &str, image_ref: &str| ContainerRequest {
+        request_id: id.into(),
+        kind: RequestKind::Runtime as i32,
+        image_id: image_id.into(),
+        image_ref: image_ref.into(),
+        ..Default::default()
+    };
+    mesh.submit(&runtime(
+        "with-secret",
+        "app-1",
+        "registry.team.example/team/app:1",
+    ))
+    .await;
+    mesh.submit(&runtime(
+        "without-secret",
+        "app-2",
+        "registry.team.example/team/app:2",
+    ))
+    .await;
+    mesh.submit(&runtime(
+        "missing-secret",
+        "app-3",
+        "registry.team.example/team/app:3",
+    ))
+    .await;
+    mesh.submit(&runtime(
+        "wrong-registry",
+        "app-4",
+        "other.example/team/app:4",
+    ))
+    .await;
+
+    probe.wait_for(2, WAIT).await;
+    let with = probe
+        .get("with-secret")
+        .unwrap()
+        .image_credentials
+        .expect("the image's secret");
+    assert_eq!(with.username, "team-user");
+    assert_eq!(with.registry, "registry.team.example");
+    assert_eq!(with.scope.unwrap().actions, vec!["pull"]);
+    assert!(
+        probe
+            .get("without-secret")
+            .unwrap()
+            .image_credentials
+            .is_none(),
+        "no default for that registry"
+    );
+
+    let missing = mesh.wait_terminal("missing-secret", WAIT).await;
+    let failed = missing.last().unwrap();
+    assert_eq!(
+        failed.error_code(),
+        imagemesh_proto::v1::ErrorCode::NoCredentials
+    );
+    assert!(
+        failed.message.contains("no-such-credential"),
+        "{}",
+        failed.message
+    );
+    let wrong = mesh.wait_terminal("wrong-registry", WAIT).await;
+    let failed = wrong.last().unwrap();
+    assert_eq!(
+        failed.error_code(),
+        imagemesh_proto::v1::ErrorCode::Forbidden,
+        "{}",
+        describe(&wrong)
+    );
+    assert!(
+        failed.message.contains("not for registry other.example"),
+        "{}",
+        failed.message
+    );
+
+    let mut logs = credential.logs();
+    logs.push_str(&mesh.all_logs());
+    assert!(
+        !logs.contains(team_secret),
+        "the team secret leaked into a log"
+    );
+    mesh.assert_no_secret_leaked(
+        &["with-secret", "missing-secret", "wrong-registry"],
+        &[team_secret],
+    )
+    .await;
+}

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod build;
+mod image_secret;
 mod index;
 mod submit;
 mod watch;
@@ -50,6 +51,9 @@ pub enum Command {
     Build(build::BuildArgs),
     /// Inspect an image's lazy-mount index in the registry (needs no NATS).
     Index(index::IndexArgs),
+    /// Name the credential (held by the credential service) that pulls an image at runtime.
+    #[command(subcommand_value_name = "ACTION")]
+    ImageSecret(image_secret::ImageSecretArgs),
 }
 
 /// Runs a command; the exit code says whether it (and a watched request) succeeded.
@@ -76,6 +80,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             submit::run(&nats().await?, args).instrument(span).await
         }
         Command::Watch(args) => watch::run(&nats().await?, args).await,
+        Command::ImageSecret(args) => image_secret::run(&nats().await?, args).await,
         Command::Build(args) => {
             let span = tracing::info_span!("imagemesh build");
             build::run(&nats().await?, args).instrument(span).await

@@ -37,6 +37,10 @@ pub const LAYER_INDEX_BUCKET: &str = "imagemesh-layer-indexes";
 /// How long a cached layer index is kept after it was written (re-indexing is cheap).
 pub const LAYER_INDEX_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
 
+/// KV bucket: image id -> name of the credential (held by the credential service) that pulls
+/// it at runtime. Written by whoever owns the image (`imagemesh image-secret set`).
+pub const IMAGE_SECRETS_BUCKET: &str = "imagemesh-image-secrets";
+
 /// KV bucket: request id -> DispatchRecord, so a request is dispatched once even when it is
 /// seen again after the publish de-duplication window.
 pub const DISPATCHED_BUCKET: &str = "imagemesh-dispatched";
@@ -207,6 +211,22 @@ pub async fn layer_indexes(
         bucket: LAYER_INDEX_BUCKET.into(),
         description: Some("layer digest -> encoded lazy-mount layer index".into()),
         max_age: LAYER_INDEX_MAX_AGE,
+        num_replicas: options.replicas,
+        storage: StorageType::File,
+        ..Default::default()
+    })
+    .await
+}
+
+/// Opens (creating if needed) the image-secrets bucket.
+pub async fn image_secrets(
+    js: &Context,
+    options: &StreamOptions,
+) -> Result<kv::Store, jetstream::context::CreateKeyValueError> {
+    js.create_or_update_key_value(kv::Config {
+        bucket: IMAGE_SECRETS_BUCKET.into(),
+        description: "image id -> name of the credential that pulls it".into(),
+        history: 5,
         num_replicas: options.replicas,
         storage: StorageType::File,
         ..Default::default()

@@ -27,6 +27,8 @@ const KNOWN_ACTIONS: &[&str] = &["pull", "push"];
 /// Holds the providers, keyed by normalised registry host, and the token cache.
 pub struct Broker {
     providers: HashMap<String, Arc<Provider>>,
+    /// Named credentials: name -> (normalised registry, provider).
+    named: HashMap<String, (String, Arc<Provider>)>,
     cache: TokenCache,
 }
 
@@ -49,6 +51,13 @@ impl Broker {
             let provider = Provider::from_config(entry, settings).await?;
             providers.insert(registry, Arc::new(provider));
         }
+        let mut named = HashMap::new();
+        for (name, entry) in &config.secrets {
+            let registry = host::normalize(entry.host());
+            anyhow::ensure!(!registry.is_empty(), "credential {name} has an empty host");
+            let provider = Provider::from_config(entry, settings).await?;
+            named.insert(name.clone(), (registry, Arc::new(provider)));
+        }
         let kinds: Vec<String> = providers
             .iter()
             .map(|(registry, p)| format!("{registry} ({})", p.kind()))
@@ -58,7 +67,11 @@ impl Broker {
             cache: config.cache,
             min_lifetime: config.min_lifetime,
         });
-        Ok(Self { providers, cache })
+        Ok(Self {
+            providers,
+            named,
+            cache,
+        })
     }
 
     /// Answers a token request under `policy`.
@@ -75,12 +88,7 @@ impl Broker {
             ));
         }
         let scope = checked_scope(request.scope.clone().unwrap_or_default(), policy)?;
-        let provider = self.providers.get(&registry).cloned().ok_or_else(|| {
-            Rejection::new(
-                ErrorCode::NoCredentials,
-                format!("no credentials configured for registry {registry}"),
-            )
-        })?;
+        let provider = self.provider_for(&registry, &request.credential_ref)?;
         let (minted, cached) = if provider.is_static() {
             // Nothing upstream to save: hand out what is held.
             (provider.mint(&registry, &scope).await, false)
@@ -105,6 +113,34 @@ impl Broker {
             credential: Some(credential(registry, scope, minted)),
             cached,
         })
+    }
+}
+
+impl Broker {
+    /// The registry's default provider, or the named credential when the request names one
+    /// (which must be for this exact registry: a name never unlocks another registry).
+    fn provider_for(&self, registry: &str, name: &str) -> Result<Arc<Provider>, Rejection> {
+        if name.is_empty() {
+            return self.providers.get(registry).cloned().ok_or_else(|| {
+                Rejection::new(
+                    ErrorCode::NoCredentials,
+                    format!("no credentials configured for registry {registry}"),
+                )
+            });
+        }
+        let (for_registry, provider) = self.named.get(name).ok_or_else(|| {
+            Rejection::new(
+                ErrorCode::NoCredentials,
+                format!("no credential named {name:?}"),
+            )
+        })?;
+        if for_registry != registry {
+            return Err(Rejection::new(
+                ErrorCode::Forbidden,
+                format!("credential {name:?} is not for registry {registry}"),
+            ));
+        }
+        Ok(provider.clone())
     }
 }
 
@@ -204,6 +240,7 @@ mod tests {
                 actions: actions.iter().map(|a| a.to_string()).collect(),
             }),
             request_id: "r1".into(),
+            credential_ref: String::new(),
         }
     }
 

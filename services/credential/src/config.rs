@@ -5,6 +5,7 @@
 
 mod registry;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -35,6 +36,10 @@ impl ServiceConfig for Config {
 pub struct CredentialConfig {
     /// Registries with an explicitly configured provider. They win over docker config entries.
     pub registries: Vec<RegistryConfig>,
+    /// Named credentials, used only when a token request names them (`credential_ref`): the
+    /// per-image runtime secrets the scheduler resolves from the `imagemesh-image-secrets`
+    /// bucket. Each is for its own `host` only.
+    pub secrets: BTreeMap<String, RegistryConfig>,
     /// Docker `config.json` files: `auths` entries, `credHelpers` and `credsStore` serve the
     /// registries they name (exact host match).
     pub docker_config: Vec<PathBuf>,
@@ -56,6 +61,7 @@ impl Default for CredentialConfig {
     fn default() -> Self {
         Self {
             registries: Vec::new(),
+            secrets: BTreeMap::new(),
             docker_config: Vec::new(),
             min_lifetime: Duration::from_secs(60),
             upstream_timeout: Duration::from_secs(10),

@@ -9,7 +9,7 @@ use imagemesh_registry::{Reference, host};
 use imagemesh_runtime::credentials::{CredentialClient, CredentialError};
 use imagemesh_runtime::{ErrorCode, Rejection};
 
-use crate::token_cache::TokenCache;
+use crate::token_cache::{TokenCache, TokenKey};
 use prost::Message;
 
 /// Why a request could not be enriched.
@@ -41,6 +41,8 @@ fn permanent(code: ErrorCode, message: impl Into<String>) -> EnrichError {
 pub struct Enricher {
     pub credentials: CredentialClient,
     pub tokens: TokenCache,
+    /// image id -> name of the credential that pulls it (runtime secrets).
+    pub image_secrets: kv::Store,
     pub build_registry: String,
     pub build_repository: String,
     pub image_refs: kv::Store,
@@ -163,14 +165,13 @@ impl Enricher {
             RequestKind::Build => vec!["pull".to_string(), "push".to_string()],
             _ => vec!["pull".to_string()],
         };
-        let token = self
-            .mint(
-                &request.request_id,
-                &self.build_registry,
-                repository,
-                actions,
-            )
-            .await;
+        let key = TokenKey {
+            registry: &self.build_registry,
+            repository: &repository,
+            actions: &actions,
+            credential_ref: "",
+        };
+        let token = self.mint(&request.request_id, key).await;
         // The build registry is private: no credential, no dispatch (fail closed).
         request.build_registry_creds = Some(token?.ok_or_else(|| {
             permanent(
@@ -184,48 +185,76 @@ impl Enricher {
         Ok(())
     }
 
-    /// The user's credential for the registry of `image_ref`, when it is another registry.
-    /// A registry the credential service has nothing for is treated as public.
+    /// The user's credential for the registry of `image_ref`, when it is another registry: the
+    /// runtime secret recorded for the image id (a named credential held by the credential
+    /// service), else the registry's default. A registry the credential service has nothing
+    /// for is treated as public.
     async fn attach_image_credentials(
         &self,
         request: &mut ContainerRequest,
         image: &Reference,
     ) -> Result<(), EnrichError> {
         let registry = host::normalize(image.registry());
-        let pull = vec!["pull".to_string()];
-        let repository = image.repository().to_string();
-        request.image_credentials = self
-            .mint(&request.request_id, &registry, repository, pull)
-            .await?;
+        let credential_ref = self.image_secret(request).await?;
+        let key = TokenKey {
+            registry: &registry,
+            repository: image.repository(),
+            actions: &["pull".to_string()],
+            credential_ref: &credential_ref,
+        };
+        request.image_credentials = self.mint(&request.request_id, key).await?;
         Ok(())
+    }
+
+    /// The credential name recorded for a runtime request's image id, if any.
+    async fn image_secret(&self, request: &ContainerRequest) -> Result<String, EnrichError> {
+        if request.kind() != RequestKind::Runtime || request.image_id.is_empty() {
+            return Ok(String::new());
+        }
+        let entry = self
+            .image_secrets
+            .get(&request.image_id)
+            .await
+            .map_err(|e| {
+                EnrichError::Transient(Rejection::new(
+                    ErrorCode::Internal,
+                    format!("image-secrets lookup failed: {e}"),
+                ))
+            })?;
+        Ok(entry
+            .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_string())
+            .unwrap_or_default())
     }
 
     /// Asks the credential service; `Ok(None)` when it has no credentials for the registry.
     async fn mint(
         &self,
         request_id: &str,
-        registry: &str,
-        repository: String,
-        actions: Vec<String>,
+        key: TokenKey<'_>,
     ) -> Result<Option<RegistryCredential>, EnrichError> {
-        if let Some(remembered) = self.tokens.get(registry, &repository, &actions) {
+        if let Some(remembered) = self.tokens.get(&key) {
             return Ok(remembered);
         }
         let token_request = TokenRequest {
-            registry: registry.to_string(),
+            registry: key.registry.to_string(),
             scope: Some(Scope {
-                repository: repository.clone(),
-                actions: actions.clone(),
+                repository: key.repository.to_string(),
+                actions: key.actions.to_vec(),
             }),
             request_id: request_id.to_string(),
+            credential_ref: key.credential_ref.to_string(),
         };
         let credential = match self.credentials.mint(&token_request).await {
             Ok(response) => response.credential,
-            Err(CredentialError::Refused(r)) if r.code == ErrorCode::NoCredentials => None,
+            // Nothing for this registry: a public image. A named credential must exist, though.
+            Err(CredentialError::Refused(r))
+                if r.code == ErrorCode::NoCredentials && key.credential_ref.is_empty() =>
+            {
+                None
+            }
             Err(err) => return Err(err.into()),
         };
-        self.tokens
-            .put(registry, &repository, &actions, credential.clone());
+        self.tokens.put(&key, credential.clone());
         Ok(credential)
     }
 }

@@ -49,6 +49,7 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
     streams::ensure(&js, &used, &config.streams).await?;
     let image_refs = streams::image_refs(&js, &config.streams).await?;
     let dispatched = streams::dispatched(&js, &config.streams).await?;
+    let image_secrets = streams::image_secrets(&js, &config.streams).await?;
     let settings = config.scheduler;
     let workers =
         placement::workers_bucket(&js, settings.heartbeat, config.streams.replicas).await?;
@@ -65,6 +66,7 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
         enricher: Enricher {
             credentials: CredentialClient::new(client.clone(), settings.credential_timeout),
             tokens: TokenCache::new(settings.token_reuse),
+            image_secrets,
             build_registry: imagemesh_registry::host::normalize(&settings.build_registry),
             build_repository: settings.build_repository.clone(),
             image_refs,

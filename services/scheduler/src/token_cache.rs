@@ -16,12 +16,33 @@ use imagemesh_proto::v1::RegistryCredential;
 /// Entries kept before expired ones are swept out.
 const MAX_ENTRIES: usize = 10_000;
 
-type Key = (String, String, Vec<String>);
+/// (registry, repository, actions, credential name).
+type Key = (String, String, Vec<String>, String);
 
 struct Entry {
     /// `None`: the credential service has nothing for this registry.
     credential: Option<RegistryCredential>,
     fresh_until: Instant,
+}
+
+/// What a token is for.
+pub struct TokenKey<'a> {
+    pub registry: &'a str,
+    pub repository: &'a str,
+    pub actions: &'a [String],
+    /// The named credential asked for; empty = the registry's default.
+    pub credential_ref: &'a str,
+}
+
+impl TokenKey<'_> {
+    fn owned(&self) -> Key {
+        (
+            self.registry.to_string(),
+            self.repository.to_string(),
+            self.actions.to_vec(),
+            self.credential_ref.to_string(),
+        )
+    }
 }
 
 pub struct TokenCache {
@@ -38,32 +59,16 @@ impl TokenCache {
     }
 
     /// A remembered answer: `Some(Some(cred))`, `Some(None)` (known public), or `None` (ask).
-    pub fn get(
-        &self,
-        registry: &str,
-        repository: &str,
-        actions: &[String],
-    ) -> Option<Option<RegistryCredential>> {
+    pub fn get(&self, key: &TokenKey<'_>) -> Option<Option<RegistryCredential>> {
         let entries = self.entries.lock().expect("token cache lock");
-        let key = (
-            registry.to_string(),
-            repository.to_string(),
-            actions.to_vec(),
-        );
         entries
-            .get(&key)
+            .get(&key.owned())
             .filter(|entry| entry.fresh_until > Instant::now())
             .map(|entry| entry.credential.clone())
     }
 
     /// Remembers what the credential service answered.
-    pub fn put(
-        &self,
-        registry: &str,
-        repository: &str,
-        actions: &[String],
-        credential: Option<RegistryCredential>,
-    ) {
+    pub fn put(&self, key: &TokenKey<'_>, credential: Option<RegistryCredential>) {
         if self.ttl.is_zero() {
             return;
         }
@@ -85,14 +90,7 @@ impl TokenCache {
                 entries.clear();
             }
         }
-        entries.insert(
-            (
-                registry.to_string(),
-                repository.to_string(),
-                actions.to_vec(),
-            ),
-            entry,
-        );
+        entries.insert(key.owned(), entry);
     }
 }
 
@@ -109,39 +107,51 @@ mod tests {
         }
     }
 
+    fn key<'a>(
+        repository: &'a str,
+        actions: &'a [String],
+        credential_ref: &'a str,
+    ) -> TokenKey<'a> {
+        TokenKey {
+            registry: "r",
+            repository,
+            actions,
+            credential_ref,
+        }
+    }
+
     #[test]
     fn reuses_within_ttl_and_half_the_lifetime_only() {
         let pull = vec!["pull".to_string()];
+        let push = vec!["pull".to_string(), "push".to_string()];
         let cache = TokenCache::new(Duration::from_secs(30));
-        cache.put("r", "a", &pull, Some(credential(None)));
-        assert!(cache.get("r", "a", &pull).unwrap().is_some());
-        assert!(cache.get("r", "b", &pull).is_none(), "other repository");
+        cache.put(&key("a", &pull, ""), Some(credential(None)));
+        assert!(cache.get(&key("a", &pull, "")).unwrap().is_some());
         assert!(
-            cache
-                .get("r", "a", &["pull".into(), "push".into()])
-                .is_none(),
-            "other actions"
+            cache.get(&key("b", &pull, "")).is_none(),
+            "other repository"
+        );
+        assert!(cache.get(&key("a", &push, "")).is_none(), "other actions");
+        assert!(
+            cache.get(&key("a", &pull, "named")).is_none(),
+            "other credential"
         );
 
         // A token with 1 s left is reused for at most 0.5 s.
-        cache.put(
-            "r",
-            "short",
-            &pull,
-            Some(credential(Some(Duration::from_secs(1)))),
-        );
-        assert!(cache.get("r", "short", &pull).is_some());
+        let short = Some(credential(Some(Duration::from_secs(1))));
+        cache.put(&key("short", &pull, ""), short);
+        assert!(cache.get(&key("short", &pull, "")).is_some());
         std::thread::sleep(Duration::from_millis(600));
-        assert!(cache.get("r", "short", &pull).is_none());
+        assert!(cache.get(&key("short", &pull, "")).is_none());
 
-        cache.put("public", "x", &pull, None);
-        assert_eq!(cache.get("public", "x", &pull), Some(None));
+        cache.put(&key("public", &pull, ""), None);
+        assert_eq!(cache.get(&key("public", &pull, "")), Some(None));
     }
 
     #[test]
     fn zero_ttl_disables() {
         let cache = TokenCache::new(Duration::ZERO);
-        cache.put("r", "a", &[], Some(credential(None)));
-        assert!(cache.get("r", "a", &[]).is_none());
+        cache.put(&key("a", &[], ""), Some(credential(None)));
+        assert!(cache.get(&key("a", &[], "")).is_none());
     }
 }

@@ -88,6 +88,7 @@ pub fn token_request(registry: &str, repository: &str, actions: &[&str]) -> Toke
             actions: actions.iter().map(|a| a.to_string()).collect(),
         }),
         request_id: "test-request".into(),
+        credential_ref: String::new(),
     }
 }
 
