@@ -1,0 +1,150 @@
+//! The mounter end to end: a four-layer umoci image pushed to the build registry and indexed by
+//! the indexer is mounted for a runtime request that went through the scheduler (which attached
+//! the pull-only build-registry token); the mount is read-only FUSE, its tree and bytes equal
+//! `umoci unpack`, a small file of a big layer is read with a small fraction of the layer, a
+//! second request for the same container mounts nothing new, and unmount leaves nothing behind.
+
+mod indexer_support;
+mod mounter_support;
+
+use imagemesh_proto::v1::ErrorCode;
+use imagemesh_testkit::oci_images::{OciLayout, have_image_tools};
+use imagemesh_tests::{Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, describe, find};
+use indexer_support::{images, index, request};
+use mounter_support::tree::assert_same_tree;
+use mounter_support::{
+    MounterMesh, WORKER_ID, control, detail, mount_stats, mounted, read_file, run, runtime_request,
+    start_mounter,
+};
+
+/// A mesh (credential, scheduler, indexer, mounter) with the `full` test image pushed and
+/// indexed; returns the image reference and the umoci layout.
+async fn mesh_with_indexed_image() -> (MounterMesh, String, OciLayout) {
+    assert!(
+        have_image_tools(),
+        "umoci and skopeo are needed (make deps installs them)"
+    );
+    let options = MeshOptions {
+        start: vec!["credential", "scheduler", "indexer"],
+        max_deliver: 3,
+        ..Default::default()
+    };
+    let mesh = start_mounter(Mesh::start(options).await, &[]).await;
+    let layout = OciLayout::new();
+    images::build_full(&layout, "full");
+    let image = format!("{}/test/full:v1", mesh.mesh.registry.addr());
+    layout.push("full", &image, REGISTRY_USER, REGISTRY_PASSWORD);
+    let events = index(
+        &mesh.mesh,
+        &request(&mesh.mesh, "index-full", "test/full:v1"),
+    )
+    .await;
+    assert!(
+        find(&events, "indexer", "indexed").is_some(),
+        "{}",
+        describe(&events)
+    );
+    (mesh, image, layout)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_request_mounts_the_image_lazily_and_it_reads_like_umoci_unpacks_it() {
+    let (m, image, layout) = mesh_with_indexed_image().await;
+    let events = run(&m.mesh, &runtime_request("run-1", "ctr-1", &image)).await;
+    let done = mounted(&events);
+    let mountpoint = m.root.path().canonicalize().unwrap().join("ctr-1");
+    assert_eq!(detail(done, "mountpoint"), mountpoint.to_str().unwrap());
+    assert_eq!(detail(done, "image_digest"), layout.digest("full"));
+    assert_eq!(detail(done, "existing"), "false");
+    assert_eq!(detail(done, "worker"), WORKER_ID);
+    assert!(
+        find(&events, "mounter", "resolved").is_some(),
+        "{}",
+        describe(&events)
+    );
+    eprintln!("time to mount: {} s", detail(done, "seconds"));
+    assert_eq!(
+        m.root.mounted(),
+        vec![mountpoint.clone()],
+        "one FUSE mount in /proc/mounts"
+    );
+    let line = std::fs::read_to_string("/proc/mounts").unwrap();
+    let line = line
+        .lines()
+        .find(|l| l.contains(mountpoint.to_str().unwrap()))
+        .unwrap();
+    assert!(line.contains(" fuse") && line.contains("ro,"), "{line}");
+
+    // Before anything else is read: one small file of the 25 MB layer.
+    let rootfs = layout.unpack("full", &layout.scratch("unpacked").join("bundle"));
+    let small = read_file(mountpoint.join("small/d1/f1.txt")).await;
+    assert_eq!(
+        small,
+        std::fs::read(rootfs.join("small/d1/f1.txt")).unwrap()
+    );
+    let stats = mount_stats(&m.mesh, "ctr-1").await;
+    let fetched = stats["reads"]["bytes_fetched"].as_u64().unwrap();
+    let manifest = layout.json_blob(&layout.digest("full"));
+    let layer = manifest["layers"][0]["size"].as_u64().unwrap();
+    eprintln!("small read fetched {fetched} bytes of a {layer}-byte layer: {stats}");
+    assert!(layer > images::RANDOM_SIZE as u64, "{manifest}");
+    assert!(
+        fetched > 0 && fetched * 4 < layer,
+        "fetched {fetched} of {layer}: {stats}"
+    );
+
+    let files = assert_same_tree(&mountpoint, &rootfs);
+    assert!(files.len() > 250, "only {} files", files.len());
+    for (path, _) in &files {
+        let ours = read_file(mountpoint.join(&path[1..])).await;
+        assert!(
+            ours == std::fs::read(rootfs.join(&path[1..])).unwrap(),
+            "{path}: bytes differ"
+        );
+    }
+    let through_link = read_file(mountpoint.join("bin/big-dir/text.log")).await;
+    assert!(through_link == std::fs::read(rootfs.join("big/text.log")).unwrap());
+    let write = std::fs::OpenOptions::new()
+        .write(true)
+        .open(mountpoint.join("edit/me"));
+    assert!(write.is_err(), "the mount is read-only");
+
+    // Reading everything again is served from the caches: nothing more is fetched.
+    let before = mount_stats(&m.mesh, "ctr-1").await["reads"]["bytes_fetched"].clone();
+    let again = read_file(mountpoint.join("big/random.bin")).await;
+    assert_eq!(again.len(), images::RANDOM_SIZE);
+    let after = mount_stats(&m.mesh, "ctr-1").await;
+    assert_eq!(after["reads"]["bytes_fetched"], before, "{after}");
+
+    // A second request for the same container reports the mount it has.
+    let events = run(&m.mesh, &runtime_request("run-1-again", "ctr-1", &image)).await;
+    assert_eq!(detail(mounted(&events), "existing"), "true");
+    assert_eq!(
+        m.root.mounted(),
+        vec![mountpoint.clone()],
+        "still one mount"
+    );
+
+    let unmount = detail(done, "unmount_subject").to_string();
+    let report = control(&m.mesh, &unmount, "ctr-1")
+        .await
+        .expect("unmounted");
+    assert_eq!(report["mount_id"], "ctr-1");
+    assert!(m.root.mounted().is_empty(), "nothing mounted after unmount");
+    assert!(!mountpoint.exists(), "the mount point is removed");
+    let events = m.mesh.events("run-1").await;
+    assert!(
+        find(&events, "mounter", "unmounted").is_some(),
+        "{}",
+        describe(&events)
+    );
+    let again = control(&m.mesh, &unmount, r#"{"mount_id":"ctr-1"}"#).await;
+    assert_eq!(
+        again.expect_err("already unmounted").code,
+        ErrorCode::NotFound
+    );
+
+    m.mesh
+        .assert_no_secret_leaked(&["run-1", "run-1-again"], &[REGISTRY_PASSWORD])
+        .await;
+}
