@@ -148,3 +148,66 @@ async fn a_runtime_request_mounts_the_image_lazily_and_it_reads_like_umoci_unpac
         .assert_no_secret_leaked(&["run-1", "run-1-again"], &[REGISTRY_PASSWORD])
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_unmounts_every_mount_even_a_busy_one_and_a_restart_detaches_what_a_kill_left() {
+    let (mut m, image, _layout) = mesh_with_indexed_image().await;
+    for (id, container) in [("run-a", "ctr-a"), ("run-b", "ctr-b")] {
+        mounted(&run(&m.mesh, &runtime_request(id, container, &image)).await);
+    }
+    let root = m.root.path().canonicalize().unwrap();
+    assert_eq!(m.root.mounted().len(), 2);
+    // A file held open keeps ctr-b busy: a plain unmount fails, so the mounter detaches it.
+    let busy = std::fs::File::open(root.join("ctr-b/edit/me")).unwrap();
+    assert!(
+        m.mesh.service("mounter").terminate(),
+        "the mounter exits cleanly"
+    );
+    assert!(
+        m.root.mounted().is_empty(),
+        "left mounted: {:?}",
+        m.root.mounted()
+    );
+    drop(busy);
+    for id in ["run-a", "run-b"] {
+        let events = m.mesh.events(id).await;
+        assert!(
+            find(&events, "mounter", "unmounted").is_some(),
+            "{}",
+            describe(&events)
+        );
+    }
+
+    // kill -9 leaves a dead FUSE mount behind; the next instance detaches it before serving.
+    m.mesh.service("mounter").restart();
+    wait_until_serving(&m.mesh).await;
+    mounted(&run(&m.mesh, &runtime_request("run-c", "ctr-c", &image)).await);
+    m.mesh.service("mounter").kill();
+    assert_eq!(
+        m.root.mounted(),
+        vec![root.join("ctr-c")],
+        "the killed mount is stale"
+    );
+    m.mesh.service("mounter").restart();
+    wait_until_serving(&m.mesh).await;
+    assert!(m.root.mounted().is_empty(), "stale: {:?}", m.root.mounted());
+
+    m.mesh
+        .assert_no_secret_leaked(&["run-a", "run-b", "run-c"], &[REGISTRY_PASSWORD])
+        .await;
+}
+
+/// Waits until a restarted mounter answers its control endpoint (it detaches stale mounts
+/// before it registers).
+async fn wait_until_serving(mesh: &Mesh) {
+    let subject = format!("imagemesh.mounter.{WORKER_ID}.mounts");
+    imagemesh_testkit::eventually(mounter_support::WAIT, "the mounter to serve", || async {
+        let reply = tokio::time::timeout(
+            std::time::Duration::from_millis(500),
+            mesh.client.request(subject.clone(), "".into()),
+        )
+        .await;
+        matches!(reply, Ok(Ok(r)) if r.status.is_none()).then_some(())
+    })
+    .await;
+}
