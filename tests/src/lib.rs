@@ -63,17 +63,30 @@ pub struct Mesh {
     pub client: async_nats::Client,
     pub options: MeshOptions,
     services: BTreeMap<&'static str, ServiceProcess>,
+    /// The credential service's configuration when not the default basic entry.
+    credential_config: Option<String>,
 }
 
 impl Mesh {
     /// Starts NATS, the registry and the services in `options.start`, and waits until each
     /// service answers `$SRV.PING`.
     pub async fn start(options: MeshOptions) -> Mesh {
-        let nats = NatsServer::start();
         let registry = Registry::start(RegistryAuth::Htpasswd(vec![(
             REGISTRY_USER.into(),
             REGISTRY_PASSWORD.into(),
         )]));
+        Self::start_with_registry(options, registry, None).await
+    }
+
+    /// Like [`Mesh::start`], with a build registry the test started (e.g. one with token auth)
+    /// and, when given, `credential_config` as the credential service's whole configuration
+    /// body (its `[credential]` tables) instead of the basic entry for the registry.
+    pub async fn start_with_registry(
+        options: MeshOptions,
+        registry: Registry,
+        credential_config: Option<String>,
+    ) -> Mesh {
+        let nats = NatsServer::start();
         let client = nats.client().await;
         let mut mesh = Mesh {
             nats,
@@ -81,6 +94,7 @@ impl Mesh {
             client,
             options: options.clone(),
             services: BTreeMap::new(),
+            credential_config,
         };
         for service in options.start {
             mesh.start_service(service).await;
@@ -137,6 +151,9 @@ impl Mesh {
         let heartbeat = format!("heartbeat = \"{}ms\"\n", self.options.heartbeat.as_millis());
         let registry = self.registry.addr();
         let body = match service {
+            "credential" if self.credential_config.is_some() => {
+                self.credential_config.clone().unwrap_or_default()
+            }
             "credential" => format!(
                 "[[credential.registries]]\nprovider = \"basic\"\nhost = \"{registry}\"\nusername = \"{REGISTRY_USER}\"\npassword = {{ env = \"{PASSWORD_ENV}\" }}\n"
             ),
