@@ -56,6 +56,11 @@ async fn a_runtime_request_mounts_the_image_lazily_and_it_reads_like_umoci_unpac
     assert_eq!(detail(done, "mountpoint"), mountpoint.to_str().unwrap());
     assert_eq!(detail(done, "image_digest"), layout.digest("full"));
     assert_eq!(detail(done, "existing"), "false");
+    assert!(
+        detail(done, "files").parse::<usize>().unwrap() > 250,
+        "{:?}",
+        done.details
+    );
     assert_eq!(detail(done, "worker"), WORKER_ID);
     assert!(
         find(&events, "mounter", "resolved").is_some(),

@@ -149,6 +149,7 @@ impl Mounter {
             index_digest: opened.index_digest.clone(),
             mountpoint: self.mounts.mountpoint(id),
             entries: inodes.len(),
+            files: inodes.files(),
             mounted_at: SystemTime::now(),
         };
         let fs = ImageFs {
@@ -220,6 +221,7 @@ impl Mounter {
         .detail("image_digest", &info.image_digest)
         .detail("index_digest", &info.index_digest)
         .detail("entries", info.entries)
+        .detail("files", info.files)
         .detail("bytes_fetched", stats.bytes_fetched)
         .detail("range_requests", stats.range_requests)
         .detail("seconds", format!("{seconds:.3}"))

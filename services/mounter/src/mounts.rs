@@ -34,6 +34,7 @@ pub struct MountInfo {
     pub index_digest: String,
     pub mountpoint: PathBuf,
     pub entries: usize,
+    pub files: usize,
     pub mounted_at: SystemTime,
 }
 

@@ -91,6 +91,14 @@ impl Inodes {
         self.nodes.len()
     }
 
+    /// Regular files (a hardlinked file counts once).
+    pub fn files(&self) -> usize {
+        self.nodes
+            .iter()
+            .filter(|n| n.entry.kind == EntryKind::File)
+            .count()
+    }
+
     /// The kernel's view of inode `ino`.
     pub fn attr(&self, ino: u64) -> Option<FileAttr> {
         let node = self.get(ino)?;
