@@ -100,6 +100,7 @@ async fn a_runtime_request_mounts_the_image_lazily_and_it_reads_like_umoci_unpac
 
     let files = assert_same_tree(&mountpoint, &rootfs);
     assert!(files.len() > 250, "only {} files", files.len());
+    let started = std::time::Instant::now();
     for (path, _) in &files {
         let ours = read_file(mountpoint.join(&path[1..])).await;
         assert!(
@@ -107,6 +108,8 @@ async fn a_runtime_request_mounts_the_image_lazily_and_it_reads_like_umoci_unpac
             "{path}: bytes differ"
         );
     }
+    let stats = mount_stats(&m.mesh, "ctr-1").await;
+    eprintln!("read every file in {:?}: {stats}", started.elapsed());
     let through_link = read_file(mountpoint.join("bin/big-dir/text.log")).await;
     assert!(through_link == std::fs::read(rootfs.join("big/text.log")).unwrap());
     let write = std::fs::OpenOptions::new()
