@@ -6,6 +6,7 @@
 pub mod probe;
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -65,6 +66,8 @@ pub struct Mesh {
     services: BTreeMap<&'static str, ServiceProcess>,
     /// The credential service's configuration when not the default basic entry.
     credential_config: Option<String>,
+    /// Where mounters of this mesh mount images; emptied of mounts on drop.
+    mount_root: tempfile::TempDir,
 }
 
 impl Mesh {
@@ -95,6 +98,10 @@ impl Mesh {
             options: options.clone(),
             services: BTreeMap::new(),
             credential_config,
+            mount_root: tempfile::Builder::new()
+                .prefix("imagemesh-mounts-")
+                .tempdir()
+                .expect("mount root"),
         };
         for service in options.start {
             mesh.start_service(service).await;
@@ -160,7 +167,11 @@ impl Mesh {
             "scheduler" => format!(
                 "[scheduler]\nbuild_registry = \"{registry}\"\nbuild_repository = \"imagemesh/builds\"\ncredential_timeout = \"500ms\"\n{heartbeat}[scheduler.intake]\n{worker}"
             ),
-            "builder" | "mounter" => {
+            "mounter" => format!(
+                "[mounter]\nmount_root = \"{}\"\n[mounter.worker]\n{worker}[mounter.placement]\n{heartbeat}",
+                self.mount_root.path().display()
+            ),
+            "builder" => {
                 format!("[{service}.worker]\n{worker}[{service}.placement]\n{heartbeat}")
             }
             other => format!("[{other}.worker]\n{worker}"),
@@ -257,6 +268,23 @@ impl Mesh {
         }
     }
 
+    /// The mounters' mount root (a temp dir of this mesh).
+    pub fn mount_root(&self) -> &Path {
+        self.mount_root.path()
+    }
+
+    /// Mount points under the mount root, as `/proc/mounts` lists them now.
+    pub fn mounted(&self) -> Vec<PathBuf> {
+        let root = self.mount_root.path();
+        let table = std::fs::read_to_string("/proc/mounts").expect("/proc/mounts");
+        table
+            .lines()
+            .filter_map(|line| line.split(' ').nth(1))
+            .map(|field| PathBuf::from(field.replace("\\040", " ")))
+            .filter(|path| path.starts_with(root) && path != root)
+            .collect()
+    }
+
     /// Everything every service logged.
     pub fn all_logs(&self) -> String {
         self.services
@@ -282,6 +310,20 @@ impl Mesh {
                 !haystack.contains(secret),
                 "secret {secret:?} leaked into logs, status or dead letters"
             );
+        }
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        // Services first (a killed mounter leaves dead FUSE mounts), then detach whatever is
+        // still mounted: a stale mount would break later tests that walk /tmp.
+        self.services.clear();
+        for mountpoint in self.mounted() {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&mountpoint)
+                .status();
         }
     }
 }

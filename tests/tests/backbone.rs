@@ -37,9 +37,10 @@ async fn build_and_runtime_requests_both_carry_the_build_registry_token() {
     let mesh = Mesh::start(MeshOptions::default()).await;
     let registry = mesh.registry.addr().to_string();
     mesh.submit(&build_request("b1")).await;
-    mesh.submit(&runtime_request("r1", &registry)).await;
 
     let build = mesh.wait_terminal("b1", WAIT).await;
+    // The mounter mounts the image from its index, so the runtime request follows the build.
+    mesh.submit(&runtime_request("r1", &registry)).await;
     let last = build.last().unwrap();
     assert_eq!(
         last.state(),

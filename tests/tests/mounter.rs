@@ -13,13 +13,13 @@ use imagemesh_tests::{Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, descr
 use indexer_support::{images, index, request};
 use mounter_support::tree::assert_same_tree;
 use mounter_support::{
-    MounterMesh, WORKER_ID, control, detail, mount_stats, mounted, read_file, run, runtime_request,
+    WORKER_ID, control, detail, mount_stats, mounted, read_file, run, runtime_request,
     start_mounter,
 };
 
 /// A mesh (credential, scheduler, indexer, mounter) with the `full` test image pushed and
 /// indexed; returns the image reference and the umoci layout.
-async fn mesh_with_indexed_image() -> (MounterMesh, String, OciLayout) {
+async fn mesh_with_indexed_image() -> (Mesh, String, OciLayout) {
     assert!(
         have_image_tools(),
         "umoci and skopeo are needed (make deps installs them)"
@@ -32,11 +32,11 @@ async fn mesh_with_indexed_image() -> (MounterMesh, String, OciLayout) {
     let mesh = start_mounter(Mesh::start(options).await, &[]).await;
     let layout = OciLayout::new();
     images::build_full(&layout, "full");
-    let image = format!("{}/test/full:v1", mesh.mesh.registry.addr());
+    let image = format!("{}/test/full:v1", mesh.registry.addr());
     layout.push("full", &image, REGISTRY_USER, REGISTRY_PASSWORD);
     let events = index(
-        &mesh.mesh,
-        &request(&mesh.mesh, "index-full", "test/full:v1"),
+        &mesh,
+        &request(&mesh, "index-full", "test/full:v1"),
     )
     .await;
     assert!(
@@ -49,10 +49,10 @@ async fn mesh_with_indexed_image() -> (MounterMesh, String, OciLayout) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runtime_request_mounts_the_image_lazily_and_it_reads_like_umoci_unpacks_it() {
-    let (m, image, layout) = mesh_with_indexed_image().await;
-    let events = run(&m.mesh, &runtime_request("run-1", "ctr-1", &image)).await;
+    let (mesh, image, layout) = mesh_with_indexed_image().await;
+    let events = run(&mesh, &runtime_request("run-1", "ctr-1", &image)).await;
     let done = mounted(&events);
-    let mountpoint = m.root.path().canonicalize().unwrap().join("ctr-1");
+    let mountpoint = mesh.mount_root().canonicalize().unwrap().join("ctr-1");
     assert_eq!(detail(done, "mountpoint"), mountpoint.to_str().unwrap());
     assert_eq!(detail(done, "image_digest"), layout.digest("full"));
     assert_eq!(detail(done, "existing"), "false");
@@ -69,7 +69,7 @@ async fn a_runtime_request_mounts_the_image_lazily_and_it_reads_like_umoci_unpac
     );
     eprintln!("time to mount: {} s", detail(done, "seconds"));
     assert_eq!(
-        m.root.mounted(),
+        mesh.mounted(),
         vec![mountpoint.clone()],
         "one FUSE mount in /proc/mounts"
     );
@@ -87,7 +87,7 @@ async fn a_runtime_request_mounts_the_image_lazily_and_it_reads_like_umoci_unpac
         small,
         std::fs::read(rootfs.join("small/d1/f1.txt")).unwrap()
     );
-    let stats = mount_stats(&m.mesh, "ctr-1").await;
+    let stats = mount_stats(&mesh, "ctr-1").await;
     let fetched = stats["reads"]["bytes_fetched"].as_u64().unwrap();
     let manifest = layout.json_blob(&layout.digest("full"));
     let layer = manifest["layers"][0]["size"].as_u64().unwrap();
@@ -108,7 +108,7 @@ async fn a_runtime_request_mounts_the_image_lazily_and_it_reads_like_umoci_unpac
             "{path}: bytes differ"
         );
     }
-    let stats = mount_stats(&m.mesh, "ctr-1").await;
+    let stats = mount_stats(&mesh, "ctr-1").await;
     eprintln!("read every file in {:?}: {stats}", started.elapsed());
     let through_link = read_file(mountpoint.join("bin/big-dir/text.log")).await;
     assert!(through_link == std::fs::read(rootfs.join("big/text.log")).unwrap());
@@ -118,67 +118,60 @@ async fn a_runtime_request_mounts_the_image_lazily_and_it_reads_like_umoci_unpac
     assert!(write.is_err(), "the mount is read-only");
 
     // Reading everything again is served from the caches: nothing more is fetched.
-    let before = mount_stats(&m.mesh, "ctr-1").await["reads"]["bytes_fetched"].clone();
+    let before = mount_stats(&mesh, "ctr-1").await["reads"]["bytes_fetched"].clone();
     let again = read_file(mountpoint.join("big/random.bin")).await;
     assert_eq!(again.len(), images::RANDOM_SIZE);
-    let after = mount_stats(&m.mesh, "ctr-1").await;
+    let after = mount_stats(&mesh, "ctr-1").await;
     assert_eq!(after["reads"]["bytes_fetched"], before, "{after}");
 
     // A second request for the same container reports the mount it has.
-    let events = run(&m.mesh, &runtime_request("run-1-again", "ctr-1", &image)).await;
+    let events = run(&mesh, &runtime_request("run-1-again", "ctr-1", &image)).await;
     assert_eq!(detail(mounted(&events), "existing"), "true");
-    assert_eq!(
-        m.root.mounted(),
-        vec![mountpoint.clone()],
-        "still one mount"
-    );
+    assert_eq!(mesh.mounted(), vec![mountpoint.clone()], "still one mount");
 
     let unmount = detail(done, "unmount_subject").to_string();
-    let report = control(&m.mesh, &unmount, "ctr-1")
-        .await
-        .expect("unmounted");
+    let report = control(&mesh, &unmount, "ctr-1").await.expect("unmounted");
     assert_eq!(report["mount_id"], "ctr-1");
-    assert!(m.root.mounted().is_empty(), "nothing mounted after unmount");
+    assert!(mesh.mounted().is_empty(), "nothing mounted after unmount");
     assert!(!mountpoint.exists(), "the mount point is removed");
-    let events = m.mesh.events("run-1").await;
+    let events = mesh.events("run-1").await;
     assert!(
         find(&events, "mounter", "unmounted").is_some(),
         "{}",
         describe(&events)
     );
-    let again = control(&m.mesh, &unmount, r#"{"mount_id":"ctr-1"}"#).await;
+    let again = control(&mesh, &unmount, r#"{"mount_id":"ctr-1"}"#).await;
     assert_eq!(
         again.expect_err("already unmounted").code,
         ErrorCode::NotFound
     );
 
-    m.mesh
-        .assert_no_secret_leaked(&["run-1", "run-1-again"], &[REGISTRY_PASSWORD])
+    mesh.assert_no_secret_leaked(&["run-1", "run-1-again"], &[REGISTRY_PASSWORD])
         .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_unmounts_every_mount_even_a_busy_one_and_a_restart_detaches_what_a_kill_left() {
-    let (mut m, image, _layout) = mesh_with_indexed_image().await;
+    let (mut mesh, image, _layout) = mesh_with_indexed_image().await;
     for (id, container) in [("run-a", "ctr-a"), ("run-b", "ctr-b")] {
-        mounted(&run(&m.mesh, &runtime_request(id, container, &image)).await);
+        mounted(&run(&mesh, &runtime_request(id, container, &image)).await);
     }
-    let root = m.root.path().canonicalize().unwrap();
-    assert_eq!(m.root.mounted().len(), 2);
+    let root = mesh.mount_root().canonicalize().unwrap();
+    assert_eq!(mesh.mounted().len(), 2);
     // A file held open keeps ctr-b busy: a plain unmount fails, so the mounter detaches it.
     let busy = std::fs::File::open(root.join("ctr-b/edit/me")).unwrap();
     assert!(
-        m.mesh.service("mounter").terminate(),
+        mesh.service("mounter").terminate(),
         "the mounter exits cleanly"
     );
     assert!(
-        m.root.mounted().is_empty(),
+        mesh.mounted().is_empty(),
         "left mounted: {:?}",
-        m.root.mounted()
+        mesh.mounted()
     );
     drop(busy);
     for id in ["run-a", "run-b"] {
-        let events = m.mesh.events(id).await;
+        let events = mesh.events(id).await;
         assert!(
             find(&events, "mounter", "unmounted").is_some(),
             "{}",
@@ -187,21 +180,20 @@ async fn sigterm_unmounts_every_mount_even_a_busy_one_and_a_restart_detaches_wha
     }
 
     // kill -9 leaves a dead FUSE mount behind; the next instance detaches it before serving.
-    m.mesh.service("mounter").restart();
-    wait_until_serving(&m.mesh).await;
-    mounted(&run(&m.mesh, &runtime_request("run-c", "ctr-c", &image)).await);
-    m.mesh.service("mounter").kill();
+    mesh.service("mounter").restart();
+    wait_until_serving(&mesh).await;
+    mounted(&run(&mesh, &runtime_request("run-c", "ctr-c", &image)).await);
+    mesh.service("mounter").kill();
     assert_eq!(
-        m.root.mounted(),
+        mesh.mounted(),
         vec![root.join("ctr-c")],
         "the killed mount is stale"
     );
-    m.mesh.service("mounter").restart();
-    wait_until_serving(&m.mesh).await;
-    assert!(m.root.mounted().is_empty(), "stale: {:?}", m.root.mounted());
+    mesh.service("mounter").restart();
+    wait_until_serving(&mesh).await;
+    assert!(mesh.mounted().is_empty(), "stale: {:?}", mesh.mounted());
 
-    m.mesh
-        .assert_no_secret_leaked(&["run-a", "run-b", "run-c"], &[REGISTRY_PASSWORD])
+    mesh.assert_no_secret_leaked(&["run-a", "run-b", "run-c"], &[REGISTRY_PASSWORD])
         .await;
 }
 

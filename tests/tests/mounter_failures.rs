@@ -15,7 +15,7 @@ use imagemesh_runtime::subjects;
 use imagemesh_testkit::oci_images::OciLayout;
 use imagemesh_tests::{Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, describe};
 use indexer_support::{credential, images, index, request};
-use mounter_support::{MounterMesh, WAIT, run, runtime_request, start_mounter};
+use mounter_support::{WAIT, run, runtime_request, start_mounter};
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::manifest::{OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE, OciManifest};
 use oci_client::secrets::RegistryAuth;
@@ -23,7 +23,7 @@ use oci_client::{Client, Reference, RegistryOperation};
 use prost::Message;
 use serde_json::Value;
 
-async fn failing_mesh() -> MounterMesh {
+async fn failing_mesh() -> Mesh {
     let options = MeshOptions {
         start: vec!["credential", "scheduler", "indexer"],
         max_deliver: 3,
@@ -126,8 +126,7 @@ async fn forge_index(registry: &str, index_of_a: &str, a: &str, b: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unindexed_missing_and_mismatched_images_are_refused_once_with_a_dead_letter() {
-    let m = failing_mesh().await;
-    let mesh = &m.mesh;
+    let mesh = &failing_mesh().await;
     let registry = mesh.registry.addr().to_string();
     let layout = OciLayout::new();
     let (a, b) = push_pair(&layout, &registry);
@@ -175,7 +174,7 @@ async fn unindexed_missing_and_mismatched_images_are_refused_once_with_a_dead_le
     )
     .await;
     mounter_support::mounted(&ok);
-    assert_eq!(m.root.mounted().len(), 1, "only the good request mounted");
+    assert_eq!(mesh.mounted().len(), 1, "only the good request mounted");
 
     let ids = ["not-indexed", "missing", "mismatch", "good"];
     mesh.assert_no_secret_leaked(&ids, &[REGISTRY_PASSWORD])
@@ -200,24 +199,24 @@ async fn dispatch(mesh: &Mesh, request: &ContainerRequest) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_credential_is_final_and_an_unreachable_registry_is_retried_then_given_up() {
-    let mut m = failing_mesh().await;
-    let registry = m.mesh.registry.addr().to_string();
+    let mut mesh = failing_mesh().await;
+    let registry = mesh.registry.addr().to_string();
     let layout = OciLayout::new();
     push_pair(&layout, &registry);
-    index(&m.mesh, &request(&m.mesh, "index-a", "test/pair:a")).await;
+    index(&mesh, &request(&mesh, "index-a", "test/pair:a")).await;
 
     let wrong = "wrong-Pw-5Hq7";
     let mut bad = runtime_request("bad-cred", "", &format!("{registry}/test/pair:a"));
-    bad.build_registry_creds = Some(credential(&m.mesh, wrong));
-    dispatch(&m.mesh, &bad).await;
-    let events = m.mesh.wait_terminal("bad-cred", WAIT).await;
+    bad.build_registry_creds = Some(credential(&mesh, wrong));
+    dispatch(&mesh, &bad).await;
+    let events = mesh.wait_terminal("bad-cred", WAIT).await;
     let last = failed(&events, ErrorCode::RegistryAuthRejected);
     assert!(last.message.contains(&registry), "{}", last.message);
-    assert_dead_letter(&m.mesh, "bad-cred", ErrorCode::RegistryAuthRejected, 1).await;
+    assert_dead_letter(&mesh, "bad-cred", ErrorCode::RegistryAuthRejected, 1).await;
 
-    m.mesh.registry.stop();
+    mesh.registry.stop();
     let events = run(
-        &m.mesh,
+        &mesh,
         &runtime_request("down", "", &format!("{registry}/test/pair:a")),
     )
     .await;
@@ -232,9 +231,8 @@ async fn a_refused_credential_is_final_and_an_unreachable_registry_is_retried_th
         "{}",
         describe(&events)
     );
-    assert!(m.root.mounted().is_empty());
+    assert!(mesh.mounted().is_empty());
 
-    m.mesh
-        .assert_no_secret_leaked(&["bad-cred", "down"], &[REGISTRY_PASSWORD, wrong])
+    mesh.assert_no_secret_leaked(&["bad-cred", "down"], &[REGISTRY_PASSWORD, wrong])
         .await;
 }

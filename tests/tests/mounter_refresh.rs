@@ -76,8 +76,8 @@ async fn a_mount_keeps_reading_after_its_first_token_expired() {
     };
     let config = Some(credential_config(&addr));
     let mesh = Mesh::start_with_registry(options, registry, config).await;
-    let m = start_mounter(mesh, &[("IMAGEMESH_MOUNTER__REFRESH__RETRY", "500ms")]).await;
-    let credentials = CredentialClient::new(m.mesh.client.clone(), Duration::from_secs(5));
+    let mesh = start_mounter(mesh, &[("IMAGEMESH_MOUNTER__REFRESH__RETRY", "500ms")]).await;
+    let credentials = CredentialClient::new(mesh.client.clone(), Duration::from_secs(5));
 
     let layout = OciLayout::new();
     images::build_full(&layout, "full");
@@ -91,14 +91,14 @@ async fn a_mount_keeps_reading_after_its_first_token_expired() {
         credential: Some(push_token.clone()),
         ..Default::default()
     };
-    let events = index(&m.mesh, &indexing).await;
+    let events = index(&mesh, &indexing).await;
     assert_eq!(events.last().unwrap().phase, "indexed", "{events:?}");
 
     // From here on tokens live 6 s; the runtime request gets one through the scheduler.
     tokens.set_expires_in(Some(LIFETIME));
-    let events = run(&m.mesh, &runtime_request("run-r", "ctr-r", &image)).await;
+    let events = run(&mesh, &runtime_request("run-r", "ctr-r", &image)).await;
     let first = token(&credentials, &addr, &["pull"]).await;
-    let mountpoint = m.root.path().canonicalize().unwrap().join("ctr-r");
+    let mountpoint = mesh.mount_root().canonicalize().unwrap().join("ctr-r");
     let done = mounted(&events);
     let rootfs = layout.unpack("full", &layout.scratch("unpacked").join("bundle"));
     let small = read_file(mountpoint.join("small/d1/f1.txt")).await;
@@ -106,7 +106,7 @@ async fn a_mount_keeps_reading_after_its_first_token_expired() {
         small,
         std::fs::read(rootfs.join("small/d1/f1.txt")).unwrap()
     );
-    let stats = mount_stats(&m.mesh, "ctr-r").await;
+    let stats = mount_stats(&mesh, "ctr-r").await;
     assert!(
         stats["credential"]["expires_in_seconds"].as_i64().unwrap() <= LIFETIME as i64,
         "{stats}"
@@ -139,7 +139,7 @@ async fn a_mount_keeps_reading_after_its_first_token_expired() {
             "{path}: bytes differ"
         );
     }
-    let stats = mount_stats(&m.mesh, "ctr-r").await;
+    let stats = mount_stats(&mesh, "ctr-r").await;
     eprintln!("after expiry: {stats}");
     assert!(
         stats["credential"]["refreshes"].as_u64().unwrap() >= 1,
@@ -164,7 +164,6 @@ async fn a_mount_keeps_reading_after_its_first_token_expired() {
         &first.secret,
         &last.secret,
     ];
-    m.mesh
-        .assert_no_secret_leaked(&["index-full", "run-r"], &secrets)
+    mesh.assert_no_secret_leaked(&["index-full", "run-r"], &secrets)
         .await;
 }

@@ -2,10 +2,11 @@
 //!
 //! A mount lives in exactly one instance, so the endpoints are addressed to it: the `mounted`
 //! status event names `unmount_subject` (`imagemesh.mounter.<worker id>.unmount`) and
-//! `stats_subject` (`imagemesh.mounter.<worker id>.mounts`). They belong to the micro service
-//! `mounter-control` (one per instance; `$SRV.INFO.mounter-control` lists every instance's
-//! subjects), kept apart from the `mounter` service the work loop registers so that
-//! `$SRV.PING.mounter` still counts instances.
+//! `stats_subject` (`imagemesh.mounter.<worker id>.mounts`). They are plain NATS request-reply
+//! subjects answering refusals with the micro-service error headers (`Nats-Service-Error`,
+//! `Nats-Service-Error-Code`), not endpoints of a micro service: the `mounter` micro service is
+//! registered by the shared work loop, which takes no extra endpoints, and a second service per
+//! instance would change what `$SRV.INFO` lists for the mesh.
 //!
 //! `unmount` takes the mount id (the container id, or the request id when the request had no
 //! container id) as plain text or as `{"mount_id": "..."}` and answers the mount's final
@@ -14,10 +15,10 @@
 
 use std::sync::Arc;
 
-use async_nats::Client;
-use async_nats::service::{Request, Service};
+use async_nats::service::{NATS_SERVICE_ERROR, NATS_SERVICE_ERROR_CODE};
+use async_nats::{Client, HeaderMap, Message};
+use bytes::Bytes;
 use futures::StreamExt;
-use imagemesh_runtime::service::{self, Identity};
 use imagemesh_runtime::status::{StatusReporter, Step};
 use imagemesh_runtime::{ErrorCode, Rejection, Shutdown};
 use serde::Serialize;
@@ -26,12 +27,6 @@ use crate::cache::CacheStats;
 use crate::mounts::{Mount, MountTable};
 use crate::reader::{ReadStats, Shared};
 use crate::refresh::RefreshStats;
-
-/// The control service's identity.
-pub const IDENTITY: Identity = Identity {
-    name: "mounter-control",
-    description: "Unmounts and lists the image mounts of one mounter instance",
-};
 
 pub fn unmount_subject(worker_id: &str) -> String {
     format!("imagemesh.mounter.{worker_id}.unmount")
@@ -87,27 +82,18 @@ struct Listing {
 /// What the endpoints need.
 #[derive(Clone)]
 pub struct Control {
+    pub client: Client,
     pub worker_id: String,
     pub mounts: Arc<MountTable>,
     pub shared: Arc<Shared>,
     pub status: StatusReporter,
 }
 
-/// Registers the control service and serves it until `shutdown`.
-pub async fn serve(
-    client: &Client,
-    control: Control,
-    shutdown: Shutdown,
-) -> anyhow::Result<Service> {
-    let service = service::register(client, IDENTITY).await?;
-    let add =
-        |name: &'static str, subject: String| service.endpoint_builder().name(name).add(subject);
-    let mut unmount = add("unmount", unmount_subject(&control.worker_id))
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot add the unmount endpoint: {e}"))?;
-    let mut mounts = add("mounts", stats_subject(&control.worker_id))
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot add the mounts endpoint: {e}"))?;
+/// Subscribes to both subjects and answers them until `shutdown`.
+pub async fn serve(control: Control, shutdown: Shutdown) -> anyhow::Result<()> {
+    let subscribe = |subject: String| control.client.subscribe(subject);
+    let mut unmount = subscribe(unmount_subject(&control.worker_id)).await?;
+    let mut mounts = subscribe(stats_subject(&control.worker_id)).await?;
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -121,12 +107,12 @@ pub async fn serve(
             }
         }
     });
-    Ok(service)
+    Ok(())
 }
 
 impl Control {
-    async fn unmount(&self, request: Request) {
-        let id = mount_id_of(&request.message.payload);
+    async fn unmount(&self, request: Message) {
+        let id = mount_id_of(&request.payload);
         let reply = match self.mounts.unmount(&id).await {
             Some(mount) => {
                 let report = MountReport::of(&mount);
@@ -143,12 +129,9 @@ impl Control {
             None => Err(Rejection::new(
                 ErrorCode::NotFound,
                 format!("no mount {id:?} on mounter {}", self.worker_id),
-            )
-            .to_service_error()),
+            )),
         };
-        if let Err(err) = request.respond(reply).await {
-            tracing::warn!(error = %err, "could not answer an unmount request");
-        }
+        self.respond(&request, reply).await;
     }
 
     /// Tells the request's watchers the container's image is gone, with its final numbers.
@@ -162,7 +145,7 @@ impl Control {
         self.status.report(&mount.info.request_id, step).await;
     }
 
-    async fn list(&self, request: Request) {
+    async fn list(&self, request: Message) {
         let listing = Listing {
             worker_id: self.worker_id.clone(),
             mounts: self
@@ -175,8 +158,26 @@ impl Control {
             decoded_cache: self.shared.caches.decoded.stats(),
         };
         let body = serde_json::to_vec(&listing).expect("listing serialises");
-        if let Err(err) = request.respond(Ok(body.into())).await {
-            tracing::warn!(error = %err, "could not answer a mounts request");
+        self.respond(&request, Ok(body.into())).await;
+    }
+
+    /// Replies like a micro-service endpoint: the body, or the error headers.
+    async fn respond(&self, request: &Message, reply: Result<Bytes, Rejection>) {
+        let Some(to) = request.reply.clone() else {
+            return;
+        };
+        let mut headers = HeaderMap::new();
+        let body = match reply {
+            Ok(body) => body,
+            Err(rejection) => {
+                let error = rejection.to_service_error();
+                headers.insert(NATS_SERVICE_ERROR, error.status.as_str());
+                headers.insert(NATS_SERVICE_ERROR_CODE, error.code.to_string().as_str());
+                Bytes::new()
+            }
+        };
+        if let Err(err) = self.client.publish_with_headers(to, headers, body).await {
+            tracing::warn!(error = %err, "could not answer a control request");
         }
     }
 }

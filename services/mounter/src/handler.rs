@@ -1,6 +1,7 @@
 //! One runtime request: mount its image lazily, read-only, at `<mount_root>/<container id>`.
 //!
-//! Status phases: `resolved` (manifest and index found), then `mounted` (succeeded) with the
+//! Status phases: `authenticated` (the registry served the manifest with the request's
+//! credential), `resolved` (manifest and index found), then `mounted` (succeeded) with the
 //! mount point, digests, entry count, bytes fetched so far and where to unmount. A redelivered
 //! request for a mount that exists reports it again (`existing=true`) and mounts nothing.
 
@@ -8,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use imagemesh_lazyindex::{EntryKind, MergedTree};
-use imagemesh_proto::v1::ContainerRequest;
+use imagemesh_proto::v1::{ContainerRequest, RegistryCredential};
 use imagemesh_registry::{
     PlatformSpec, Reference, RegistryClient, RegistrySettings, credential_for,
 };
@@ -23,7 +24,7 @@ use crate::control;
 use crate::fs::ImageFs;
 use crate::fs::inodes::Inodes;
 use crate::mounts::{Mount, MountInfo, MountTable, Reserved};
-use crate::open::{OpenedImage, open};
+use crate::open::{OpenedImage, load_index, resolve};
 use crate::reader::{ImageReader, Shared};
 use crate::refresh::{Refresh, RefreshCounters};
 use crate::source::MountSource;
@@ -124,7 +125,12 @@ impl Mounter {
         // The build-registry token when the image lives there (the token that pushed it).
         let credential = credential_for(request, &registry);
         let client = Arc::new(RegistryClient::new(&registry, credential, &self.registry));
-        let opened = open(&client, image, &self.platform)
+        let resolved = resolve(&client, image, &self.platform)
+            .await
+            .map_err(|e| e.into_outcome())?;
+        self.report_authenticated(request, &registry, credential)
+            .await;
+        let opened = load_index(&client, image, resolved)
             .await
             .map_err(|e| e.into_outcome())?;
         self.report_resolved(request, &opened).await;
@@ -188,6 +194,34 @@ impl Mounter {
         let step = self.mounted_step(&mount, seconds).detail("existing", false);
         self.status.report(&request.request_id, step).await;
         Ok(())
+    }
+
+    /// The registry accepted the request's credential (it served the manifest).
+    async fn report_authenticated(
+        &self,
+        request: &ContainerRequest,
+        registry: &str,
+        credential: Option<&RegistryCredential>,
+    ) {
+        let mut step = Step::running(
+            "authenticated",
+            format!("registry {registry} accepted the credential"),
+        )
+        .detail("registry", registry);
+        match credential {
+            Some(credential) => {
+                let actions = credential
+                    .scope
+                    .as_ref()
+                    .map(|s| s.actions.join(","))
+                    .unwrap_or_default();
+                step = step
+                    .detail("username", &credential.username)
+                    .detail("actions", actions);
+            }
+            None => step.message = format!("registry {registry} reached anonymously"),
+        }
+        self.status.report(&request.request_id, step).await;
     }
 
     async fn report_resolved(&self, request: &ContainerRequest, opened: &OpenedImage) {

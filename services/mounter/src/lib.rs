@@ -9,7 +9,7 @@
 //! - [`source`]: the registry blob source whose credential can be swapped under live reads.
 //! - [`refresh`]: one task per mount renewing its token through `imagemesh.credential.refresh`.
 //! - [`mounts`]: the mount table; unmount, detach of busy and stale mounts.
-//! - [`control`]: `imagemesh.mounter.<worker>.unmount` / `.mounts` endpoints.
+//! - [`control`]: the `imagemesh.mounter.<worker>.unmount` / `.mounts` request subjects.
 //!
 //! `docs/mounter.md` describes the whole.
 #![forbid(unsafe_code)]
@@ -70,12 +70,13 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
     let shared = Arc::new(Shared::new(cache::Caches::new(&settings.cache)));
     let status = StatusReporter::new(js, IDENTITY.name).with_instance(&worker_id);
     let control = Control {
+        client: client.clone(),
         worker_id: worker_id.clone(),
         mounts: mounts.clone(),
         shared: shared.clone(),
         status: status.clone(),
     };
-    let control_service = control::serve(&client, control.clone(), shutdown.clone()).await?;
+    control::serve(control.clone(), shutdown.clone()).await?;
     let handler = Mounter {
         status,
         registry: settings.registry.clone(),
@@ -95,9 +96,6 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
     let served = worker::serve(&client, IDENTITY, work, settings.worker, handler, shutdown).await;
     // Whatever ended the work loop, leave no mount behind.
     unmount_all(&control).await;
-    if let Err(err) = control_service.stop().await {
-        tracing::warn!(error = %err, "stopping the control service");
-    }
     served
 }
 

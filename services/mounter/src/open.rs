@@ -48,13 +48,21 @@ impl From<RegistryError> for OpenError {
     }
 }
 
-/// Resolves `image` to `platform`'s manifest and loads the index that describes it.
-pub async fn open(
+/// Resolves `image` to `platform`'s manifest: the first request the credential must pass.
+pub async fn resolve(
     client: &RegistryClient,
     image: &Reference,
     platform: &PlatformSpec,
+) -> Result<ResolvedImage, OpenError> {
+    Ok(client.resolve_image(image, platform).await?)
+}
+
+/// Loads the index that describes `resolved` and checks it is that image's.
+pub async fn load_index(
+    client: &RegistryClient,
+    image: &Reference,
+    resolved: ResolvedImage,
 ) -> Result<OpenedImage, OpenError> {
-    let resolved = client.resolve_image(image, platform).await?;
     let digest = resolved.digest().to_string();
     let artifact = client
         .find_index_artifact(&resolved.reference, &digest, FORMAT_VERSION)

@@ -1,86 +1,34 @@
-//! Shared by the mounter end-to-end tests: a mesh with a mounter whose mount root is a temp dir
-//! that is cleaned of every FUSE mount when the test ends (even when it fails), runtime
-//! requests, `/proc/mounts`, the control endpoints, and comparing a mount with `umoci unpack`.
+//! Shared by the mounter end-to-end tests: a mesh with a mounter, runtime requests, the control
+//! subjects, and comparing a mount with `umoci unpack`. The mesh mounts under its own temp
+//! mount root and detaches every FUSE mount left there when it drops, even when a test fails.
 #![allow(dead_code)]
 
 pub mod tree;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use imagemesh_proto::v1::{ContainerRequest, RequestKind, RequestState, StatusEvent};
 use imagemesh_runtime::Rejection;
 use imagemesh_tests::{Mesh, describe};
 use serde_json::Value;
-use tempfile::TempDir;
 
 pub const WAIT: Duration = Duration::from_secs(120);
 /// The mounter's worker id in these tests (its control subjects follow from it).
 pub const WORKER_ID: &str = "mounter-test-1";
 
-/// A mount root that leaves nothing mounted behind.
-pub struct MountRoot {
-    dir: TempDir,
-}
-
-impl MountRoot {
-    pub fn new() -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("imagemesh-mounts-")
-            .tempdir()
-            .expect("temp dir");
-        Self { dir }
-    }
-
-    pub fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Mount points under the root, as `/proc/mounts` lists them now.
-    pub fn mounted(&self) -> Vec<PathBuf> {
-        mounted_under(self.path())
-    }
-}
-
-impl Drop for MountRoot {
-    fn drop(&mut self) {
-        // A stale FUSE mount would break every later test that walks /tmp: detach them all.
-        for mountpoint in self.mounted() {
-            let _ = Command::new("umount").arg("-l").arg(&mountpoint).status();
-        }
-    }
-}
-
-/// Mount points at or below `root` in `/proc/mounts`.
-pub fn mounted_under(root: &Path) -> Vec<PathBuf> {
-    let table = std::fs::read_to_string("/proc/mounts").expect("/proc/mounts");
-    table
-        .lines()
-        .filter_map(|line| line.split(' ').nth(1))
-        .map(|field| PathBuf::from(field.replace("\\040", " ")))
-        .filter(|path| path.starts_with(root) && path != root)
-        .collect()
-}
-
-/// A mesh whose mounter mounts under its own temp root. Field order matters: the mesh (and the
-/// mounter process) goes first, then the root detaches whatever is left.
-pub struct MounterMesh {
-    pub mesh: Mesh,
-    pub root: MountRoot,
-}
-
-/// Starts the mounter of `mesh` with a fresh mount root.
-pub async fn start_mounter(mut mesh: Mesh, extra_env: &[(&str, &str)]) -> MounterMesh {
-    let root = MountRoot::new();
-    let root_path = root.path().to_str().expect("utf-8 temp path").to_string();
-    let mut env = vec![
-        ("IMAGEMESH_MOUNTER__MOUNT_ROOT", root_path.as_str()),
-        ("IMAGEMESH_MOUNTER__PLACEMENT__WORKER_ID", WORKER_ID),
-    ];
+/// Starts the mounter of `mesh` (mounting under the mesh's mount root, which the mesh empties
+/// of mounts when it drops, even when the test fails).
+pub async fn start_mounter(mut mesh: Mesh, extra_env: &[(&str, &str)]) -> Mesh {
+    let mut env = vec![("IMAGEMESH_MOUNTER__PLACEMENT__WORKER_ID", WORKER_ID)];
     env.extend_from_slice(extra_env);
     mesh.start_instance("mounter", "mounter", &env).await;
-    MounterMesh { mesh, root }
+    mesh
+}
+
+/// Where the mounter mounts `mount_id`.
+pub fn mountpoint(mesh: &Mesh, mount_id: &str) -> PathBuf {
+    mesh.mount_root().canonicalize().unwrap().join(mount_id)
 }
 
 /// A runtime request for `image_ref`.
