@@ -170,3 +170,91 @@ fn shared_target(tree: &MergedTree, path: &str, entry: &MergedEntry) -> Option<S
 fn same_file(a: &MergedEntry, b: &MergedEntry) -> bool {
     a.kind == b.kind && a.data == b.data && a.size == b.size && a.mode == b.mode
 }
+
+#[cfg(test)]
+mod tests {
+    use imagemesh_lazyindex::{Compression, Entry, LayerIndex};
+
+    use super::*;
+
+    fn file(path: &str, offset: u64, size: u64) -> Entry {
+        Entry {
+            size,
+            offset: Some(offset),
+            mode: 0o4755,
+            uid: 1000,
+            ..Entry::new(path, EntryKind::File)
+        }
+    }
+
+    fn tree(entries: Vec<Entry>) -> MergedTree {
+        let layer = LayerIndex {
+            digest: format!("sha256:{}", "0".repeat(64)),
+            diff_id: format!("sha256:{}", "1".repeat(64)),
+            compression: Compression::None,
+            compressed_size: 1 << 20,
+            uncompressed_size: 1 << 20,
+            checkpoints: Vec::new(),
+            entries,
+        };
+        MergedTree::from_layers([&layer])
+    }
+
+    #[test]
+    fn names_resolve_in_order_and_hardlinks_share_an_inode() {
+        let link = Entry {
+            link_target: Some("bin/tool".into()),
+            ..Entry::new("bin/tool-hard", EntryKind::Hardlink)
+        };
+        let symlink = Entry {
+            link_target: Some("tool".into()),
+            ..Entry::new("bin/tool-link", EntryKind::Symlink)
+        };
+        let inodes = Inodes::build(&tree(vec![
+            Entry::new("bin", EntryKind::Dir),
+            file("bin/tool", 512, 20),
+            link,
+            symlink,
+            Entry::new("etc/sub", EntryKind::Dir),
+        ]));
+        let bin = inodes.lookup(1, "bin").unwrap();
+        let names: Vec<&str> = inodes
+            .get(bin)
+            .unwrap()
+            .children
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect();
+        assert_eq!(names, ["tool", "tool-hard", "tool-link"]);
+        let tool = inodes.lookup(bin, "tool").unwrap();
+        assert_eq!(
+            inodes.lookup(bin, "tool-hard"),
+            Some(tool),
+            "one inode, two names"
+        );
+        let attr = inodes.attr(tool).unwrap();
+        assert_eq!(
+            (attr.nlink, attr.perm, attr.uid, attr.size),
+            (2, 0o4755, 1000, 20)
+        );
+        let link = inodes
+            .attr(inodes.lookup(bin, "tool-link").unwrap())
+            .unwrap();
+        assert_eq!(
+            (link.kind, link.size),
+            (FileType::Symlink, 4),
+            "size = target length"
+        );
+        // The root holds bin and the implicit etc: 2 + two subdirectories.
+        assert_eq!(inodes.attr(1).unwrap().nlink, 4);
+        assert_eq!(inodes.get(bin).unwrap().parent, 1);
+        assert!(inodes.lookup(1, "missing").is_none() && inodes.get(0).is_none());
+        assert_eq!(inodes.files(), 1);
+    }
+
+    #[test]
+    fn devices_encode_like_the_kernel() {
+        assert_eq!(encode_dev(1, 3), 0x103);
+        assert_eq!(encode_dev(8, 0x1234), 0x34 | (8 << 8) | (0x1200 << 12));
+    }
+}
