@@ -30,7 +30,9 @@ trap 'exit 130' INT TERM
 for b in credential scheduler builder indexer mounter; do
   [ -x "$bin/imagemesh-$b" ] || { echo "missing $bin/imagemesh-$b: run 'make build'" >&2; exit 1; }
 done
-rm -rf "$stack" && mkdir -p "$stack"/{nats,registry,config,logs,base,builder}
+# A previous run killed hard may have left FUSE mounts under the stack: detach them first.
+awk -v dir="$stack/" 'index($2, dir) == 1 {print $2}' /proc/mounts | xargs -r -n1 fusermount3 -uz 2>/dev/null || true
+rm -rf "$stack" && mkdir -p "$stack"/{nats,registry,config,logs,base,builder,mounts}
 chmod 700 "$stack"
 
 wait_port() { # host port what
@@ -78,9 +80,19 @@ TOML
 cat >"$stack/config/builder.toml" <<TOML
 [nats]
 url = "$nats_url"
+[builder]
+storage_dir = "$stack/builder"
 TOML
-cp "$stack/config/builder.toml" "$stack/config/indexer.toml"
-cp "$stack/config/builder.toml" "$stack/config/mounter.toml"
+cat >"$stack/config/indexer.toml" <<TOML
+[nats]
+url = "$nats_url"
+TOML
+cat >"$stack/config/mounter.toml" <<TOML
+[nats]
+url = "$nats_url"
+[mounter]
+mount_root = "$stack/mounts"
+TOML
 
 for service in credential scheduler builder indexer mounter; do
   "$bin/imagemesh-$service" --config "$stack/config/$service.toml" >"$stack/logs/$service.log" 2>&1 &
@@ -109,10 +121,13 @@ mkdir -p "$context"
 sed "s|BASE_IMAGE|$registry/imagemesh/base:busybox|" "$root/deploy/local/demo/Dockerfile" >"$context/Dockerfile"
 cp "$root/deploy/local/demo/hello.txt" "$context/"
 
-echo; echo "== build request (image id $image_id)"
-"$bin/imagemesh" submit --kind build --image-id "$image_id" --dockerfile "$context/Dockerfile" --watch --timeout 5m
-echo; echo "== runtime request (mounts $image_id)"
-"$bin/imagemesh" submit --kind runtime --image-id "$image_id" --watch --timeout 2m
+echo; echo "== build request (image id $image_id): context uploaded, built with buildah, pushed, indexed"
+"$bin/imagemesh" build --image-id "$image_id" --timeout 5m "$context"
+echo; echo "== runtime request (mounts $image_id lazily)"
+"$bin/imagemesh" submit --kind runtime --image-id "$image_id" --container-id "demo" --watch --timeout 2m
+echo; echo "== the image's files, read lazily from the registry through its index"
+printf '%s' "$password" | "$bin/imagemesh" index cat "$registry/imagemesh/builds:$image_id" /srv/data/greeting \
+  --username "$user" --password-stdin --stats
 
 if [ "${IMAGEMESH_RUN_ONCE:-0}" = 1 ]; then
   exit 0

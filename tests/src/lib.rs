@@ -285,6 +285,59 @@ impl Mesh {
             .collect()
     }
 
+    /// Pushes a small busybox image to `imagemesh/builds:<tag>` in the build registry and has the
+    /// indexer index it (the indexer must be running), so runtime requests can mount it.
+    /// Returns its reference.
+    pub async fn push_indexed_image(&self, tag: &str) -> String {
+        let registry = self.registry.addr().to_string();
+        let repository_tag = format!("imagemesh/builds:{tag}");
+        let pushed = repository_tag.clone();
+        tokio::task::spawn_blocking(move || {
+            imagemesh_testkit::images::push_busybox(
+                &registry,
+                &pushed,
+                REGISTRY_USER,
+                REGISTRY_PASSWORD,
+            )
+        })
+        .await
+        .expect("push the image");
+        let image_ref = format!("{}/{repository_tag}", self.registry.addr());
+        let request = imagemesh_proto::v1::IndexRequest {
+            request_id: format!("index-{tag}"),
+            image_id: tag.to_string(),
+            image_ref: image_ref.clone(),
+            credential: Some(imagemesh_proto::v1::RegistryCredential {
+                registry: self.registry.addr().to_string(),
+                scheme: imagemesh_proto::v1::AuthScheme::Basic as i32,
+                username: REGISTRY_USER.into(),
+                secret: REGISTRY_PASSWORD.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let js = async_nats::jetstream::new(self.client.clone());
+        let message = PublishMessage::build()
+            .payload(request.encode_to_vec().into())
+            .message_id(&request.request_id);
+        js.send_publish(subjects::INDEX, message)
+            .await
+            .expect("publish index request")
+            .await
+            .expect("index request stored");
+        let events = self
+            .wait_terminal(&request.request_id, Duration::from_secs(120))
+            .await;
+        let last = events.last().expect("events");
+        assert_eq!(
+            last.state(),
+            RequestState::Succeeded,
+            "indexing {image_ref}: {}",
+            describe(&events)
+        );
+        image_ref
+    }
+
     /// Everything every service logged.
     pub fn all_logs(&self) -> String {
         self.services

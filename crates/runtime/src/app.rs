@@ -19,6 +19,10 @@ pub struct ServiceArgs {
     /// override its values.
     #[arg(long, short, env = "IMAGEMESH_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Print the effective configuration (defaults, file, environment) as TOML and exit.
+    /// Secrets written inline are never printed.
+    #[arg(long)]
+    pub print_config: bool,
 }
 
 /// A service configuration: it must say how to reach NATS.
@@ -40,6 +44,9 @@ where
             return ExitCode::FAILURE;
         }
     };
+    if args.print_config {
+        return print_config::<C>(name, &args);
+    }
     runtime.block_on(async move {
         let _telemetry = telemetry::init(name);
         match serve(name, args, run).await {
@@ -72,4 +79,20 @@ where
     }
     tracing::info!("{name} stopped");
     Ok(())
+}
+
+fn print_config<C: ServiceConfig>(name: &str, args: &ServiceArgs) -> ExitCode {
+    let printed = config::load::<C>(args.config.as_deref())
+        .map_err(anyhow::Error::from)
+        .and_then(|config| Ok(toml::to_string_pretty(&config)?));
+    match printed {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("{name}: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -156,7 +156,16 @@ impl Drop for ServiceProcess {
         // A stopped process cannot act on SIGKILL until continued on some kernels' accounting;
         // continue it first so it dies at once.
         self.resume();
-        self.kill();
+        // Ask first (a mounter unmounts its FUSE mounts on SIGTERM), then insist.
+        if let Some(mut child) = self.child.take() {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+            while std::time::Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         if std::thread::panicking() {
             eprintln!("---- {} log ----\n{}", self.binary, self.logs());
         }

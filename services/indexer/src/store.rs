@@ -101,12 +101,22 @@ async fn push_blob(
     if client.oci().blob_exists(repo, digest).await.map_err(fail)? {
         return Ok(());
     }
-    client
-        .oci()
-        .push_blob(repo, data, digest)
-        .await
-        .map_err(fail)?;
-    Ok(())
+    match client.oci().push_blob(repo, data, digest).await {
+        Ok(_) => Ok(()),
+        // Indexers of several images push the same small blobs (the empty config) at once, and
+        // distribution may refuse the loser's upload; the blob being there is all that matters.
+        Err(err)
+            if client
+                .oci()
+                .blob_exists(repo, digest)
+                .await
+                .unwrap_or(false) =>
+        {
+            tracing::debug!(digest, error = %err, "blob pushed concurrently by another writer");
+            Ok(())
+        }
+        Err(err) => Err(fail(err)),
+    }
 }
 
 fn artifact_manifest(image: &ResolvedImage, blob: OciDescriptor) -> OciImageManifest {

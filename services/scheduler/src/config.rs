@@ -62,3 +62,18 @@ impl Default for SchedulerConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod sample_tests {
+    /// The sample in deploy/config stays loadable as the configuration changes.
+    #[test]
+    fn the_deploy_sample_loads() {
+        let sample = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../deploy/config/scheduler.toml"
+        );
+        let loaded: Result<super::Config, _> =
+            imagemesh_runtime::config::load_from(Some(std::path::Path::new(sample)), []);
+        loaded.unwrap();
+    }
+}
