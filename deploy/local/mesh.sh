@@ -125,7 +125,9 @@ echo; echo "== build request (image id $image_id): context uploaded, built with 
 "$bin/imagemesh" build --image-id "$image_id" --timeout 5m "$context"
 echo; echo "== runtime request (mounts $image_id lazily)"
 "$bin/imagemesh" submit --kind runtime --image-id "$image_id" --container-id "demo" --watch --timeout 2m
-echo; echo "== the image's files, read lazily from the registry through its index"
+echo; echo "== a file read through the lazy mount (only the byte ranges read are fetched)"
+cat "$stack/mounts/demo/srv/hello.txt"
+echo; echo "== the same image from the command line, one range request per file"
 printf '%s' "$password" | "$bin/imagemesh" index cat "$registry/imagemesh/builds:$image_id" /srv/data/greeting \
   --username "$user" --password-stdin --stats
 
