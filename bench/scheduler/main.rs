@@ -51,10 +51,13 @@ fn main() -> anyhow::Result<()> {
     let concurrency = env_number("BENCH_CONCURRENCY", 64);
     let nats = NatsServer::start();
     let registry = Registry::start(RegistryAuth::Htpasswd(vec![(USER.into(), PASSWORD.into())]));
-    // SAFETY of intent: the credential service reads its secret from this variable.
     let services = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    // Spans are recorded as in a deployed scheduler (each service installs this), so their cost
+    // is part of the measurement; nothing is exported without an OTLP endpoint.
+    let _telemetry =
+        services.block_on(async { imagemesh_runtime::telemetry::init("bench-scheduler") });
     let load = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

@@ -101,10 +101,10 @@ pub async fn run(url: String, concurrency: usize, shutdown: Shutdown) -> anyhow:
             let publish = jetstream::message::PublishMessage::build()
                 .payload(message.payload.clone())
                 .message_id(id);
-            if let Ok(ack) = js.send_publish(OUT_SUBJECT, publish).await {
-                if ack.await.is_ok() {
-                    let _ = message.double_ack_with(AckKind::Ack).await;
-                }
+            if let Ok(ack) = js.send_publish(OUT_SUBJECT, publish).await
+                && ack.await.is_ok()
+            {
+                let _ = message.double_ack_with(AckKind::Ack).await;
             }
             drop(permit);
         });

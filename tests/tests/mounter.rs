@@ -34,11 +34,7 @@ async fn mesh_with_indexed_image() -> (Mesh, String, OciLayout) {
     images::build_full(&layout, "full");
     let image = format!("{}/test/full:v1", mesh.registry.addr());
     layout.push("full", &image, REGISTRY_USER, REGISTRY_PASSWORD);
-    let events = index(
-        &mesh,
-        &request(&mesh, "index-full", "test/full:v1"),
-    )
-    .await;
+    let events = index(&mesh, &request(&mesh, "index-full", "test/full:v1")).await;
     assert!(
         find(&events, "indexer", "indexed").is_some(),
         "{}",

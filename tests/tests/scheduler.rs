@@ -14,7 +14,7 @@ const WAIT: Duration = Duration::from_secs(120);
 
 fn request(index: usize, registry: &str) -> ContainerRequest {
     let id = format!("req-{index:04}");
-    if index % 2 == 0 {
+    if index.is_multiple_of(2) {
         ContainerRequest {
             request_id: id.clone(),
             image_id: format!("img-{id}"),

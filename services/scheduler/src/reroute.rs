@@ -60,10 +60,11 @@ async fn sweep(
     let mut orphaned = Vec::new();
     while let Some(entry) = subjects.next().await {
         let (subject, count) = entry?;
-        if let Some(worker) = kind.worker_of_subject(&subject) {
-            if count > 0 && !directory.is_live(kind.kind, worker) {
-                orphaned.push(worker.to_string());
-            }
+        if let Some(worker) = kind.worker_of_subject(&subject)
+            && count > 0
+            && !directory.is_live(kind.kind, worker)
+        {
+            orphaned.push(worker.to_string());
         }
     }
     for worker in orphaned {

@@ -75,7 +75,7 @@ impl TokenCache {
         let now = Instant::now();
         let lifetime = credential
             .as_ref()
-            .and_then(|c| c.expires_at.clone())
+            .and_then(|c| c.expires_at)
             .and_then(|t| SystemTime::try_from(t).ok())
             .map(|expiry| expiry.duration_since(SystemTime::now()).unwrap_or_default() / 2)
             .unwrap_or(self.ttl);

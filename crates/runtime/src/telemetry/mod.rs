@@ -37,10 +37,10 @@ impl Drop for TelemetryGuard {
         if let Err(err) = self.tracer_provider.shutdown() {
             eprintln!("trace export did not flush cleanly: {err}");
         }
-        if let Some(provider) = self.meter_provider.take() {
-            if let Err(err) = provider.shutdown() {
-                eprintln!("metric export did not flush cleanly: {err}");
-            }
+        if let Some(provider) = self.meter_provider.take()
+            && let Err(err) = provider.shutdown()
+        {
+            eprintln!("metric export did not flush cleanly: {err}");
         }
     }
 }
