@@ -7,8 +7,8 @@
 //! registry token only from `SystemContext.DockerBearerRegistryToken` (skopeo's
 //! `--registry-token` flag; buildah has no way to pass it), and the file's `identitytoken`
 //! field is an OAuth2 refresh token that it exchanges at the token endpoint, not a registry
-//! token. So bearer credentials never go to buildah: source-image copies use them in-process
-//! with oci-client, and Dockerfile builds refuse them with a clear error.
+//! token. So bearer credentials never go to buildah: a bearer build token is used in-process
+//! (`layout_push.rs`, source-image copies), and a base image needing one is refused clearly.
 
 use std::fs::OpenOptions;
 use std::io::Write;

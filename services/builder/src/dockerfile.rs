@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::object_store::ObjectStore;
 use imagemesh_proto::v1::{AuthScheme, ContainerRequest, RegistryCredential};
-use imagemesh_registry::{Reference, RegistrySettings, credential_for, host};
+use imagemesh_registry::{Reference, RegistryClient, RegistrySettings, credential_for, host};
 use imagemesh_runtime::ErrorCode;
 use imagemesh_runtime::status::{StatusReporter, Step};
 use tokio::time::Instant;
@@ -15,6 +15,7 @@ use crate::buildah::{BudSpec, Buildah, BuildahError};
 use crate::config::BuilderConfig;
 use crate::context;
 use crate::failure::Failure;
+use crate::layout_push;
 use crate::log::BuildLog;
 use crate::workdir::WorkDir;
 
@@ -74,11 +75,32 @@ impl DockerfileBuild<'_> {
             .report(id, Step::running("built", "image built"))
             .await;
 
-        let destination = format!("docker://{}", self.request.build_image_ref);
+        let credential = self.build_credential()?;
+        if credential.scheme() != AuthScheme::Bearer {
+            let destination = format!("docker://{}", self.request.build_image_ref);
+            return buildah
+                .push(&tag, &destination, self.log, deadline)
+                .await
+                .map_err(|e| self.push_failure(e, timeout));
+        }
+        // A bearer token cannot go to buildah: it writes an OCI layout, pushed from here.
+        let layout = dir.path().join("layout");
+        let destination = format!("oci:{}:latest", layout.display());
         buildah
             .push(&tag, &destination, self.log, deadline)
             .await
-            .map_err(|e| self.push_failure(e, timeout))
+            .map_err(|e| self.build_failure(e, timeout))?;
+        let client = RegistryClient::new(
+            &credential.registry,
+            Some(credential),
+            &self.settings.registry,
+        );
+        let target = client.reference(&self.request.build_image_ref)?;
+        let push = layout_push::push_layout(&layout, &client, &target, self.log);
+        match tokio::time::timeout_at(deadline, push).await {
+            Ok(pushed) => pushed,
+            Err(_) => Err(self.build_failure(BuildahError::TimedOut, timeout)),
+        }
     }
 
     async fn fetch_context(&self, dir: &WorkDir, name: &str) -> Result<u64, Failure> {
@@ -100,22 +122,21 @@ impl DockerfileBuild<'_> {
         let mut registries = vec![host::normalize(&build_registry.registry)];
         for base in base_registries(dockerfile) {
             if let Some(credential) = credential_for(self.request, &base) {
+                // buildah pulls base images itself; a bearer token cannot be handed to it.
+                if credential.scheme() == AuthScheme::Bearer {
+                    return Err(Failure::reject(
+                        ErrorCode::NoCredentials,
+                        format!(
+                            "the credential for the base image registry {base} is a bearer \
+                             token, which buildah cannot be given without putting it on its \
+                             command line; base images need a registry with basic credentials \
+                             or no credentials"
+                        ),
+                    ));
+                }
                 credentials.push(credential);
             }
             registries.push(base);
-        }
-        if let Some(bearer) = credentials
-            .iter()
-            .find(|c| c.scheme() == AuthScheme::Bearer)
-        {
-            return Err(Failure::reject(
-                ErrorCode::NoCredentials,
-                format!(
-                    "the credential for {} is a bearer token, which buildah cannot be given \
-                     without putting it on its command line; Dockerfile builds need basic credentials",
-                    bearer.registry
-                ),
-            ));
         }
         let auth_file = dir.path().join("auth.json");
         auth::write_auth_file(&auth_file, &credentials)

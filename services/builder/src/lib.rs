@@ -18,6 +18,7 @@ mod copy;
 mod dockerfile;
 mod failure;
 mod handler;
+mod layout_push;
 mod log;
 mod records;
 mod workdir;
