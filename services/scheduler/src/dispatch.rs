@@ -5,7 +5,8 @@
 //! JetStream message id (a redelivered intake message within the de-duplication window is
 //! stored once), and its id is claimed first in the `imagemesh-dispatched` bucket with an atomic
 //! create (a request seen again later, e.g. a client retry after the window, finds the claim and
-//! is not dispatched again). One write per request does both jobs.
+//! is not dispatched again). The two are separate writes: the claim outlives the window, the
+//! message id covers the gap between publishing and acking the intake message.
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, kv, message::PublishMessage};

@@ -121,7 +121,12 @@ fn init_with_log_default(service_name: &str, default_filter: &str) -> TelemetryG
     let log_filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let json = std::env::var("IMAGEMESH_LOG_FORMAT").is_ok_and(|v| v == "json");
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only on a terminal: log files and collectors get plain text (and it is cheaper:
+    // span fields are formatted when each span opens).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     let fmt = if json {
         fmt.json().boxed()
     } else {
