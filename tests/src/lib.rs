@@ -12,8 +12,11 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream::message::PublishMessage;
 use futures::StreamExt;
-use imagemesh_proto::v1::{ContainerRequest, DeadLetter, RequestState, StatusEvent};
-use imagemesh_runtime::{streams, subjects};
+use imagemesh_proto::v1::{
+    BuildOptions, ContainerRequest, DeadLetter, RequestKind, RequestState, StatusEvent,
+};
+use imagemesh_runtime::streams::{self, StreamOptions};
+use imagemesh_runtime::subjects;
 use imagemesh_testkit::{NatsServer, Registry, RegistryAuth, ServiceProcess, eventually};
 use prost::Message;
 
@@ -177,6 +180,23 @@ impl Mesh {
             other => format!("[{other}.worker]\n{worker}"),
         };
         format!("{nats}{body}")
+    }
+
+    /// Uploads a build context (a tar holding `files`) to the contexts object store as `name`.
+    pub async fn upload_context(&self, name: &str, files: &[(&str, &[u8])]) {
+        let mut tar = tar::Builder::new(Vec::new());
+        for (path, data) in files {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            tar.append_data(&mut header, path, *data).unwrap();
+        }
+        let bytes = tar.into_inner().unwrap();
+        let js = async_nats::jetstream::new(self.client.clone());
+        let store = streams::contexts(&js, &StreamOptions::default())
+            .await
+            .unwrap();
+        store.put(name, &mut bytes.as_slice()).await.unwrap();
     }
 
     /// Publishes a request to the intake as protobuf, with its id as message id.
@@ -399,6 +419,30 @@ pub async fn count_instances(client: &async_nats::Client, service: &str) -> usiz
         }
     }
     count
+}
+
+/// A Dockerfile build request for image `img-<id>` from the uploaded context `context`.
+pub fn build_request(id: &str, dockerfile: &str, context: &str) -> ContainerRequest {
+    ContainerRequest {
+        request_id: id.into(),
+        image_id: format!("img-{id}"),
+        kind: RequestKind::Build as i32,
+        build_options: Some(BuildOptions {
+            dockerfile: dockerfile.into(),
+            context_object: context.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The credential service's entry for a build registry with distribution token auth, whose
+/// token server knows the build registry's account.
+pub fn token_registry_config(registry: &str) -> String {
+    format!(
+        "[[credential.registries]]\nprovider = \"token\"\nhost = \"{registry}\"\n\
+         username = \"{REGISTRY_USER}\"\npassword = {{ env = \"{PASSWORD_ENV}\" }}\n"
+    )
 }
 
 pub fn is_terminal(event: &StatusEvent) -> bool {

@@ -7,14 +7,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use futures::StreamExt;
-use imagemesh_proto::v1::{
-    BuildOptions, ContainerRequest, ErrorCode, ImageRecord, RequestKind, RequestState, StatusEvent,
-};
+use imagemesh_proto::v1::{ErrorCode, ImageRecord, RequestState, StatusEvent};
 use imagemesh_runtime::streams::{self, StreamOptions};
 use imagemesh_runtime::subjects;
 use imagemesh_testkit::images::{PulledImage, push_busybox};
 use imagemesh_testkit::{ServiceProcess, eventually, wait_for_service};
-use imagemesh_tests::{Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, describe, find};
+use imagemesh_tests::{
+    Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, build_request, describe, find,
+};
 use prost::Message;
 use tempfile::TempDir;
 
@@ -55,19 +55,7 @@ impl BuildMesh {
 
     /// Uploads a context holding `files` as object `name`.
     async fn upload(&self, name: &str, files: &[(&str, &[u8])]) {
-        let mut tar = tar::Builder::new(Vec::new());
-        for (path, data) in files {
-            let mut header = tar::Header::new_gnu();
-            header.set_size(data.len() as u64);
-            header.set_mode(0o644);
-            tar.append_data(&mut header, path, *data).unwrap();
-        }
-        let bytes = tar.into_inner().unwrap();
-        let js = async_nats::jetstream::new(self.mesh.client.clone());
-        let store = streams::contexts(&js, &StreamOptions::default())
-            .await
-            .unwrap();
-        store.put(name, &mut bytes.as_slice()).await.unwrap();
+        self.mesh.upload_context(name, files).await;
     }
 
     /// Waits until the builder handed the request on or it failed.
@@ -120,20 +108,6 @@ impl BuildMesh {
     }
 }
 
-fn build(id: &str, dockerfile: &str, context: &str) -> ContainerRequest {
-    ContainerRequest {
-        request_id: id.into(),
-        image_id: format!("img-{id}"),
-        kind: RequestKind::Build as i32,
-        build_options: Some(BuildOptions {
-            dockerfile: dockerfile.into(),
-            context_object: context.into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
 fn failed(events: &[StatusEvent]) -> &StatusEvent {
     let last = events.last().unwrap();
     assert_eq!(last.state(), RequestState::Failed, "{}", describe(events));
@@ -176,7 +150,7 @@ async fn dockerfile_builds_run_at_once_are_pushed_with_the_token_recorded_and_in
              RUN echo \"built $FLAVOUR\" > /app/built.txt && cat /app/greeting.txt\n\
              ENTRYPOINT [\"/bin/sh\", \"-c\", \"cat /app/greeting.txt\"]\n"
         );
-        let mut request = build(id, &dockerfile, &format!("ctx-{id}"));
+        let mut request = build_request(id, &dockerfile, &format!("ctx-{id}"));
         let options = request.build_options.as_mut().unwrap();
         options
             .build_args
@@ -266,7 +240,7 @@ async fn dockerfile_builds_run_at_once_are_pushed_with_the_token_recorded_and_in
     assert!(lines.iter().any(|l| l == "hello from df-a"), "{lines:?}");
 
     // The same image id again: recorded with the digest the registry serves, so not rebuilt.
-    let mut again = build("df-a-again", "FROM scratch\n", "");
+    let mut again = build_request("df-a-again", "FROM scratch\n", "");
     again.image_id = "img-df-a".into();
     m.mesh.submit(&again).await;
     let events = m.wait_builder("df-a-again").await;
@@ -290,22 +264,22 @@ async fn bad_builds_fail_with_the_builders_error_and_leave_nothing_behind() {
     let base = m.base();
     m.upload("small", &[("f.txt", b"x")]).await;
     m.upload("big", &[("big.bin", &[7u8; 20_000])]).await;
-    let mut timeout = build("slow", &format!("FROM {base}\nRUN sleep 987\n"), "");
+    let mut timeout = build_request("slow", &format!("FROM {base}\nRUN sleep 987\n"), "");
     timeout.build_options.as_mut().unwrap().timeout_seconds = 8;
     let requests = [
-        build(
+        build_request(
             "run-fails",
             &format!("FROM {base}\nRUN echo about to fail && exit 3\n"),
             "small",
         ),
-        build("syntax", "FROMM nothing\nRUN\n", ""),
-        build(
+        build_request("syntax", "FROMM nothing\nRUN\n", ""),
+        build_request(
             "no-base",
             &format!("FROM {}/base/missing:1\n", m.mesh.registry.addr()),
             "",
         ),
-        build("no-context", &format!("FROM {base}\n"), "never-uploaded"),
-        build(
+        build_request("no-context", &format!("FROM {base}\n"), "never-uploaded"),
+        build_request(
             "big-context",
             &format!("FROM {base}\nCOPY big.bin /\n"),
             "big",
@@ -391,7 +365,7 @@ fn running_cmdline(needle: &str) -> bool {
 #[tokio::test]
 async fn a_source_image_is_copied_into_the_build_registry_by_cross_repository_mount() {
     let m = BuildMesh::start(&[]).await;
-    let mut request = build("copy-1", "", "");
+    let mut request = build_request("copy-1", "", "");
     request.build_options.as_mut().unwrap().source_image = m.base();
     m.mesh.submit(&request).await;
     let events = m.wait_builder("copy-1").await;

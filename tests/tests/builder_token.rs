@@ -5,58 +5,20 @@
 
 use std::time::Duration;
 
-use imagemesh_proto::v1::{
-    AuthScheme, BuildOptions, ContainerRequest, ErrorCode, RequestKind, RequestState, Scope,
-    TokenRequest,
-};
+use imagemesh_proto::v1::{AuthScheme, ErrorCode, RequestState, Scope, TokenRequest};
 use imagemesh_runtime::credentials::CredentialClient;
-use imagemesh_runtime::streams::{self, StreamOptions};
 use imagemesh_testkit::Registry;
 use imagemesh_testkit::images::{PulledImage, push_busybox};
 use imagemesh_testkit::token_server::TokenServer;
 use imagemesh_tests::{
-    Mesh, MeshOptions, PASSWORD_ENV, REGISTRY_PASSWORD, REGISTRY_USER, describe, find,
+    Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, build_request, describe, find,
+    token_registry_config,
 };
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 
 const WAIT: Duration = Duration::from_secs(120);
-
-fn credential_config(registry: &str) -> String {
-    format!(
-        "[[credential.registries]]\nprovider = \"token\"\nhost = \"{registry}\"\n\
-         username = \"{REGISTRY_USER}\"\npassword = {{ env = \"{PASSWORD_ENV}\" }}\n"
-    )
-}
-
-fn build(id: &str, dockerfile: &str, context: &str) -> ContainerRequest {
-    ContainerRequest {
-        request_id: id.into(),
-        image_id: format!("img-{id}"),
-        kind: RequestKind::Build as i32,
-        build_options: Some(BuildOptions {
-            dockerfile: dockerfile.into(),
-            context_object: context.into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-async fn upload(mesh: &Mesh, name: &str, path: &str, data: &[u8]) {
-    let mut tar = tar::Builder::new(Vec::new());
-    let mut header = tar::Header::new_gnu();
-    header.set_size(data.len() as u64);
-    header.set_mode(0o644);
-    tar.append_data(&mut header, path, data).unwrap();
-    let bytes = tar.into_inner().unwrap();
-    let js = async_nats::jetstream::new(mesh.client.clone());
-    let store = streams::contexts(&js, &StreamOptions::default())
-        .await
-        .unwrap();
-    store.put(name, &mut bytes.as_slice()).await.unwrap();
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dockerfile_build_is_pushed_to_a_token_auth_registry_with_the_bearer_token() {
@@ -71,7 +33,7 @@ async fn a_dockerfile_build_is_pushed_to_a_token_auth_registry_with_the_bearer_t
         ..Default::default()
     };
     let mut mesh =
-        Mesh::start_with_registry(options, registry, Some(credential_config(&addr))).await;
+        Mesh::start_with_registry(options, registry, Some(token_registry_config(&addr))).await;
     let storage = tempfile::tempdir().unwrap();
     let dir = storage.path().to_str().unwrap().to_string();
     mesh.start_instance(
@@ -82,15 +44,12 @@ async fn a_dockerfile_build_is_pushed_to_a_token_auth_registry_with_the_bearer_t
     .await;
 
     // FROM scratch: the build registry's token is the only credential the build needs.
-    upload(
-        &mesh,
-        "ctx-tok",
-        "hello.txt",
-        b"built with a bearer token\n",
-    )
-    .await;
+    let hello: &[u8] = b"built with a bearer token\n";
+    mesh.upload_context("ctx-tok", &[("hello.txt", hello)])
+        .await;
     let dockerfile = "FROM scratch\nENV ORIGIN=token-auth\nCOPY hello.txt /hello.txt\n";
-    mesh.submit(&build("tok", dockerfile, "ctx-tok")).await;
+    mesh.submit(&build_request("tok", dockerfile, "ctx-tok"))
+        .await;
     let events = mesh.wait_terminal("tok", WAIT).await;
     assert_eq!(
         events.last().unwrap().state(),
@@ -139,9 +98,10 @@ async fn a_dockerfile_build_is_pushed_to_a_token_auth_registry_with_the_bearer_t
 
     // A base image in a registry that needs a bearer token cannot be pulled by buildah.
     push_busybox(&addr, "base/busybox:1", REGISTRY_USER, REGISTRY_PASSWORD);
-    upload(&mesh, "ctx-base", "hello.txt", b"x").await;
+    mesh.upload_context("ctx-base", &[("hello.txt", b"x")])
+        .await;
     let dockerfile = format!("FROM {addr}/base/busybox:1\nCOPY hello.txt /hello.txt\n");
-    mesh.submit(&build("tok-base", &dockerfile, "ctx-base"))
+    mesh.submit(&build_request("tok-base", &dockerfile, "ctx-base"))
         .await;
     let events = mesh.wait_terminal("tok-base", WAIT).await;
     let last = events.last().unwrap();

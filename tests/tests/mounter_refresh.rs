@@ -14,7 +14,7 @@ use imagemesh_runtime::credentials::CredentialClient;
 use imagemesh_testkit::oci_images::OciLayout;
 use imagemesh_testkit::token_server::TokenServer;
 use imagemesh_testkit::{Registry, eventually};
-use imagemesh_tests::{Mesh, MeshOptions, PASSWORD_ENV, REGISTRY_PASSWORD, REGISTRY_USER};
+use imagemesh_tests::{Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, token_registry_config};
 use indexer_support::{images, index};
 use mounter_support::{mount_stats, mounted, read_file, run, runtime_request, start_mounter};
 use oci_client::client::{ClientConfig, ClientProtocol};
@@ -27,11 +27,9 @@ const LIFETIME: u64 = 6;
 /// Credential service settings under which 6-second tokens are served as they are (the
 /// default 60 s minimum lifetime would stretch them).
 fn credential_config(registry: &str) -> String {
-    format!(
-        "[credential]\nmin_lifetime = \"2s\"\n[credential.cache]\nmargin = \"1s\"\nrefresh_ahead = \"2s\"\n\
-         [[credential.registries]]\nprovider = \"token\"\nhost = \"{registry}\"\n\
-         username = \"{REGISTRY_USER}\"\npassword = {{ env = \"{PASSWORD_ENV}\" }}\n"
-    )
+    let settings = "[credential]\nmin_lifetime = \"2s\"\n\
+                    [credential.cache]\nmargin = \"1s\"\nrefresh_ahead = \"2s\"\n";
+    format!("{settings}{}", token_registry_config(registry))
 }
 
 async fn token(

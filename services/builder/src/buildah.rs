@@ -33,6 +33,21 @@ pub enum BuildahError {
     },
 }
 
+/// How often `bud` runs when its sandbox fails to start.
+const BUD_ATTEMPTS: usize = 3;
+
+/// Failures of buildah's chroot sandbox that say nothing about the Dockerfile: sealing the
+/// in-memory copy of the binary it re-executes for a `RUN` step fails now and then with EBUSY.
+const SANDBOX_ERRORS: &[&str] = &["sealing memfd copy"];
+
+/// Whether the last lines of a failed build show a sandbox failure rather than a build error.
+fn sandbox_failed(tail: &[String]) -> bool {
+    tail.iter()
+        .rev()
+        .take(3)
+        .any(|line| SANDBOX_ERRORS.iter().any(|e| line.contains(e)))
+}
+
 /// What a Dockerfile build needs besides the build directory.
 pub struct BudSpec<'a> {
     pub dockerfile: &'a Path,
@@ -69,6 +84,23 @@ impl<'a> Buildah<'a> {
         log: &BuildLog,
         deadline: Instant,
     ) -> Result<(), BuildahError> {
+        let mut attempt = 1;
+        loop {
+            match run(self.bud_command(spec), log, deadline).await {
+                Err(BuildahError::Failed { .. })
+                    if attempt < BUD_ATTEMPTS && sandbox_failed(&log.tail()) =>
+                {
+                    attempt += 1;
+                    tracing::warn!(attempt, "build sandbox failed to start; building again");
+                    log.line("the build sandbox failed to start (a transient buildah error); building again, finished steps are cached")
+                        .await;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    fn bud_command(&self, spec: &BudSpec<'_>) -> Command {
         let mut command = self.command();
         command
             .args(["bud", "--layers", "--isolation", "chroot", "--pull=missing"])
@@ -82,7 +114,7 @@ impl<'a> Buildah<'a> {
             command.arg("--build-arg").arg(format!("{key}={value}"));
         }
         command.arg(spec.context);
-        run(command, log, deadline).await
+        command
     }
 
     /// `buildah push` to `destination` (a containers-transport name such as
@@ -187,5 +219,31 @@ impl Drop for ProcessGroup {
         if let Some(pgid) = self.0.take() {
             let _ = killpg(pgid, Signal::SIGKILL);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_sandbox_failures_at_the_end_of_the_log_are_retried() {
+        let lines = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(sandbox_failed(&lines(&[
+            "STEP 4/5: RUN mkdir -p /srv/data",
+            "Close_Fd sealing memfd copy: Device or resource busy",
+            "Error: building at STEP \"RUN mkdir -p /srv/data\": exit status 1",
+        ])));
+        assert!(!sandbox_failed(&lines(&[
+            "STEP 2/2: RUN false",
+            "Error: building at STEP \"RUN false\": exit status 1",
+        ])));
+        // An old sandbox failure followed by a real build error is the build's own failure.
+        assert!(!sandbox_failed(&lines(&[
+            "Close_Fd sealing memfd copy: Device or resource busy",
+            "STEP 3/3: RUN exit 3",
+            "sh: exit 3",
+            "Error: building at STEP \"RUN exit 3\": exit status 3",
+        ])));
     }
 }
