@@ -1,7 +1,9 @@
 //! Dockerfile builds into a build registry with distribution token auth: the credential service
 //! brokers a scoped bearer token, buildah (which only takes user:secret) writes the image to an
 //! OCI layout, and the builder pushes it with the token; the indexer indexes it with the same
-//! token. A base image whose registry needs a bearer token is refused with a clear reason.
+//! token. A private base image in a token-auth registry, named as the request's source image, is
+//! fetched by the builder with the bearer token the scheduler attached; any other base image
+//! behind a bearer token is refused with a clear reason.
 
 use std::time::Duration;
 
@@ -11,8 +13,8 @@ use imagemesh_testkit::Registry;
 use imagemesh_testkit::images::{PulledImage, push_busybox};
 use imagemesh_testkit::token_server::TokenServer;
 use imagemesh_tests::{
-    Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, build_request, describe, find,
-    token_registry_config,
+    Mesh, MeshOptions, PASSWORD_ENV, REGISTRY_PASSWORD, REGISTRY_USER, build_request, describe,
+    find, token_registry_config,
 };
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
@@ -96,7 +98,8 @@ async fn a_dockerfile_build_is_pushed_to_a_token_auth_registry_with_the_bearer_t
         tokens.scopes()
     );
 
-    // A base image in a registry that needs a bearer token cannot be pulled by buildah.
+    // A base image behind a bearer token that is not the request's source image has no
+    // credential of its own: refused before buildah runs.
     push_busybox(&addr, "base/busybox:1", REGISTRY_USER, REGISTRY_PASSWORD);
     mesh.upload_context("ctx-base", &[("hello.txt", b"x")])
         .await;
@@ -113,7 +116,7 @@ async fn a_dockerfile_build_is_pushed_to_a_token_auth_registry_with_the_bearer_t
         describe(&events)
     );
     assert!(
-        last.message.contains("base image registry") && last.message.contains("bearer"),
+        last.message.contains("base image") && last.message.contains("bearer token"),
         "{}",
         describe(&events)
     );
@@ -149,6 +152,113 @@ async fn a_dockerfile_build_is_pushed_to_a_token_auth_registry_with_the_bearer_t
         .unwrap();
     assert_eq!(served, digest);
     mesh.assert_no_secret_leaked(&["tok", "tok-base"], &[REGISTRY_PASSWORD, &token.secret])
+        .await;
+    let left: Vec<_> = std::fs::read_dir(storage.path())
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(left.is_empty(), "build directories left: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_base_image_in_a_token_auth_registry_is_fetched_with_its_bearer_token() {
+    // The build registry is the mesh's htpasswd one; the base image lives in another registry
+    // with distribution token auth, as on Docker Hub or Harbor.
+    let tokens = TokenServer::start("imagemesh-upstream", &[(REGISTRY_USER, REGISTRY_PASSWORD)]);
+    let upstream = Registry::start(tokens.registry_auth());
+    let upstream_addr = upstream.addr().to_string();
+    let build_registry = Registry::start(imagemesh_testkit::RegistryAuth::Htpasswd(vec![(
+        REGISTRY_USER.into(),
+        REGISTRY_PASSWORD.into(),
+    )]));
+    let build_addr = build_registry.addr().to_string();
+    let credential_config = format!(
+        "[[credential.registries]]\nprovider = \"basic\"\nhost = \"{build_addr}\"\n\
+         username = \"{REGISTRY_USER}\"\npassword = {{ env = \"{PASSWORD_ENV}\" }}\n{}",
+        token_registry_config(&upstream_addr)
+    );
+    let options = MeshOptions {
+        start: vec!["credential", "scheduler", "indexer"],
+        ..Default::default()
+    };
+    let mut mesh =
+        Mesh::start_with_registry(options, build_registry, Some(credential_config)).await;
+    let storage = tempfile::tempdir().unwrap();
+    let dir = storage.path().to_str().unwrap().to_string();
+    mesh.start_instance(
+        "builder",
+        "builder",
+        &[("IMAGEMESH_BUILDER__STORAGE_DIR", dir.as_str())],
+    )
+    .await;
+    push_busybox(
+        &upstream_addr,
+        "private/busybox:1",
+        REGISTRY_USER,
+        REGISTRY_PASSWORD,
+    );
+    let pushed_scopes = tokens.scopes().len();
+
+    let base = format!("{upstream_addr}/private/busybox:1");
+    mesh.upload_context("ctx-up", &[("hello.txt", b"on a private base\n")])
+        .await;
+    let dockerfile = format!(
+        "FROM {base}\nCOPY hello.txt /srv/hello.txt\nRUN echo \"ran on $(cat /srv/hello.txt)\" > /srv/ran.txt\n"
+    );
+    let mut request = build_request("up", &dockerfile, "ctx-up");
+    request.build_options.as_mut().unwrap().source_image = base.clone();
+    mesh.submit(&request).await;
+    let events = mesh.wait_terminal("up", WAIT).await;
+    assert_eq!(
+        events.last().unwrap().state(),
+        RequestState::Succeeded,
+        "{}",
+        describe(&events)
+    );
+    let dispatched = find(&events, "scheduler", "dispatched").expect("dispatched");
+    assert_eq!(dispatched.details["image_credentials"], "true");
+    // The scheduler asked the upstream's token server for pull on the base image only.
+    let scopes = tokens.scopes();
+    assert_eq!(
+        scopes[pushed_scopes..],
+        ["repository:private/busybox:pull".to_string()],
+        "{scopes:?}"
+    );
+
+    // The image holds the base's busybox (RUN worked) and the new files.
+    let image = PulledImage::pull(
+        &build_addr,
+        "imagemesh/builds:img-up",
+        REGISTRY_USER,
+        REGISTRY_PASSWORD,
+    );
+    let rootfs = image.rootfs();
+    assert!(rootfs.join("bin/busybox").exists() || rootfs.join("bin/sh").exists());
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("srv/ran.txt")).unwrap(),
+        "ran on on a private base\n"
+    );
+    let layers = image.manifest["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 3, "{:?}", image.manifest);
+
+    let credentials = CredentialClient::new(mesh.client.clone(), Duration::from_secs(5));
+    let request = TokenRequest {
+        registry: upstream_addr.clone(),
+        scope: Some(Scope {
+            repository: "private/busybox".into(),
+            actions: vec!["pull".into()],
+        }),
+        request_id: "builder-token-test".into(),
+        ..Default::default()
+    };
+    let token = credentials
+        .mint(&request)
+        .await
+        .unwrap()
+        .credential
+        .unwrap();
+    assert_eq!(token.scheme(), AuthScheme::Bearer);
+    mesh.assert_no_secret_leaked(&["up"], &[REGISTRY_PASSWORD, &token.secret])
         .await;
     let left: Vec<_> = std::fs::read_dir(storage.path())
         .unwrap()

@@ -16,6 +16,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
+use crate::config::BuilderConfig;
 use crate::log::BuildLog;
 use crate::workdir::WorkDir;
 
@@ -60,15 +61,23 @@ pub struct BudSpec<'a> {
 /// buildah bound to one build directory.
 pub struct Buildah<'a> {
     program: &'a Path,
+    skopeo: &'a Path,
     dir: &'a WorkDir,
     auth_file: PathBuf,
     registries_conf: PathBuf,
 }
 
 impl<'a> Buildah<'a> {
-    pub fn new(program: &'a Path, dir: &'a WorkDir, auth_file: PathBuf, conf: PathBuf) -> Self {
+    /// The programs come from `settings` (`buildah`, `skopeo`).
+    pub fn new(
+        settings: &'a BuilderConfig,
+        dir: &'a WorkDir,
+        auth_file: PathBuf,
+        conf: PathBuf,
+    ) -> Self {
         Self {
-            program,
+            program: &settings.buildah,
+            skopeo: &settings.skopeo,
             dir,
             auth_file,
             registries_conf: conf,
@@ -140,6 +149,36 @@ impl<'a> Buildah<'a> {
         run(command, log, deadline).await?;
         let digest = std::fs::read_to_string(&digest_file).map_err(BuildahError::Spawn)?;
         Ok(digest.trim().to_string())
+    }
+
+    /// Copies the image in the OCI layout `layout` into this build's storage as `name`
+    /// (`skopeo copy oci:... containers-storage:[vfs@root+runroot]name`), checking its digests.
+    #[tracing::instrument(name = "store base image", skip_all, fields(name))]
+    pub async fn store_layout(
+        &self,
+        layout: &Path,
+        tag: &str,
+        name: &str,
+        log: &BuildLog,
+        deadline: Instant,
+    ) -> Result<(), BuildahError> {
+        let storage = format!(
+            "containers-storage:[vfs@{}+{}]{name}",
+            self.dir.root().display(),
+            self.dir.runroot().display()
+        );
+        let mut command = Command::new(self.skopeo);
+        command
+            .args(["copy", "--quiet"])
+            .arg(format!("oci:{}:{tag}", layout.display()))
+            .arg(storage)
+            .env("TMPDIR", self.dir.tmp())
+            .env("CONTAINERS_REGISTRIES_CONF", &self.registries_conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        run(command, log, deadline).await
     }
 
     fn command(&self) -> Command {

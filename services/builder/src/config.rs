@@ -40,6 +40,8 @@ pub struct BuilderConfig {
     pub storage_dir: PathBuf,
     /// The buildah program.
     pub buildah: PathBuf,
+    /// The skopeo program (stores base images fetched with a bearer token).
+    pub skopeo: PathBuf,
     /// Time limit of a build that sets none (`BuildOptions.timeout_seconds = 0`).
     #[serde(with = "humantime_serde")]
     pub default_timeout: Duration,
@@ -58,6 +60,7 @@ impl Default for BuilderConfig {
             registry: RegistrySettings::default(),
             storage_dir: std::env::temp_dir().join("imagemesh-builder"),
             buildah: "buildah".into(),
+            skopeo: "skopeo".into(),
             default_timeout: Duration::from_secs(30 * 60),
             max_timeout: Duration::from_secs(2 * 3600),
             max_context_bytes: 512 * 1024 * 1024,

@@ -15,9 +15,9 @@ use crate::buildah::{BudSpec, Buildah, BuildahError};
 use crate::config::BuilderConfig;
 use crate::context;
 use crate::failure::Failure;
-use crate::layout_push;
 use crate::log::BuildLog;
 use crate::workdir::WorkDir;
+use crate::{base_pull, layout_push};
 
 /// One Dockerfile build of one request.
 pub struct DockerfileBuild<'a> {
@@ -53,7 +53,11 @@ impl DockerfileBuild<'_> {
         let dockerfile = dir.path().join("Dockerfile");
         std::fs::write(&dockerfile, &options.dockerfile)
             .map_err(|e| Failure::internal(format!("cannot write the Dockerfile: {e}")))?;
-        let buildah = self.buildah(dir, &options.dockerfile)?;
+        let (buildah, bearer_bases) = self.buildah(dir, &options.dockerfile)?;
+        for (n, (image, credential)) in bearer_bases.iter().enumerate() {
+            self.store_bearer_base(&buildah, dir, n, image, credential, deadline, timeout)
+                .await?;
+        }
 
         let tag = format!("localhost/imagemesh-build:{}", self.request.image_id);
         let mut build_args: Vec<_> = options.build_args.into_iter().collect();
@@ -114,29 +118,80 @@ impl DockerfileBuild<'_> {
         Ok(bytes)
     }
 
+    /// Fetches a base image whose registry wants a bearer token and stores it in the build's
+    /// storage under its own name (`base_pull.rs`), so buildah uses it without pulling.
+    #[allow(clippy::too_many_arguments)]
+    async fn store_bearer_base(
+        &self,
+        buildah: &Buildah<'_>,
+        dir: &WorkDir,
+        n: usize,
+        image: &Reference,
+        credential: &RegistryCredential,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<(), Failure> {
+        let client = RegistryClient::new(
+            &credential.registry,
+            Some(credential),
+            &self.settings.registry,
+        );
+        let layout = dir.path().join(format!("base-{n}"));
+        let fetch = base_pull::fetch_to_layout(&client, image, &layout, self.log);
+        match tokio::time::timeout_at(deadline, fetch).await {
+            Ok(fetched) => fetched?,
+            Err(_) => return Err(self.build_failure(BuildahError::TimedOut, timeout)),
+        }
+        buildah
+            .store_layout(
+                &layout,
+                base_pull::LAYOUT_TAG,
+                &image.whole(),
+                self.log,
+                deadline,
+            )
+            .await
+            .map_err(|e| self.build_failure(e, timeout))?;
+        let _ = tokio::fs::remove_dir_all(&layout).await;
+        Ok(())
+    }
+
     /// buildah with an auth file holding the credential of every registry the build talks to:
-    /// the build registry (push) and each base image's registry (pull).
-    fn buildah<'d>(&'d self, dir: &'d WorkDir, dockerfile: &str) -> Result<Buildah<'d>, Failure> {
+    /// the build registry (push) and each base image's registry (pull). Base images whose
+    /// credential is a bearer token are returned instead: they are fetched in-process.
+    #[allow(clippy::type_complexity)]
+    fn buildah<'d>(
+        &'d self,
+        dir: &'d WorkDir,
+        dockerfile: &str,
+    ) -> Result<(Buildah<'d>, Vec<(Reference, &'d RegistryCredential)>), Failure> {
         let build_registry = self.build_credential()?;
         let mut credentials = vec![build_registry];
         let mut registries = vec![host::normalize(&build_registry.registry)];
-        for base in base_registries(dockerfile) {
-            if let Some(credential) = credential_for(self.request, &base) {
-                // buildah pulls base images itself; a bearer token cannot be handed to it.
-                if credential.scheme() == AuthScheme::Bearer {
-                    return Err(Failure::reject(
-                        ErrorCode::NoCredentials,
-                        format!(
-                            "the credential for the base image registry {base} is a bearer \
-                             token, which buildah cannot be given without putting it on its \
-                             command line; base images need a registry with basic credentials \
-                             or no credentials"
-                        ),
-                    ));
+        let mut bearer_bases = Vec::new();
+        for base in base_images(dockerfile) {
+            let registry = host::normalize(base.registry());
+            match credential_for(self.request, &registry) {
+                Some(credential) if credential.scheme() == AuthScheme::Bearer => {
+                    // The request's image credential is scoped to its source image; a bearer
+                    // token for anything else would be refused by the registry anyway.
+                    if !self.is_source_image(&base) {
+                        return Err(Failure::reject(
+                            ErrorCode::NoCredentials,
+                            format!(
+                                "the base image {} is in a registry that wants a bearer token, \
+                                 and the request carries one only for its source image; name \
+                                 it as build_options.source_image",
+                                base.whole()
+                            ),
+                        ));
+                    }
+                    bearer_bases.push((base, credential));
                 }
-                credentials.push(credential);
+                Some(credential) => credentials.push(credential),
+                None => {}
             }
-            registries.push(base);
+            registries.push(registry);
         }
         let auth_file = dir.path().join("auth.json");
         auth::write_auth_file(&auth_file, &credentials)
@@ -145,7 +200,17 @@ impl DockerfileBuild<'_> {
         let insecure = insecure(&self.settings.registry, registries);
         auth::write_registries_conf(&conf, &insecure)
             .map_err(|e| Failure::internal(format!("cannot write registries.conf: {e}")))?;
-        Ok(Buildah::new(&self.settings.buildah, dir, auth_file, conf))
+        let buildah = Buildah::new(self.settings, dir, auth_file, conf);
+        Ok((buildah, bearer_bases))
+    }
+
+    /// Whether `image` is the request's source image (`image_ref`), the one image its image
+    /// credential was minted for.
+    fn is_source_image(&self, image: &Reference) -> bool {
+        self.request
+            .image_ref
+            .parse::<Reference>()
+            .is_ok_and(|source| source.whole() == image.whole())
     }
 
     fn build_credential(&self) -> Result<&RegistryCredential, Failure> {
@@ -206,11 +271,11 @@ fn insecure(settings: &RegistrySettings, registries: Vec<String>) -> Vec<String>
     insecure
 }
 
-/// The registries of the images a Dockerfile starts from (`FROM` lines), skipping `scratch`,
-/// earlier stages and references built from `ARG`s (resolved by buildah, pulled anonymously).
-pub fn base_registries(dockerfile: &str) -> Vec<String> {
+/// The images a Dockerfile starts from (`FROM` lines), skipping `scratch`, earlier stages and
+/// references built from `ARG`s (resolved by buildah, pulled anonymously).
+pub fn base_images(dockerfile: &str) -> Vec<Reference> {
     let mut stages = Vec::new();
-    let mut registries = Vec::new();
+    let mut images: Vec<Reference> = Vec::new();
     for line in dockerfile.lines() {
         let mut words = line.split_whitespace();
         if !words.next().is_some_and(|w| w.eq_ignore_ascii_case("FROM")) {
@@ -218,25 +283,24 @@ pub fn base_registries(dockerfile: &str) -> Vec<String> {
         }
         let rest: Vec<&str> = words.filter(|w| !w.starts_with("--")).collect();
         let Some(image) = rest.first() else { continue };
+        let lower = image.to_ascii_lowercase();
+        // Checked before this line's own `AS name` joins the stages.
+        let earlier_stage = stages.contains(&lower);
         if let [_, as_word, name] = rest.as_slice()
             && as_word.eq_ignore_ascii_case("AS")
         {
             stages.push(name.to_ascii_lowercase());
         }
-        let lower = image.to_ascii_lowercase();
-        if lower == "scratch"
-            || image.contains('$')
-            || stages[..stages.len().saturating_sub(1)].contains(&lower)
-        {
+        if lower == "scratch" || image.contains('$') || earlier_stage {
             continue;
         }
-        if let Ok(reference) = image.parse::<Reference>() {
-            registries.push(host::normalize(reference.registry()));
+        if let Ok(reference) = image.parse::<Reference>()
+            && !images.iter().any(|i| i.whole() == reference.whole())
+        {
+            images.push(reference);
         }
     }
-    registries.sort();
-    registries.dedup();
-    registries
+    images
 }
 
 #[cfg(test)]
@@ -244,14 +308,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn base_registries_come_from_from_lines() {
-        let dockerfile = "FROM 127.0.0.1:5000/base/busybox:1 AS build\n\
-                          RUN echo\n\
-                          from --platform=linux/amd64 registry.example/x/y@sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\n\
-                          FROM build\nFROM scratch\nFROM ${BASE}\nFROM busybox\n";
+    fn base_images_come_from_from_lines() {
+        let digest = "a".repeat(64);
+        let dockerfile = format!(
+            "FROM 127.0.0.1:5000/base/busybox:1 AS build\n\
+             RUN echo\n\
+             from --platform=linux/amd64 registry.example/x/y@sha256:{digest}\n\
+             FROM build\nFROM scratch\nFROM ${{BASE}}\nFROM busybox\n\
+             FROM 127.0.0.1:5000/base/busybox:1\n"
+        );
+        let images: Vec<String> = base_images(&dockerfile).iter().map(|i| i.whole()).collect();
         assert_eq!(
-            base_registries(dockerfile),
-            vec!["127.0.0.1:5000", "docker.io", "registry.example"]
+            images,
+            vec![
+                "127.0.0.1:5000/base/busybox:1".to_string(),
+                format!("registry.example/x/y@sha256:{digest}"),
+                "docker.io/library/busybox:latest".to_string(),
+            ]
         );
     }
 

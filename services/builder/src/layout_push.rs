@@ -108,7 +108,7 @@ async fn push_blob(
 
 /// `blobs/sha256/<hex>` of a digest, refusing anything that is not a sha256 digest (the
 /// digest comes from a file on disk; it must not name a path outside the layout).
-fn blob_path(layout: &Path, digest: &str) -> Result<PathBuf, Failure> {
+pub(crate) fn blob_path(layout: &Path, digest: &str) -> Result<PathBuf, Failure> {
     let hex = digest
         .strip_prefix("sha256:")
         .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))

@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 mod auth;
+mod base_pull;
 mod buildah;
 pub mod config;
 mod context;
