@@ -1,13 +1,12 @@
-//! Dockerfile builds into a build registry with distribution token auth: the credential service
-//! brokers a scoped bearer token, buildah (which only takes user:secret) writes the image to an
-//! OCI layout, and the builder pushes it with the token; the indexer indexes it with the same
-//! token. A private base image in a token-auth registry, named as the request's source image, is
-//! fetched by the builder with the bearer token the scheduler attached; any other base image
-//! behind a bearer token is refused with a clear reason.
+//! Dockerfile builds with registries that use distribution token auth. The credential service
+//! brokers scoped bearer tokens: one for the build repository (buildah, which only takes
+//! user:secret, writes an OCI layout that the builder pushes with the token; the indexer indexes
+//! with the same token) and, from the scheduler, one per `FROM` image for exactly its
+//! repository (the builder fetches the base with it and stores it where buildah finds it).
 
 use std::time::Duration;
 
-use imagemesh_proto::v1::{AuthScheme, ErrorCode, RequestState, Scope, TokenRequest};
+use imagemesh_proto::v1::{AuthScheme, RequestState, Scope, TokenRequest};
 use imagemesh_runtime::credentials::CredentialClient;
 use imagemesh_testkit::Registry;
 use imagemesh_testkit::images::{PulledImage, push_busybox};
@@ -98,27 +97,41 @@ async fn a_dockerfile_build_is_pushed_to_a_token_auth_registry_with_the_bearer_t
         tokens.scopes()
     );
 
-    // A base image behind a bearer token that is not the request's source image has no
-    // credential of its own: refused before buildah runs.
+    // A base image in another repository of the same token-auth registry: the scheduler mints
+    // a pull token for exactly that repository, the builder fetches the base with it, and RUN
+    // works on it.
     push_busybox(&addr, "base/busybox:1", REGISTRY_USER, REGISTRY_PASSWORD);
+    let pushed_scopes = tokens.scopes().len();
     mesh.upload_context("ctx-base", &[("hello.txt", b"x")])
         .await;
-    let dockerfile = format!("FROM {addr}/base/busybox:1\nCOPY hello.txt /hello.txt\n");
+    let dockerfile = format!(
+        "FROM {addr}/base/busybox:1\nCOPY hello.txt /hello.txt\nRUN cp /hello.txt /copied.txt\n"
+    );
     mesh.submit(&build_request("tok-base", &dockerfile, "ctx-base"))
         .await;
     let events = mesh.wait_terminal("tok-base", WAIT).await;
-    let last = events.last().unwrap();
-    assert_eq!(last.state(), RequestState::Failed, "{}", describe(&events));
     assert_eq!(
-        last.error_code(),
-        ErrorCode::NoCredentials,
+        events.last().unwrap().state(),
+        RequestState::Succeeded,
         "{}",
         describe(&events)
     );
+    let dispatched = find(&events, "scheduler", "dispatched").expect("dispatched");
+    assert_eq!(dispatched.details["base_image_credentials"], "1");
+    let scopes = tokens.scopes();
     assert!(
-        last.message.contains("base image") && last.message.contains("bearer token"),
-        "{}",
-        describe(&events)
+        scopes[pushed_scopes..].contains(&"repository:base/busybox:pull".to_string()),
+        "{scopes:?}"
+    );
+    let image = PulledImage::pull(
+        &addr,
+        "imagemesh/builds:img-tok-base",
+        REGISTRY_USER,
+        REGISTRY_PASSWORD,
+    );
+    assert_eq!(
+        std::fs::read_to_string(image.rootfs().join("copied.txt")).unwrap(),
+        "x"
     );
 
     // The bearer token the builder pushed with (the credential service's cached one for the
@@ -205,9 +218,8 @@ async fn a_private_base_image_in_a_token_auth_registry_is_fetched_with_its_beare
     let dockerfile = format!(
         "FROM {base}\nCOPY hello.txt /srv/hello.txt\nRUN echo \"ran on $(cat /srv/hello.txt)\" > /srv/ran.txt\n"
     );
-    let mut request = build_request("up", &dockerfile, "ctx-up");
-    request.build_options.as_mut().unwrap().source_image = base.clone();
-    mesh.submit(&request).await;
+    mesh.submit(&build_request("up", &dockerfile, "ctx-up"))
+        .await;
     let events = mesh.wait_terminal("up", WAIT).await;
     assert_eq!(
         events.last().unwrap().state(),
@@ -216,7 +228,7 @@ async fn a_private_base_image_in_a_token_auth_registry_is_fetched_with_its_beare
         describe(&events)
     );
     let dispatched = find(&events, "scheduler", "dispatched").expect("dispatched");
-    assert_eq!(dispatched.details["image_credentials"], "true");
+    assert_eq!(dispatched.details["base_image_credentials"], "1");
     // The scheduler asked the upstream's token server for pull on the base image only.
     let scopes = tokens.scopes();
     assert_eq!(

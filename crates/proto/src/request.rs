@@ -1,6 +1,6 @@
 //! Helpers on requests: id validation and secret scrubbing.
 
-use crate::v1::{ContainerRequest, IndexRequest};
+use crate::v1::{ContainerRequest, IndexRequest, RegistryCredential};
 
 /// Why a request id was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -52,16 +52,25 @@ impl ContainerRequest {
     /// The request with every credential secret removed (for dead letters).
     pub fn without_secrets(&self) -> Self {
         let mut scrubbed = self.clone();
-        for cred in [
-            &mut scrubbed.image_credentials,
-            &mut scrubbed.build_registry_creds,
-        ]
-        .into_iter()
-        .flatten()
-        {
+        for cred in scrubbed.credentials_mut() {
             cred.secret.clear();
         }
         scrubbed
+    }
+
+    /// Every credential the request carries.
+    pub fn credentials(&self) -> impl Iterator<Item = &RegistryCredential> {
+        [&self.build_registry_creds, &self.image_credentials]
+            .into_iter()
+            .flatten()
+            .chain(&self.base_image_credentials)
+    }
+
+    fn credentials_mut(&mut self) -> impl Iterator<Item = &mut RegistryCredential> {
+        [&mut self.build_registry_creds, &mut self.image_credentials]
+            .into_iter()
+            .flatten()
+            .chain(&mut self.base_image_credentials)
     }
 }
 
@@ -79,7 +88,6 @@ impl IndexRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::v1::RegistryCredential;
 
     #[test]
     fn request_ids_are_subject_safe() {
@@ -121,12 +129,14 @@ mod tests {
             request_id: "r1".into(),
             image_credentials: Some(cred.clone()),
             build_registry_creds: Some(cred.clone()),
+            base_image_credentials: vec![cred.clone(), cred.clone()],
             ..Default::default()
         };
+        assert_eq!(req.credentials().count(), 4);
         assert!(format!("{req:?}").contains("r.example"));
         assert!(!format!("{req:?}").contains("hunter2"));
         let scrubbed = req.without_secrets();
-        assert!(scrubbed.image_credentials.unwrap().secret.is_empty());
-        assert!(scrubbed.build_registry_creds.unwrap().secret.is_empty());
+        assert_eq!(scrubbed.credentials().count(), 4);
+        assert!(scrubbed.credentials().all(|c| c.secret.is_empty()));
     }
 }

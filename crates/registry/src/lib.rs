@@ -10,12 +10,15 @@
 //! - [`index_artifact`]: finding an image's lazy-mount index artifact (referrers API, or the
 //!   referrers tag schema on registries without it).
 //! - [`blob_source`]: blob byte ranges over HTTP, the `BlobSource` of lazy reads.
+//! - [`dockerfile`]: the images a Dockerfile starts from.
+//! - [`select`]: which of a request's credentials goes to which registry and repository.
 //!
 //! [`RegistryCredential`]: imagemesh_proto::v1::RegistryCredential
 #![forbid(unsafe_code)]
 
 pub mod blob_source;
 pub mod client;
+pub mod dockerfile;
 pub mod error;
 pub mod host;
 pub mod index_artifact;
@@ -28,4 +31,4 @@ pub use error::{RegistryError, RegistryErrorKind};
 pub use index_artifact::{IndexArtifact, referrers_tag};
 pub use manifest::{PlatformSpec, ResolvedImage};
 pub use oci_client::Reference;
-pub use select::credential_for;
+pub use select::{credential_for, credential_for_image};

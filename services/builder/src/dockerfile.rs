@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::object_store::ObjectStore;
 use imagemesh_proto::v1::{AuthScheme, ContainerRequest, RegistryCredential};
-use imagemesh_registry::{Reference, RegistryClient, RegistrySettings, credential_for, host};
+use imagemesh_registry::dockerfile::base_images;
+use imagemesh_registry::{Reference, RegistryClient, RegistrySettings, credential_for_image, host};
 use imagemesh_runtime::ErrorCode;
 use imagemesh_runtime::status::{StatusReporter, Step};
 use tokio::time::Instant;
@@ -171,17 +172,19 @@ impl DockerfileBuild<'_> {
         let mut bearer_bases = Vec::new();
         for base in base_images(dockerfile) {
             let registry = host::normalize(base.registry());
-            match credential_for(self.request, &registry) {
+            match credential_for_image(self.request, &registry, base.repository()) {
                 Some(credential) if credential.scheme() == AuthScheme::Bearer => {
-                    // The request's image credential is scoped to its source image; a bearer
-                    // token for anything else would be refused by the registry anyway.
-                    if !self.is_source_image(&base) {
+                    // A bearer token is scoped to one repository; another's would be refused.
+                    let covers = credential
+                        .scope
+                        .as_ref()
+                        .is_some_and(|s| s.repository == base.repository());
+                    if !covers {
                         return Err(Failure::reject(
                             ErrorCode::NoCredentials,
                             format!(
                                 "the base image {} is in a registry that wants a bearer token, \
-                                 and the request carries one only for its source image; name \
-                                 it as build_options.source_image",
+                                 and the request carries none for its repository",
                                 base.whole()
                             ),
                         ));
@@ -202,15 +205,6 @@ impl DockerfileBuild<'_> {
             .map_err(|e| Failure::internal(format!("cannot write registries.conf: {e}")))?;
         let buildah = Buildah::new(self.settings, dir, auth_file, conf);
         Ok((buildah, bearer_bases))
-    }
-
-    /// Whether `image` is the request's source image (`image_ref`), the one image its image
-    /// credential was minted for.
-    fn is_source_image(&self, image: &Reference) -> bool {
-        self.request
-            .image_ref
-            .parse::<Reference>()
-            .is_ok_and(|source| source.whole() == image.whole())
     }
 
     fn build_credential(&self) -> Result<&RegistryCredential, Failure> {
@@ -271,62 +265,9 @@ fn insecure(settings: &RegistrySettings, registries: Vec<String>) -> Vec<String>
     insecure
 }
 
-/// The images a Dockerfile starts from (`FROM` lines), skipping `scratch`, earlier stages and
-/// references built from `ARG`s (resolved by buildah, pulled anonymously).
-pub fn base_images(dockerfile: &str) -> Vec<Reference> {
-    let mut stages = Vec::new();
-    let mut images: Vec<Reference> = Vec::new();
-    for line in dockerfile.lines() {
-        let mut words = line.split_whitespace();
-        if !words.next().is_some_and(|w| w.eq_ignore_ascii_case("FROM")) {
-            continue;
-        }
-        let rest: Vec<&str> = words.filter(|w| !w.starts_with("--")).collect();
-        let Some(image) = rest.first() else { continue };
-        let lower = image.to_ascii_lowercase();
-        // Checked before this line's own `AS name` joins the stages.
-        let earlier_stage = stages.contains(&lower);
-        if let [_, as_word, name] = rest.as_slice()
-            && as_word.eq_ignore_ascii_case("AS")
-        {
-            stages.push(name.to_ascii_lowercase());
-        }
-        if lower == "scratch" || image.contains('$') || earlier_stage {
-            continue;
-        }
-        if let Ok(reference) = image.parse::<Reference>()
-            && !images.iter().any(|i| i.whole() == reference.whole())
-        {
-            images.push(reference);
-        }
-    }
-    images
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn base_images_come_from_from_lines() {
-        let digest = "a".repeat(64);
-        let dockerfile = format!(
-            "FROM 127.0.0.1:5000/base/busybox:1 AS build\n\
-             RUN echo\n\
-             from --platform=linux/amd64 registry.example/x/y@sha256:{digest}\n\
-             FROM build\nFROM scratch\nFROM ${{BASE}}\nFROM busybox\n\
-             FROM 127.0.0.1:5000/base/busybox:1\n"
-        );
-        let images: Vec<String> = base_images(&dockerfile).iter().map(|i| i.whole()).collect();
-        assert_eq!(
-            images,
-            vec![
-                "127.0.0.1:5000/base/busybox:1".to_string(),
-                format!("registry.example/x/y@sha256:{digest}"),
-                "docker.io/library/busybox:latest".to_string(),
-            ]
-        );
-    }
 
     #[test]
     fn loopback_and_configured_registries_are_insecure() {

@@ -60,11 +60,7 @@ fn scope_actions(credential: &RegistryCredential) -> String {
 }
 
 fn secrets(request: &ContainerRequest) -> Vec<String> {
-    [&request.build_registry_creds, &request.image_credentials]
-        .into_iter()
-        .flatten()
-        .map(|c| c.secret.clone())
-        .collect()
+    request.credentials().map(|c| c.secret.clone()).collect()
 }
 
 impl Builder {

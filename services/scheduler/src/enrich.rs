@@ -5,6 +5,7 @@ use async_nats::jetstream::kv;
 use imagemesh_proto::v1::{
     ContainerRequest, ImageRecord, RegistryCredential, RequestKind, Scope, TokenRequest,
 };
+use imagemesh_registry::dockerfile::base_images;
 use imagemesh_registry::{Reference, host};
 use imagemesh_runtime::credentials::{CredentialClient, CredentialError};
 use imagemesh_runtime::{ErrorCode, Rejection};
@@ -33,6 +34,9 @@ impl From<CredentialError> for EnrichError {
     }
 }
 
+/// Most `FROM` images one build may name (each costs a token request).
+const MAX_BASE_IMAGES: usize = 8;
+
 fn permanent(code: ErrorCode, message: impl Into<String>) -> EnrichError {
     EnrichError::Permanent(Rejection::new(code, message))
 }
@@ -54,6 +58,7 @@ impl Enricher {
     pub async fn enrich(&self, request: &mut ContainerRequest) -> Result<(), EnrichError> {
         request.image_credentials = None;
         request.build_registry_creds = None;
+        request.base_image_credentials.clear();
         let kind = request.kind();
         let build_target = match kind {
             RequestKind::Build => Some(self.resolve_build_target(request)?),
@@ -88,12 +93,52 @@ impl Enricher {
         };
         self.attach_build_registry_credentials(request, kind, build_repository)
             .await?;
+        if kind == RequestKind::Build {
+            self.attach_base_image_credentials(request).await?;
+        }
         match image {
             Some(image) if !in_build_registry => {
                 self.attach_image_credentials(request, &image).await
             }
             _ => Ok(()),
         }
+    }
+
+    /// A build gets a pull credential for each image its Dockerfile starts from, scoped to that
+    /// image's repository (a bearer token for one repository serves no other). Public images
+    /// get none.
+    async fn attach_base_image_credentials(
+        &self,
+        request: &mut ContainerRequest,
+    ) -> Result<(), EnrichError> {
+        let dockerfile = request
+            .build_options
+            .as_ref()
+            .map(|o| o.dockerfile.as_str())
+            .unwrap_or_default();
+        let bases = base_images(dockerfile);
+        if bases.len() > MAX_BASE_IMAGES {
+            return Err(permanent(
+                ErrorCode::MalformedRequest,
+                format!(
+                    "the Dockerfile starts from {} images; at most {MAX_BASE_IMAGES} are served",
+                    bases.len()
+                ),
+            ));
+        }
+        for base in bases {
+            let registry = host::normalize(base.registry());
+            let key = TokenKey {
+                registry: &registry,
+                repository: base.repository(),
+                actions: &["pull".to_string()],
+                credential_ref: "",
+            };
+            if let Some(credential) = self.mint(&request.request_id, key).await? {
+                request.base_image_credentials.push(credential);
+            }
+        }
+        Ok(())
     }
 
     /// Build: the image goes to `<build registry>/<repository>:<image id>`.

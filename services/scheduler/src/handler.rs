@@ -75,7 +75,11 @@ impl Handler for Scheduler {
             .detail("subject", &dispatched.subject)
             .detail("worker", &dispatched.worker)
             .detail("build_image_ref", &request.build_image_ref)
-            .detail("image_credentials", request.image_credentials.is_some());
+            .detail("image_credentials", request.image_credentials.is_some())
+            .detail(
+                "base_image_credentials",
+                request.base_image_credentials.len(),
+            );
         self.status.report(&id, step).await;
         Outcome::Done
     }
