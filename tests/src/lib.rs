@@ -17,6 +17,7 @@ use imagemesh_proto::v1::{
 };
 use imagemesh_runtime::streams::{self, StreamOptions};
 use imagemesh_runtime::subjects;
+use imagemesh_testkit::token_server::TokenServer;
 use imagemesh_testkit::{NatsServer, Registry, RegistryAuth, ServiceProcess, eventually};
 use prost::Message;
 
@@ -434,6 +435,14 @@ pub fn build_request(id: &str, dockerfile: &str, context: &str) -> ContainerRequ
         }),
         ..Default::default()
     }
+}
+
+/// A token server that knows the mesh's account, for `service`, and a docker-registry with
+/// distribution token auth that trusts it.
+pub fn token_registry(service: &str) -> (TokenServer, Registry) {
+    let tokens = TokenServer::start(service, &[(REGISTRY_USER, REGISTRY_PASSWORD)]);
+    let registry = Registry::start(tokens.registry_auth());
+    (tokens, registry)
 }
 
 /// The credential service's entry for a build registry with distribution token auth, whose

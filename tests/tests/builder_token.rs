@@ -6,35 +6,30 @@
 
 use std::time::Duration;
 
-use imagemesh_proto::v1::{AuthScheme, RequestState, Scope, TokenRequest};
+use imagemesh_proto::v1::{
+    AuthScheme, RegistryCredential, RequestState, Scope, StatusEvent, TokenRequest,
+};
 use imagemesh_runtime::credentials::CredentialClient;
-use imagemesh_testkit::Registry;
 use imagemesh_testkit::images::{PulledImage, push_busybox};
-use imagemesh_testkit::token_server::TokenServer;
+use imagemesh_testkit::{Registry, RegistryAuth};
 use imagemesh_tests::{
     Mesh, MeshOptions, PASSWORD_ENV, REGISTRY_PASSWORD, REGISTRY_USER, build_request, describe,
-    find, token_registry_config,
+    find, token_registry, token_registry_config,
 };
 use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
+use tempfile::TempDir;
 
 const WAIT: Duration = Duration::from_secs(120);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dockerfile_build_is_pushed_to_a_token_auth_registry_with_the_bearer_token() {
-    let tokens = TokenServer::start(
-        "imagemesh-test-registry",
-        &[(REGISTRY_USER, REGISTRY_PASSWORD)],
-    );
-    let registry = Registry::start(tokens.registry_auth());
-    let addr = registry.addr().to_string();
+/// A mesh on `build_registry` with a builder whose build directories live in the returned dir.
+async fn start(build_registry: Registry, credential_config: String) -> (Mesh, TempDir) {
     let options = MeshOptions {
         start: vec!["credential", "scheduler", "indexer"],
         ..Default::default()
     };
     let mut mesh =
-        Mesh::start_with_registry(options, registry, Some(token_registry_config(&addr))).await;
+        Mesh::start_with_registry(options, build_registry, Some(credential_config)).await;
     let storage = tempfile::tempdir().unwrap();
     let dir = storage.path().to_str().unwrap().to_string();
     mesh.start_instance(
@@ -43,21 +38,69 @@ async fn a_dockerfile_build_is_pushed_to_a_token_auth_registry_with_the_bearer_t
         &[("IMAGEMESH_BUILDER__STORAGE_DIR", dir.as_str())],
     )
     .await;
+    (mesh, storage)
+}
 
-    // FROM scratch: the build registry's token is the only credential the build needs.
-    let hello: &[u8] = b"built with a bearer token\n";
-    mesh.upload_context("ctx-tok", &[("hello.txt", hello)])
-        .await;
-    let dockerfile = "FROM scratch\nENV ORIGIN=token-auth\nCOPY hello.txt /hello.txt\n";
-    mesh.submit(&build_request("tok", dockerfile, "ctx-tok"))
-        .await;
-    let events = mesh.wait_terminal("tok", WAIT).await;
+/// Uploads `hello.txt` as the context, builds `dockerfile`, and returns the events of the
+/// request, which must have succeeded.
+async fn build(mesh: &Mesh, id: &str, dockerfile: &str, hello: &[u8]) -> Vec<StatusEvent> {
+    let context = format!("ctx-{id}");
+    mesh.upload_context(&context, &[("hello.txt", hello)]).await;
+    mesh.submit(&build_request(id, dockerfile, &context)).await;
+    let events = mesh.wait_terminal(id, WAIT).await;
     assert_eq!(
         events.last().unwrap().state(),
         RequestState::Succeeded,
         "{}",
         describe(&events)
     );
+    events
+}
+
+/// The credential service's (cached) token for this scope: the one the services were given.
+async fn token(
+    mesh: &Mesh,
+    registry: &str,
+    repository: &str,
+    actions: &[&str],
+) -> RegistryCredential {
+    let credentials = CredentialClient::new(mesh.client.clone(), Duration::from_secs(5));
+    let request = TokenRequest {
+        registry: registry.into(),
+        scope: Some(Scope {
+            repository: repository.into(),
+            actions: actions.iter().map(|a| a.to_string()).collect(),
+        }),
+        request_id: "builder-token-test".into(),
+        ..Default::default()
+    };
+    let token = credentials
+        .mint(&request)
+        .await
+        .unwrap()
+        .credential
+        .unwrap();
+    assert_eq!(token.scheme(), AuthScheme::Bearer);
+    token
+}
+
+fn assert_no_build_dirs(storage: &TempDir) {
+    let left: Vec<_> = std::fs::read_dir(storage.path())
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(left.is_empty(), "build directories left: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dockerfile_build_is_pushed_to_a_token_auth_registry_with_the_bearer_token() {
+    let (tokens, registry) = token_registry("imagemesh-test-registry");
+    let addr = registry.addr().to_string();
+    let (mesh, storage) = start(registry, token_registry_config(&addr)).await;
+
+    // FROM scratch: the build registry's token is the only credential the build needs.
+    let dockerfile = "FROM scratch\nENV ORIGIN=token-auth\nCOPY hello.txt /hello.txt\n";
+    let events = build(&mesh, "tok", dockerfile, b"built with a bearer token\n").await;
     let authenticated = find(&events, "builder", "authenticated").expect("authenticated");
     assert_eq!(authenticated.details["actions"], "pull,push");
     let pushed = find(&events, "builder", "pushed").expect("pushed");
@@ -67,7 +110,7 @@ async fn a_dockerfile_build_is_pushed_to_a_token_auth_registry_with_the_bearer_t
     assert_eq!(indexed.state(), RequestState::Succeeded);
 
     // Pulled back (skopeo, which runs the token flow with the long-term account): the config
-    // and the one gzip layer are what the Dockerfile says, under the digest the builder reported.
+    // and the one gzip layer are what the Dockerfile says.
     let image = PulledImage::pull(
         &addr,
         "imagemesh/builds:img-tok",
@@ -87,7 +130,6 @@ async fn a_dockerfile_build_is_pushed_to_a_token_auth_registry_with_the_bearer_t
         std::fs::read_to_string(image.rootfs().join("hello.txt")).unwrap(),
         "built with a bearer token\n"
     );
-    // The scheduler asked for exactly this scope; nothing broader was issued.
     assert!(
         tokens
             .scopes()
@@ -97,25 +139,29 @@ async fn a_dockerfile_build_is_pushed_to_a_token_auth_registry_with_the_bearer_t
         tokens.scopes()
     );
 
+    // The registry serves the manifest under the digest the builder reported.
+    let push_token = token(&mesh, &addr, "imagemesh/builds", &["pull", "push"]).await;
+    let client = Client::new(ClientConfig {
+        protocol: ClientProtocol::Http,
+        ..Default::default()
+    });
+    let reference: Reference = format!("{addr}/imagemesh/builds:img-tok").parse().unwrap();
+    let bearer = oci_client::secrets::RegistryAuth::Bearer(push_token.secret.clone());
+    let served = client
+        .fetch_manifest_digest(&reference, &bearer)
+        .await
+        .unwrap();
+    assert_eq!(served, digest);
+
     // A base image in another repository of the same token-auth registry: the scheduler mints
     // a pull token for exactly that repository, the builder fetches the base with it, and RUN
     // works on it.
     push_busybox(&addr, "base/busybox:1", REGISTRY_USER, REGISTRY_PASSWORD);
     let pushed_scopes = tokens.scopes().len();
-    mesh.upload_context("ctx-base", &[("hello.txt", b"x")])
-        .await;
     let dockerfile = format!(
         "FROM {addr}/base/busybox:1\nCOPY hello.txt /hello.txt\nRUN cp /hello.txt /copied.txt\n"
     );
-    mesh.submit(&build_request("tok-base", &dockerfile, "ctx-base"))
-        .await;
-    let events = mesh.wait_terminal("tok-base", WAIT).await;
-    assert_eq!(
-        events.last().unwrap().state(),
-        RequestState::Succeeded,
-        "{}",
-        describe(&events)
-    );
+    let events = build(&mesh, "tok-base", &dockerfile, b"x").await;
     let dispatched = find(&events, "scheduler", "dispatched").expect("dispatched");
     assert_eq!(dispatched.details["base_image_credentials"], "1");
     let scopes = tokens.scopes();
@@ -134,53 +180,21 @@ async fn a_dockerfile_build_is_pushed_to_a_token_auth_registry_with_the_bearer_t
         "x"
     );
 
-    // The bearer token the builder pushed with (the credential service's cached one for the
-    // same scope) and the long-term password appear in no log, event or dead letter.
-    let credentials = CredentialClient::new(mesh.client.clone(), Duration::from_secs(5));
-    let request = TokenRequest {
-        registry: addr.clone(),
-        scope: Some(Scope {
-            repository: "imagemesh/builds".into(),
-            actions: vec!["pull".into(), "push".into()],
-        }),
-        request_id: "builder-token-test".into(),
-        ..Default::default()
-    };
-    let token = credentials
-        .mint(&request)
-        .await
-        .unwrap()
-        .credential
-        .unwrap();
-    assert_eq!(token.scheme(), AuthScheme::Bearer);
-    // The registry serves the manifest under the digest the builder reported.
-    let client = Client::new(ClientConfig {
-        protocol: ClientProtocol::Http,
-        ..Default::default()
-    });
-    let reference: Reference = format!("{addr}/imagemesh/builds:img-tok").parse().unwrap();
-    let served = client
-        .fetch_manifest_digest(&reference, &RegistryAuth::Bearer(token.secret.clone()))
-        .await
-        .unwrap();
-    assert_eq!(served, digest);
-    mesh.assert_no_secret_leaked(&["tok", "tok-base"], &[REGISTRY_PASSWORD, &token.secret])
+    // Neither token nor the long-term password is in any log, event or dead letter.
+    let base_token = token(&mesh, &addr, "base/busybox", &["pull"]).await;
+    let secrets = [REGISTRY_PASSWORD, &push_token.secret, &base_token.secret];
+    mesh.assert_no_secret_leaked(&["tok", "tok-base"], &secrets)
         .await;
-    let left: Vec<_> = std::fs::read_dir(storage.path())
-        .unwrap()
-        .flatten()
-        .collect();
-    assert!(left.is_empty(), "build directories left: {left:?}");
+    assert_no_build_dirs(&storage);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_private_base_image_in_a_token_auth_registry_is_fetched_with_its_bearer_token() {
     // The build registry is the mesh's htpasswd one; the base image lives in another registry
     // with distribution token auth, as on Docker Hub or Harbor.
-    let tokens = TokenServer::start("imagemesh-upstream", &[(REGISTRY_USER, REGISTRY_PASSWORD)]);
-    let upstream = Registry::start(tokens.registry_auth());
+    let (tokens, upstream) = token_registry("imagemesh-upstream");
     let upstream_addr = upstream.addr().to_string();
-    let build_registry = Registry::start(imagemesh_testkit::RegistryAuth::Htpasswd(vec![(
+    let build_registry = Registry::start(RegistryAuth::Htpasswd(vec![(
         REGISTRY_USER.into(),
         REGISTRY_PASSWORD.into(),
     )]));
@@ -190,20 +204,7 @@ async fn a_private_base_image_in_a_token_auth_registry_is_fetched_with_its_beare
          username = \"{REGISTRY_USER}\"\npassword = {{ env = \"{PASSWORD_ENV}\" }}\n{}",
         token_registry_config(&upstream_addr)
     );
-    let options = MeshOptions {
-        start: vec!["credential", "scheduler", "indexer"],
-        ..Default::default()
-    };
-    let mut mesh =
-        Mesh::start_with_registry(options, build_registry, Some(credential_config)).await;
-    let storage = tempfile::tempdir().unwrap();
-    let dir = storage.path().to_str().unwrap().to_string();
-    mesh.start_instance(
-        "builder",
-        "builder",
-        &[("IMAGEMESH_BUILDER__STORAGE_DIR", dir.as_str())],
-    )
-    .await;
+    let (mesh, storage) = start(build_registry, credential_config).await;
     push_busybox(
         &upstream_addr,
         "private/busybox:1",
@@ -212,21 +213,11 @@ async fn a_private_base_image_in_a_token_auth_registry_is_fetched_with_its_beare
     );
     let pushed_scopes = tokens.scopes().len();
 
-    let base = format!("{upstream_addr}/private/busybox:1");
-    mesh.upload_context("ctx-up", &[("hello.txt", b"on a private base\n")])
-        .await;
     let dockerfile = format!(
-        "FROM {base}\nCOPY hello.txt /srv/hello.txt\nRUN echo \"ran on $(cat /srv/hello.txt)\" > /srv/ran.txt\n"
+        "FROM {upstream_addr}/private/busybox:1\nCOPY hello.txt /srv/hello.txt\n\
+         RUN echo \"ran on $(cat /srv/hello.txt)\" > /srv/ran.txt\n"
     );
-    mesh.submit(&build_request("up", &dockerfile, "ctx-up"))
-        .await;
-    let events = mesh.wait_terminal("up", WAIT).await;
-    assert_eq!(
-        events.last().unwrap().state(),
-        RequestState::Succeeded,
-        "{}",
-        describe(&events)
-    );
+    let events = build(&mesh, "up", &dockerfile, b"on a private base\n").await;
     let dispatched = find(&events, "scheduler", "dispatched").expect("dispatched");
     assert_eq!(dispatched.details["base_image_credentials"], "1");
     // The scheduler asked the upstream's token server for pull on the base image only.
@@ -253,28 +244,8 @@ async fn a_private_base_image_in_a_token_auth_registry_is_fetched_with_its_beare
     let layers = image.manifest["layers"].as_array().unwrap();
     assert_eq!(layers.len(), 3, "{:?}", image.manifest);
 
-    let credentials = CredentialClient::new(mesh.client.clone(), Duration::from_secs(5));
-    let request = TokenRequest {
-        registry: upstream_addr.clone(),
-        scope: Some(Scope {
-            repository: "private/busybox".into(),
-            actions: vec!["pull".into()],
-        }),
-        request_id: "builder-token-test".into(),
-        ..Default::default()
-    };
-    let token = credentials
-        .mint(&request)
-        .await
-        .unwrap()
-        .credential
-        .unwrap();
-    assert_eq!(token.scheme(), AuthScheme::Bearer);
-    mesh.assert_no_secret_leaked(&["up"], &[REGISTRY_PASSWORD, &token.secret])
+    let base_token = token(&mesh, &upstream_addr, "private/busybox", &["pull"]).await;
+    mesh.assert_no_secret_leaked(&["up"], &[REGISTRY_PASSWORD, &base_token.secret])
         .await;
-    let left: Vec<_> = std::fs::read_dir(storage.path())
-        .unwrap()
-        .flatten()
-        .collect();
-    assert!(left.is_empty(), "build directories left: {left:?}");
+    assert_no_build_dirs(&storage);
 }

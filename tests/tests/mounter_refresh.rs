@@ -11,10 +11,11 @@ use std::time::Duration;
 
 use imagemesh_proto::v1::{AuthScheme, IndexRequest, RegistryCredential, Scope, TokenRequest};
 use imagemesh_runtime::credentials::CredentialClient;
+use imagemesh_testkit::eventually;
 use imagemesh_testkit::oci_images::OciLayout;
-use imagemesh_testkit::token_server::TokenServer;
-use imagemesh_testkit::{Registry, eventually};
-use imagemesh_tests::{Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, token_registry_config};
+use imagemesh_tests::{
+    Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, token_registry, token_registry_config,
+};
 use indexer_support::{images, index};
 use mounter_support::{mount_stats, mounted, read_file, run, runtime_request, start_mounter};
 use oci_client::client::{ClientConfig, ClientProtocol};
@@ -62,11 +63,7 @@ async fn accepted(image: &Reference, token: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mount_keeps_reading_after_its_first_token_expired() {
-    let tokens = TokenServer::start(
-        "imagemesh-test-registry",
-        &[(REGISTRY_USER, REGISTRY_PASSWORD)],
-    );
-    let registry = Registry::start(tokens.registry_auth());
+    let (tokens, registry) = token_registry("imagemesh-test-registry");
     let addr = registry.addr().to_string();
     let options = MeshOptions {
         start: vec!["credential", "scheduler", "indexer"],
