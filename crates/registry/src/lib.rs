@@ -29,6 +29,6 @@ pub use blob_source::RegistryBlobSource;
 pub use client::{Access, RegistryClient, RegistrySettings};
 pub use error::{RegistryError, RegistryErrorKind};
 pub use index_artifact::{IndexArtifact, referrers_tag};
-pub use manifest::{PlatformSpec, ResolvedImage};
+pub use manifest::{MANIFEST_MEDIA_TYPES, PlatformSpec, ResolvedImage};
 pub use oci_client::Reference;
 pub use select::{credential_for, credential_for_image};

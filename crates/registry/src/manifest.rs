@@ -16,7 +16,8 @@ use crate::error::{RegistryError, RegistryErrorKind};
 /// The platform chosen when a request names none.
 pub const DEFAULT_PLATFORM: &str = "linux/amd64";
 
-const ACCEPTED: &[&str] = &[
+/// The manifest media types asked for when pulling: OCI and Docker images and indexes.
+pub const MANIFEST_MEDIA_TYPES: &[&str] = &[
     OCI_IMAGE_MEDIA_TYPE,
     IMAGE_MANIFEST_MEDIA_TYPE,
     OCI_IMAGE_INDEX_MEDIA_TYPE,
@@ -85,6 +86,8 @@ pub struct ResolvedImage {
     /// The image manifest as a descriptor (media type, digest, size): an artifact's `subject`.
     pub descriptor: OciDescriptor,
     pub manifest: OciImageManifest,
+    /// The image manifest exactly as the registry served it (its digest is `descriptor.digest`).
+    pub manifest_bytes: bytes::Bytes,
     /// Digest of what the reference named: the index for a multi-platform image, else the
     /// image manifest itself.
     pub top_digest: String,
@@ -107,8 +110,8 @@ impl RegistryClient {
         platform: &PlatformSpec,
     ) -> Result<ResolvedImage, RegistryError> {
         let (top, top_digest) = self.pull_manifest(reference).await?;
-        let (manifest, descriptor, chosen) = match top {
-            Pulled::Image(manifest, descriptor) => (*manifest, descriptor, None),
+        let (manifest, descriptor, manifest_bytes, chosen) = match top {
+            Pulled::Image(manifest, descriptor, raw) => (*manifest, descriptor, raw, None),
             Pulled::Index(entries) => {
                 let entry = entries
                     .iter()
@@ -121,7 +124,7 @@ impl RegistryClient {
                     })?;
                 let by_digest = reference.clone_with_digest(entry.digest.clone());
                 match self.pull_manifest(&by_digest).await? {
-                    (Pulled::Image(m, d), _) => (*m, d, Some(platform.clone())),
+                    (Pulled::Image(m, d, raw), _) => (*m, d, raw, Some(platform.clone())),
                     (Pulled::Index(_), _) => {
                         return Err(self.invalid(reference, "nested image indexes"));
                     }
@@ -132,6 +135,7 @@ impl RegistryClient {
             reference: reference.clone_with_digest(descriptor.digest.clone()),
             descriptor,
             manifest,
+            manifest_bytes,
             top_digest,
             platform: chosen,
         })
@@ -143,7 +147,7 @@ impl RegistryClient {
     ) -> Result<(Pulled, String), RegistryError> {
         let (body, digest) = self
             .oci()
-            .pull_manifest_raw(reference, self.auth(), ACCEPTED)
+            .pull_manifest_raw(reference, self.auth(), MANIFEST_MEDIA_TYPES)
             .await
             .map_err(|e| RegistryError::from_oci(self.registry(), reference.repository(), &e))?;
         let parsed: OciManifest = serde_json::from_slice(&body)
@@ -159,7 +163,7 @@ impl RegistryClient {
                     size: body.len() as i64,
                     ..Default::default()
                 };
-                Pulled::Image(Box::new(manifest), descriptor)
+                Pulled::Image(Box::new(manifest), descriptor, body)
             }
             OciManifest::ImageIndex(index) => Pulled::Index(index.manifests),
         };
@@ -177,7 +181,7 @@ impl RegistryClient {
 }
 
 enum Pulled {
-    Image(Box<OciImageManifest>, OciDescriptor),
+    Image(Box<OciImageManifest>, OciDescriptor, bytes::Bytes),
     Index(Vec<ImageIndexEntry>),
 }
 

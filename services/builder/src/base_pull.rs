@@ -2,7 +2,7 @@
 //! the build's own storage under their own name, so `buildah bud --pull=missing` finds them
 //! there and never has to authenticate (it cannot be given a bearer token; see `auth.rs`).
 //!
-//! The manifest is fetched byte for byte by digest (for an image index, the linux/amd64 image);
+//! The manifest is kept byte for byte as served (for an image index, the linux/amd64 image's);
 //! blobs are streamed to files, never held in memory; skopeo checks every digest when it copies
 //! the layout into storage.
 
@@ -11,22 +11,12 @@ use std::path::Path;
 use futures::StreamExt;
 use imagemesh_registry::{PlatformSpec, Reference, RegistryClient, RegistryError};
 use oci_client::errors::OciDistributionError;
-use oci_client::manifest::{
-    IMAGE_MANIFEST_LIST_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE,
-    OCI_IMAGE_MEDIA_TYPE, OciDescriptor,
-};
+use oci_client::manifest::OciDescriptor;
 use tokio::io::AsyncWriteExt;
 
 use crate::failure::Failure;
 use crate::layout_push::blob_path;
 use crate::log::BuildLog;
-
-const ACCEPTED: &[&str] = &[
-    OCI_IMAGE_MEDIA_TYPE,
-    IMAGE_MANIFEST_MEDIA_TYPE,
-    OCI_IMAGE_INDEX_MEDIA_TYPE,
-    IMAGE_MANIFEST_LIST_MEDIA_TYPE,
-];
 
 /// The tag the image gets inside the layout.
 pub const LAYOUT_TAG: &str = "latest";
@@ -44,33 +34,25 @@ pub async fn fetch_to_layout(
     };
     let platform = PlatformSpec::parse("").map_err(Failure::internal)?;
     let resolved = client.resolve_image(image, &platform).await?;
-    let pinned = image.clone_with_digest(resolved.digest().to_string());
-    let (raw, digest) = client
-        .oci()
-        .pull_manifest_raw(&pinned, client.auth(), ACCEPTED)
-        .await
-        .map_err(|e| fail(&e))?;
+    let raw = &resolved.manifest_bytes;
+    let digest = resolved.digest();
     let io = |e: std::io::Error| Failure::internal(format!("cannot write the base image: {e}"));
     tokio::fs::create_dir_all(layout.join("blobs").join("sha256"))
         .await
         .map_err(io)?;
-    tokio::fs::write(blob_path(layout, &digest)?, &raw)
+    tokio::fs::write(blob_path(layout, digest)?, raw)
         .await
         .map_err(io)?;
     let blobs = std::iter::once(&resolved.manifest.config).chain(&resolved.manifest.layers);
     for blob in blobs {
-        fetch_blob(client, &pinned, blob, layout)
+        fetch_blob(client, &resolved.reference, blob, layout)
             .await
             .map_err(|e| fail(&e))?;
     }
-    let media_type = match resolved.descriptor.media_type.as_str() {
-        "" => OCI_IMAGE_MEDIA_TYPE,
-        media_type => media_type,
-    };
     let index = serde_json::json!({
         "schemaVersion": 2,
         "manifests": [{
-            "mediaType": media_type,
+            "mediaType": resolved.descriptor.media_type,
             "digest": digest,
             "size": raw.len(),
             "annotations": { "org.opencontainers.image.ref.name": LAYOUT_TAG },

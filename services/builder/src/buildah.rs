@@ -167,28 +167,31 @@ impl<'a> Buildah<'a> {
             self.dir.root().display(),
             self.dir.runroot().display()
         );
-        let mut command = Command::new(self.skopeo);
+        let mut command = self.sandboxed(self.skopeo);
         command
             .args(["copy", "--quiet"])
             .arg(format!("oci:{}:{tag}", layout.display()))
-            .arg(storage)
-            .env("TMPDIR", self.dir.tmp())
-            .env("CONTAINERS_REGISTRIES_CONF", &self.registries_conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
+            .arg(storage);
         run(command, log, deadline).await
     }
 
+    /// buildah on this build's storage.
     fn command(&self) -> Command {
-        let mut command = Command::new(self.program);
+        let mut command = self.sandboxed(self.program);
         command
             .arg("--root")
             .arg(self.dir.root())
             .arg("--runroot")
             .arg(self.dir.runroot())
-            .args(["--storage-driver", "vfs"])
+            .args(["--storage-driver", "vfs"]);
+        command
+    }
+
+    /// `program` with this build's temp dir and registries.conf, no ambient auth file, piped
+    /// output, and its own process group, so a timeout kills it and everything it started.
+    fn sandboxed(&self, program: &Path) -> Command {
+        let mut command = Command::new(program);
+        command
             .env("TMPDIR", self.dir.tmp())
             .env("CONTAINERS_REGISTRIES_CONF", &self.registries_conf)
             .env_remove("REGISTRY_AUTH_FILE")
@@ -196,7 +199,6 @@ impl<'a> Buildah<'a> {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            // Its own process group, so a timeout kills buildah and everything it started.
             .process_group(0);
         command
     }

@@ -6,7 +6,7 @@
 //! held in memory. An image index is copied with every manifest it lists.
 
 use futures::TryStreamExt;
-use imagemesh_registry::{Reference, RegistryClient, RegistryError};
+use imagemesh_registry::{MANIFEST_MEDIA_TYPES, Reference, RegistryClient, RegistryError};
 use imagemesh_runtime::ErrorCode;
 use oci_client::RegistryOperation;
 use oci_client::manifest::{
@@ -16,15 +16,6 @@ use oci_client::manifest::{
 
 use crate::failure::Failure;
 use crate::log::BuildLog;
-
-const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-const ACCEPTED: &[&str] = &[
-    OCI_IMAGE_MEDIA_TYPE,
-    DOCKER_MANIFEST,
-    OCI_IMAGE_INDEX_MEDIA_TYPE,
-    DOCKER_LIST,
-];
 
 /// What a copy moved.
 #[derive(Debug, Default)]
@@ -91,7 +82,7 @@ impl ImageCopy<'_> {
     async fn pull_manifest(&self, from: &Reference) -> Result<(bytes::Bytes, String), Failure> {
         self.source
             .oci()
-            .pull_manifest_raw(from, self.source.auth(), ACCEPTED)
+            .pull_manifest_raw(from, self.source.auth(), MANIFEST_MEDIA_TYPES)
             .await
             .map_err(|e| src_error(self.source, from, &e))
     }

@@ -27,6 +27,22 @@ pub struct DockerfileBuild<'a> {
     pub status: &'a StatusReporter,
     pub log: &'a BuildLog,
     pub request: &'a ContainerRequest,
+    /// The build registry, with the request's build token, and where the image goes there.
+    pub target_client: &'a RegistryClient,
+    pub target: &'a Reference,
+}
+
+/// When a build must be done, and the limit its failure names when it is not.
+#[derive(Debug, Clone, Copy)]
+struct Deadline {
+    at: Instant,
+    limit: Duration,
+}
+
+/// A base image whose registry wants a bearer token: fetched in-process, not by buildah.
+struct BearerBase<'a> {
+    image: Reference,
+    credential: &'a RegistryCredential,
 }
 
 impl DockerfileBuild<'_> {
@@ -41,8 +57,11 @@ impl DockerfileBuild<'_> {
 
     async fn run_in(&self, dir: &WorkDir) -> Result<String, Failure> {
         let options = self.request.build_options.clone().unwrap_or_default();
-        let timeout = self.settings.timeout(options.timeout_seconds);
-        let deadline = Instant::now() + timeout;
+        let limit = self.settings.timeout(options.timeout_seconds);
+        let deadline = Deadline {
+            at: Instant::now() + limit,
+            limit,
+        };
         let id = &self.request.request_id;
         if !options.context_object.is_empty() {
             let bytes = self.fetch_context(dir, &options.context_object).await?;
@@ -55,8 +74,8 @@ impl DockerfileBuild<'_> {
         std::fs::write(&dockerfile, &options.dockerfile)
             .map_err(|e| Failure::internal(format!("cannot write the Dockerfile: {e}")))?;
         let (buildah, bearer_bases) = self.buildah(dir, &options.dockerfile)?;
-        for (n, (image, credential)) in bearer_bases.iter().enumerate() {
-            self.store_bearer_base(&buildah, dir, n, image, credential, deadline, timeout)
+        for (n, base) in bearer_bases.iter().enumerate() {
+            self.store_bearer_base(&buildah, dir, n, base, deadline)
                 .await?;
         }
 
@@ -73,39 +92,40 @@ impl DockerfileBuild<'_> {
             .report(id, Step::running("building", "buildah bud"))
             .await;
         buildah
-            .bud(&spec, self.log, deadline)
+            .bud(&spec, self.log, deadline.at)
             .await
-            .map_err(|e| self.build_failure(e, timeout))?;
+            .map_err(|e| self.build_failure(e, deadline.limit))?;
         self.status
             .report(id, Step::running("built", "image built"))
             .await;
 
-        let credential = self.build_credential()?;
-        if credential.scheme() != AuthScheme::Bearer {
+        if self.build_credential()?.scheme() != AuthScheme::Bearer {
             let destination = format!("docker://{}", self.request.build_image_ref);
             return buildah
-                .push(&tag, &destination, self.log, deadline)
+                .push(&tag, &destination, self.log, deadline.at)
                 .await
-                .map_err(|e| self.push_failure(e, timeout));
+                .map_err(|e| self.push_failure(e, deadline.limit));
         }
         // A bearer token cannot go to buildah: it writes an OCI layout, pushed from here.
         let layout = dir.path().join("layout");
         let destination = format!("oci:{}:latest", layout.display());
         buildah
-            .push(&tag, &destination, self.log, deadline)
+            .push(&tag, &destination, self.log, deadline.at)
             .await
-            .map_err(|e| self.build_failure(e, timeout))?;
-        let client = RegistryClient::new(
-            &credential.registry,
-            Some(credential),
-            &self.settings.registry,
-        );
-        let target = client.reference(&self.request.build_image_ref)?;
-        let push = layout_push::push_layout(&layout, &client, &target, self.log);
-        match tokio::time::timeout_at(deadline, push).await {
-            Ok(pushed) => pushed,
-            Err(_) => Err(self.build_failure(BuildahError::TimedOut, timeout)),
-        }
+            .map_err(|e| self.build_failure(e, deadline.limit))?;
+        let push = layout_push::push_layout(&layout, self.target_client, self.target, self.log);
+        self.within(deadline, push).await
+    }
+
+    /// `work`, or a timed-out build failure when the deadline passes first.
+    async fn within<T>(
+        &self,
+        deadline: Deadline,
+        work: impl Future<Output = Result<T, Failure>>,
+    ) -> Result<T, Failure> {
+        tokio::time::timeout_at(deadline.at, work)
+            .await
+            .unwrap_or_else(|_| Err(self.build_failure(BuildahError::TimedOut, deadline.limit)))
     }
 
     async fn fetch_context(&self, dir: &WorkDir, name: &str) -> Result<u64, Failure> {
@@ -121,38 +141,28 @@ impl DockerfileBuild<'_> {
 
     /// Fetches a base image whose registry wants a bearer token and stores it in the build's
     /// storage under its own name (`base_pull.rs`), so buildah uses it without pulling.
-    #[allow(clippy::too_many_arguments)]
     async fn store_bearer_base(
         &self,
         buildah: &Buildah<'_>,
         dir: &WorkDir,
         n: usize,
-        image: &Reference,
-        credential: &RegistryCredential,
-        deadline: Instant,
-        timeout: Duration,
+        base: &BearerBase<'_>,
+        deadline: Deadline,
     ) -> Result<(), Failure> {
+        let credential = base.credential;
         let client = RegistryClient::new(
             &credential.registry,
             Some(credential),
             &self.settings.registry,
         );
         let layout = dir.path().join(format!("base-{n}"));
-        let fetch = base_pull::fetch_to_layout(&client, image, &layout, self.log);
-        match tokio::time::timeout_at(deadline, fetch).await {
-            Ok(fetched) => fetched?,
-            Err(_) => return Err(self.build_failure(BuildahError::TimedOut, timeout)),
-        }
+        let fetch = base_pull::fetch_to_layout(&client, &base.image, &layout, self.log);
+        self.within(deadline, fetch).await?;
+        let name = base.image.whole();
         buildah
-            .store_layout(
-                &layout,
-                base_pull::LAYOUT_TAG,
-                &image.whole(),
-                self.log,
-                deadline,
-            )
+            .store_layout(&layout, base_pull::LAYOUT_TAG, &name, self.log, deadline.at)
             .await
-            .map_err(|e| self.build_failure(e, timeout))?;
+            .map_err(|e| self.build_failure(e, deadline.limit))?;
         let _ = tokio::fs::remove_dir_all(&layout).await;
         Ok(())
     }
@@ -160,12 +170,11 @@ impl DockerfileBuild<'_> {
     /// buildah with an auth file holding the credential of every registry the build talks to:
     /// the build registry (push) and each base image's registry (pull). Base images whose
     /// credential is a bearer token are returned instead: they are fetched in-process.
-    #[allow(clippy::type_complexity)]
     fn buildah<'d>(
         &'d self,
         dir: &'d WorkDir,
         dockerfile: &str,
-    ) -> Result<(Buildah<'d>, Vec<(Reference, &'d RegistryCredential)>), Failure> {
+    ) -> Result<(Buildah<'d>, Vec<BearerBase<'d>>), Failure> {
         let build_registry = self.build_credential()?;
         let mut credentials = vec![build_registry];
         let mut registries = vec![host::normalize(&build_registry.registry)];
@@ -189,7 +198,10 @@ impl DockerfileBuild<'_> {
                             ),
                         ));
                     }
-                    bearer_bases.push((base, credential));
+                    bearer_bases.push(BearerBase {
+                        image: base,
+                        credential,
+                    });
                 }
                 Some(credential) => credentials.push(credential),
                 None => {}

@@ -129,6 +129,8 @@ impl Builder {
                 status: &self.status,
                 log: &log,
                 request,
+                target_client: client,
+                target,
             };
             build.run().await?
         } else if !options.source_image.is_empty() {

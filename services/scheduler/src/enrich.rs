@@ -126,18 +126,24 @@ impl Enricher {
                 ),
             ));
         }
-        for base in bases {
+        // Independent token requests: asked for at once.
+        let pull = ["pull".to_string()];
+        let request_id = request.request_id.as_str();
+        let minted = futures::future::try_join_all(bases.iter().map(|base| {
             let registry = host::normalize(base.registry());
-            let key = TokenKey {
-                registry: &registry,
-                repository: base.repository(),
-                actions: &["pull".to_string()],
-                credential_ref: "",
-            };
-            if let Some(credential) = self.mint(&request.request_id, key).await? {
-                request.base_image_credentials.push(credential);
+            let pull = &pull;
+            async move {
+                let key = TokenKey {
+                    registry: &registry,
+                    repository: base.repository(),
+                    actions: pull,
+                    credential_ref: "",
+                };
+                self.mint(request_id, key).await
             }
-        }
+        }))
+        .await?;
+        request.base_image_credentials = minted.into_iter().flatten().collect();
         Ok(())
     }
 
