@@ -49,6 +49,18 @@ where
     figment.extract().map_err(|e| ConfigError(Box::new(e)))
 }
 
+/// Loads the sample configuration `deploy/config/<service>.toml` of this repository, without
+/// environment overrides: each service's tests keep its sample loadable as its settings change.
+pub fn load_deploy_sample<T>(service: &str) -> Result<T, ConfigError>
+where
+    T: Serialize + DeserializeOwned + Default,
+{
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../deploy/config")
+        .join(format!("{service}.toml"));
+    load_from(Some(&sample), [])
+}
+
 /// One environment variable overriding one key; named so errors say which variable is wrong.
 struct EnvOverride {
     variable: String,

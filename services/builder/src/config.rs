@@ -83,12 +83,6 @@ mod sample_tests {
     /// The sample in deploy/config stays loadable as the configuration changes.
     #[test]
     fn the_deploy_sample_loads() {
-        let sample = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../deploy/config/builder.toml"
-        );
-        let loaded: Result<super::Config, _> =
-            imagemesh_runtime::config::load_from(Some(std::path::Path::new(sample)), []);
-        loaded.unwrap();
+        imagemesh_runtime::config::load_deploy_sample::<super::Config>("builder").unwrap();
     }
 }
