@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod probe;
+pub mod tree;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,8 +13,9 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream::message::PublishMessage;
 use futures::StreamExt;
+use imagemesh_proto::CONTENT_TYPE_PROTOBUF;
 use imagemesh_proto::v1::{
-    BuildOptions, ContainerRequest, DeadLetter, RequestKind, RequestState, StatusEvent,
+    BuildOptions, ContainerRequest, DeadLetter, ErrorCode, RequestKind, RequestState, StatusEvent,
 };
 use imagemesh_runtime::streams::{self, StreamOptions};
 use imagemesh_runtime::subjects;
@@ -213,6 +215,25 @@ impl Mesh {
         content_type: Option<&str>,
         id: Option<&str>,
     ) {
+        self.publish_to(subjects::INTAKE, payload, content_type, id)
+            .await;
+    }
+
+    /// Publishes `message` as protobuf to a work subject (`imagemesh.work.*`) the way a service
+    /// does, with `id` as message id, and waits until the stream stored it.
+    pub async fn publish_work(&self, subject: &str, message: &impl Message, id: &str) {
+        let payload = message.encode_to_vec();
+        self.publish_to(subject, payload, Some(CONTENT_TYPE_PROTOBUF), Some(id))
+            .await;
+    }
+
+    async fn publish_to(
+        &self,
+        subject: &str,
+        payload: Vec<u8>,
+        content_type: Option<&str>,
+        id: Option<&str>,
+    ) {
         let js = async_nats::jetstream::new(self.client.clone());
         let mut headers = HeaderMap::new();
         if let Some(content_type) = content_type {
@@ -224,11 +245,11 @@ impl Mesh {
         if let Some(id) = id {
             message = message.message_id(id);
         }
-        js.send_publish(subjects::INTAKE, message)
+        js.send_publish(subject.to_string(), message)
             .await
-            .expect("publish to intake")
+            .unwrap_or_else(|e| panic!("publish to {subject}: {e}"))
             .await
-            .expect("intake stored the request");
+            .unwrap_or_else(|e| panic!("{subject} not stored: {e}"));
     }
 
     /// Every status event of a request so far, in order.
@@ -337,15 +358,8 @@ impl Mesh {
             }),
             ..Default::default()
         };
-        let js = async_nats::jetstream::new(self.client.clone());
-        let message = PublishMessage::build()
-            .payload(request.encode_to_vec().into())
-            .message_id(&request.request_id);
-        js.send_publish(subjects::INDEX, message)
-            .await
-            .expect("publish index request")
-            .await
-            .expect("index request stored");
+        self.publish_work(subjects::INDEX, &request, &request.request_id)
+            .await;
         let events = self
             .wait_terminal(&request.request_id, Duration::from_secs(120))
             .await;
@@ -462,6 +476,50 @@ pub fn is_terminal(event: &StatusEvent) -> bool {
 }
 
 /// The events of one service with one phase.
+/// The last event of a finished request, which must have succeeded.
+pub fn assert_succeeded(events: &[StatusEvent]) -> &StatusEvent {
+    let last = events.last().expect("no status events");
+    assert_eq!(
+        last.state(),
+        RequestState::Succeeded,
+        "{}",
+        describe(events)
+    );
+    last
+}
+
+/// The last event of a finished request, which must be a failure by `service` with `code`.
+pub fn assert_failed<'a>(
+    events: &'a [StatusEvent],
+    service: &str,
+    code: ErrorCode,
+) -> &'a StatusEvent {
+    let last = events.last().expect("no status events");
+    assert_eq!(last.state(), RequestState::Failed, "{}", describe(events));
+    assert_eq!(last.service, service, "{}", describe(events));
+    assert_eq!(last.error_code(), code, "{}", describe(events));
+    last
+}
+
+/// Like [`assert_failed`], for a request that was retried (it reported `retrying`) and given
+/// up after `attempts` deliveries.
+pub fn assert_gave_up<'a>(
+    events: &'a [StatusEvent],
+    service: &str,
+    code: ErrorCode,
+    attempts: u32,
+) -> &'a StatusEvent {
+    let last = assert_failed(events, service, code);
+    let gave_up = format!("gave up after {attempts} attempts");
+    assert!(last.message.contains(&gave_up), "{}", last.message);
+    assert!(
+        events.iter().any(|e| e.phase == "retrying"),
+        "{}",
+        describe(events)
+    );
+    last
+}
+
 pub fn find<'a>(events: &'a [StatusEvent], service: &str, phase: &str) -> Option<&'a StatusEvent> {
     events
         .iter()

@@ -5,7 +5,10 @@
 use std::time::Duration;
 
 use imagemesh_proto::v1::{BuildOptions, ContainerRequest, ErrorCode, RequestKind, RequestState};
-use imagemesh_tests::{Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, describe, find};
+use imagemesh_tests::{
+    Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, assert_gave_up, assert_succeeded,
+    describe, find,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -71,12 +74,7 @@ async fn build_and_runtime_requests_both_carry_the_build_registry_token() {
     );
 
     let runtime = mesh.wait_terminal("r1", WAIT).await;
-    assert_eq!(
-        runtime.last().unwrap().state(),
-        RequestState::Succeeded,
-        "{}",
-        describe(&runtime)
-    );
+    assert_succeeded(&runtime);
     let mounter = find(&runtime, "mounter", "authenticated").expect("mounter authenticated");
     assert_eq!(mounter.details["registry"], registry);
     assert_eq!(mounter.details["actions"], "pull");
@@ -167,12 +165,7 @@ async fn without_the_credential_service_nothing_is_dispatched_until_it_returns()
 
     mesh.start_service("credential").await;
     let events = mesh.wait_terminal("held", WAIT).await;
-    assert_eq!(
-        events.last().unwrap().state(),
-        RequestState::Succeeded,
-        "{}",
-        describe(&events)
-    );
+    assert_succeeded(&events);
     assert!(find(&events, "builder", "authenticated").is_some());
 }
 
@@ -186,14 +179,7 @@ async fn a_request_gives_up_after_the_retry_limit_with_a_dead_letter() {
     let mesh = Mesh::start(options).await;
     mesh.submit(&build_request("abandoned")).await;
     let events = mesh.wait_terminal("abandoned", WAIT).await;
-    let failed = events.last().unwrap();
-    assert_eq!(failed.state(), RequestState::Failed);
-    assert_eq!(failed.error_code(), ErrorCode::CredentialUnavailable);
-    assert!(
-        failed.message.contains("gave up after 3 attempts"),
-        "{}",
-        failed.message
-    );
+    assert_gave_up(&events, "scheduler", ErrorCode::CredentialUnavailable, 3);
     let letters = mesh.dead_letters().await;
     assert!(
         letters
@@ -246,12 +232,7 @@ async fn malformed_intake_messages_fail_clearly_and_the_next_request_goes_throug
         );
     }
     let events = mesh.wait_terminal("good-json", WAIT).await;
-    assert_eq!(
-        events.last().unwrap().state(),
-        RequestState::Succeeded,
-        "{}",
-        describe(&events)
-    );
+    assert_succeeded(&events);
 
     let letters = mesh.dead_letters().await;
     let malformed: Vec<_> = letters

@@ -13,7 +13,8 @@ use imagemesh_runtime::subjects;
 use imagemesh_testkit::images::{PulledImage, push_busybox};
 use imagemesh_testkit::{ServiceProcess, eventually, wait_for_service};
 use imagemesh_tests::{
-    Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, build_request, describe, find,
+    Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, assert_succeeded, build_request, describe,
+    find,
 };
 use prost::Message;
 use tempfile::TempDir;
@@ -160,12 +161,7 @@ async fn dockerfile_builds_run_at_once_are_pushed_with_the_token_recorded_and_in
     let mut digests = Vec::new();
     for id in ids {
         let events = m.mesh.wait_terminal(id, WAIT).await;
-        assert_eq!(
-            events.last().unwrap().state(),
-            RequestState::Succeeded,
-            "{}",
-            describe(&events)
-        );
+        assert_succeeded(&events);
         for phase in [
             "authenticated",
             "context-fetched",

@@ -13,8 +13,8 @@ use imagemesh_runtime::credentials::CredentialClient;
 use imagemesh_testkit::images::{PulledImage, push_busybox};
 use imagemesh_testkit::{Registry, RegistryAuth};
 use imagemesh_tests::{
-    Mesh, MeshOptions, PASSWORD_ENV, REGISTRY_PASSWORD, REGISTRY_USER, build_request, describe,
-    find, token_registry, token_registry_config,
+    Mesh, MeshOptions, PASSWORD_ENV, REGISTRY_PASSWORD, REGISTRY_USER, assert_succeeded,
+    build_request, describe, find, token_registry, token_registry_config,
 };
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::{Client, Reference};
@@ -48,12 +48,7 @@ async fn build(mesh: &Mesh, id: &str, dockerfile: &str, hello: &[u8]) -> Vec<Sta
     mesh.upload_context(&context, &[("hello.txt", hello)]).await;
     mesh.submit(&build_request(id, dockerfile, &context)).await;
     let events = mesh.wait_terminal(id, WAIT).await;
-    assert_eq!(
-        events.last().unwrap().state(),
-        RequestState::Succeeded,
-        "{}",
-        describe(&events)
-    );
+    assert_succeeded(&events);
     events
 }
 

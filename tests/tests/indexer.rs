@@ -9,9 +9,11 @@ mod indexer_support;
 use std::collections::BTreeMap;
 
 use imagemesh_lazyindex::decode_image;
-use imagemesh_proto::v1::{RequestState, StatusEvent};
+use imagemesh_proto::v1::StatusEvent;
 use imagemesh_testkit::oci_images::{OciLayout, have_image_tools};
-use imagemesh_tests::{Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, describe, find};
+use imagemesh_tests::{
+    Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, assert_succeeded, describe, find,
+};
 use indexer_support::compare::{assert_tree_matches, parse_show, regular_files};
 use indexer_support::{artifact, cli, detail, image_record, images, index, request};
 use serde_json::Value;
@@ -29,13 +31,7 @@ async fn indexer_mesh() -> Mesh {
 }
 
 fn succeeded(events: &[StatusEvent]) -> &StatusEvent {
-    let last = events.last().expect("events");
-    assert_eq!(
-        last.state(),
-        RequestState::Succeeded,
-        "{}",
-        describe(events)
-    );
+    let last = assert_succeeded(events);
     assert_eq!(last.phase, "indexed", "{}", describe(events));
     last
 }

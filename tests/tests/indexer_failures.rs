@@ -7,8 +7,10 @@ mod indexer_support;
 
 use std::io::Write;
 
-use imagemesh_proto::v1::{ErrorCode, IndexRequest, RequestState, StatusEvent};
-use imagemesh_tests::{Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, describe};
+use imagemesh_proto::v1::{ErrorCode, IndexRequest};
+use imagemesh_tests::{
+    Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, assert_failed, assert_gave_up,
+};
 use indexer_support::{credential, index, request};
 use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
 use oci_client::manifest::IMAGE_LAYER_GZIP_MEDIA_TYPE;
@@ -60,14 +62,6 @@ async fn push_image(registry: &str, repo: &str, layer: Vec<u8>) -> String {
         .unwrap()
 }
 
-fn failed(events: &[StatusEvent], code: ErrorCode) -> &StatusEvent {
-    let last = events.last().expect("events");
-    assert_eq!(last.state(), RequestState::Failed, "{}", describe(events));
-    assert_eq!(last.service, "indexer");
-    assert_eq!(last.error_code(), code, "{}", describe(events));
-    last
-}
-
 /// The request's dead letter: from the indexer, with the code, delivered `deliveries` times,
 /// keeping the credential's user but not its secret.
 async fn assert_dead_letter(mesh: &Mesh, id: &str, code: ErrorCode, deliveries: u64) {
@@ -102,7 +96,7 @@ async fn corrupt_layers_are_rejected_as_invalid_images_with_a_dead_letter() {
         let layer_digest = sha256(&layer);
         push_image(&registry, repo, layer).await;
         let events = index(&mesh, &request(&mesh, repo, &format!("{repo}:v1"))).await;
-        let last = failed(&events, ErrorCode::InvalidImage);
+        let last = assert_failed(&events, "indexer", ErrorCode::InvalidImage);
         assert!(last.message.contains(&layer_digest), "{}", last.message);
         assert!(
             last.message.contains("not a valid layer"),
@@ -126,30 +120,21 @@ async fn a_wrong_credential_a_missing_image_and_a_dead_registry_each_fail_clearl
     let mut bad = request(&mesh, "bad-cred", "present:v1");
     bad.credential = Some(credential(&mesh, wrong));
     let events = index(&mesh, &bad).await;
-    let last = failed(&events, ErrorCode::RegistryAuthRejected);
+    let last = assert_failed(&events, "indexer", ErrorCode::RegistryAuthRejected);
     assert!(last.message.contains(&registry), "{}", last.message);
     assert_dead_letter(&mesh, "bad-cred", ErrorCode::RegistryAuthRejected, 1).await;
 
     let events = index(&mesh, &request(&mesh, "missing", "absent:v1")).await;
-    failed(&events, ErrorCode::NotFound);
+    assert_failed(&events, "indexer", ErrorCode::NotFound);
 
     let mut no_cred = request(&mesh, "no-cred", "present:v1");
     no_cred.credential = None;
-    failed(&index(&mesh, &no_cred).await, ErrorCode::NoCredentials);
+    let events = index(&mesh, &no_cred).await;
+    assert_failed(&events, "indexer", ErrorCode::NoCredentials);
 
     mesh.registry.stop();
     let events = index(&mesh, &request(&mesh, "down", "present:v1")).await;
-    let last = failed(&events, ErrorCode::RegistryUnavailable);
-    assert!(
-        last.message.contains("gave up after 3 attempts"),
-        "{}",
-        last.message
-    );
-    assert!(
-        events.iter().any(|e| e.phase == "retrying"),
-        "{}",
-        describe(&events)
-    );
+    assert_gave_up(&events, "indexer", ErrorCode::RegistryUnavailable, 3);
 
     let ids = ["bad-cred", "missing", "no-cred", "down"];
     mesh.assert_no_secret_leaked(&ids, &[REGISTRY_PASSWORD, wrong])

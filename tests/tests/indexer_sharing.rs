@@ -4,10 +4,12 @@
 
 mod indexer_support;
 
-use imagemesh_proto::v1::{ErrorCode, ImageRecord, RequestState, StatusEvent};
+use imagemesh_proto::v1::{ErrorCode, ImageRecord, RequestState};
 use imagemesh_runtime::streams;
 use imagemesh_testkit::oci_images::{OciLayout, have_image_tools};
-use imagemesh_tests::{Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, describe, find};
+use imagemesh_tests::{
+    Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, assert_succeeded, describe, find,
+};
 use indexer_support::compare::parse_show;
 use indexer_support::{cli, detail, image_record, images, index, request};
 use prost::Message;
@@ -22,17 +24,6 @@ async fn indexer_mesh() -> Mesh {
         ..Default::default()
     };
     Mesh::start(options).await
-}
-
-fn succeeded(events: &[StatusEvent]) -> &StatusEvent {
-    let last = events.last().expect("events");
-    assert_eq!(
-        last.state(),
-        RequestState::Succeeded,
-        "{}",
-        describe(events)
-    );
-    last
 }
 
 fn layer_digests(layout: &OciLayout, tag: &str) -> Vec<String> {
@@ -84,12 +75,12 @@ async fn a_base_layer_shared_by_two_images_is_indexed_once() {
     );
 
     let a = index(&mesh, &request(&mesh, "shared-a", "shared/a:v1")).await;
-    assert_eq!(detail(succeeded(&a), "layers_from_cache"), "0");
+    assert_eq!(detail(assert_succeeded(&a), "layers_from_cache"), "0");
 
     let b_ref = format!("{registry}/shared/b:v1");
     builder_record(&mesh, "img-shared-b", &b_ref, &layout.digest("b")).await;
     let b = index(&mesh, &request(&mesh, "shared-b", "shared/b:v1")).await;
-    let done = succeeded(&b);
+    let done = assert_succeeded(&b);
     assert_eq!(detail(done, "layers_from_cache"), "1", "{}", describe(&b));
     let top_size = std::fs::metadata(layout.blob_path(&b_layers[1]))
         .unwrap()
@@ -144,7 +135,7 @@ async fn a_multi_platform_image_is_indexed_for_the_requested_platform() {
         let mut req = request(&mesh, id, "multi/app:v1");
         req.platform = platform.into();
         let events = index(&mesh, &req).await;
-        let done = succeeded(&events);
+        let done = assert_succeeded(&events);
         assert_eq!(detail(done, "manifest_digest"), layout.digest(tag));
         let resolved = find(&events, "indexer", "resolved").unwrap();
         let expected = if platform.is_empty() {

@@ -7,13 +7,12 @@
 mod indexer_support;
 mod mounter_support;
 
-use async_nats::HeaderMap;
-use async_nats::jetstream::message::PublishMessage;
-use imagemesh_proto::CONTENT_TYPE_PROTOBUF;
-use imagemesh_proto::v1::{ContainerRequest, ErrorCode, RequestState, StatusEvent};
+use imagemesh_proto::v1::{ContainerRequest, ErrorCode};
 use imagemesh_runtime::subjects;
 use imagemesh_testkit::oci_images::OciLayout;
-use imagemesh_tests::{Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, describe};
+use imagemesh_tests::{
+    Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, assert_failed, assert_gave_up,
+};
 use indexer_support::{credential, images, index, request};
 use mounter_support::{WAIT, run, runtime_request, start_mounter};
 use oci_client::client::{ClientConfig, ClientProtocol};
@@ -30,14 +29,6 @@ async fn failing_mesh() -> Mesh {
         ..Default::default()
     };
     start_mounter(Mesh::start(options).await, &[]).await
-}
-
-fn failed(events: &[StatusEvent], code: ErrorCode) -> &StatusEvent {
-    let last = events.last().expect("events");
-    assert_eq!(last.state(), RequestState::Failed, "{}", describe(events));
-    assert_eq!(last.service, "mounter", "{}", describe(events));
-    assert_eq!(last.error_code(), code, "{}", describe(events));
-    last
 }
 
 /// The mounter's dead letter for `id`: the code, `deliveries`, and the request without secrets.
@@ -136,7 +127,7 @@ async fn unindexed_missing_and_mismatched_images_are_refused_once_with_a_dead_le
         &runtime_request("not-indexed", "", &format!("{registry}/test/pair:a")),
     )
     .await;
-    let last = failed(&events, ErrorCode::NotFound);
+    let last = assert_failed(&events, "mounter", ErrorCode::NotFound);
     assert!(
         last.message.contains("image is not indexed"),
         "{}",
@@ -149,7 +140,7 @@ async fn unindexed_missing_and_mismatched_images_are_refused_once_with_a_dead_le
         &runtime_request("missing", "", &format!("{registry}/test/absent:v1")),
     )
     .await;
-    failed(&events, ErrorCode::NotFound);
+    assert_failed(&events, "mounter", ErrorCode::NotFound);
 
     let indexed = index(mesh, &request(mesh, "index-a", "test/pair:a")).await;
     let index_of_a = indexed.last().unwrap().details["index_digest"].clone();
@@ -159,7 +150,7 @@ async fn unindexed_missing_and_mismatched_images_are_refused_once_with_a_dead_le
         &runtime_request("mismatch", "", &format!("{registry}/test/pair:b")),
     )
     .await;
-    let last = failed(&events, ErrorCode::InvalidImage);
+    let last = assert_failed(&events, "mounter", ErrorCode::InvalidImage);
     assert!(
         last.message.contains(&format!("describes manifest {a}")),
         "{}",
@@ -181,22 +172,6 @@ async fn unindexed_missing_and_mismatched_images_are_refused_once_with_a_dead_le
         .await;
 }
 
-/// Publishes a runtime request straight to the mounters' queue, as the scheduler would.
-async fn dispatch(mesh: &Mesh, request: &ContainerRequest) {
-    let js = async_nats::jetstream::new(mesh.client.clone());
-    let mut headers = HeaderMap::new();
-    headers.insert(subjects::CONTENT_TYPE_HEADER, CONTENT_TYPE_PROTOBUF);
-    let message = PublishMessage::build()
-        .payload(request.encode_to_vec().into())
-        .headers(headers)
-        .message_id(&request.request_id);
-    js.send_publish(subjects::MOUNT, message)
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_credential_is_final_and_an_unreachable_registry_is_retried_then_given_up() {
     let mut mesh = failing_mesh().await;
@@ -208,9 +183,11 @@ async fn a_refused_credential_is_final_and_an_unreachable_registry_is_retried_th
     let wrong = "wrong-Pw-5Hq7";
     let mut bad = runtime_request("bad-cred", "", &format!("{registry}/test/pair:a"));
     bad.build_registry_creds = Some(credential(&mesh, wrong));
-    dispatch(&mesh, &bad).await;
+    // Straight to the mounters' queue, as the scheduler would publish it.
+    mesh.publish_work(subjects::MOUNT, &bad, &bad.request_id)
+        .await;
     let events = mesh.wait_terminal("bad-cred", WAIT).await;
-    let last = failed(&events, ErrorCode::RegistryAuthRejected);
+    let last = assert_failed(&events, "mounter", ErrorCode::RegistryAuthRejected);
     assert!(last.message.contains(&registry), "{}", last.message);
     assert_dead_letter(&mesh, "bad-cred", ErrorCode::RegistryAuthRejected, 1).await;
 
@@ -220,17 +197,7 @@ async fn a_refused_credential_is_final_and_an_unreachable_registry_is_retried_th
         &runtime_request("down", "", &format!("{registry}/test/pair:a")),
     )
     .await;
-    let last = failed(&events, ErrorCode::RegistryUnavailable);
-    assert!(
-        last.message.contains("gave up after 3 attempts"),
-        "{}",
-        last.message
-    );
-    assert!(
-        events.iter().any(|e| e.phase == "retrying"),
-        "{}",
-        describe(&events)
-    );
+    assert_gave_up(&events, "mounter", ErrorCode::RegistryUnavailable, 3);
     assert!(mesh.mounted().is_empty());
 
     mesh.assert_no_secret_leaked(&["bad-cred", "down"], &[REGISTRY_PASSWORD, wrong])

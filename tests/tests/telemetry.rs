@@ -274,10 +274,9 @@ async fn a_build_and_a_runtime_request_are_each_one_trace_across_the_mesh() {
         .await;
 }
 
-#[tokio::test]
-async fn spans_also_travel_over_otlp_grpc() {
-    let receiver = OtlpReceiver::start();
-    let env = otel_env(&receiver.grpc_endpoint(), "grpc");
+/// A mesh of the credential service and the scheduler exporting as `env` says, and the trace id
+/// of a runtime request submitted to it with the CLI (which exports as `env` says too).
+async fn submit_traced(env: Vec<(String, String)>) -> (Mesh, String) {
     let options = MeshOptions {
         start: vec!["credential", "scheduler"],
         env: env.clone(),
@@ -292,6 +291,13 @@ async fn spans_also_travel_over_otlp_grpc() {
     )
     .await;
     let trace = trace_id(&out);
+    (mesh, trace)
+}
+
+#[tokio::test]
+async fn spans_also_travel_over_otlp_grpc() {
+    let receiver = OtlpReceiver::start();
+    let (_mesh, trace) = submit_traced(otel_env(&receiver.grpc_endpoint(), "grpc")).await;
     let spans = spans_of(
         &receiver,
         &trace,
@@ -307,23 +313,21 @@ async fn an_independent_receiver_gets_the_trace() {
     // oteltap (PyPI) listens for OTLP/HTTP protobuf and prints what it receives as NDJSON.
     let port = imagemesh_testkit::free_port();
     let log = tempfile::NamedTempFile::new().unwrap();
-    let mut oteltap = Command::new("oteltap")
-        .args(["--port", &port.to_string()])
-        .stdout(log.reopen().unwrap())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("oteltap (make deps installs it)");
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
+    struct Oteltap(std::process::Child);
+    impl Drop for Oteltap {
         fn drop(&mut self) {
             let _ = self.0.kill();
             let _ = self.0.wait();
         }
     }
-    let _oteltap_guard = Kill(std::mem::replace(
-        &mut oteltap,
-        Command::new("true").spawn().unwrap(),
-    ));
+    let _oteltap = Oteltap(
+        Command::new("oteltap")
+            .args(["--port", &port.to_string()])
+            .stdout(log.reopen().unwrap())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("oteltap (make deps installs it)"),
+    );
     eventually(Duration::from_secs(20), "oteltap to listen", || async {
         std::net::TcpStream::connect(("127.0.0.1", port))
             .ok()
@@ -332,20 +336,7 @@ async fn an_independent_receiver_gets_the_trace() {
     .await;
 
     let env = otel_env(&format!("http://127.0.0.1:{port}"), "http/protobuf");
-    let options = MeshOptions {
-        start: vec!["credential", "scheduler"],
-        env: env.clone(),
-        ..Default::default()
-    };
-    let mesh = Mesh::start(options).await;
-    let image = format!("{}/imagemesh/builds:anything", mesh.registry.addr());
-    let out = cli(
-        &mesh,
-        &env,
-        &["submit", "--kind", "runtime", "--image-ref", &image],
-    )
-    .await;
-    let trace = trace_id(&out);
+    let (_mesh, trace) = submit_traced(env).await;
     // oteltap prints one span per line (without its resource): look for the spans by name.
     eventually(WAIT, "oteltap to print the spans of the trace", || async {
         let text = std::fs::read_to_string(log.path()).unwrap_or_default();
@@ -361,5 +352,4 @@ async fn an_independent_receiver_gets_the_trace() {
             .then_some(())
     })
     .await;
-    let _ = oteltap.wait();
 }

@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+use imagemesh_tests::tree::{lstat_tree, type_name};
 
 use serde_json::Value;
 
@@ -19,40 +21,10 @@ pub fn parse_show(stdout: &[u8]) -> BTreeMap<String, Value> {
         .collect()
 }
 
-/// `lstat` of every path under `root`, keyed like `index show` ("/a/b").
-fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, (fs::Metadata, PathBuf)>) {
-    for entry in fs::read_dir(dir).expect("read dir") {
-        let path = entry.expect("dir entry").path();
-        let meta = fs::symlink_metadata(&path).expect("lstat");
-        let key = format!(
-            "/{}",
-            path.strip_prefix(root).unwrap().to_str().expect("utf-8")
-        );
-        if meta.is_dir() {
-            walk(root, &path, out);
-        }
-        out.insert(key, (meta, path));
-    }
-}
-
-fn type_of(meta: &fs::Metadata) -> &'static str {
-    let ft = meta.file_type();
-    if ft.is_dir() {
-        "dir"
-    } else if ft.is_symlink() {
-        "symlink"
-    } else if ft.is_file() {
-        "file"
-    } else {
-        "other"
-    }
-}
-
 /// Asserts the tree equals the unpacked rootfs: paths, types, modes, owners, sizes, mtimes,
 /// symlink targets and hardlinks (same inode on disk).
 pub fn assert_tree_matches(show: &BTreeMap<String, Value>, rootfs: &Path) {
-    let mut disk = BTreeMap::new();
-    walk(rootfs, rootfs, &mut disk);
+    let disk = lstat_tree(rootfs);
     let ours: Vec<&str> = show
         .keys()
         .map(String::as_str)
@@ -62,7 +34,7 @@ pub fn assert_tree_matches(show: &BTreeMap<String, Value>, rootfs: &Path) {
     assert_eq!(ours, theirs, "index show paths differ from umoci unpack");
     for (path, (meta, on_disk)) in &disk {
         let line = &show[path];
-        assert_eq!(line["type"], type_of(meta), "{path}: type");
+        assert_eq!(line["type"], type_name(meta), "{path}: type");
         assert_eq!(line["mode"], meta.mode() & 0o7777, "{path}: mode");
         assert_eq!(line["uid"], meta.uid(), "{path}: uid");
         assert_eq!(line["gid"], meta.gid(), "{path}: gid");

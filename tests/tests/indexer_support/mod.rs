@@ -10,9 +10,6 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use async_nats::HeaderMap;
-use async_nats::jetstream::message::PublishMessage;
-use imagemesh_proto::CONTENT_TYPE_PROTOBUF;
 use imagemesh_proto::v1::{AuthScheme, ImageRecord, IndexRequest, RegistryCredential, StatusEvent};
 use imagemesh_runtime::{streams, subjects};
 use imagemesh_testkit::bin_path;
@@ -44,25 +41,11 @@ pub fn request(mesh: &Mesh, id: &str, image: &str) -> IndexRequest {
     }
 }
 
-/// Publishes an index request the way the builder does (protobuf, request id as message id).
-pub async fn publish(mesh: &Mesh, request: &IndexRequest) {
-    let js = async_nats::jetstream::new(mesh.client.clone());
-    let mut headers = HeaderMap::new();
-    headers.insert(subjects::CONTENT_TYPE_HEADER, CONTENT_TYPE_PROTOBUF);
-    let message = PublishMessage::build()
-        .payload(request.encode_to_vec().into())
-        .headers(headers)
-        .message_id(&request.request_id);
-    js.send_publish(subjects::INDEX, message)
-        .await
-        .expect("publish index request")
-        .await
-        .expect("index request stored");
-}
-
 /// Publishes and waits for the request's last event.
 pub async fn index(mesh: &Mesh, request: &IndexRequest) -> Vec<StatusEvent> {
-    publish(mesh, request).await;
+    // As the builder publishes it: protobuf, request id as message id.
+    mesh.publish_work(subjects::INDEX, request, &request.request_id)
+        .await;
     mesh.wait_terminal(&request.request_id, WAIT).await
 }
 
