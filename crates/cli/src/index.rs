@@ -10,9 +10,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context as _, anyhow, bail};
-use imagemesh_lazyindex::{
-    EntryKind, FORMAT_VERSION, ImageIndex, LazyReader, MergedEntry, MergedTree, decode_image,
-};
+use imagemesh_lazyindex::{EntryKind, ImageIndex, LazyReader, MergedEntry, MergedTree};
 use imagemesh_proto::v1::{AuthScheme, RegistryCredential};
 use imagemesh_registry::{
     PlatformSpec, Reference, RegistryBlobSource, RegistryClient, RegistrySettings, ResolvedImage,
@@ -111,26 +109,7 @@ async fn open(image: &str, args: &RegistryArgs) -> anyhow::Result<Opened> {
     ));
     let platform = PlatformSpec::parse(&args.platform).map_err(|e| anyhow!(e))?;
     let resolved = client.resolve_image(&reference, &platform).await?;
-    let artifact = client
-        .find_index_artifact(&resolved.reference, resolved.digest(), FORMAT_VERSION)
-        .await?
-        .ok_or_else(|| {
-            anyhow!(
-                "{image} ({}) has no imagemesh index (format {FORMAT_VERSION}) in the registry",
-                resolved.digest()
-            )
-        })?;
-    let bytes = client
-        .pull_index_blob(&resolved.reference, &artifact)
-        .await?;
-    let index = decode_image(&bytes).with_context(|| format!("index {}", artifact.digest))?;
-    if index.manifest_digest.as_deref() != Some(resolved.digest()) {
-        bail!(
-            "index {} describes another manifest than {}",
-            artifact.digest,
-            resolved.digest()
-        );
-    }
+    let index = client.load_index(&resolved).await?.index;
     Ok(Opened {
         client,
         image: resolved,

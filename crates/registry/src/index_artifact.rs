@@ -7,11 +7,13 @@
 //! `sha256-<hex>` (the subject digest) listing every referrer. [`RegistryClient::find_index_artifact`]
 //! tries the API and falls back to the tag, so readers work with either.
 
+use imagemesh_lazyindex::{FORMAT_VERSION, ImageIndex, decode_image};
 use oci_client::Reference;
 use oci_client::manifest::{OciDescriptor, OciImageManifest, OciManifest};
 
 use crate::client::RegistryClient;
 use crate::error::{RegistryError, RegistryErrorKind};
+use crate::manifest::ResolvedImage;
 
 /// `artifactType` of the index artifact manifest.
 pub const INDEX_ARTIFACT_TYPE: &str = "application/vnd.imagemesh.index.v1";
@@ -46,6 +48,29 @@ impl IndexArtifact {
             .iter()
             .find(|l| l.media_type == INDEX_MEDIA_TYPE)
     }
+}
+
+/// An image's decoded lazy-mount index, checked to describe exactly that image.
+#[derive(Debug)]
+pub struct LoadedIndex {
+    pub index: ImageIndex,
+    /// Digest of the index artifact manifest.
+    pub digest: String,
+    /// Size of the encoded index.
+    pub bytes: u64,
+}
+
+/// Why an image's index cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexLoadError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The image has no index of this format (yet).
+    #[error("{0}")]
+    NotIndexed(String),
+    /// The index is unreadable or describes another image.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl RegistryClient {
@@ -108,6 +133,61 @@ impl RegistryClient {
             .await
             .map_err(|e| RegistryError::from_oci(self.registry(), image.repository(), &e))?;
         Ok(out)
+    }
+
+    /// Finds, downloads and decodes the index of `resolved` (format [`FORMAT_VERSION`]) and
+    /// checks that it describes that manifest and its layers, blob for blob: reads fetch by the
+    /// index's layer digests.
+    pub async fn load_index(
+        &self,
+        resolved: &ResolvedImage,
+    ) -> Result<LoadedIndex, IndexLoadError> {
+        let digest = resolved.digest();
+        let artifact = self
+            .find_index_artifact(&resolved.reference, digest, FORMAT_VERSION)
+            .await?
+            .ok_or_else(|| {
+                IndexLoadError::NotIndexed(format!(
+                    "image is not indexed: {} has no imagemesh index (format {FORMAT_VERSION}) in the registry",
+                    resolved.reference.whole()
+                ))
+            })?;
+        let blob = self.pull_index_blob(&resolved.reference, &artifact).await?;
+        let bytes = blob.len() as u64;
+        // Decoding validates every count and offset: CPU work proportional to the index.
+        let index = tokio::task::spawn_blocking(move || decode_image(&blob))
+            .await
+            .map_err(|e| IndexLoadError::Invalid(format!("decoding the index failed: {e}")))?
+            .map_err(|e| IndexLoadError::Invalid(format!("index {}: {e}", artifact.digest)))?;
+        if index.manifest_digest.as_deref() != Some(digest) {
+            return Err(IndexLoadError::Invalid(format!(
+                "index {} describes manifest {}, not {digest}",
+                artifact.digest,
+                index.manifest_digest.as_deref().unwrap_or("(none)")
+            )));
+        }
+        let manifest_layers: Vec<(&str, u64)> = resolved
+            .manifest
+            .layers
+            .iter()
+            .map(|l| (l.digest.as_str(), l.size.max(0) as u64))
+            .collect();
+        let indexed_layers: Vec<(&str, u64)> = index
+            .layers
+            .iter()
+            .map(|l| (l.digest.as_str(), l.compressed_size))
+            .collect();
+        if manifest_layers != indexed_layers {
+            return Err(IndexLoadError::Invalid(format!(
+                "index {} lists other layers than the image manifest",
+                artifact.digest
+            )));
+        }
+        Ok(LoadedIndex {
+            index,
+            digest: artifact.digest,
+            bytes,
+        })
     }
 
     fn unusable(&self, image: &Reference, detail: impl Into<String>) -> RegistryError {

@@ -130,7 +130,7 @@ impl Mounter {
             .map_err(|e| e.into_outcome())?;
         self.report_authenticated(request, &registry, credential)
             .await;
-        let opened = load_index(&client, image, resolved)
+        let opened = load_index(&client, resolved)
             .await
             .map_err(|e| e.into_outcome())?;
         self.report_resolved(request, &opened).await;
