@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures::StreamExt;
+use imagemesh_bench::{env_number, percentile};
 use imagemesh_credential::config::{Config, RegistryConfig, SecretRef, TokenAuthConfig};
 use imagemesh_proto::v1::{Scope, TokenRequest, TokenResponse};
 use imagemesh_runtime::{Rejection, Shutdown, subjects};
@@ -26,13 +27,6 @@ const ECHO_SUBJECT: &str = "bench.echo";
 const REGISTRY: &str = "bench-registry.example";
 const USER: &str = "bench";
 const PASSWORD: &str = "bench-Pw-1";
-
-fn env_number(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn main() -> anyhow::Result<()> {
     let rounds = env_number("BENCH_ROUNDS", 10);
@@ -168,11 +162,6 @@ async fn measure(
         }
     }
     Ok((cached, echo))
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index]
 }
 
 fn report(cached: &[Duration], echo: &[Duration], upstream_calls: usize, per_kind: usize) {

@@ -23,14 +23,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use imagemesh_bench::env_number;
 use imagemesh_lazyindex::{ImageIndex, IndexOptions, LayerIndex, encode_image, index_layer};
-
-fn env_number(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// One measured tool: how long each round took over all layers.
 struct Series {
@@ -83,8 +77,8 @@ fn index_file(path: &Path) -> anyhow::Result<LayerIndex> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let rounds = env_number("BENCH_ROUNDS", 3).max(1);
-    let min_bytes = env_number("BENCH_MIN_MB", 800) << 20;
+    let rounds = env_number::<u64>("BENCH_ROUNDS", 3).max(1);
+    let min_bytes = env_number::<u64>("BENCH_MIN_MB", 800) << 20;
     let work = layers::work_dir()?;
     let built = layers::build(work.path(), min_bytes)?;
     let paths: Vec<_> = built.iter().map(|l| l.path.clone()).collect();

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use futures::StreamExt;
+use imagemesh_bench::{env_number, percentile};
 use imagemesh_proto::v1::{ContainerRequest, RequestKind};
 use imagemesh_runtime::{Shutdown, streams, subjects};
 use imagemesh_testkit::{NatsServer, Registry, RegistryAuth};
@@ -28,13 +29,6 @@ use prost::Message;
 
 const USER: &str = "bench";
 const PASSWORD: &str = "bench-Pw-2";
-
-fn env_number(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Timings of one round.
 struct Round {
@@ -295,11 +289,6 @@ async fn latencies(
         out.push(sent.elapsed());
     }
     Ok(out)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index.min(sorted.len() - 1)]
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
