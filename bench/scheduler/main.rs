@@ -112,7 +112,7 @@ async fn run_round(
         &format!("l{round}"),
         samples,
         "imagemesh.work.>",
-        subjects::INTAKE,
+        subjects::INTAKE_PREFIX,
     )
     .await?;
     shutdown.trigger();
@@ -134,7 +134,7 @@ async fn run_round(
         &format!("rl{round}"),
         samples,
         relay::OUT_SUBJECT,
-        relay::IN_SUBJECT,
+        relay::IN_PREFIX,
     )
     .await?;
     relay_shutdown.trigger();
@@ -211,10 +211,8 @@ async fn publish_requests(
     for n in 0..count {
         let id = format!("{prefix}-{n}");
         let payload = container_request(registry, id.clone()).encode_to_vec();
-        let message = jetstream::message::PublishMessage::build()
-            .payload(payload.into())
-            .message_id(&id);
-        acks.push(js.send_publish(subjects::INTAKE, message).await?);
+        let message = jetstream::message::PublishMessage::build().payload(payload.into());
+        acks.push(js.send_publish(subjects::intake(&id), message).await?);
         ids.push(id);
         // The context caps acknowledgements in flight; settle them in chunks.
         if acks.len() == 1000 {
@@ -262,7 +260,8 @@ async fn wait_work_count(js: &jetstream::Context, expected: u64) -> anyhow::Resu
     }
 }
 
-/// Sends `samples` requests one at a time to `into` and times their arrival on `watch`.
+/// Sends `samples` requests one at a time, each on `<into>.<its id>`, and times their arrival on
+/// `watch`.
 async fn latencies(
     client: &async_nats::Client,
     js: &jetstream::Context,
@@ -278,11 +277,11 @@ async fn latencies(
     for n in 0..samples {
         let id = format!("{prefix}-{n}");
         let payload = container_request(registry, id.clone()).encode_to_vec();
-        let message = jetstream::message::PublishMessage::build()
-            .payload(payload.into())
-            .message_id(&id);
+        let message = jetstream::message::PublishMessage::build().payload(payload.into());
         let sent = Instant::now();
-        js.send_publish(into.to_string(), message).await?.await?;
+        js.send_publish(format!("{into}.{id}"), message)
+            .await?
+            .await?;
         tokio::time::timeout(Duration::from_secs(10), arrivals.next())
             .await?
             .ok_or_else(|| anyhow::anyhow!("subscription ended"))?;

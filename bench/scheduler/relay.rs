@@ -1,32 +1,40 @@
-//! The baseline: raw JetStream consume→publish with the scheduler's concurrency.
+//! The baseline: raw JetStream consume→publish with the scheduler's concurrency, between two
+//! streams defined like the intake and the mount queue (only names and subjects differ), so the
+//! difference is what the scheduler does, not how its streams store.
 
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, pull};
-use async_nats::jetstream::stream::{Config, RetentionPolicy};
+use async_nats::jetstream::stream::Config;
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use imagemesh_runtime::Shutdown;
+use imagemesh_runtime::streams::{self, StreamOptions};
 use imagemesh_testkit::Registry;
 use prost::Message;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
 
-pub const IN_SUBJECT: &str = "bench.relay.in";
+/// Prefix of the input subjects: one per message, like the intake's one per request id.
+pub const IN_PREFIX: &str = "bench.relay.in";
 pub const OUT_SUBJECT: &str = "bench.relay.out";
 const IN_STREAM: &str = "BENCH_RELAY_IN";
 pub const OUT_STREAM: &str = "BENCH_RELAY_OUT";
 
 pub async fn ensure_streams(js: &jetstream::Context) -> anyhow::Result<()> {
-    for (name, subject) in [(IN_STREAM, IN_SUBJECT), (OUT_STREAM, OUT_SUBJECT)] {
-        js.create_or_update_stream(Config {
-            name: name.into(),
-            subjects: vec![subject.into()],
-            retention: RetentionPolicy::WorkQueue,
-            duplicate_window: Duration::from_secs(600),
-            ..Default::default()
-        })
-        .await?;
+    let options = StreamOptions::default();
+    let input = Config {
+        name: IN_STREAM.into(),
+        subjects: vec![format!("{IN_PREFIX}.*")],
+        ..streams::definition(streams::INTAKE, &options)
+    };
+    let output = Config {
+        name: OUT_STREAM.into(),
+        subjects: vec![OUT_SUBJECT.into()],
+        ..streams::definition(streams::MOUNT, &options)
+    };
+    for config in [input, output] {
+        js.create_or_update_stream(config).await?;
     }
     Ok(())
 }
@@ -41,10 +49,11 @@ pub async fn publish(
     for n in 0..count {
         let id = format!("{prefix}-{n}");
         let payload = crate::container_request(registry, id.clone()).encode_to_vec();
-        let message = jetstream::message::PublishMessage::build()
-            .payload(payload.into())
-            .message_id(&id);
-        acks.push(js.send_publish(IN_SUBJECT, message).await?);
+        let message = jetstream::message::PublishMessage::build().payload(payload.into());
+        acks.push(
+            js.send_publish(format!("{IN_PREFIX}.{id}"), message)
+                .await?,
+        );
         // The context caps acknowledgements in flight; settle them in chunks.
         if acks.len() == 1000 {
             for ack in acks.drain(..) {

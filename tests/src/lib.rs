@@ -202,21 +202,22 @@ impl Mesh {
         store.put(name, &mut bytes.as_slice()).await.unwrap();
     }
 
-    /// Publishes a request to the intake as protobuf, with its id as message id.
+    /// Publishes a request to the intake as protobuf, on its own subject, the way `imagemesh
+    /// submit` does.
     pub async fn submit(&self, request: &ContainerRequest) {
-        self.publish_raw(request.encode_to_vec(), None, Some(&request.request_id))
+        self.publish_raw(request.encode_to_vec(), None, &request.request_id)
             .await;
     }
 
-    /// Publishes raw bytes to the intake with an optional content type and message id.
+    /// Publishes raw bytes to the intake subject of `request_id` with an optional content type.
     pub async fn publish_raw(
         &self,
         payload: Vec<u8>,
         content_type: Option<&str>,
-        id: Option<&str>,
+        request_id: &str,
     ) {
-        self.publish_to(subjects::INTAKE, payload, content_type, id)
-            .await;
+        let subject = subjects::intake(request_id);
+        self.publish_to(&subject, payload, content_type, None).await;
     }
 
     /// Publishes `message` as protobuf to a work subject (`imagemesh.work.*`) the way a service

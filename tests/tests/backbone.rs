@@ -191,30 +191,40 @@ async fn a_request_gives_up_after_the_retry_limit_with_a_dead_letter() {
 #[tokio::test]
 async fn malformed_intake_messages_fail_clearly_and_the_next_request_goes_through() {
     let mesh = Mesh::start(MeshOptions::default()).await;
-    mesh.publish_raw(vec![0xff, 0xff, 0xff, 0x01], None, Some("bad-pb"))
+    mesh.publish_raw(vec![0xff, 0xff, 0xff, 0x01], None, "bad-pb")
         .await;
     mesh.publish_raw(
         b"{\"requestId\": \"bad-json\", ".to_vec(),
         Some("application/json"),
-        Some("bad-json"),
+        "bad-json",
     )
     .await;
     mesh.publish_raw(
         b"{\"requestId\": \"bad-field\", \"colour\": 1}".to_vec(),
         Some("application/json"),
-        Some("bad-field"),
+        "bad-field",
     )
     .await;
-    mesh.publish_raw(b"\x00garbage".to_vec(), None, None).await;
+    mesh.publish_raw(b"\x00garbage".to_vec(), None, "garbage-1")
+        .await;
+    // A request published on another request's subject is refused on the subject's id: the
+    // payload's id may be someone else's, and nothing is reported there.
+    let elsewhere =
+        br#"{"requestId": "someone-else", "kind": "REQUEST_KIND_BUILD", "imageId": "img-x",
+                        "buildOptions": {"dockerfile": "FROM scratch\n"}}"#;
+    mesh.publish_raw(elsewhere.to_vec(), Some("application/json"), "mismatch-1")
+        .await;
     let good = br#"{"requestId": "good-json", "kind": "REQUEST_KIND_BUILD", "imageId": "img-good",
                    "buildOptions": {"dockerfile": "FROM scratch\n"}}"#;
-    mesh.publish_raw(good.to_vec(), Some("application/json"), Some("good-json"))
+    mesh.publish_raw(good.to_vec(), Some("application/json"), "good-json")
         .await;
 
     for (id, expected) in [
         ("bad-pb", "malformed protobuf ContainerRequest"),
         ("bad-json", "malformed JSON ContainerRequest"),
         ("bad-field", "colour"),
+        ("garbage-1", "malformed protobuf ContainerRequest"),
+        ("mismatch-1", "not the one its subject names"),
     ] {
         let events = mesh.wait_terminal(id, WAIT).await;
         let failed = events.last().unwrap();
@@ -233,20 +243,34 @@ async fn malformed_intake_messages_fail_clearly_and_the_next_request_goes_throug
     }
     let events = mesh.wait_terminal("good-json", WAIT).await;
     assert_succeeded(&events);
+    assert!(mesh.events("someone-else").await.is_empty());
 
     let letters = mesh.dead_letters().await;
     let malformed: Vec<_> = letters
         .iter()
         .filter(|l| l.error_code() == ErrorCode::MalformedRequest)
         .collect();
-    assert_eq!(malformed.len(), 4, "{letters:?}");
-    let anonymous = malformed
+    assert_eq!(malformed.len(), 5, "{letters:?}");
+    let garbage = malformed
         .iter()
-        .find(|l| l.request_id.is_empty())
-        .expect("letter without id");
+        .find(|l| l.request_id == "garbage-1")
+        .expect("letter of the undecodable request");
     assert_eq!(
-        anonymous.payload, b"\x00garbage",
+        garbage.payload, b"\x00garbage",
         "intake payloads are kept for diagnosis"
     );
-    assert_eq!(anonymous.subject, "imagemesh.intake");
+    assert_eq!(garbage.subject, "imagemesh.intake.garbage-1");
+
+    // A refused request was never dispatched, so its id is free: the corrected request goes
+    // through under the same id.
+    let corrected =
+        br#"{"requestId": "bad-pb", "kind": "REQUEST_KIND_BUILD", "imageId": "img-fixed",
+                        "buildOptions": {"dockerfile": "FROM scratch\n"}}"#;
+    mesh.publish_raw(corrected.to_vec(), Some("application/json"), "bad-pb")
+        .await;
+    imagemesh_testkit::eventually(WAIT, "the corrected request to succeed", || async {
+        let events = mesh.events("bad-pb").await;
+        (events.last()?.state() == RequestState::Succeeded).then_some(())
+    })
+    .await;
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use imagemesh_proto::v1::{BuildOptions, ContainerRequest, RequestKind, RequestState};
-use imagemesh_runtime::streams;
+use imagemesh_runtime::{streams, subjects};
 use imagemesh_testkit::eventually;
 use imagemesh_tests::probe::Probe;
 use imagemesh_tests::{Mesh, MeshOptions, describe, find};
@@ -42,12 +42,16 @@ async fn submit_many(mesh: &Mesh, count: usize) {
     }
 }
 
-/// Waits until the intake holds nothing (every request acked), so late duplicates would show.
+/// Waits until the schedulers' consumer has every intake message acked, so late duplicates
+/// would show.
 async fn wait_intake_drained(mesh: &Mesh) {
     let js = jetstream::new(mesh.client.clone());
     eventually(WAIT, "the intake to drain", || async {
-        let mut stream = js.get_stream(streams::INTAKE).await.ok()?;
-        (stream.info().await.ok()?.state.messages == 0).then_some(())
+        let stream = js.get_stream(streams::INTAKE).await.ok()?;
+        let mut consumer: jetstream::consumer::PullConsumer =
+            stream.get_consumer("scheduler").await.ok()?;
+        let info = consumer.info().await.ok()?;
+        (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
     })
     .await;
     // One more ack-wait for anything redelivered to land at the probe.
@@ -205,13 +209,38 @@ async fn public_images_get_no_image_credentials_and_a_resubmitted_request_is_not
         .expect("still gets a build-registry token");
     assert_eq!(build.registry, mesh.registry.addr());
 
-    // Sent again later under another message id (past the publish de-duplication window).
-    mesh.publish_raw(
-        prost::Message::encode_to_vec(&public),
-        None,
-        Some("public-1-retry"),
-    )
-    .await;
+    // Sent again, without a message id (so de-duplication cannot be what stops it): the intake
+    // holds one message per request id and refuses the second.
+    let js = jetstream::new(mesh.client.clone());
+    let again = js
+        .send_publish(
+            subjects::intake("public-1"),
+            jetstream::message::PublishMessage::build()
+                .payload(prost::Message::encode_to_vec(&public).into()),
+        )
+        .await
+        .unwrap()
+        .await;
+    let refusal = again.expect_err("a second submission of an id is refused");
+    assert!(
+        refusal
+            .to_string()
+            .contains("maximum messages per subject exceeded"),
+        "{refusal}"
+    );
+    // `imagemesh submit` says so, and the request is not sent.
+    let submit = std::process::Command::new(imagemesh_testkit::bin_path("imagemesh"))
+        .args(["submit", "--kind", "runtime", "--request-id", "public-1"])
+        .args(["--image-ref", &public.image_ref])
+        .env("NATS_URL", mesh.nats.url())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&submit.stderr);
+    assert!(submit.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("request public-1 was already submitted; not submitted again"),
+        "{stderr}"
+    );
     wait_intake_drained(&mesh).await;
     assert_eq!(probe.duplicates(), Vec::<(String, usize)>::new());
     let events = mesh.events("public-1").await;

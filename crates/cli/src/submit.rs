@@ -125,13 +125,16 @@ fn build_request(args: &SubmitArgs) -> anyhow::Result<ContainerRequest> {
     Ok(request)
 }
 
-/// Publishes to the intake; the request id is the JetStream message id, so a retried submit is
-/// de-duplicated.
+/// Publishes to the intake on the request's own subject. The intake keeps one message per id,
+/// so a second submit of an id (a retry whose first attempt got through, or a mistake) is
+/// refused by the server and reported here. No message id: it would keep the id of a request
+/// the scheduler refused from being used again within the de-duplication window.
 pub async fn publish(
     client: &async_nats::Client,
     request: &ContainerRequest,
     json: bool,
 ) -> anyhow::Result<()> {
+    use async_nats::jetstream::context::PublishErrorKind;
     let js = async_nats::jetstream::new(client.clone());
     let (payload, content_type) = if json {
         (
@@ -147,18 +150,23 @@ pub async fn publish(
     let message = PublishMessage::build()
         .payload(payload.into())
         .headers(headers)
-        .message_id(&request.request_id);
-    let ack = js
-        .send_publish(subjects::INTAKE, message)
+        .expected_last_subject_sequence(0);
+    let confirmed = js
+        .send_publish(subjects::intake(&request.request_id), message)
         .await
         .context("publishing to the intake")?
-        .await
-        .context("the intake did not confirm (is the scheduler running? it creates the stream)")?;
-    if ack.duplicate {
-        eprintln!(
+        .await;
+    match confirmed {
+        Ok(_) => {}
+        Err(err) if err.kind() == PublishErrorKind::WrongLastSequence => eprintln!(
             "request {} was already submitted; not submitted again",
             request.request_id
-        );
+        ),
+        Err(err) => {
+            return Err(err).context(
+                "the intake did not confirm (is the scheduler running? it creates the stream)",
+            );
+        }
     }
     Ok(())
 }

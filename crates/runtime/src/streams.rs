@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::subjects;
 
-/// Stream of client requests, read by schedulers.
+/// Stream of client requests, read by schedulers. One message per request id (its subject), kept
+/// `intake_max_age`: a request id is taken once, and a second submission is refused by the
+/// server.
 pub const INTAKE: &str = "IMAGEMESH_INTAKE";
 /// Stream of enriched build requests, read by builders.
 pub const BUILD: &str = "IMAGEMESH_BUILD";
@@ -41,10 +43,6 @@ pub const LAYER_INDEX_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
 /// it at runtime. Written by whoever owns the image (`imagemesh image-secret set`).
 pub const IMAGE_SECRETS_BUCKET: &str = "imagemesh-image-secrets";
 
-/// KV bucket: request id -> DispatchRecord, so a request is dispatched once even when it is
-/// seen again after the publish de-duplication window.
-pub const DISPATCHED_BUCKET: &str = "imagemesh-dispatched";
-
 /// Stream settings that differ between deployments.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -60,9 +58,10 @@ pub struct StreamOptions {
     /// How long dead letters are kept.
     #[serde(with = "humantime_serde")]
     pub dead_letter_max_age: Duration,
-    /// How long the scheduler remembers a dispatched request id.
+    /// How long a submitted request is kept at the intake, and its id refused to another
+    /// submission.
     #[serde(with = "humantime_serde")]
-    pub dispatched_max_age: Duration,
+    pub intake_max_age: Duration,
 }
 
 impl Default for StreamOptions {
@@ -72,7 +71,7 @@ impl Default for StreamOptions {
             duplicate_window: Duration::from_secs(10 * 60),
             status_max_age: Duration::from_secs(24 * 3600),
             dead_letter_max_age: Duration::from_secs(7 * 24 * 3600),
-            dispatched_max_age: Duration::from_secs(7 * 24 * 3600),
+            intake_max_age: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -108,9 +107,25 @@ fn history(name: &str, subject: String, max_age: Duration, options: &StreamOptio
 /// Definition of a stream by name.
 pub fn definition(name: &str, options: &StreamOptions) -> Config {
     match name {
+        // The request id is the last subject token and each subject holds one message, so the
+        // server itself refuses a second submission of an id, durably and atomically, for as
+        // long as the first is kept. A request that was not dispatched is deleted, which frees
+        // its id (see `ConsumerSpec::forget_terminated`).
         INTAKE => Config {
-            subjects: vec![subjects::INTAKE.into()],
-            ..work_queue(INTAKE, subjects::INTAKE, options)
+            subjects: vec![subjects::INTAKE_ALL.into()],
+            max_messages_per_subject: 1,
+            discard: DiscardPolicy::New,
+            discard_new_per_subject: true,
+            // The subject already makes a submission unique; a message id would only keep the
+            // id of a refused request from being used again within the window, so the window
+            // is the shortest the server takes.
+            duplicate_window: Duration::from_secs(1),
+            ..history(
+                INTAKE,
+                subjects::INTAKE_ALL.into(),
+                options.intake_max_age,
+                options,
+            )
         },
         BUILD => work_queue(BUILD, subjects::BUILD, options),
         MOUNT => work_queue(MOUNT, subjects::MOUNT, options),
@@ -174,23 +189,6 @@ pub async fn contexts(
         bucket: CONTEXTS_BUCKET.into(),
         description: Some("build contexts uploaded by clients".into()),
         max_age: CONTEXTS_MAX_AGE,
-        num_replicas: options.replicas,
-        storage: StorageType::File,
-        ..Default::default()
-    })
-    .await
-}
-
-/// Opens (creating if needed) the dispatched-requests bucket.
-pub async fn dispatched(
-    js: &Context,
-    options: &StreamOptions,
-) -> Result<kv::Store, jetstream::context::CreateKeyValueError> {
-    js.create_or_update_key_value(kv::Config {
-        bucket: DISPATCHED_BUCKET.into(),
-        description: "request id -> where the scheduler dispatched it".into(),
-        history: 1,
-        max_age: options.dispatched_max_age,
         num_replicas: options.replicas,
         storage: StorageType::File,
         ..Default::default()

@@ -1,8 +1,11 @@
 //! Every NATS subject of the mesh. `docs/architecture.md` (Subjects and streams) describes
 //! them; keep the two in step.
 
-/// Where clients publish ContainerRequests (stream `IMAGEMESH_INTAKE`).
-pub const INTAKE: &str = "imagemesh.intake";
+/// Prefix of the intake: a client publishes a ContainerRequest on `imagemesh.intake.<request
+/// id>` (stream `IMAGEMESH_INTAKE`, which keeps one message per subject, so an id is taken once).
+pub const INTAKE_PREFIX: &str = "imagemesh.intake";
+/// Every intake subject (what schedulers consume).
+pub const INTAKE_ALL: &str = "imagemesh.intake.*";
 /// Enriched build requests for builders (stream `IMAGEMESH_BUILD`).
 pub const BUILD: &str = "imagemesh.work.build";
 /// Enriched runtime requests for mounters (stream `IMAGEMESH_MOUNT`).
@@ -19,6 +22,17 @@ pub const STATUS_PREFIX: &str = "imagemesh.status";
 pub const DEAD_LETTER_PREFIX: &str = "imagemesh.deadletter";
 /// Prefix of build log subjects; one subject per request id.
 pub const BUILD_LOG_PREFIX: &str = "imagemesh.buildlog";
+
+/// Where a client submits the request `request_id`, which must have passed
+/// [`imagemesh_proto::validate_request_id`].
+pub fn intake(request_id: &str) -> String {
+    format!("{INTAKE_PREFIX}.{request_id}")
+}
+
+/// The request id an intake subject names, if it is one.
+pub fn intake_request_id(subject: &str) -> Option<&str> {
+    subject.strip_prefix(INTAKE_PREFIX)?.strip_prefix('.')
+}
 
 /// Status events of one request. `request_id` must have passed
 /// [`imagemesh_proto::validate_request_id`].

@@ -127,6 +127,13 @@ pub trait Handler: Send + Sync + 'static {
     /// producers never put secrets in the payload (the client intake).
     const KEEP_UNDECODABLE_PAYLOAD: bool = false;
 
+    /// The request id a subject names, where subjects carry it (the intake). A message whose
+    /// payload names another id is refused, and failures are reported on this id even when the
+    /// payload cannot be read.
+    fn request_id_of_subject(_subject: &str) -> Option<&str> {
+        None
+    }
+
     fn handle(
         &self,
         request: Self::Request,
@@ -143,6 +150,17 @@ pub struct ConsumerSpec {
     /// Delete the consumer after this long without pulls (per-worker consumers of instances
     /// that are gone); `None` keeps it forever.
     pub inactive_threshold: Option<Duration>,
+    /// Delete a terminated message from the stream. The intake keeps one message per request
+    /// id, so this gives the id of a request that was never dispatched back to its client.
+    pub forget_terminated: bool,
+}
+
+/// What a job needs to know about the consumer its message came from.
+struct Source {
+    /// `<filter subject> process`: the span name (subjects carry ids; filters do not).
+    span_name: String,
+    /// The stream to delete terminated messages from, when the consumer asks for it.
+    forget_in: Option<jetstream::stream::Stream>,
 }
 
 /// A running work loop over one or more consumers (a placed worker reads the shared queue and
@@ -224,7 +242,7 @@ impl<H: Handler> Worker<H> {
         let permits = self.permits.clone();
         let abort = Shutdown::new();
         let mut tasks = JoinSet::new();
-        let mut messages = self.open_stream().await?;
+        let (mut messages, mut sources) = self.open_stream().await?;
         loop {
             let permit = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -235,30 +253,31 @@ impl<H: Handler> Worker<H> {
                 next = messages.next() => next,
             };
             match next {
-                Some(Ok(message)) => {
+                Some((source, Ok(message))) => {
                     let job = Job {
                         handler: self.handler.clone(),
                         status: self.status.clone(),
                         options: self.options.clone(),
                         abort: abort.clone(),
                         counters: self.counters.clone(),
+                        source: sources[source].clone(),
                     };
                     tasks.spawn(async move {
                         job.process(message).await;
                         drop(permit);
                     });
                 }
-                Some(Err(err)) if err.kind() == pull::MessagesErrorKind::ConsumerDeleted => {
+                Some((_, Err(err))) if err.kind() == pull::MessagesErrorKind::ConsumerDeleted => {
                     // A scheduler re-routed our queue while we were unreachable; make the
                     // consumer anew so work addressed to us flows again.
                     tracing::warn!("a consumer was deleted; recreating");
-                    messages = self.open_stream().await?;
+                    (messages, sources) = self.open_stream().await?;
                 }
-                Some(Err(err)) => tracing::warn!(error = %err, "pull consumer hiccup"),
+                Some((_, Err(err))) => tracing::warn!(error = %err, "pull consumer hiccup"),
                 None => {
                     tracing::warn!("pull consumer streams ended; reopening");
                     tokio::time::sleep(Duration::from_millis(250)).await;
-                    messages = self.open_stream().await?;
+                    (messages, sources) = self.open_stream().await?;
                 }
             }
             while tasks.try_join_next().is_some() {}
@@ -267,10 +286,25 @@ impl<H: Handler> Worker<H> {
         Ok(())
     }
 
-    async fn open_stream(&self) -> anyhow::Result<futures::stream::SelectAll<pull::Stream>> {
+    /// The messages of every consumer, each tagged with the index of its [`Source`].
+    async fn open_stream(
+        &self,
+    ) -> anyhow::Result<(
+        impl futures::Stream<Item = TaggedMessage> + Unpin + Send + use<H>,
+        Vec<Arc<Source>>,
+    )> {
         let mut streams = Vec::with_capacity(self.consumers.len());
-        for spec in &self.consumers {
+        let mut sources = Vec::with_capacity(self.consumers.len());
+        for (index, spec) in self.consumers.iter().enumerate() {
             let consumer = ensure_consumer(&self.js, spec, &self.options).await?;
+            let forget_in = match spec.forget_terminated {
+                true => Some(self.js.get_stream(spec.stream).await?),
+                false => None,
+            };
+            sources.push(Arc::new(Source {
+                span_name: format!("{} process", spec.filter_subject),
+                forget_in,
+            }));
             // Pull no more than we can work on, so a stopping instance holds nothing unstarted.
             let stream = consumer
                 .stream()
@@ -278,10 +312,11 @@ impl<H: Handler> Worker<H> {
                 .heartbeat(Duration::from_secs(5))
                 .expires(Duration::from_secs(30))
                 .messages()
-                .await?;
+                .await?
+                .map(move |message| (index, message));
             streams.push(stream);
         }
-        Ok(futures::stream::select_all(streams))
+        Ok((futures::stream::select_all(streams), sources))
     }
 
     async fn drain(&self, mut tasks: JoinSet<()>, abort: Shutdown) {
@@ -317,6 +352,9 @@ fn record_metric(service: &'static str, outcome: &'static str, delivery: &Delive
         .record(delivery.received.elapsed().as_secs_f64(), &attributes);
 }
 
+/// A message with the index of the consumer it came from.
+type TaggedMessage = (usize, Result<jetstream::Message, pull::MessagesError>);
+
 /// What one spawned task needs to process one message.
 struct Job<H: Handler> {
     handler: Arc<H>,
@@ -324,6 +362,7 @@ struct Job<H: Handler> {
     options: WorkerOptions,
     abort: Shutdown,
     counters: Arc<WorkCounters>,
+    source: Arc<Source>,
 }
 
 impl<H: Handler> Job<H> {
@@ -352,7 +391,7 @@ impl<H: Handler> Job<H> {
         };
         let span = tracing::info_span!(
             "process",
-            otel.name = %format!("{} process", delivery.subject),
+            otel.name = %self.source.span_name,
             messaging.destination = %delivery.subject,
             service = self.status.service(),
             request_id = tracing::field::Empty,
@@ -369,7 +408,9 @@ impl<H: Handler> Job<H> {
         let request = match codec::decode::<H::Request>(&message.payload, content_type.as_deref()) {
             Ok(request) => request,
             Err(err) => {
-                let id = header(&delivery.headers, "Nats-Msg-Id")
+                let id = H::request_id_of_subject(&delivery.subject)
+                    .map(str::to_string)
+                    .or_else(|| header(&delivery.headers, "Nats-Msg-Id"))
                     .filter(|id| validate_request_id(id).is_ok())
                     .unwrap_or_default();
                 let payload = if H::KEEP_UNDECODABLE_PAYLOAD {
@@ -386,13 +427,26 @@ impl<H: Handler> Job<H> {
         };
         let request_id = H::request_id(&request).to_string();
         tracing::Span::current().record("request_id", request_id.as_str());
-        if let Err(err) = validate_request_id(&request_id) {
-            let rejection = Rejection::new(ErrorCode::MalformedRequest, err.to_string());
+        let subject_id = H::request_id_of_subject(&delivery.subject);
+        let refusal = match (validate_request_id(&request_id), subject_id) {
+            (Err(err), _) => Some(err.to_string()),
+            (Ok(()), Some(named)) if named != request_id => Some(format!(
+                "the request id {request_id:?} is not the one its subject names ({named:?})"
+            )),
+            _ => None,
+        };
+        if let Some(reason) = refusal {
+            // Reported on the id the subject names, which its client watches; never on the
+            // payload's, which may belong to someone else.
+            let reported = subject_id
+                .filter(|id| validate_request_id(id).is_ok())
+                .unwrap_or_default();
+            let rejection = Rejection::new(ErrorCode::MalformedRequest, reason);
             let scrubbed = H::without_secrets(&request).encode_to_vec().into();
             self.terminate(
                 &message,
                 &delivery,
-                "",
+                reported,
                 &rejection,
                 scrubbed,
                 CONTENT_TYPE_PROTOBUF,
@@ -400,7 +454,6 @@ impl<H: Handler> Job<H> {
             .await;
             return;
         }
-        let scrubbed = H::without_secrets(&request);
         let Some(outcome) = self
             .handle_with_progress(&message, request, &delivery)
             .await
@@ -409,8 +462,17 @@ impl<H: Handler> Job<H> {
             ack(&message, AckKind::Nak(None)).await;
             return;
         };
-        self.settle(&message, &delivery, &request_id, scrubbed, outcome)
-            .await;
+        self.settle(&message, &delivery, &request_id, outcome).await;
+    }
+
+    /// The request as a dead letter keeps it: decoded again (the handler consumed it; failures
+    /// are rare, a copy on every request is not) and stripped of its secrets.
+    fn scrubbed_payload(message: &jetstream::Message, delivery: &Delivery) -> Bytes {
+        let content_type = header(&delivery.headers, subjects::CONTENT_TYPE_HEADER);
+        match codec::decode::<H::Request>(&message.payload, content_type.as_deref()) {
+            Ok(request) => H::without_secrets(&request).encode_to_vec().into(),
+            Err(_) => Bytes::new(),
+        }
     }
 
     /// Runs the handler, sending progress acks so long work keeps its message.
@@ -440,7 +502,6 @@ impl<H: Handler> Job<H> {
         message: &jetstream::Message,
         delivery: &Delivery,
         request_id: &str,
-        scrubbed: H::Request,
         outcome: Outcome,
     ) {
         match outcome {
@@ -456,7 +517,7 @@ impl<H: Handler> Job<H> {
                         delivery.attempt, rejection.message
                     ),
                 );
-                let payload = scrubbed.encode_to_vec().into();
+                let payload = Self::scrubbed_payload(message, delivery);
                 self.terminate(
                     message,
                     delivery,
@@ -485,7 +546,7 @@ impl<H: Handler> Job<H> {
                 ack(message, AckKind::Nak(Some(after))).await;
             }
             Outcome::Reject(rejection) => {
-                let payload = scrubbed.encode_to_vec().into();
+                let payload = Self::scrubbed_payload(message, delivery);
                 self.terminate(
                     message,
                     delivery,
@@ -524,6 +585,14 @@ impl<H: Handler> Job<H> {
         };
         self.status.dead_letter(info, rejection, payload).await;
         ack(message, AckKind::Term).await;
+        if let Some(stream) = &self.source.forget_in
+            && let Ok(info) = message.info()
+        {
+            let sequence = info.stream_sequence;
+            if let Err(err) = stream.delete_message(sequence).await {
+                tracing::warn!(request_id, sequence, error = %err, "could not delete a refused message; its id stays taken until it ages out");
+            }
+        }
     }
 }
 
@@ -535,7 +604,6 @@ fn header(headers: &Option<HeaderMap>, name: &str) -> Option<String> {
 }
 
 async fn ack(message: &jetstream::Message, kind: AckKind) {
-    let label = format!("{kind:?}");
     // Final acks wait for the server's confirmation so a crash right after cannot redeliver work
     // we believe is settled; naks and progress are advisory.
     let result = match kind {
@@ -543,7 +611,7 @@ async fn ack(message: &jetstream::Message, kind: AckKind) {
         _ => message.ack_with(kind).await,
     };
     if let Err(err) = result {
-        tracing::warn!(error = %err, ack = label, "could not acknowledge message");
+        tracing::warn!(error = %err, ack = ?kind, "could not acknowledge message");
     }
 }
 
@@ -590,6 +658,7 @@ pub async fn serve<H: Handler>(
                 durable: kind.durable.into(),
                 filter_subject: kind.subject.into(),
                 inactive_threshold: None,
+                forget_terminated: false,
             };
             if !placement.enabled {
                 (vec![shared], None)
@@ -600,6 +669,7 @@ pub async fn serve<H: Handler>(
                     durable: kind.worker_durable(&placement.worker_id),
                     filter_subject: kind.worker_subject(&placement.worker_id),
                     inactive_threshold: Some(placement.heartbeat * 30),
+                    forget_terminated: false,
                 };
                 (vec![shared, own], Some((kind, placement, replicas)))
             }

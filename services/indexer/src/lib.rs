@@ -66,6 +66,7 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
         durable: "indexer".into(),
         filter_subject: subjects::INDEX.into(),
         inactive_threshold: None,
+        forget_terminated: false,
     };
     worker::serve(
         &client,

@@ -2,28 +2,17 @@
 //!
 //! A request goes to the live worker with the most free capacity (its own subject) or, when no
 //! worker advertises room, to the shared queue. It is published with the request id as
-//! JetStream message id (a redelivered intake message within the de-duplication window is
-//! stored once), and its id is claimed first in the `imagemesh-dispatched` bucket with an atomic
-//! create (a request seen again later, e.g. a client retry after the window, finds the claim and
-//! is not dispatched again). The two are separate writes: the claim outlives the window, the
-//! message id covers the gap between publishing and acking the intake message.
+//! JetStream message id, so an intake message redelivered after a crash between publishing and
+//! acking (within the de-duplication window) is stored once. A client's second submission of an
+//! id never gets this far: the intake refuses it.
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, kv, message::PublishMessage};
+use async_nats::jetstream::{self, message::PublishMessage};
 use imagemesh_proto::CONTENT_TYPE_PROTOBUF;
-use imagemesh_proto::v1::{ContainerRequest, DispatchRecord};
+use imagemesh_proto::v1::ContainerRequest;
 use imagemesh_runtime::placement::{Directory, WorkKind};
-use imagemesh_runtime::{ErrorCode, Rejection, status, subjects, telemetry};
+use imagemesh_runtime::{ErrorCode, Rejection, subjects, telemetry};
 use prost::Message;
-
-/// What the dispatch record said about a request id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Claim {
-    /// Ours to dispatch.
-    New,
-    /// Seen before: it went out already (or is going out).
-    Repeat,
-}
 
 /// Where a request went.
 #[derive(Debug, Clone)]
@@ -35,7 +24,6 @@ pub struct Dispatched {
 
 pub struct Dispatcher {
     pub js: jetstream::Context,
-    pub records: kv::Store,
     pub directory: Directory,
 }
 
@@ -44,40 +32,6 @@ fn transient(message: String) -> Rejection {
 }
 
 impl Dispatcher {
-    /// Claims the request id in the `imagemesh-dispatched` bucket (an atomic create).
-    ///
-    /// On a first delivery an existing claim means the request was seen before (a client
-    /// retry after the de-duplication window): [`Claim::Repeat`], do nothing. On a redelivery the
-    /// claim may be our own from the attempt that did not finish: carry on, the message id
-    /// keeps a second publish from being stored twice.
-    pub async fn claim(&self, request_id: &str, attempt: u64) -> Result<Claim, Rejection> {
-        let record = DispatchRecord {
-            request_id: request_id.to_string(),
-            dispatched_at: Some(status::now()),
-            ..Default::default()
-        };
-        match self
-            .records
-            .create(request_id, record.encode_to_vec().into())
-            .await
-        {
-            Ok(_) => Ok(Claim::New),
-            Err(err) if err.kind() == kv::CreateErrorKind::AlreadyExists => Ok(if attempt == 1 {
-                Claim::Repeat
-            } else {
-                Claim::New
-            }),
-            Err(err) => Err(transient(format!("could not claim the request id: {err}"))),
-        }
-    }
-
-    /// Gives a claim back, so a request that was refused can be submitted again.
-    pub async fn release(&self, request_id: &str) {
-        if let Err(err) = self.records.purge(request_id).await {
-            tracing::warn!(request_id, error = %err, "could not release the request id");
-        }
-    }
-
     /// Publishes `request` for `kind` and records it. Errors are transient (NATS trouble).
     pub async fn dispatch(
         &self,

@@ -1,6 +1,9 @@
 //! Attaching credentials to a ContainerRequest: the seed's `attachImageCredentials` and
 //! `attachBuildRegistryCredentials`, run for EVERY request, build and runtime alike.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use async_nats::jetstream::kv;
 use imagemesh_proto::v1::{
     ContainerRequest, ImageRecord, RegistryCredential, RequestKind, Scope, TokenRequest,
@@ -50,6 +53,7 @@ pub struct Enricher {
     pub build_registry: String,
     pub build_repository: String,
     pub image_refs: kv::Store,
+    pub references: ReferenceCache,
 }
 
 impl Enricher {
@@ -75,10 +79,11 @@ impl Enricher {
                 ));
             }
         };
-        // Parsed once: reference parsing is a regex match, the costliest step of the hot path.
+        // Parsed once per request, and remembered: reference parsing is a regex match, the
+        // costliest step of the hot path, and most requests name an image seen before.
         let image = match request.image_ref.as_str() {
             "" => None,
-            image_ref => Some(parse_reference(image_ref)?),
+            image_ref => Some(self.references.parse(image_ref)?),
         };
         let in_build_registry = image
             .as_ref()
@@ -307,6 +312,31 @@ impl Enricher {
         };
         self.tokens.put(&key, credential.clone());
         Ok(credential)
+    }
+}
+
+/// Image references parsed before, by their text. Bounded: emptied when full, which costs a
+/// re-parse of the images in use, nothing more.
+#[derive(Default)]
+pub struct ReferenceCache {
+    parsed: Mutex<HashMap<String, Arc<Reference>>>,
+}
+
+/// References remembered before the cache is emptied.
+const MAX_REFERENCES: usize = 4096;
+
+impl ReferenceCache {
+    fn parse(&self, reference: &str) -> Result<Arc<Reference>, EnrichError> {
+        if let Some(parsed) = self.parsed.lock().expect("lock").get(reference) {
+            return Ok(parsed.clone());
+        }
+        let parsed = Arc::new(parse_reference(reference)?);
+        let mut cache = self.parsed.lock().expect("lock");
+        if cache.len() >= MAX_REFERENCES {
+            cache.clear();
+        }
+        cache.insert(reference.to_string(), parsed.clone());
+        Ok(parsed)
     }
 }
 

@@ -5,7 +5,9 @@ use imagemesh_runtime::placement;
 use imagemesh_runtime::status::{StatusReporter, Step};
 use imagemesh_runtime::worker::{Delivery, Handler, Outcome};
 
-use crate::dispatch::{Claim, Dispatcher};
+use imagemesh_runtime::subjects;
+
+use crate::dispatch::Dispatcher;
 use crate::enrich::{EnrichError, Enricher};
 
 /// The scheduler's intake handler.
@@ -25,38 +27,26 @@ impl Handler for Scheduler {
         &request.request_id
     }
 
+    fn request_id_of_subject(subject: &str) -> Option<&str> {
+        subjects::intake_request_id(subject)
+    }
+
     fn without_secrets(request: &ContainerRequest) -> ContainerRequest {
         request.without_secrets()
     }
 
-    async fn handle(&self, mut request: ContainerRequest, delivery: &Delivery) -> Outcome {
-        let id = request.request_id.clone();
-        // Claiming the id and asking for credentials are independent round trips.
-        let (claim, enriched) = tokio::join!(
-            self.dispatcher.claim(&id, delivery.attempt),
-            self.enricher.enrich(&mut request)
-        );
-        match claim {
-            Ok(Claim::New) => {}
-            Ok(Claim::Repeat) => {
-                // A client retry of a request that went out already.
-                tracing::info!(
-                    request_id = id,
-                    "request id seen before; not dispatched again"
-                );
-                return Outcome::Done;
-            }
-            Err(rejection) => return Outcome::Retry(rejection),
-        }
-        match enriched {
+    // A request id reaches this handler once: the intake holds one message per id (a client's
+    // second submission is refused by the server), and a redelivery after a crash publishes
+    // with the same message id, which the work stream stores once.
+    async fn handle(&self, mut request: ContainerRequest, _delivery: &Delivery) -> Outcome {
+        match self.enricher.enrich(&mut request).await {
             Ok(()) => {}
             Err(EnrichError::Transient(rejection)) => return Outcome::Retry(rejection),
-            Err(EnrichError::Permanent(rejection)) => {
-                // Refused for good: free the id so a corrected request may use it again.
-                self.dispatcher.release(&id).await;
-                return Outcome::Reject(rejection);
-            }
+            // Refused for good; the worker deletes the intake message, so a corrected request
+            // may use the id again.
+            Err(EnrichError::Permanent(rejection)) => return Outcome::Reject(rejection),
         }
+        let id = &request.request_id;
         let kind = match request.kind() {
             RequestKind::Build => placement::BUILD,
             _ => placement::MOUNT,
@@ -80,7 +70,7 @@ impl Handler for Scheduler {
                 "base_image_credentials",
                 request.base_image_credentials.len(),
             );
-        self.status.report(&id, step).await;
+        self.status.report(id, step).await;
         Outcome::Done
     }
 }

@@ -1,6 +1,6 @@
 //! The scheduler: the one place credentials are attached to ContainerRequests.
 //!
-//! For every request on the durable intake (`imagemesh.intake`), build or runtime, it asks the
+//! For every request on the durable intake (`imagemesh.intake.<request id>`), build or runtime, it asks the
 //! credential service for a build-registry token (push+pull for builds, pull for runtime) and
 //! for the image's own registry credential, then publishes the enriched request to the builder
 //! (`imagemesh.work.build`) or mounter (`imagemesh.work.mount`) stream. It fails closed: a
@@ -48,7 +48,6 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
     ];
     streams::ensure(&js, &used, &config.streams).await?;
     let image_refs = streams::image_refs(&js, &config.streams).await?;
-    let dispatched = streams::dispatched(&js, &config.streams).await?;
     let image_secrets = streams::image_secrets(&js, &config.streams).await?;
     let settings = config.scheduler;
     let workers =
@@ -70,19 +69,18 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
             build_registry: imagemesh_registry::host::normalize(&settings.build_registry),
             build_repository: settings.build_repository.clone(),
             image_refs,
+            references: Default::default(),
         },
-        dispatcher: Dispatcher {
-            js,
-            records: dispatched,
-            directory,
-        },
+        dispatcher: Dispatcher { js, directory },
         status,
     };
     let spec = ConsumerSpec {
         stream: streams::INTAKE,
         durable: "scheduler".into(),
-        filter_subject: subjects::INTAKE.into(),
+        filter_subject: subjects::INTAKE_ALL.into(),
         inactive_threshold: None,
+        // A request refused or given up on was never dispatched: its id is its client's again.
+        forget_terminated: true,
     };
     tracing::info!(build_registry = %settings.build_registry, "scheduling");
     worker::serve(
