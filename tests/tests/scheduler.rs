@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
-use imagemesh_proto::v1::{BuildOptions, ContainerRequest, RequestKind, RequestState};
+use imagemesh_proto::v1::{BuildOptions, ContainerRequest, ErrorCode, RequestKind, RequestState};
 use imagemesh_runtime::{streams, subjects};
 use imagemesh_testkit::eventually;
 use imagemesh_tests::probe::Probe;
@@ -184,6 +184,122 @@ async fn a_worker_that_stops_heartbeating_loses_its_queued_work_to_a_live_one() 
         "nothing was placed on the frozen worker; the test proved nothing"
     );
     mesh.service("mounter-a").resume();
+}
+
+#[tokio::test]
+async fn placement_counts_the_mounts_a_mounter_holds_not_the_requests_it_works_on() {
+    let options = MeshOptions {
+        start: vec!["credential", "scheduler", "indexer"],
+        heartbeat: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let mut mesh = Mesh::start(options).await;
+    let image = mesh.push_indexed_image("held").await;
+    let id = "IMAGEMESH_MOUNTER__PLACEMENT__WORKER_ID";
+    let limit = ("IMAGEMESH_MOUNTER__MAX_MOUNTS", "2");
+    let mount = |request_id: &str| ContainerRequest {
+        request_id: request_id.into(),
+        container_id: request_id.into(),
+        kind: RequestKind::Runtime as i32,
+        image_ref: image.clone(),
+        ..Default::default()
+    };
+    let heartbeats = Duration::from_millis(700);
+
+    // mounter-a alone takes two mounts: its limit. Its work loop is idle again, but it holds
+    // them.
+    mesh.start_instance("mounter", "mounter-a", &[(id, "mounter-a"), limit])
+        .await;
+    tokio::time::sleep(heartbeats).await;
+    let mut unmount_subject = String::new();
+    for request_id in ["held-a-0", "held-a-1"] {
+        mesh.submit(&mount(request_id)).await;
+        let events = mesh.wait_terminal(request_id, WAIT).await;
+        let mounted = events.last().unwrap();
+        assert_eq!(
+            mounted.state(),
+            RequestState::Succeeded,
+            "{}",
+            describe(&events)
+        );
+        assert_eq!(mounted.details["worker"], "mounter-a");
+        unmount_subject = mounted.details["unmount_subject"].clone();
+    }
+
+    // A second mounter with room: every request goes to it, none to the full one, although
+    // both have the same work-loop concurrency and neither is working on anything.
+    mesh.start_instance("mounter", "mounter-b", &[(id, "mounter-b"), limit])
+        .await;
+    tokio::time::sleep(heartbeats).await;
+    for request_id in ["held-b-0", "held-b-1"] {
+        mesh.submit(&mount(request_id)).await;
+        let events = mesh.wait_terminal(request_id, WAIT).await;
+        assert_eq!(
+            events.last().unwrap().state(),
+            RequestState::Succeeded,
+            "{}",
+            describe(&events)
+        );
+        let dispatched = find(&events, "scheduler", "dispatched").unwrap();
+        assert_eq!(
+            dispatched.details["worker"],
+            "mounter-b",
+            "{}",
+            describe(&events)
+        );
+        assert_eq!(events.last().unwrap().details["worker"], "mounter-b");
+    }
+
+    // Both full: the request goes to the shared queue, each mounter hands it back, and it
+    // fails with the reason once its deliveries are used up.
+    tokio::time::sleep(heartbeats).await;
+    mesh.submit(&mount("held-over")).await;
+    let events = mesh.wait_terminal("held-over", WAIT).await;
+    let failed = events.last().unwrap();
+    assert_eq!(
+        failed.state(),
+        RequestState::Failed,
+        "{}",
+        describe(&events)
+    );
+    assert_eq!(failed.error_code(), ErrorCode::AtCapacity);
+    assert!(
+        failed.message.contains("holds its limit of 2 mounts"),
+        "{}",
+        failed.message
+    );
+    let dispatched = find(&events, "scheduler", "dispatched").unwrap();
+    assert_eq!(
+        dispatched.details["worker"], "",
+        "no mounter advertised room"
+    );
+
+    // An unmount gives mounter-a room again, and the next request goes there.
+    let reply = mesh
+        .client
+        .request(unmount_subject, "held-a-1".into())
+        .await
+        .unwrap();
+    assert!(
+        imagemesh_runtime::Rejection::from_headers(reply.headers.as_ref()).is_none(),
+        "unmount refused"
+    );
+    tokio::time::sleep(heartbeats).await;
+    mesh.submit(&mount("held-a-2")).await;
+    let events = mesh.wait_terminal("held-a-2", WAIT).await;
+    assert_eq!(
+        events.last().unwrap().state(),
+        RequestState::Succeeded,
+        "{}",
+        describe(&events)
+    );
+    let dispatched = find(&events, "scheduler", "dispatched").unwrap();
+    assert_eq!(
+        dispatched.details["worker"],
+        "mounter-a",
+        "{}",
+        describe(&events)
+    );
 }
 
 #[tokio::test]

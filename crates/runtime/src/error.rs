@@ -66,7 +66,7 @@ fn http_status(code: ErrorCode) -> usize {
         ErrorCode::NoCredentials | ErrorCode::NotFound => 404,
         ErrorCode::InvalidImage | ErrorCode::BuildFailed => 422,
         ErrorCode::RegistryUnavailable => 502,
-        ErrorCode::CredentialUnavailable => 503,
+        ErrorCode::CredentialUnavailable | ErrorCode::AtCapacity => 503,
         ErrorCode::Internal | ErrorCode::Unspecified => 500,
     }
 }

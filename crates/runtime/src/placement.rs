@@ -159,11 +159,39 @@ pub fn key(kind: &str, worker_id: &str) -> String {
     format!("{kind}.{worker_id}")
 }
 
+/// How busy a placed worker is, against the capacity it advertises.
+#[derive(Clone)]
+pub enum Load {
+    /// Requests worked on at once: the work loop's permits in use.
+    Permits(Arc<Semaphore>),
+    /// What the worker keeps after a request is done (a mounter's mounts), counted by the
+    /// worker.
+    Held(Arc<dyn Fn() -> u32 + Send + Sync>),
+}
+
+impl Load {
+    fn in_flight(&self, capacity: u32) -> u32 {
+        match self {
+            Load::Permits(permits) => capacity.saturating_sub(permits.available_permits() as u32),
+            Load::Held(count) => count(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Load {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Load::Permits(_) => f.write_str("Load::Permits"),
+            Load::Held(_) => f.write_str("Load::Held"),
+        }
+    }
+}
+
 /// Keeps an advertisement fresh until `shutdown`, then removes it.
 pub fn spawn_advertiser(
     store: kv::Store,
     template: WorkerAdvertisement,
-    load: Arc<Semaphore>,
+    load: Load,
     every: Duration,
     shutdown: Shutdown,
 ) -> tokio::task::JoinHandle<()> {
@@ -175,9 +203,8 @@ pub fn spawn_advertiser(
                 _ = shutdown.cancelled() => break,
                 _ = ticks.tick() => {}
             }
-            let free = load.available_permits() as u32;
             let ad = WorkerAdvertisement {
-                in_flight: template.capacity.saturating_sub(free),
+                in_flight: load.in_flight(template.capacity),
                 heartbeat_at: Some(status::now()),
                 heartbeat_millis: every.as_millis() as u32,
                 ..template.clone()

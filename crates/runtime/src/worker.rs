@@ -625,6 +625,9 @@ pub enum Work {
         kind: crate::placement::WorkKind,
         placement: crate::placement::PlacementOptions,
         replicas: usize,
+        /// What it advertises when that is not its work loop's concurrency: the capacity and
+        /// a count of what it holds (a mounter's mounts outlive the requests that made them).
+        holds: Option<(u32, crate::placement::Load)>,
     },
 }
 
@@ -648,6 +651,7 @@ pub async fn serve<H: Handler>(
             kind,
             placement,
             replicas,
+            holds,
         } => {
             let mut placement = placement;
             if placement.worker_id.is_empty() {
@@ -671,11 +675,11 @@ pub async fn serve<H: Handler>(
                     inactive_threshold: Some(placement.heartbeat * 30),
                     forget_terminated: false,
                 };
-                (vec![shared, own], Some((kind, placement, replicas)))
+                (vec![shared, own], Some((kind, placement, replicas, holds)))
             }
         }
     };
-    let capacity = options.concurrency.max(1) as u32;
+    let concurrency = options.concurrency.max(1) as u32;
     let worker = Worker::new(
         js.clone(),
         specs.clone(),
@@ -687,8 +691,10 @@ pub async fn serve<H: Handler>(
     let service =
         crate::service::register_worker(client, identity, counters, shutdown.clone()).await?;
     let advertiser = match advertised {
-        Some((kind, placement, replicas)) => {
+        Some((kind, placement, replicas, holds)) => {
             let store = placement::workers_bucket(&js, placement.heartbeat, replicas).await?;
+            let (capacity, load) =
+                holds.unwrap_or((concurrency, placement::Load::Permits(worker.load())));
             let ad = imagemesh_proto::v1::WorkerAdvertisement {
                 worker_id: placement.worker_id.clone(),
                 kind: kind.kind.into(),
@@ -702,7 +708,7 @@ pub async fn serve<H: Handler>(
             Some(placement::spawn_advertiser(
                 store,
                 ad,
-                worker.load(),
+                load,
                 placement.heartbeat,
                 shutdown.clone(),
             ))

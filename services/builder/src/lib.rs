@@ -65,6 +65,7 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
         kind: placement::BUILD,
         placement: settings.placement.clone(),
         replicas: config.streams.replicas,
+        holds: None,
     };
     worker::serve(&client, IDENTITY, work, settings.worker, handler, shutdown).await
 }

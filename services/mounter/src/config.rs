@@ -32,6 +32,10 @@ impl ServiceConfig for Config {
 pub struct MounterConfig {
     /// The runtime-request work loop; `concurrency` is the number of mounts prepared at once.
     pub worker: WorkerOptions,
+    /// Mounts this instance holds at once (live and being prepared). It is the capacity the
+    /// instance advertises, so schedulers place requests on instances with room; a request
+    /// beyond it is handed back (`AT_CAPACITY`, retried) for another instance to take.
+    pub max_mounts: usize,
     /// How this instance advertises itself to schedulers.
     pub placement: PlacementOptions,
     pub registry: RegistrySettings,
@@ -54,6 +58,7 @@ impl Default for MounterConfig {
     fn default() -> Self {
         Self {
             worker: WorkerOptions::default(),
+            max_mounts: 256,
             placement: PlacementOptions::default(),
             registry: RegistrySettings::default(),
             mount_root: PathBuf::from("/run/imagemesh/mounts"),

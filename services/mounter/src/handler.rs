@@ -106,6 +106,17 @@ impl Mounter {
                     format!("container {id} is being mounted by another delivery"),
                 )));
             }
+            // Handed back: another instance with room may take it (placement stops sending
+            // here once the next heartbeat shows the table full).
+            Reserved::Full(limit) => {
+                return Err(Outcome::Retry(Rejection::new(
+                    ErrorCode::AtCapacity,
+                    format!(
+                        "mounter {} holds its limit of {limit} mounts",
+                        self.worker_id
+                    ),
+                )));
+            }
         }
         let result = self.mount_new(id, &image, request).await;
         if result.is_err() {

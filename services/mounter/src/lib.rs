@@ -62,6 +62,7 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
     let fuse = FuseOptions {
         threads: settings.fuse_threads,
         allow_other: settings.allow_other,
+        max_mounts: settings.max_mounts.max(1),
     };
     let mounts = Arc::new(
         MountTable::open(&settings.mount_root, fuse)
@@ -88,10 +89,17 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
         runtime: tokio::runtime::Handle::current(),
         worker_id,
     };
+    // Mounts outlive the requests that made them, so placement counts mounts held, not
+    // requests in progress.
+    let held = mounts.clone();
     let work = Work::Placed {
         kind: placement::MOUNT,
         placement: settings.placement.clone(),
         replicas: config.streams.replicas,
+        holds: Some((
+            settings.max_mounts.max(1) as u32,
+            placement::Load::Held(Arc::new(move || held.held() as u32)),
+        )),
     };
     let served = worker::serve(&client, IDENTITY, work, settings.worker, handler, shutdown).await;
     // Whatever ended the work loop, leave no mount behind.

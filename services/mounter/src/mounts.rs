@@ -23,6 +23,8 @@ use crate::refresh::RefreshCounters;
 pub struct FuseOptions {
     pub threads: usize,
     pub allow_other: bool,
+    /// Mounts held at once, live or being prepared.
+    pub max_mounts: usize,
 }
 
 /// What a mount is, for status events and the stats endpoint.
@@ -64,6 +66,8 @@ pub enum Reserved {
     Conflict(String),
     /// Being mounted by another delivery right now.
     Busy,
+    /// This instance holds `max_mounts` already.
+    Full(usize),
 }
 
 /// Every mount of this instance, by mount id.
@@ -98,6 +102,7 @@ impl MountTable {
     pub fn reserve(&self, id: &str, image_ref: &str) -> Reserved {
         let mut slots = self.slots.lock().expect("mount table lock");
         match slots.get(id) {
+            None if slots.len() >= self.fuse.max_mounts => Reserved::Full(self.fuse.max_mounts),
             None => {
                 slots.insert(id.to_string(), Slot::Mounting(image_ref.to_string()));
                 Reserved::New
@@ -109,6 +114,11 @@ impl MountTable {
             Some(Slot::Mounting(other)) if other != image_ref => Reserved::Conflict(other.clone()),
             Some(Slot::Mounting(_)) => Reserved::Busy,
         }
+    }
+
+    /// Mounts held, live or being prepared (what placement counts against `max_mounts`).
+    pub fn held(&self) -> usize {
+        self.slots.lock().expect("mount table lock").len()
     }
 
     /// Gives up a reservation that did not end in a mount.
