@@ -208,8 +208,11 @@ async fn a_private_base_image_in_a_token_auth_registry_is_fetched_with_its_beare
     );
     let pushed_scopes = tokens.scopes().len();
 
+    // The base is named through ARGs declared before FROM, as many Dockerfiles do: both the
+    // scheduler (minting) and the builder (fetching) expand them the way buildah will.
     let dockerfile = format!(
-        "FROM {upstream_addr}/private/busybox:1\nCOPY hello.txt /srv/hello.txt\n\
+        "ARG REGISTRY={upstream_addr}\nARG TAG=1\n\
+         FROM ${{REGISTRY}}/private/busybox:${{TAG}}\nCOPY hello.txt /srv/hello.txt\n\
          RUN echo \"ran on $(cat /srv/hello.txt)\" > /srv/ran.txt\n"
     );
     let events = build(&mesh, "up", &dockerfile, b"on a private base\n").await;

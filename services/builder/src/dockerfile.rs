@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::object_store::ObjectStore;
-use imagemesh_proto::v1::{AuthScheme, ContainerRequest, RegistryCredential};
+use imagemesh_proto::v1::{AuthScheme, BuildOptions, ContainerRequest, RegistryCredential};
 use imagemesh_registry::dockerfile::base_images;
 use imagemesh_registry::{Reference, RegistryClient, RegistrySettings, credential_for_image, host};
 use imagemesh_runtime::ErrorCode;
@@ -73,7 +73,7 @@ impl DockerfileBuild<'_> {
         let dockerfile = dir.path().join("Dockerfile");
         std::fs::write(&dockerfile, &options.dockerfile)
             .map_err(|e| Failure::internal(format!("cannot write the Dockerfile: {e}")))?;
-        let (buildah, bearer_bases) = self.buildah(dir, &options.dockerfile)?;
+        let (buildah, bearer_bases) = self.buildah(dir, &options)?;
         for (n, base) in bearer_bases.iter().enumerate() {
             self.store_bearer_base(&buildah, dir, n, base, deadline)
                 .await?;
@@ -173,13 +173,13 @@ impl DockerfileBuild<'_> {
     fn buildah<'d>(
         &'d self,
         dir: &'d WorkDir,
-        dockerfile: &str,
+        options: &BuildOptions,
     ) -> Result<(Buildah<'d>, Vec<BearerBase<'d>>), Failure> {
         let build_registry = self.build_credential()?;
         let mut credentials = vec![build_registry];
         let mut registries = vec![host::normalize(&build_registry.registry)];
         let mut bearer_bases = Vec::new();
-        for base in base_images(dockerfile) {
+        for base in base_images(&options.dockerfile, &options.build_args) {
             let registry = host::normalize(base.registry());
             match credential_for_image(self.request, &registry, base.repository()) {
                 Some(credential) if credential.scheme() == AuthScheme::Bearer => {

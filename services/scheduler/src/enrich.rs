@@ -116,12 +116,10 @@ impl Enricher {
         &self,
         request: &mut ContainerRequest,
     ) -> Result<(), EnrichError> {
-        let dockerfile = request
-            .build_options
-            .as_ref()
-            .map(|o| o.dockerfile.as_str())
-            .unwrap_or_default();
-        let bases = base_images(dockerfile);
+        let bases = match &request.build_options {
+            Some(options) => base_images(&options.dockerfile, &options.build_args),
+            None => Vec::new(),
+        };
         if bases.len() > MAX_BASE_IMAGES {
             return Err(permanent(
                 ErrorCode::MalformedRequest,
