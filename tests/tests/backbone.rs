@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use imagemesh_proto::v1::{BuildOptions, ContainerRequest, ErrorCode, RequestKind, RequestState};
 use imagemesh_tests::{
-    Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, assert_gave_up, assert_succeeded,
-    describe, find,
+    Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, assert_failed, assert_gave_up,
+    assert_succeeded, describe, find,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -98,15 +98,7 @@ async fn a_credential_the_registry_rejects_fails_naming_the_registry_without_the
     mesh.submit(&build_request("bad-cred")).await;
 
     let events = mesh.wait_terminal("bad-cred", WAIT).await;
-    let failed = events.last().unwrap();
-    assert_eq!(
-        failed.state(),
-        RequestState::Failed,
-        "{}",
-        describe(&events)
-    );
-    assert_eq!(failed.service, "builder");
-    assert_eq!(failed.error_code(), ErrorCode::RegistryAuthRejected);
+    let failed = assert_failed(&events, "builder", ErrorCode::RegistryAuthRejected);
     assert!(failed.message.contains(&registry), "{}", failed.message);
     assert!(
         failed.message.contains("rejected the credential"),

@@ -4,11 +4,12 @@
 
 mod indexer_support;
 
-use imagemesh_proto::v1::{ErrorCode, ImageRecord, RequestState};
+use imagemesh_proto::v1::{ErrorCode, ImageRecord};
 use imagemesh_runtime::streams;
 use imagemesh_testkit::oci_images::{OciLayout, have_image_tools};
 use imagemesh_tests::{
-    Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, assert_succeeded, describe, find,
+    Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, assert_failed, assert_succeeded, describe,
+    find,
 };
 use indexer_support::compare::parse_show;
 use indexer_support::{cli, detail, image_record, images, index, request};
@@ -160,14 +161,7 @@ async fn a_multi_platform_image_is_indexed_for_the_requested_platform() {
     let mut s390x = request(&mesh, "mp-s390x", "multi/app:v1");
     s390x.platform = "linux/s390x".into();
     let events = index(&mesh, &s390x).await;
-    let failed = events.last().unwrap();
-    assert_eq!(
-        failed.state(),
-        RequestState::Failed,
-        "{}",
-        describe(&events)
-    );
-    assert_eq!(failed.error_code(), ErrorCode::InvalidImage);
+    let failed = assert_failed(&events, "indexer", ErrorCode::InvalidImage);
     assert!(
         failed.message.contains("no linux/s390x image"),
         "{}",

@@ -4,11 +4,14 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
-use imagemesh_proto::v1::{BuildOptions, ContainerRequest, ErrorCode, RequestKind, RequestState};
+mod mounter_support;
+
+use imagemesh_proto::v1::{BuildOptions, ContainerRequest, ErrorCode, RequestKind, StatusEvent};
 use imagemesh_runtime::{streams, subjects};
 use imagemesh_testkit::eventually;
 use imagemesh_tests::probe::Probe;
-use imagemesh_tests::{Mesh, MeshOptions, describe, find};
+use imagemesh_tests::{Mesh, MeshOptions, assert_gave_up, assert_succeeded, describe, find};
+use mounter_support::{control, run, runtime_request};
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -130,20 +133,41 @@ async fn two_schedulers_share_the_intake_without_duplicates() {
     }
 }
 
-#[tokio::test]
-async fn a_worker_that_stops_heartbeating_loses_its_queued_work_to_a_live_one() {
+/// A mesh for placement tests (heartbeats every 200 ms, no mounter yet) and an indexed image.
+async fn placement_mesh(tag: &str) -> (Mesh, String) {
     let options = MeshOptions {
         start: vec!["credential", "scheduler", "indexer"],
         heartbeat: Duration::from_millis(200),
         ..Default::default()
     };
-    let mut mesh = Mesh::start(options).await;
-    let image = mesh.push_indexed_image("frozen").await;
-    let id = "IMAGEMESH_MOUNTER__PLACEMENT__WORKER_ID";
-    mesh.start_instance("mounter", "mounter-a", &[(id, "mounter-a")])
-        .await;
-    mesh.start_instance("mounter", "mounter-b", &[(id, "mounter-b")])
-        .await;
+    let mesh = Mesh::start(options).await;
+    let image = mesh.push_indexed_image(tag).await;
+    (mesh, image)
+}
+
+/// Starts a mounter advertising as `worker_id`.
+async fn start_placed_mounter(
+    mesh: &mut Mesh,
+    worker_id: &'static str,
+    extra_env: &[(&str, &str)],
+) {
+    let mut env = vec![("IMAGEMESH_MOUNTER__PLACEMENT__WORKER_ID", worker_id)];
+    env.extend_from_slice(extra_env);
+    mesh.start_instance("mounter", worker_id, &env).await;
+}
+
+/// The worker the scheduler addressed a request to (empty: the shared queue).
+fn placed_on(events: &[StatusEvent]) -> &str {
+    let dispatched = find(events, "scheduler", "dispatched")
+        .unwrap_or_else(|| panic!("not dispatched:\n{}", describe(events)));
+    &dispatched.details["worker"]
+}
+
+#[tokio::test]
+async fn a_worker_that_stops_heartbeating_loses_its_queued_work_to_a_live_one() {
+    let (mut mesh, image) = placement_mesh("frozen").await;
+    start_placed_mounter(&mut mesh, "mounter-a", &[]).await;
+    start_placed_mounter(&mut mesh, "mounter-b", &[]).await;
     // Both advertised: the scheduler will route to both.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -151,29 +175,20 @@ async fn a_worker_that_stops_heartbeating_loses_its_queued_work_to_a_live_one() 
     mesh.service("mounter-a").pause();
     let ids: Vec<String> = (0..20).map(|i| format!("rt-{i}")).collect();
     for id in &ids {
-        mesh.submit(&ContainerRequest {
-            request_id: id.clone(),
-            container_id: id.clone(),
-            kind: RequestKind::Runtime as i32,
-            image_ref: image.clone(),
-            ..Default::default()
-        })
-        .await;
+        mesh.submit(&runtime_request(id, id, &image)).await;
     }
 
     let mut sent_to_a = 0;
     for id in &ids {
         let events = mesh.wait_terminal(id, WAIT).await;
+        let done = assert_succeeded(&events);
         assert_eq!(
-            events.last().unwrap().state(),
-            RequestState::Succeeded,
+            done.details["worker"],
+            "mounter-b",
             "{id}: {}",
             describe(&events)
         );
-        let done_by = &events.last().unwrap().details["worker"];
-        assert_eq!(done_by, "mounter-b", "{id}: {}", describe(&events));
-        let dispatched = find(&events, "scheduler", "dispatched").unwrap();
-        if dispatched.details["worker"] == "mounter-a" {
+        if placed_on(&events) == "mounter-a" {
             sent_to_a += 1;
             let rerouted = find(&events, "scheduler", "rerouted").expect("re-routed");
             assert_eq!(rerouted.details["from_worker"], "mounter-a");
@@ -188,118 +203,54 @@ async fn a_worker_that_stops_heartbeating_loses_its_queued_work_to_a_live_one() 
 
 #[tokio::test]
 async fn placement_counts_the_mounts_a_mounter_holds_not_the_requests_it_works_on() {
-    let options = MeshOptions {
-        start: vec!["credential", "scheduler", "indexer"],
-        heartbeat: Duration::from_millis(200),
-        ..Default::default()
-    };
-    let mut mesh = Mesh::start(options).await;
-    let image = mesh.push_indexed_image("held").await;
-    let id = "IMAGEMESH_MOUNTER__PLACEMENT__WORKER_ID";
-    let limit = ("IMAGEMESH_MOUNTER__MAX_MOUNTS", "2");
-    let mount = |request_id: &str| ContainerRequest {
-        request_id: request_id.into(),
-        container_id: request_id.into(),
-        kind: RequestKind::Runtime as i32,
-        image_ref: image.clone(),
-        ..Default::default()
-    };
+    let (mut mesh, image) = placement_mesh("held").await;
+    let limit = [("IMAGEMESH_MOUNTER__MAX_MOUNTS", "2")];
     let heartbeats = Duration::from_millis(700);
+    let mount = |request_id: &str| runtime_request(request_id, request_id, &image);
 
     // mounter-a alone takes two mounts: its limit. Its work loop is idle again, but it holds
     // them.
-    mesh.start_instance("mounter", "mounter-a", &[(id, "mounter-a"), limit])
-        .await;
+    start_placed_mounter(&mut mesh, "mounter-a", &limit).await;
     tokio::time::sleep(heartbeats).await;
     let mut unmount_subject = String::new();
     for request_id in ["held-a-0", "held-a-1"] {
-        mesh.submit(&mount(request_id)).await;
-        let events = mesh.wait_terminal(request_id, WAIT).await;
-        let mounted = events.last().unwrap();
-        assert_eq!(
-            mounted.state(),
-            RequestState::Succeeded,
-            "{}",
-            describe(&events)
-        );
-        assert_eq!(mounted.details["worker"], "mounter-a");
-        unmount_subject = mounted.details["unmount_subject"].clone();
+        let events = run(&mesh, &mount(request_id)).await;
+        let done = assert_succeeded(&events);
+        assert_eq!(done.details["worker"], "mounter-a");
+        unmount_subject = done.details["unmount_subject"].clone();
     }
 
     // A second mounter with room: every request goes to it, none to the full one, although
     // both have the same work-loop concurrency and neither is working on anything.
-    mesh.start_instance("mounter", "mounter-b", &[(id, "mounter-b"), limit])
-        .await;
+    start_placed_mounter(&mut mesh, "mounter-b", &limit).await;
     tokio::time::sleep(heartbeats).await;
     for request_id in ["held-b-0", "held-b-1"] {
-        mesh.submit(&mount(request_id)).await;
-        let events = mesh.wait_terminal(request_id, WAIT).await;
-        assert_eq!(
-            events.last().unwrap().state(),
-            RequestState::Succeeded,
-            "{}",
-            describe(&events)
-        );
-        let dispatched = find(&events, "scheduler", "dispatched").unwrap();
-        assert_eq!(
-            dispatched.details["worker"],
-            "mounter-b",
-            "{}",
-            describe(&events)
-        );
-        assert_eq!(events.last().unwrap().details["worker"], "mounter-b");
+        let events = run(&mesh, &mount(request_id)).await;
+        assert_eq!(assert_succeeded(&events).details["worker"], "mounter-b");
+        assert_eq!(placed_on(&events), "mounter-b", "{}", describe(&events));
     }
 
     // Both full: the request goes to the shared queue, each mounter hands it back, and it
     // fails with the reason once its deliveries are used up.
     tokio::time::sleep(heartbeats).await;
-    mesh.submit(&mount("held-over")).await;
-    let events = mesh.wait_terminal("held-over", WAIT).await;
-    let failed = events.last().unwrap();
-    assert_eq!(
-        failed.state(),
-        RequestState::Failed,
-        "{}",
-        describe(&events)
-    );
-    assert_eq!(failed.error_code(), ErrorCode::AtCapacity);
+    let events = run(&mesh, &mount("held-over")).await;
+    let attempts = mesh.options.max_deliver;
+    let failed = assert_gave_up(&events, "mounter", ErrorCode::AtCapacity, attempts);
     assert!(
         failed.message.contains("holds its limit of 2 mounts"),
         "{}",
         failed.message
     );
-    let dispatched = find(&events, "scheduler", "dispatched").unwrap();
-    assert_eq!(
-        dispatched.details["worker"], "",
-        "no mounter advertised room"
-    );
+    assert_eq!(placed_on(&events), "", "no mounter advertised room");
 
     // An unmount gives mounter-a room again, and the next request goes there.
-    let reply = mesh
-        .client
-        .request(unmount_subject, "held-a-1".into())
+    control(&mesh, &unmount_subject, "held-a-1")
         .await
-        .unwrap();
-    assert!(
-        imagemesh_runtime::Rejection::from_headers(reply.headers.as_ref()).is_none(),
-        "unmount refused"
-    );
+        .expect("unmounted");
     tokio::time::sleep(heartbeats).await;
-    mesh.submit(&mount("held-a-2")).await;
-    let events = mesh.wait_terminal("held-a-2", WAIT).await;
-    assert_eq!(
-        events.last().unwrap().state(),
-        RequestState::Succeeded,
-        "{}",
-        describe(&events)
-    );
-    let dispatched = find(&events, "scheduler", "dispatched").unwrap();
-    assert_eq!(
-        dispatched.details["worker"],
-        "mounter-a",
-        "{}",
-        describe(&events)
-    );
+    let events = run(&mesh, &mount("held-a-2")).await;
+    assert_succeeded(&events);
+    assert_eq!(placed_on(&events), "mounter-a", "{}", describe(&events));
 }
 
 #[tokio::test]

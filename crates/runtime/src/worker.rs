@@ -175,13 +175,12 @@ pub struct Worker<H: Handler> {
     counters: Arc<WorkCounters>,
 }
 
-/// Creates the durable consumer, or updates it to `options`.
+/// Creates the durable consumer on `stream` (the one `spec` names), or updates it to `options`.
 pub async fn ensure_consumer(
-    js: &jetstream::Context,
+    stream: &jetstream::stream::Stream,
     spec: &ConsumerSpec,
     options: &WorkerOptions,
 ) -> anyhow::Result<PullConsumer> {
-    let stream = js.get_stream(spec.stream).await?;
     let config = pull::Config {
         durable_name: Some(spec.durable.clone()),
         filter_subject: spec.filter_subject.clone(),
@@ -296,11 +295,9 @@ impl<H: Handler> Worker<H> {
         let mut streams = Vec::with_capacity(self.consumers.len());
         let mut sources = Vec::with_capacity(self.consumers.len());
         for (index, spec) in self.consumers.iter().enumerate() {
-            let consumer = ensure_consumer(&self.js, spec, &self.options).await?;
-            let forget_in = match spec.forget_terminated {
-                true => Some(self.js.get_stream(spec.stream).await?),
-                false => None,
-            };
+            let stored = self.js.get_stream(spec.stream).await?;
+            let consumer = ensure_consumer(&stored, spec, &self.options).await?;
+            let forget_in = spec.forget_terminated.then_some(stored);
             sources.push(Arc::new(Source {
                 span_name: format!("{} process", spec.filter_subject),
                 forget_in,

@@ -64,6 +64,7 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
         allow_other: settings.allow_other,
         max_mounts: settings.max_mounts.max(1),
     };
+    let fuse_max_mounts = fuse.max_mounts;
     let mounts = Arc::new(
         MountTable::open(&settings.mount_root, fuse)
             .map_err(|e| anyhow::anyhow!("mount root {}: {e}", settings.mount_root.display()))?,
@@ -97,7 +98,7 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
         placement: settings.placement.clone(),
         replicas: config.streams.replicas,
         holds: Some((
-            settings.max_mounts.max(1) as u32,
+            fuse_max_mounts as u32,
             placement::Load::Held(Arc::new(move || held.held() as u32)),
         )),
     };

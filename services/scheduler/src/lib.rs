@@ -1,12 +1,12 @@
 //! The scheduler: the one place credentials are attached to ContainerRequests.
 //!
-//! For every request on the durable intake (`imagemesh.intake.<request id>`), build or runtime, it asks the
-//! credential service for a build-registry token (push+pull for builds, pull for runtime) and
-//! for the image's own registry credential, then publishes the enriched request to the builder
-//! (`imagemesh.work.build`) or mounter (`imagemesh.work.mount`) stream. It fails closed: a
-//! request is never dispatched without its build-registry credential; while the credential
-//! service is unreachable it is retried with backoff, and after `intake.max_deliver` attempts
-//! it fails with a clear reason and a dead letter.
+//! For every request on the durable intake (`imagemesh.intake.<request id>`), build or
+//! runtime, it asks the credential service for a build-registry token (push+pull for builds,
+//! pull for runtime) and for the image's own registry credential, then publishes the enriched
+//! request to the builder (`imagemesh.work.build`) or mounter (`imagemesh.work.mount`) stream.
+//! It fails closed: a request is never dispatched without its build-registry credential; while
+//! the credential service is unreachable it is retried with backoff, and after
+//! `intake.max_deliver` attempts it fails with a clear reason and a dead letter.
 #![forbid(unsafe_code)]
 
 pub mod config;
