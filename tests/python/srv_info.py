@@ -3,11 +3,15 @@
 Sends $SRV.INFO and $SRV.STATS, gathers every reply for a moment, parses them with nats-py's
 own micro-service types, and prints one JSON object: {"info": [...], "stats": [...]}.
 Usage: python3 srv_info.py NATS_URL
+With NATS_NKEY_FILE and NATS_CA_FILE set, connects with that nkey identity over TLS verified
+by that CA (the secured mesh).
 """
 
 import asyncio
 import json
+import os
 import re
+import ssl
 import sys
 
 import nats
@@ -48,7 +52,12 @@ def stats_from_dict(data):
 
 
 async def main(url):
-    nc = await nats.connect(url)
+    options = {}
+    if os.environ.get("NATS_NKEY_FILE"):
+        options["nkeys_seed"] = os.environ["NATS_NKEY_FILE"]
+    if os.environ.get("NATS_CA_FILE"):
+        options["tls"] = ssl.create_default_context(cafile=os.environ["NATS_CA_FILE"])
+    nc = await nats.connect(url, **options)
     infos = await gather(nc, "$SRV.INFO", ServiceInfo.from_dict)
     stats = await gather(nc, "$SRV.STATS", stats_from_dict)
     await nc.close()

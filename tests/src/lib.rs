@@ -1,6 +1,11 @@
 //! A whole mesh for end-to-end tests: a real nats-server, a real htpasswd-protected
 //! docker-registry as the build registry, and the five service binaries as processes, each with
 //! its own config file and captured log. Everything stops when the [`Mesh`] drops.
+//!
+//! By default the mesh is secured as deployed (`docs/security.md`): the server runs with TLS,
+//! JetStream encryption and the authorization config rendered from the permission table; every
+//! service instance connects with its own identity, added to the bundle (and the server
+//! reloaded) as it starts; the test itself is the operator, which provisions the streams.
 #![forbid(unsafe_code)]
 
 pub mod probe;
@@ -13,10 +18,12 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream::message::PublishMessage;
 use futures::StreamExt;
+use imagemesh_access::{Bundle, BundleSpec, Role};
 use imagemesh_proto::CONTENT_TYPE_PROTOBUF;
 use imagemesh_proto::v1::{
     BuildOptions, ContainerRequest, DeadLetter, ErrorCode, RequestKind, RequestState, StatusEvent,
 };
+use imagemesh_runtime::nats::NatsConfig;
 use imagemesh_runtime::streams::{self, StreamOptions};
 use imagemesh_runtime::subjects;
 use imagemesh_testkit::token_server::TokenServer;
@@ -48,6 +55,36 @@ pub struct MeshOptions {
     pub heartbeat: Duration,
     /// Extra environment for every service (e.g. `OTEL_*`).
     pub env: Vec<(String, String)>,
+    /// Identities, permissions and TLS as deployed (off: an open server, as on a laptop).
+    pub secured: bool,
+    /// Identities the test will use besides the five services' (`<service>` for instance
+    /// `<service>`), known to the server from its start. One added later makes the server
+    /// reload its configuration, which can drop deliveries to connections made around it.
+    pub identities: Vec<(String, Role)>,
+}
+
+/// The identities every secured test mesh knows from the start: one per service, plus the
+/// extra instances the tests start (a second scheduler, placed mounters).
+fn standard_identities() -> Vec<(String, Role)> {
+    let mounter = |id: &str| Role::Mounter {
+        worker_id: id.into(),
+    };
+    vec![
+        ("credential".into(), Role::Credential),
+        ("scheduler".into(), Role::Scheduler),
+        ("scheduler-2".into(), Role::Scheduler),
+        ("indexer".into(), Role::Indexer),
+        (
+            "builder".into(),
+            Role::Builder {
+                worker_id: "builder".into(),
+            },
+        ),
+        ("mounter".into(), mounter("mounter")),
+        ("mounter-test-1".into(), mounter("mounter-test-1")),
+        ("mounter-a".into(), mounter("mounter-a")),
+        ("mounter-b".into(), mounter("mounter-b")),
+    ]
 }
 
 impl Default for MeshOptions {
@@ -59,6 +96,8 @@ impl Default for MeshOptions {
             ack_wait: Duration::from_secs(10),
             heartbeat: Duration::from_millis(500),
             env: Vec::new(),
+            secured: true,
+            identities: standard_identities(),
         }
     }
 }
@@ -74,6 +113,14 @@ pub struct Mesh {
     credential_config: Option<String>,
     /// Where mounters of this mesh mount images; emptied of mounts on drop.
     mount_root: tempfile::TempDir,
+    /// Identities and TLS material of a secured mesh.
+    access: Option<Access>,
+}
+
+/// The security bundle of a secured mesh, in its own temp dir.
+pub struct Access {
+    pub bundle: Bundle,
+    _dir: tempfile::TempDir,
 }
 
 impl Mesh {
@@ -95,8 +142,20 @@ impl Mesh {
         registry: Registry,
         credential_config: Option<String>,
     ) -> Mesh {
-        let nats = NatsServer::start();
-        let client = nats.client().await;
+        let (nats, client, access) = if options.secured {
+            let (nats, access) = secured_server(&options.identities);
+            let client = connect_as(&nats, &access.bundle, "operator").await;
+            let js = async_nats::jetstream::new(client.clone());
+            let tenants = access.bundle.spec().tenants.clone();
+            streams::provision_all(&js, &StreamOptions::default(), &tenants, options.heartbeat)
+                .await
+                .expect("provision the mesh as the operator");
+            (nats, client, Some(access))
+        } else {
+            let nats = NatsServer::start();
+            let client = nats.client().await;
+            (nats, client, None)
+        };
         let mut mesh = Mesh {
             nats,
             registry,
@@ -108,6 +167,7 @@ impl Mesh {
                 .prefix("imagemesh-mounts-")
                 .tempdir()
                 .expect("mount root"),
+            access,
         };
         for service in options.start {
             mesh.start_service(service).await;
@@ -128,6 +188,7 @@ impl Mesh {
         instance: &'static str,
         env: &[(&str, &str)],
     ) {
+        let identity_env = self.identity_env(service, instance, env).await;
         let config = self.config(service);
         let binary = format!("imagemesh-{service}");
         let mut all_env = vec![(PASSWORD_ENV, self.options.credential_password.as_str())];
@@ -138,6 +199,7 @@ impl Mesh {
                 .map(|(k, v)| (k.as_str(), v.as_str())),
         );
         all_env.extend_from_slice(env);
+        all_env.extend(identity_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let before = count_instances(&self.client, service).await;
         let process = ServiceProcess::spawn(&binary, &config, &all_env);
         self.services.insert(instance, process);
@@ -146,6 +208,86 @@ impl Mesh {
             (count_instances(&self.client, service).await > before).then_some(())
         })
         .await;
+    }
+
+    /// On a secured mesh, the environment that makes instance `instance` of `service` connect
+    /// with its own identity (added to the bundle, and the server reloaded, when new). A
+    /// builder's or mounter's identity is bound to its worker id: the one in `env`, else the
+    /// instance name.
+    pub async fn identity_env(
+        &mut self,
+        service: &str,
+        instance: &str,
+        env: &[(&str, &str)],
+    ) -> Vec<(String, String)> {
+        let Some(access) = &mut self.access else {
+            return Vec::new();
+        };
+        let worker_var = format!("IMAGEMESH_{}__PLACEMENT__WORKER_ID", service.to_uppercase());
+        let worker_id = env
+            .iter()
+            .find(|(k, _)| *k == worker_var)
+            .map_or(instance.to_string(), |(_, v)| v.to_string());
+        let (name, role) = match service {
+            "builder" => (
+                imagemesh_access::bundle::worker_identity(service, &worker_id),
+                Role::Builder {
+                    worker_id: worker_id.clone(),
+                },
+            ),
+            "mounter" => (
+                imagemesh_access::bundle::worker_identity(service, &worker_id),
+                Role::Mounter {
+                    worker_id: worker_id.clone(),
+                },
+            ),
+            "credential" => (instance_name(service, instance), Role::Credential),
+            "scheduler" => (instance_name(service, instance), Role::Scheduler),
+            "indexer" => (instance_name(service, instance), Role::Indexer),
+            other => panic!("unknown service {other}"),
+        };
+        ensure_identity(&self.nats, &mut access.bundle, &name, role).await;
+        let mut identity_env = access.bundle.env_for(&name);
+        if matches!(service, "builder" | "mounter") {
+            identity_env.push((worker_var, worker_id));
+        }
+        identity_env
+    }
+
+    /// A client of `tenant` (its identity `client-<tenant>` added when new), connected over
+    /// TLS.
+    pub async fn tenant_client(&mut self, tenant: &str) -> async_nats::Client {
+        let role = Role::Client {
+            tenant: tenant.to_string(),
+        };
+        self.client_as(&format!("client-{tenant}"), role).await
+    }
+
+    /// A connection as identity `name` with `role` (added when new), over TLS.
+    pub async fn client_as(&mut self, name: &str, role: Role) -> async_nats::Client {
+        let access = self.access.as_mut().expect("a secured mesh");
+        ensure_identity(&self.nats, &mut access.bundle, name, role).await;
+        connect_as(&self.nats, &access.bundle, name).await
+    }
+
+    /// The security bundle of a secured mesh.
+    pub fn bundle(&self) -> Option<&Bundle> {
+        self.access.as_ref().map(|a| &a.bundle)
+    }
+
+    /// Environment for the `imagemesh` CLI: the server, and on a secured mesh the identity of
+    /// the default tenant's client.
+    pub fn cli_env(&self) -> Vec<(String, String)> {
+        self.cli_env_as("client-default")
+    }
+
+    /// Environment for the `imagemesh` CLI (or nats-py) connecting as identity `name`.
+    pub fn cli_env_as(&self, name: &str) -> Vec<(String, String)> {
+        let mut env = vec![("NATS_URL".to_string(), self.nats.url())];
+        if let Some(access) = &self.access {
+            env.extend(access.bundle.cli_env(name));
+        }
+        env
     }
 
     /// The process of a service (or named instance).
@@ -196,7 +338,7 @@ impl Mesh {
         }
         let bytes = tar.into_inner().unwrap();
         let js = async_nats::jetstream::new(self.client.clone());
-        let store = streams::contexts(&js, &StreamOptions::default())
+        let store = streams::contexts(&js, "default", &StreamOptions::default())
             .await
             .unwrap();
         store.put(name, &mut bytes.as_slice()).await.unwrap();
@@ -273,6 +415,11 @@ impl Mesh {
             },
         )
         .await
+    }
+
+    /// Every stored message on the status subject(s) `filter`, as bytes.
+    pub async fn events_raw(&self, filter: &str) -> Vec<Vec<u8>> {
+        self.read_all(streams::STATUS, filter).await
     }
 
     /// Every dead letter published so far.
@@ -405,6 +552,23 @@ impl Mesh {
 
 impl Drop for Mesh {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // What a failed test most needs to explain itself: what the server refused, and
+            // what each service said.
+            let violations: Vec<_> = self
+                .nats
+                .log()
+                .lines()
+                .filter(|l| {
+                    !l.contains("INF] Starting") && std::env::var("DEBUG_NATS").is_ok()
+                        || l.contains("Violation")
+                        || l.contains("Authorization")
+                })
+                .map(str::to_string)
+                .collect();
+            eprintln!("==== nats-server refused ====\n{}", violations.join("\n"));
+            eprintln!("{}", self.all_logs());
+        }
         // Services first (a killed mounter leaves dead FUSE mounts), then detach whatever is
         // still mounted: a stale mount would break later tests that walk /tmp.
         self.services.clear();
@@ -415,6 +579,88 @@ impl Drop for Mesh {
                 .status();
         }
     }
+}
+
+/// A nats-server configured from a new bundle (operator and the default tenant's client).
+fn secured_server(identities: &[(String, Role)]) -> (NatsServer, Access) {
+    let dir = tempfile::Builder::new()
+        .prefix("imagemesh-access-")
+        .tempdir()
+        .expect("bundle dir");
+    let spec = BundleSpec {
+        credentials: 0,
+        schedulers: 0,
+        indexers: 0,
+        builders: Vec::new(),
+        mounters: Vec::new(),
+        ..Default::default()
+    };
+    let mut bundle = Bundle::generate(dir.path(), spec).expect("generate the security bundle");
+    for (name, role) in identities {
+        bundle
+            .add_identity(name, role.clone())
+            .expect("add identity");
+    }
+    let nats = NatsServer::start_configured(|store| {
+        bundle
+            .server_config("127.0.0.1:4222", store)
+            .expect("server config")
+    });
+    (nats, Access { bundle, _dir: dir })
+}
+
+/// Adds identity `name` to the bundle when it is new, has the server reload its authorization
+/// config, and waits until the identity is known.
+async fn ensure_identity(nats: &NatsServer, bundle: &mut Bundle, name: &str, role: Role) {
+    let known = bundle.identities().iter().any(|i| i.name == name);
+    bundle.add_identity(name, role).expect("add identity");
+    if known {
+        return;
+    }
+    let config = bundle
+        .server_config("127.0.0.1:4222", &nats.store_dir())
+        .expect("server config");
+    nats.reconfigure(&config);
+    eventually(
+        Duration::from_secs(10),
+        &format!("the server to know identity {name}"),
+        || async {
+            nats_config(nats, bundle, name)
+                .connect("imagemesh-tests")
+                .await
+                .ok()
+                .map(|_| ())
+        },
+    )
+    .await;
+}
+
+/// How identity `name` of `bundle` connects to `nats`.
+fn nats_config(nats: &NatsServer, bundle: &Bundle, name: &str) -> NatsConfig {
+    NatsConfig {
+        url: nats.url(),
+        nkey_file: Some(bundle.seed_file(name)),
+        tls_ca_file: Some(bundle.ca_file()),
+        tls_required: true,
+        connect_wait: Duration::from_millis(200),
+        ..Default::default()
+    }
+}
+
+/// Connects as identity `name` of `bundle`.
+pub async fn connect_as(nats: &NatsServer, bundle: &Bundle, name: &str) -> async_nats::Client {
+    NatsConfig {
+        connect_wait: Duration::from_secs(10),
+        ..nats_config(nats, bundle, name)
+    }
+    .connect("imagemesh-tests")
+    .await
+    .unwrap_or_else(|e| panic!("connect as {name}: {e}"))
+}
+
+/// An identity name for an instance: the instance name when it already names the service.
+fn instance_name(service: &str, instance: &str) -> String {
+    imagemesh_access::bundle::worker_identity(service, instance)
 }
 
 /// How many instances of `service` answer `$SRV.PING.<service>` within a short wait.

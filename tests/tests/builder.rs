@@ -35,11 +35,13 @@ impl BuildMesh {
             start: vec!["credential", "scheduler", "indexer"],
             ..Default::default()
         };
-        let mesh = Mesh::start(options).await;
+        let mut mesh = Mesh::start(options).await;
         let storage = tempfile::tempdir().unwrap();
         let dir = storage.path().to_str().unwrap().to_string();
+        let identity = mesh.identity_env("builder", "builder", env).await;
         let mut all_env = vec![("IMAGEMESH_BUILDER__STORAGE_DIR", dir.as_str())];
         all_env.extend_from_slice(env);
+        all_env.extend(identity.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let builder = ServiceProcess::spawn("imagemesh-builder", &mesh.config("builder"), &all_env);
         wait_for_service(&mesh.client, "builder", Duration::from_secs(20)).await;
         push_busybox(mesh.registry.addr(), BASE, REGISTRY_USER, REGISTRY_PASSWORD);
@@ -411,10 +413,10 @@ async fn the_cli_builds_a_context_shows_the_log_and_prints_the_image_id() {
     .unwrap();
 
     let cli = |dockerfile: &Path, image_id: &str| {
-        let nats = m.mesh.nats.url();
         let mut command = tokio::process::Command::new(imagemesh_testkit::bin_path("imagemesh"));
         command
-            .args(["--nats-url", &nats, "build", "--image-id", image_id, "-f"])
+            .envs(m.mesh.cli_env())
+            .args(["build", "--image-id", image_id, "-f"])
             .arg(dockerfile)
             .arg(&context)
             .args(["--timeout", "2m"]);

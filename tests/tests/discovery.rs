@@ -69,11 +69,18 @@ async fn nats_py_discovers_all_five_services() {
     let mesh = Mesh::start(MeshOptions::default()).await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/srv_info.py");
     let url = mesh.nats.url();
-    let output =
-        tokio::task::spawn_blocking(move || Command::new("python3").arg(script).arg(url).output())
-            .await
-            .unwrap()
-            .expect("python3 runs (make deps installs nats-py)");
+    // Discovery is the operator's: no other role may ask every service for its stats.
+    let env = mesh.cli_env_as("operator");
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .arg(script)
+            .arg(url)
+            .envs(env)
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("python3 runs (make deps installs nats-py)");
     assert!(
         output.status.success(),
         "{}",

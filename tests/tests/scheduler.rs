@@ -299,7 +299,7 @@ async fn public_images_get_no_image_credentials_and_a_resubmitted_request_is_not
     let submit = std::process::Command::new(imagemesh_testkit::bin_path("imagemesh"))
         .args(["submit", "--kind", "runtime", "--request-id", "public-1"])
         .args(["--image-ref", &public.image_ref])
-        .env("NATS_URL", mesh.nats.url())
+        .envs(mesh.cli_env())
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&submit.stderr);
@@ -321,7 +321,7 @@ async fn public_images_get_no_image_credentials_and_a_resubmitted_request_is_not
 
 #[tokio::test]
 async fn runtime_secrets_are_resolved_per_image_and_held_by_the_credential_service() {
-    let mesh = Mesh::start(MeshOptions {
+    let mut mesh = Mesh::start(MeshOptions {
         start: vec!["scheduler"],
         ..Default::default()
     })
@@ -332,14 +332,14 @@ async fn runtime_secrets_are_resolved_per_image_and_held_by_the_credential_servi
         "{}[credential.secrets.team-hub]\nprovider = \"basic\"\nhost = \"registry.team.example\"\nusername = \"team-user\"\npassword = {{ value = \"{team_secret}\" }}\n",
         mesh.config("credential")
     );
-    let credential = imagemesh_testkit::ServiceProcess::spawn(
-        "imagemesh-credential",
-        &config,
-        &[(
-            imagemesh_tests::PASSWORD_ENV,
-            imagemesh_tests::REGISTRY_PASSWORD,
-        )],
-    );
+    let mut env = mesh.identity_env("credential", "credential", &[]).await;
+    env.push((
+        imagemesh_tests::PASSWORD_ENV.into(),
+        imagemesh_tests::REGISTRY_PASSWORD.into(),
+    ));
+    let env: Vec<_> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let credential =
+        imagemesh_testkit::ServiceProcess::spawn("imagemesh-credential", &config, &env);
     imagemesh_testkit::wait_for_service(&mesh.client, "credential", WAIT).await;
     let probe = Probe::start(&mesh.client).await;
 
@@ -351,7 +351,7 @@ async fn runtime_secrets_are_resolved_per_image_and_held_by_the_credential_servi
     ] {
         let status = std::process::Command::new(imagemesh_testkit::bin_path("imagemesh"))
             .args(["image-secret", "set", image_id, name])
-            .env("NATS_URL", mesh.nats.url())
+            .envs(mesh.cli_env())
             .output()
             .unwrap();
         assert!(

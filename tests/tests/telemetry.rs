@@ -34,7 +34,7 @@ async fn cli(mesh: &Mesh, env: &[(String, String)], args: &[&str]) -> String {
     let mut command = Command::new(bin_path("imagemesh"));
     command
         .args(args)
-        .env("NATS_URL", mesh.nats.url())
+        .envs(mesh.cli_env())
         .envs(env.iter().cloned());
     let output = tokio::task::spawn_blocking(move || command.output())
         .await

@@ -49,7 +49,11 @@ pub struct BuildArgs {
     pub timeout: Duration,
 }
 
-pub async fn run(client: &async_nats::Client, args: BuildArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(
+    client: &async_nats::Client,
+    stored: &StreamOptions,
+    args: BuildArgs,
+) -> anyhow::Result<ExitCode> {
     let request_id = args
         .request_id
         .clone()
@@ -62,7 +66,7 @@ pub async fn run(client: &async_nats::Client, args: BuildArgs) -> anyhow::Result
     let dockerfile = std::fs::read_to_string(&dockerfile_path)
         .with_context(|| format!("reading {}", dockerfile_path.display()))?;
     let context_object = format!("{request_id}.tar");
-    let bytes = upload_context(client, &args.context, &context_object).await?;
+    let bytes = upload_context(client, stored, &args.context, &context_object).await?;
     eprintln!(
         "uploaded build context {} ({bytes} bytes)",
         args.context.display()
@@ -116,6 +120,7 @@ fn build_request(
 /// Tars `dir` (symlinks kept as symlinks) into a temporary file and uploads it.
 async fn upload_context(
     client: &async_nats::Client,
+    stored: &StreamOptions,
     dir: &Path,
     name: &str,
 ) -> anyhow::Result<u64> {
@@ -135,7 +140,7 @@ async fn upload_context(
     .await?
     .with_context(|| format!("packing {}", dir.display()))?;
     let js = async_nats::jetstream::new(client.clone());
-    let store = streams::contexts(&js, &StreamOptions::default())
+    let store = streams::contexts(&js, "default", stored)
         .await
         .context("opening the build-context bucket")?;
     let mut file = tokio::fs::File::open(archive.path()).await?;

@@ -25,9 +25,13 @@ pub enum Action {
     Unset { image_id: String },
 }
 
-pub async fn run(client: &async_nats::Client, args: ImageSecretArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(
+    client: &async_nats::Client,
+    stored: &streams::StreamOptions,
+    args: ImageSecretArgs,
+) -> anyhow::Result<ExitCode> {
     let js = async_nats::jetstream::new(client.clone());
-    let bucket = streams::image_secrets(&js, &Default::default())
+    let bucket = streams::image_secrets(&js, stored)
         .await
         .context("opening the image-secrets bucket")?;
     match args.action {

@@ -5,11 +5,16 @@
 //! - `imagemesh build -f Dockerfile CONTEXT`: upload a context, build, show the live log.
 //! - `imagemesh index show|cat IMAGE`: list an image's files or read one from its lazy-mount
 //!   index, straight from the registry.
+//! - `imagemesh nats-config`: identities, TLS material and the nats-server authorization
+//!   config rendered from the permission table (`imagemesh-access`).
+//! - `imagemesh provision`: the operator creates every stream and bucket of a secured mesh.
 #![forbid(unsafe_code)]
 
 mod build;
 mod image_secret;
 mod index;
+mod nats_config;
+mod provision;
 mod submit;
 mod watch;
 
@@ -37,6 +42,12 @@ pub struct Cli {
     /// NATS credentials file.
     #[arg(long, global = true, env = "NATS_CREDS", value_name = "FILE")]
     pub nats_creds: Option<std::path::PathBuf>,
+    /// nkey seed of this client's identity (`imagemesh nats-config` makes them).
+    #[arg(long, global = true, env = "NATS_NKEY_FILE", value_name = "FILE")]
+    pub nkey_file: Option<std::path::PathBuf>,
+    /// CA certificate to verify the server with; the connection then requires TLS.
+    #[arg(long, global = true, env = "NATS_CA_FILE", value_name = "FILE")]
+    pub tls_ca_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -54,6 +65,12 @@ pub enum Command {
     /// Name the credential (held by the credential service) that pulls an image at runtime.
     #[command(subcommand_value_name = "ACTION")]
     ImageSecret(image_secret::ImageSecretArgs),
+    /// Generate identities and TLS material, render nats-server's authorization config from
+    /// the permission table, or print the permission matrix.
+    NatsConfig(nats_config::NatsConfigArgs),
+    /// Create every stream, bucket and object store of the mesh (the operator's job on a mesh
+    /// with permissions).
+    Provision(provision::ProvisionArgs),
 }
 
 /// Runs a command; the exit code says whether it (and a watched request) succeeded.
@@ -71,34 +88,49 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let Cli {
         nats_url,
         nats_creds,
+        nkey_file,
+        tls_ca_file,
         command,
     } = cli;
-    let nats = || connect(&nats_url, nats_creds.as_ref());
+    let config = imagemesh_runtime::nats::NatsConfig {
+        url: nats_url,
+        credentials_file: nats_creds,
+        tls_required: tls_ca_file.is_some(),
+        nkey_file,
+        tls_ca_file,
+        connect_wait: std::time::Duration::from_secs(3),
+        ..Default::default()
+    };
+    // A client with an identity talks to a mesh its operator provisioned: it looks streams and
+    // buckets up and never tries to create them (which it may not).
+    let stored = imagemesh_runtime::streams::StreamOptions {
+        provision: config.nkey_file.is_none() && config.credentials_file.is_none(),
+        ..Default::default()
+    };
+    let nats = || connect(&config);
     match command {
         Command::Submit(args) => {
             let span = tracing::info_span!("imagemesh submit");
             submit::run(&nats().await?, args).instrument(span).await
         }
         Command::Watch(args) => watch::run(&nats().await?, args).await,
-        Command::ImageSecret(args) => image_secret::run(&nats().await?, args).await,
+        Command::ImageSecret(args) => image_secret::run(&nats().await?, &stored, args).await,
         Command::Build(args) => {
             let span = tracing::info_span!("imagemesh build");
-            build::run(&nats().await?, args).instrument(span).await
+            build::run(&nats().await?, &stored, args)
+                .instrument(span)
+                .await
         }
         // Talks to the registry only.
         Command::Index(args) => index::run(args).await,
+        // Writes files only.
+        Command::NatsConfig(args) => nats_config::run(args),
+        Command::Provision(args) => provision::run(&nats().await?, args).await,
     }
 }
 
 async fn connect(
-    url: &str,
-    creds: Option<&std::path::PathBuf>,
+    config: &imagemesh_runtime::nats::NatsConfig,
 ) -> anyhow::Result<async_nats::Client> {
-    let nats = imagemesh_runtime::nats::NatsConfig {
-        url: url.to_string(),
-        credentials_file: creds.cloned(),
-        connect_wait: std::time::Duration::from_secs(3),
-        ..Default::default()
-    };
-    Ok(nats.connect("imagemesh-cli").await?)
+    Ok(config.connect("imagemesh-cli").await?)
 }

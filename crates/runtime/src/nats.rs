@@ -15,6 +15,10 @@ pub struct NatsConfig {
     pub url: String,
     /// NATS credentials file (JWT + nkey seed) for decentralized auth.
     pub credentials_file: Option<PathBuf>,
+    /// File holding this identity's nkey seed (`imagemesh nats-config` makes one per
+    /// identity); the server knows the identity by the seed's public key. The connection's
+    /// replies then come to the identity's private inbox ([`inbox_prefix`]).
+    pub nkey_file: Option<PathBuf>,
     /// CA bundle to verify the server's certificate (enables TLS).
     pub tls_ca_file: Option<PathBuf>,
     /// Client certificate and key for mutual TLS.
@@ -35,6 +39,7 @@ impl Default for NatsConfig {
         Self {
             url: "nats://127.0.0.1:4222".into(),
             credentials_file: None,
+            nkey_file: None,
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
@@ -61,6 +66,8 @@ pub enum ConnectError {
     },
     #[error("NATS client certificate needs both tls_cert_file and tls_key_file")]
     IncompleteClientCertificate,
+    #[error("cannot read NATS nkey file {path}: {reason}")]
+    NkeyFile { path: PathBuf, reason: String },
 }
 
 impl NatsConfig {
@@ -77,6 +84,18 @@ impl NatsConfig {
                     source,
                 }
             })?;
+        }
+        if let Some(path) = &self.nkey_file {
+            let seed = read_seed(path)?;
+            let public_key = nkeys::KeyPair::from_seed(&seed)
+                .map_err(|_| ConnectError::NkeyFile {
+                    path: path.clone(),
+                    reason: "not a valid nkey seed".into(),
+                })?
+                .public_key();
+            options = options
+                .nkey(seed)
+                .custom_inbox_prefix(inbox_prefix(&public_key));
         }
         if let Some(ca) = &self.tls_ca_file {
             options = options.add_root_certificates(ca.clone());
@@ -114,4 +133,26 @@ impl NatsConfig {
             }
         }
     }
+}
+
+/// Reads an nkey seed file. Its content never appears in an error: only whether it looked like
+/// a user seed.
+fn read_seed(path: &std::path::Path) -> Result<String, ConnectError> {
+    let failed = |reason: String| ConnectError::NkeyFile {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let seed = std::fs::read_to_string(path).map_err(|e| failed(e.to_string()))?;
+    let seed = seed.trim();
+    if !seed.starts_with("SU") {
+        return Err(failed("not an nkey user seed".into()));
+    }
+    Ok(seed.to_string())
+}
+
+/// The private inbox prefix of the identity with nkey `public_key`: with permissions on, only
+/// that identity may subscribe below it, so no identity reads another's replies. Derived from
+/// the key, so neither side can be configured into another's inbox.
+pub fn inbox_prefix(public_key: &str) -> String {
+    format!("_INBOX_{public_key}")
 }

@@ -114,17 +114,20 @@ pub const MISSED_HEARTBEATS: u32 = 3;
 pub async fn workers_bucket(
     js: &jetstream::Context,
     heartbeat: Duration,
-    replicas: usize,
+    options: &streams::StreamOptions,
 ) -> anyhow::Result<kv::Store> {
     let config = kv::Config {
         bucket: WORKERS_BUCKET.into(),
         description: "live builder and mounter instances".into(),
         history: 1,
         max_age: heartbeat * (MISSED_HEARTBEATS + 2),
-        num_replicas: replicas,
+        num_replicas: options.replicas,
         storage: jetstream::stream::StorageType::Memory,
         ..Default::default()
     };
+    if !options.provision {
+        return streams::open_key_value(js, WORKERS_BUCKET).await;
+    }
     match js.create_key_value(config.clone()).await {
         Ok(store) => Ok(store),
         // Exists (maybe made by another service with another heartbeat): use it as it is.
@@ -157,6 +160,12 @@ pub fn generate_worker_id() -> String {
 /// Key of an advertisement: `<kind>.<worker id>`.
 pub fn key(kind: &str, worker_id: &str) -> String {
     format!("{kind}.{worker_id}")
+}
+
+/// The kind and worker id an advertisement key names.
+fn split_key(key: &str) -> Option<(&str, &str)> {
+    let (kind, worker_id) = key.split_once('.')?;
+    (!worker_id.is_empty() && !worker_id.contains('.')).then_some((kind, worker_id))
 }
 
 /// How busy a placed worker is, against the capacity it advertises.
@@ -221,6 +230,10 @@ pub fn spawn_advertiser(
 /// A live worker as the scheduler sees it.
 #[derive(Debug, Clone)]
 struct Known {
+    /// Kind and worker id come from the advertisement's key, which only that worker may write
+    /// (`docs/security.md`), never from what the advertisement says about itself.
+    kind: String,
+    worker_id: String,
     ad: WorkerAdvertisement,
     seen: Instant,
     /// Requests sent to it since its last heartbeat (not yet reflected in `ad.in_flight`).
@@ -268,18 +281,24 @@ impl Directory {
     fn apply(&self, entry: kv::Entry) {
         let mut workers = self.workers.lock().expect("directory lock");
         match entry.operation {
-            kv::Operation::Put => match WorkerAdvertisement::decode(entry.value) {
-                Ok(ad) => {
-                    workers.insert(
-                        entry.key,
-                        Known {
-                            ad,
-                            seen: Instant::now(),
-                            assigned: 0,
-                        },
-                    );
+            kv::Operation::Put => match (
+                split_key(&entry.key),
+                WorkerAdvertisement::decode(entry.value),
+            ) {
+                (Some((kind, worker_id)), Ok(ad)) => {
+                    let known = Known {
+                        kind: kind.to_string(),
+                        worker_id: worker_id.to_string(),
+                        ad,
+                        seen: Instant::now(),
+                        assigned: 0,
+                    };
+                    workers.insert(entry.key, known);
                 }
-                Err(err) => {
+                (None, _) => {
+                    tracing::warn!(key = entry.key, "worker advertisement under a bad key")
+                }
+                (_, Err(err)) => {
                     tracing::warn!(key = entry.key, error = %err, "unreadable worker advertisement")
                 }
             },
@@ -289,22 +308,23 @@ impl Directory {
         }
     }
 
-    /// Picks the live worker of `kind` with the most free capacity and counts the assignment;
-    /// `None` when no live worker has room (use the shared queue).
-    pub fn choose(&self, kind: &str) -> Option<WorkerAdvertisement> {
+    /// Picks the live worker of `kind` with the most free capacity, counts the assignment and
+    /// returns its worker id (from its key); `None` when no live worker has room (use the
+    /// shared queue).
+    pub fn choose(&self, kind: &str) -> Option<String> {
         let mut workers = self.workers.lock().expect("directory lock");
         let best = workers
             .values_mut()
-            .filter(|w| w.ad.kind == kind && w.is_live())
+            .filter(|w| w.kind == kind && w.is_live())
             .map(|w| {
                 let used = w.ad.in_flight + w.assigned;
                 (w.ad.capacity.saturating_sub(used), w)
             })
             .filter(|(free, _)| *free > 0)
-            .max_by_key(|(free, w)| (*free, std::cmp::Reverse(w.ad.worker_id.clone())))?;
+            .max_by_key(|(free, w)| (*free, std::cmp::Reverse(w.worker_id.clone())))?;
         let (_, worker) = best;
         worker.assigned += 1;
-        Some(worker.ad.clone())
+        Some(worker.worker_id.clone())
     }
 
     /// Whether `worker_id` of `kind` has heartbeated recently.

@@ -1,7 +1,11 @@
 //! The JetStream streams and key-value buckets of the mesh, defined once.
 //!
-//! Every service ensures the streams it reads and writes at startup (create, or update to this
-//! definition), so services can start in any order and each can be deployed alone.
+//! By default every service ensures the streams it reads and writes at startup (create, or
+//! update to this definition), so services can start in any order and each can be deployed
+//! alone. On a mesh with permissions (`docs/security.md`) only the operator may create or
+//! change a stream — one that could would be able to capture other identities' subjects — so
+//! services run with `streams.provision = false` and look their streams up, waiting for the
+//! operator's `imagemesh provision` ([`provision_all`]).
 
 use std::time::Duration;
 
@@ -30,6 +34,10 @@ pub const IMAGE_REFS_BUCKET: &str = "imagemesh-image-refs";
 /// Object-store bucket of build contexts (tars uploaded by clients, named by
 /// `BuildOptions.context_object`).
 pub const CONTEXTS_BUCKET: &str = "imagemesh-contexts";
+/// The build-context bucket of `tenant`: each tenant uploads to and is read from its own.
+pub fn contexts_bucket(tenant: &str) -> String {
+    format!("{CONTEXTS_BUCKET}-{tenant}")
+}
 /// How long an uploaded build context is kept: long enough for a queued build and its retries.
 pub const CONTEXTS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
@@ -62,6 +70,9 @@ pub struct StreamOptions {
     /// submission.
     #[serde(with = "humantime_serde")]
     pub intake_max_age: Duration,
+    /// Create or update streams and buckets at startup. Off on a mesh with permissions: the
+    /// operator provisions them and services only look them up.
+    pub provision: bool,
 }
 
 impl Default for StreamOptions {
@@ -72,6 +83,7 @@ impl Default for StreamOptions {
             status_max_age: Duration::from_secs(24 * 3600),
             dead_letter_max_age: Duration::from_secs(7 * 24 * 3600),
             intake_max_age: Duration::from_secs(7 * 24 * 3600),
+            provision: true,
         }
     }
 }
@@ -146,88 +158,168 @@ pub fn definition(name: &str, options: &StreamOptions) -> Config {
     }
 }
 
-/// Creates each named stream, or updates it to the current definition.
-pub async fn ensure(
-    js: &Context,
-    names: &[&str],
-    options: &StreamOptions,
-) -> Result<(), jetstream::context::CreateStreamError> {
+/// Every stream of the mesh.
+pub const ALL: [&str; 6] = [INTAKE, BUILD, MOUNT, INDEX, STATUS, DEAD_LETTER];
+
+/// How long a service that may not provision waits for the operator to have done it.
+const PROVISION_WAIT: Duration = Duration::from_secs(30);
+
+/// Creates each named stream, or updates it to the current definition; without
+/// `options.provision`, waits until each exists instead.
+pub async fn ensure(js: &Context, names: &[&str], options: &StreamOptions) -> anyhow::Result<()> {
     for name in names {
-        js.create_or_update_stream(definition(name, options))
-            .await?;
+        if options.provision {
+            js.create_or_update_stream(definition(name, options))
+                .await?;
+        } else {
+            provisioned(name, || js.get_stream_no_info(*name)).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Waits until `lookup` finds what the operator provisions, naming it when it never appears.
+async fn provisioned<T, E, F>(what: &str, lookup: impl Fn() -> F) -> anyhow::Result<T>
+where
+    F: std::future::Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    let deadline = tokio::time::Instant::now() + PROVISION_WAIT;
+    loop {
+        match lookup().await {
+            Ok(found) => return Ok(found),
+            Err(err) if tokio::time::Instant::now() >= deadline => {
+                anyhow::bail!(
+                    "{what} does not exist or cannot be read ({err}); the operator provisions it \
+                     (`imagemesh provision`)"
+                )
+            }
+            Err(err) => {
+                tracing::info!(what, error = %err, "waiting for the operator to provision");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+}
+
+/// Opens a KV bucket: created or updated to `config` when this service provisions, else looked
+/// up.
+async fn key_value(
+    js: &Context,
+    config: kv::Config,
+    options: &StreamOptions,
+) -> anyhow::Result<kv::Store> {
+    if options.provision {
+        return Ok(js.create_or_update_key_value(config).await?);
+    }
+    open_key_value(js, &config.bucket).await
+}
+
+/// Looks up a KV bucket the operator provisioned.
+pub async fn open_key_value(js: &Context, bucket: &str) -> anyhow::Result<kv::Store> {
+    provisioned(bucket, || js.get_key_value(bucket)).await
+}
+
+/// Opens an object store: created when missing and this service provisions, else looked up.
+async fn object_store(
+    js: &Context,
+    config: jetstream::object_store::Config,
+    options: &StreamOptions,
+) -> anyhow::Result<jetstream::object_store::ObjectStore> {
+    // Get first: creating an existing bucket with other settings fails, and every instance
+    // must be able to open it whoever made it.
+    if let Ok(store) = js.get_object_store(&config.bucket).await {
+        return Ok(store);
+    }
+    if options.provision {
+        return Ok(js.create_object_store(config).await?);
+    }
+    provisioned(&config.bucket, || {
+        js.get_object_store(config.bucket.as_str())
+    })
+    .await
+}
+
+/// Everything the mesh stores, for the operator: every stream, bucket and object store, and
+/// the build-context bucket of each tenant. Idempotent.
+pub async fn provision_all(
+    js: &Context,
+    options: &StreamOptions,
+    tenants: &[String],
+    worker_heartbeat: Duration,
+) -> anyhow::Result<()> {
+    let options = StreamOptions {
+        provision: true,
+        ..options.clone()
+    };
+    ensure(js, &ALL, &options).await?;
+    image_refs(js, &options).await?;
+    image_secrets(js, &options).await?;
+    layer_indexes(js, &options).await?;
+    crate::placement::workers_bucket(js, worker_heartbeat, &options).await?;
+    for tenant in tenants {
+        contexts(js, tenant, &options).await?;
     }
     Ok(())
 }
 
 /// Opens (creating if needed) the image-refs bucket.
-pub async fn image_refs(
-    js: &Context,
-    options: &StreamOptions,
-) -> Result<kv::Store, jetstream::context::CreateKeyValueError> {
-    js.create_or_update_key_value(kv::Config {
+pub async fn image_refs(js: &Context, options: &StreamOptions) -> anyhow::Result<kv::Store> {
+    let config = kv::Config {
         bucket: IMAGE_REFS_BUCKET.into(),
         description: "image id -> pushed reference, manifest digest, index digest".into(),
         history: 5,
         num_replicas: options.replicas,
         storage: StorageType::File,
         ..Default::default()
-    })
-    .await
+    };
+    key_value(js, config, options).await
 }
 
-/// Opens (creating if needed) the build-context object store.
+/// Opens (creating if needed) the build-context object store of `tenant`.
 pub async fn contexts(
     js: &Context,
+    tenant: &str,
     options: &StreamOptions,
-) -> Result<jetstream::object_store::ObjectStore, jetstream::context::CreateObjectStoreError> {
-    // Get first: creating an existing bucket with other settings fails, and clients and builders
-    // must be able to open it whoever made it.
-    if let Ok(store) = js.get_object_store(CONTEXTS_BUCKET).await {
-        return Ok(store);
-    }
-    js.create_object_store(jetstream::object_store::Config {
-        bucket: CONTEXTS_BUCKET.into(),
-        description: Some("build contexts uploaded by clients".into()),
+) -> anyhow::Result<jetstream::object_store::ObjectStore> {
+    let config = jetstream::object_store::Config {
+        bucket: contexts_bucket(tenant),
+        description: Some(format!(
+            "build contexts uploaded by clients of tenant {tenant}"
+        )),
         max_age: CONTEXTS_MAX_AGE,
         num_replicas: options.replicas,
         storage: StorageType::File,
         ..Default::default()
-    })
-    .await
+    };
+    object_store(js, config, options).await
 }
 
 /// Opens (creating if needed) the layer-index cache of the indexers.
 pub async fn layer_indexes(
     js: &Context,
     options: &StreamOptions,
-) -> Result<jetstream::object_store::ObjectStore, jetstream::context::CreateObjectStoreError> {
-    // Get first, like `contexts`: every indexer instance opens the bucket whoever made it.
-    if let Ok(store) = js.get_object_store(LAYER_INDEX_BUCKET).await {
-        return Ok(store);
-    }
-    js.create_object_store(jetstream::object_store::Config {
+) -> anyhow::Result<jetstream::object_store::ObjectStore> {
+    let config = jetstream::object_store::Config {
         bucket: LAYER_INDEX_BUCKET.into(),
         description: Some("layer digest -> encoded lazy-mount layer index".into()),
         max_age: LAYER_INDEX_MAX_AGE,
         num_replicas: options.replicas,
         storage: StorageType::File,
         ..Default::default()
-    })
-    .await
+    };
+    object_store(js, config, options).await
 }
 
 /// Opens (creating if needed) the image-secrets bucket.
-pub async fn image_secrets(
-    js: &Context,
-    options: &StreamOptions,
-) -> Result<kv::Store, jetstream::context::CreateKeyValueError> {
-    js.create_or_update_key_value(kv::Config {
+pub async fn image_secrets(js: &Context, options: &StreamOptions) -> anyhow::Result<kv::Store> {
+    let config = kv::Config {
         bucket: IMAGE_SECRETS_BUCKET.into(),
         description: "image id -> name of the credential that pulls it".into(),
         history: 5,
         num_replicas: options.replicas,
         storage: StorageType::File,
         ..Default::default()
-    })
-    .await
+    };
+    key_value(js, config, options).await
 }

@@ -52,3 +52,11 @@ pub fn build_log(request_id: &str) -> String {
 
 /// Header naming the payload encoding (`application/protobuf` or `application/json`).
 pub const CONTENT_TYPE_HEADER: &str = "Content-Type";
+
+/// Prefix of a mounter's control subjects (`<prefix>.<worker id>.unmount`, `.mounts`).
+pub const MOUNTER_CONTROL_PREFIX: &str = "imagemesh.mounter";
+
+/// Where the control subjects of mounter `worker_id` start.
+pub fn mounter_control_prefix(worker_id: &str) -> String {
+    format!("{MOUNTER_CONTROL_PREFIX}.{worker_id}")
+}

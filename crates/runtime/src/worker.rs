@@ -621,7 +621,8 @@ pub enum Work {
     Placed {
         kind: crate::placement::WorkKind,
         placement: crate::placement::PlacementOptions,
-        replicas: usize,
+        /// Where the advertisement bucket comes from (replicas, provisioned or not).
+        streams: crate::streams::StreamOptions,
         /// What it advertises when that is not its work loop's concurrency: the capacity and
         /// a count of what it holds (a mounter's mounts outlive the requests that made them).
         holds: Option<(u32, crate::placement::Load)>,
@@ -647,7 +648,7 @@ pub async fn serve<H: Handler>(
         Work::Placed {
             kind,
             placement,
-            replicas,
+            streams,
             holds,
         } => {
             let mut placement = placement;
@@ -672,7 +673,7 @@ pub async fn serve<H: Handler>(
                     inactive_threshold: Some(placement.heartbeat * 30),
                     forget_terminated: false,
                 };
-                (vec![shared, own], Some((kind, placement, replicas, holds)))
+                (vec![shared, own], Some((kind, placement, streams, holds)))
             }
         }
     };
@@ -688,8 +689,8 @@ pub async fn serve<H: Handler>(
     let service =
         crate::service::register_worker(client, identity, counters, shutdown.clone()).await?;
     let advertiser = match advertised {
-        Some((kind, placement, replicas, holds)) => {
-            let store = placement::workers_bucket(&js, placement.heartbeat, replicas).await?;
+        Some((kind, placement, streams, holds)) => {
+            let store = placement::workers_bucket(&js, placement.heartbeat, &streams).await?;
             let (capacity, load) =
                 holds.unwrap_or((concurrency, placement::Load::Permits(worker.load())));
             let ad = imagemesh_proto::v1::WorkerAdvertisement {

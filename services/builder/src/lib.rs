@@ -55,7 +55,7 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
     workdir::sweep_stale(&settings.storage_dir);
     let handler = Builder {
         client: client.clone(),
-        contexts: streams::contexts(&js, &config.streams).await?,
+        contexts: streams::contexts(&js, "default", &config.streams).await?,
         records: records::Records::new(streams::image_refs(&js, &config.streams).await?),
         js: js.clone(),
         status: StatusReporter::new(js, IDENTITY.name).with_instance(&settings.placement.worker_id),
@@ -64,7 +64,7 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
     let work = Work::Placed {
         kind: placement::BUILD,
         placement: settings.placement.clone(),
-        replicas: config.streams.replicas,
+        streams: config.streams.clone(),
         holds: None,
     };
     worker::serve(&client, IDENTITY, work, settings.worker, handler, shutdown).await

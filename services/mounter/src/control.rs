@@ -20,7 +20,7 @@ use async_nats::{Client, HeaderMap, Message};
 use bytes::Bytes;
 use futures::StreamExt;
 use imagemesh_runtime::status::{StatusReporter, Step};
-use imagemesh_runtime::{ErrorCode, Rejection, Shutdown};
+use imagemesh_runtime::{ErrorCode, Rejection, Shutdown, subjects};
 use serde::Serialize;
 
 use crate::cache::CacheStats;
@@ -29,11 +29,11 @@ use crate::reader::{ReadStats, Shared};
 use crate::refresh::RefreshStats;
 
 pub fn unmount_subject(worker_id: &str) -> String {
-    format!("imagemesh.mounter.{worker_id}.unmount")
+    format!("{}.unmount", subjects::mounter_control_prefix(worker_id))
 }
 
 pub fn stats_subject(worker_id: &str) -> String {
-    format!("imagemesh.mounter.{worker_id}.mounts")
+    format!("{}.mounts", subjects::mounter_control_prefix(worker_id))
 }
 
 /// One mount as the endpoints describe it.

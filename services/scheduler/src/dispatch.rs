@@ -39,7 +39,7 @@ impl Dispatcher {
         request: &ContainerRequest,
     ) -> Result<Dispatched, Rejection> {
         let (subject, worker) = match self.directory.choose(kind.kind) {
-            Some(ad) => (ad.subject, ad.worker_id),
+            Some(worker_id) => (kind.worker_subject(&worker_id), worker_id),
             None => (kind.subject.to_string(), String::new()),
         };
         let mut headers = HeaderMap::new();

@@ -50,8 +50,7 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
     let image_refs = streams::image_refs(&js, &config.streams).await?;
     let image_secrets = streams::image_secrets(&js, &config.streams).await?;
     let settings = config.scheduler;
-    let workers =
-        placement::workers_bucket(&js, settings.heartbeat, config.streams.replicas).await?;
+    let workers = placement::workers_bucket(&js, settings.heartbeat, &config.streams).await?;
     let directory = Directory::watch(&workers, shutdown.clone()).await?;
     let status = StatusReporter::new(js.clone(), IDENTITY.name);
     tokio::spawn(reroute::run(

@@ -135,7 +135,7 @@ async fn move_one(
     status: &StatusReporter,
 ) -> anyhow::Result<()> {
     let target = match directory.choose(kind.kind) {
-        Some(ad) => ad.subject,
+        Some(worker_id) => kind.worker_subject(&worker_id),
         None => kind.subject.to_string(),
     };
     let original_id = message

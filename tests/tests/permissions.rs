@@ -1,0 +1,398 @@
+//! The permission matrix against a real nats-server running the configuration rendered from
+//! the table (`imagemesh-access`): every action the table does not grant is refused by the
+//! server, for each identity, and the effect it aimed at does not happen. Each refusal is
+//! paired with the same action by the identity that may do it, so a table that refused
+//! everything, or a check that saw no refusal, fails the test.
+
+use std::time::Duration;
+
+use async_nats::Client;
+use futures::StreamExt;
+use imagemesh_access::Role;
+use imagemesh_proto::v1::{Scope, TokenRequest};
+use imagemesh_runtime::credentials::CredentialClient;
+use imagemesh_runtime::{streams, subjects};
+use imagemesh_testkit::eventually;
+use imagemesh_tests::{Mesh, MeshOptions};
+use prost::Message;
+
+/// The identities of the matrix, connected.
+struct Cast {
+    operator: Client,
+    scheduler: Client,
+    builder: Client,
+    other_builder: Client,
+    indexer: Client,
+    mounter: Client,
+    client_a: Client,
+    client_b: Client,
+}
+
+async fn cast(mesh: &mut Mesh) -> Cast {
+    let builder = |id: &str| Role::Builder {
+        worker_id: id.into(),
+    };
+    Cast {
+        operator: mesh.client.clone(),
+        scheduler: mesh.client_as("scheduler-1", Role::Scheduler).await,
+        builder: mesh.client_as("builder-w1", builder("w1")).await,
+        other_builder: mesh.client_as("builder-w2", builder("w2")).await,
+        indexer: mesh.client_as("indexer-1", Role::Indexer).await,
+        mounter: mesh
+            .client_as(
+                "mounter-m1",
+                Role::Mounter {
+                    worker_id: "m1".into(),
+                },
+            )
+            .await,
+        client_a: mesh.tenant_client("a").await,
+        client_b: mesh.tenant_client("b").await,
+    }
+}
+
+/// The nkey of identity `name`.
+fn key_of(mesh: &Mesh, name: &str) -> String {
+    let bundle = mesh.bundle().expect("secured mesh");
+    bundle.identity(name).unwrap().public_key.clone()
+}
+
+/// Waits until the server has logged a refusal of `subject` for identity `name`.
+async fn assert_refused(mesh: &Mesh, name: &str, subject: &str) {
+    let key = key_of(mesh, name);
+    let quoted = format!("\"{subject}\"");
+    eventually(
+        Duration::from_secs(5),
+        &format!("the server to refuse {subject} to {name}"),
+        || async {
+            mesh.nats
+                .log()
+                .lines()
+                .any(|l| l.contains(&key) && l.contains("Violation") && l.contains(&quoted))
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+/// Whether the server ever refused anything to identity `name`.
+fn was_refused_anything(mesh: &Mesh, name: &str) -> bool {
+    let key = key_of(mesh, name);
+    mesh.nats
+        .log()
+        .lines()
+        .any(|l| l.contains(&key) && l.contains("Violation"))
+}
+
+/// Publishes and waits for the server to have read it (a flush is a round trip).
+async fn publish(client: &Client, subject: &str, payload: &[u8]) {
+    client
+        .publish(subject.to_string(), payload.to_vec().into())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+}
+
+/// Publishes on `subject` from `from` until `subscription` receives it. A flush only writes
+/// the socket, so the subscription may reach the server after a single publish would have.
+async fn assert_reaches(from: &Client, subject: &str, subscription: &mut async_nats::Subscriber) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::time::Instant::now() < deadline {
+        from.publish(subject.to_string(), "hello".into())
+            .await
+            .unwrap();
+        let wait = tokio::time::sleep(Duration::from_millis(200));
+        tokio::select! {
+            got = subscription.next() => {
+                assert!(got.is_some(), "subscription to {subject} ended");
+                return;
+            }
+            _ = wait => {}
+        }
+    }
+    panic!("nothing published on {subject} arrived");
+}
+
+/// A pull-and-push token request for `repository` of the build registry.
+fn token_request(mesh: &Mesh, repository: &str, actions: &[&str]) -> TokenRequest {
+    TokenRequest {
+        registry: mesh.registry.addr().to_string(),
+        scope: Some(Scope {
+            repository: repository.into(),
+            actions: actions.iter().map(|a| a.to_string()).collect(),
+        }),
+        request_id: "perm".into(),
+        ..Default::default()
+    }
+}
+
+fn secured_mesh() -> MeshOptions {
+    let mut options = MeshOptions {
+        start: vec!["credential"],
+        ..Default::default()
+    };
+    let builder = |id: &str| Role::Builder {
+        worker_id: id.into(),
+    };
+    let mounter = |id: &str| Role::Mounter {
+        worker_id: id.into(),
+    };
+    let client = |tenant: &str| Role::Client {
+        tenant: tenant.into(),
+    };
+    options.identities.extend([
+        ("scheduler-1".to_string(), Role::Scheduler),
+        ("builder-w1".to_string(), builder("w1")),
+        ("builder-w2".to_string(), builder("w2")),
+        ("indexer-1".to_string(), Role::Indexer),
+        ("mounter-m1".to_string(), mounter("m1")),
+        ("mounter-m2".to_string(), mounter("m2")),
+        ("client-a".to_string(), client("a")),
+        ("client-b".to_string(), client("b")),
+    ]);
+    options
+}
+
+#[tokio::test]
+async fn only_schedulers_mint_and_only_mounters_refresh() {
+    let mut mesh = Mesh::start(secured_mesh()).await;
+    let cast = cast(&mut mesh).await;
+    let wait = Duration::from_secs(5);
+    let request = token_request(&mesh, "imagemesh/builds", &["pull", "push"]);
+
+    // The scheduler mints.
+    let minted = CredentialClient::new(cast.scheduler.clone(), wait)
+        .mint(&request)
+        .await
+        .expect("the scheduler may mint");
+    assert!(minted.credential.is_some());
+
+    // Nobody else reaches the mint endpoint.
+    for (name, client) in [
+        ("builder-w1", &cast.builder),
+        ("indexer-1", &cast.indexer),
+        ("mounter-m1", &cast.mounter),
+        ("client-a", &cast.client_a),
+    ] {
+        publish(client, subjects::CREDENTIAL_MINT, &request.encode_to_vec()).await;
+        assert_refused(&mesh, name, subjects::CREDENTIAL_MINT).await;
+    }
+
+    // Mounters refresh, pull only; push through the refresh endpoint is refused by the service.
+    let pull = token_request(&mesh, "imagemesh/builds", &["pull"]);
+    let mounter = CredentialClient::new(cast.mounter.clone(), wait);
+    mounter
+        .refresh(&pull)
+        .await
+        .expect("the mounter may refresh");
+    let push = mounter.refresh(&request).await;
+    assert!(push.is_err(), "refresh granted push: {push:?}");
+    // Schedulers, builders and clients do not reach the refresh endpoint.
+    for (name, client) in [
+        ("scheduler-1", &cast.scheduler),
+        ("builder-w1", &cast.builder),
+        ("client-b", &cast.client_b),
+    ] {
+        publish(client, subjects::CREDENTIAL_REFRESH, &pull.encode_to_vec()).await;
+        assert_refused(&mesh, name, subjects::CREDENTIAL_REFRESH).await;
+    }
+    assert!(!was_refused_anything(&mesh, "credential"));
+}
+
+#[tokio::test]
+async fn work_in_flight_is_read_only_by_its_role_and_worker() {
+    let mut mesh = Mesh::start(secured_mesh()).await;
+    let cast = cast(&mut mesh).await;
+
+    // A client cannot listen to the work subjects (tokens travel there) nor to the stream.
+    let _ = cast.client_a.subscribe("imagemesh.work.>").await;
+    assert_refused(&mesh, "client-a", "imagemesh.work.>").await;
+    publish(
+        &cast.client_a,
+        "$JS.API.CONSUMER.CREATE.IMAGEMESH_BUILD",
+        b"{}",
+    )
+    .await;
+    assert_refused(&mesh, "client-a", "$JS.API.CONSUMER.CREATE.IMAGEMESH_BUILD").await;
+
+    // A builder cannot bind the mounters' consumer, nor another builder's.
+    let mounters = "$JS.API.CONSUMER.MSG.NEXT.IMAGEMESH_MOUNT.mounter";
+    publish(&cast.builder, mounters, b"{}").await;
+    assert_refused(&mesh, "builder-w1", mounters).await;
+    let create = "$JS.API.CONSUMER.CREATE.IMAGEMESH_BUILD.builder-w2.imagemesh.work.build.w2";
+    publish(&cast.builder, create, b"{}").await;
+    assert_refused(&mesh, "builder-w1", create).await;
+    // ... while the worker itself may.
+    let own = async_nats::jetstream::new(cast.other_builder.clone());
+    let stream = own
+        .get_stream(streams::BUILD)
+        .await
+        .expect("builder-w2 looks its stream up");
+    stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("builder-w2".into()),
+            filter_subject: "imagemesh.work.build.w2".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("builder-w2 makes its own consumer");
+
+    // No service may create or change a stream: one that could would capture other
+    // identities' subjects (their inboxes, where tokens arrive).
+    for (name, client) in [
+        ("builder-w1", &cast.builder),
+        ("scheduler-1", &cast.scheduler),
+    ] {
+        let update = format!("$JS.API.STREAM.UPDATE.{}", streams::BUILD);
+        publish(client, &update, b"{}").await;
+        assert_refused(&mesh, name, &update).await;
+        let create = "$JS.API.STREAM.CREATE.CAPTURE";
+        publish(client, create, b"{}").await;
+        assert_refused(&mesh, name, create).await;
+    }
+}
+
+#[tokio::test]
+async fn nobody_reads_another_identitys_replies() {
+    let mut mesh = Mesh::start(secured_mesh()).await;
+    let cast = cast(&mut mesh).await;
+    let scheduler_inbox = format!(
+        "{}.>",
+        imagemesh_runtime::nats::inbox_prefix(&key_of(&mesh, "scheduler-1"))
+    );
+    for (name, client) in [("client-a", &cast.client_a), ("mounter-m1", &cast.mounter)] {
+        let _ = client.subscribe(scheduler_inbox.clone()).await;
+        assert_refused(&mesh, name, &scheduler_inbox).await;
+        let _ = client.subscribe("_INBOX.>").await;
+        assert_refused(&mesh, name, "_INBOX.>").await;
+    }
+    // The scheduler's own inbox is its own: its replies arrive there.
+    let inbox = cast.scheduler.new_inbox();
+    assert!(inbox.starts_with(&scheduler_inbox[..scheduler_inbox.len() - 2]));
+    let mut replies = cast.scheduler.subscribe(inbox.clone()).await.unwrap();
+    assert_reaches(&cast.operator, &inbox, &mut replies).await;
+}
+
+#[tokio::test]
+async fn only_status_publishers_publish_status_and_only_a_worker_advertises_itself() {
+    let mut mesh = Mesh::start(secured_mesh()).await;
+    let cast = cast(&mut mesh).await;
+
+    // A client forges a status event: refused, and nothing is stored.
+    let forged = format!("{}.a.victim", subjects::STATUS_PREFIX);
+    publish(&cast.client_a, &forged, b"forged").await;
+    assert_refused(&mesh, "client-a", &forged).await;
+    assert!(
+        mesh.events_raw(&forged).await.is_empty(),
+        "a forged event was stored"
+    );
+    // The builder may report status.
+    let js = async_nats::jetstream::new(cast.builder.clone());
+    js.publish(forged.clone(), "from the builder".into())
+        .await
+        .unwrap()
+        .await
+        .expect("the builder reports status");
+    assert_eq!(mesh.events_raw(&forged).await.len(), 1);
+
+    // A builder writes its own advertisement, and no other key.
+    let workers = async_nats::jetstream::new(cast.builder.clone())
+        .get_key_value(imagemesh_runtime::placement::WORKERS_BUCKET)
+        .await
+        .unwrap();
+    workers
+        .put("build.w1", "me".into())
+        .await
+        .expect("builder-w1 advertises itself");
+    for key in ["build.w2", "mount.w1"] {
+        let subject = format!("$KV.{}.{key}", imagemesh_runtime::placement::WORKERS_BUCKET);
+        publish(&cast.builder, &subject, b"impostor").await;
+        assert_refused(&mesh, "builder-w1", &subject).await;
+    }
+    let operator_view = async_nats::jetstream::new(cast.operator.clone())
+        .get_key_value(imagemesh_runtime::placement::WORKERS_BUCKET)
+        .await
+        .unwrap();
+    assert!(operator_view.get("build.w2").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn mounter_control_is_the_operators() {
+    let mut mesh = Mesh::start(secured_mesh()).await;
+    let cast = cast(&mut mesh).await;
+    let unmount = format!("{}.unmount", subjects::mounter_control_prefix("m1"));
+    for (name, client) in [
+        ("client-a", &cast.client_a),
+        ("scheduler-1", &cast.scheduler),
+        ("builder-w1", &cast.builder),
+        ("mounter-m1", &cast.mounter),
+    ] {
+        if name != "mounter-m1" {
+            publish(client, &unmount, b"container-1").await;
+            assert_refused(&mesh, name, &unmount).await;
+        }
+    }
+    // Only mounter m1 listens on its control subjects; another mounter may not.
+    let mut listening = cast.mounter.subscribe(unmount.clone()).await.unwrap();
+    assert_reaches(&cast.operator, &unmount, &mut listening).await;
+    let other = mesh
+        .client_as(
+            "mounter-m2",
+            Role::Mounter {
+                worker_id: "m2".into(),
+            },
+        )
+        .await;
+    let _ = other.subscribe(unmount.clone()).await;
+    assert_refused(&mesh, "mounter-m2", &unmount).await;
+}
+
+#[tokio::test]
+async fn a_tenant_reaches_only_its_own_subjects() {
+    let mut mesh = Mesh::start(secured_mesh()).await;
+    let cast = cast(&mut mesh).await;
+    let b = &cast.client_b;
+    // Submitting under another tenant.
+    let foreign_intake = format!("{}.a.x", subjects::INTAKE_PREFIX);
+    publish(b, &foreign_intake, b"").await;
+    assert_refused(&mesh, "client-b", &foreign_intake).await;
+    // Reading another tenant's build logs.
+    let foreign_log = format!("{}.a.>", subjects::BUILD_LOG_PREFIX);
+    let _ = b.subscribe(foreign_log.clone()).await;
+    assert_refused(&mesh, "client-b", &foreign_log).await;
+    // Following another tenant's status: the consumer's filter is in the subject.
+    let foreign_watch = format!(
+        "$JS.API.CONSUMER.CREATE.{}.w.{}.a.x",
+        streams::STATUS,
+        subjects::STATUS_PREFIX
+    );
+    publish(b, &foreign_watch, b"{}").await;
+    assert_refused(&mesh, "client-b", &foreign_watch).await;
+    // ... and an unfiltered consumer on the status stream.
+    let unfiltered = format!("$JS.API.CONSUMER.CREATE.{}", streams::STATUS);
+    publish(b, &unfiltered, b"{}").await;
+    assert_refused(&mesh, "client-b", &unfiltered).await;
+    // Uploading into another tenant's contexts, naming another tenant's image secrets.
+    let foreign_context = format!("$O.{}.M.x", streams::contexts_bucket("a"));
+    publish(b, &foreign_context, b"").await;
+    assert_refused(&mesh, "client-b", &foreign_context).await;
+    let foreign_secret = format!("$KV.{}.a.app", streams::IMAGE_SECRETS_BUCKET);
+    publish(b, &foreign_secret, b"team-hub").await;
+    assert_refused(&mesh, "client-b", &foreign_secret).await;
+
+    // Tenant a does each of these under its own name.
+    let a = &cast.client_a;
+    let own_log = format!("{}.a.>", subjects::BUILD_LOG_PREFIX);
+    let mut log = a.subscribe(own_log).await.unwrap();
+    let line = format!("{}.a.r1", subjects::BUILD_LOG_PREFIX);
+    assert_reaches(&cast.operator, &line, &mut log).await;
+    let secrets = async_nats::jetstream::new(a.clone())
+        .get_key_value(streams::IMAGE_SECRETS_BUCKET)
+        .await
+        .unwrap();
+    secrets
+        .put("a.app", "team-hub".into())
+        .await
+        .expect("tenant a names its own image's secret");
+    assert!(!was_refused_anything(&mesh, "client-a"));
+}
