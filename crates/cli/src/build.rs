@@ -1,8 +1,8 @@
 //! `imagemesh build -f Dockerfile CONTEXT`: upload the context, submit a build, show its
 //! progress and live log, and print the image id.
 //!
-//! The context directory goes up as a tar to the `imagemesh-contexts` object store under
-//! `<request id>.tar`; the request names it. Progress and the build log go to stderr, the image
+//! The context directory goes up as a tar to the tenant's `imagemesh-contexts-<tenant>` object
+//! store under `<request id>.tar`; the request names it. Progress and the build log go to stderr, the image
 //! id alone to stdout, so `id=$(imagemesh build .)` works. Exit code: 0 when the image was built
 //! (and indexed), 1 with the build's error when it failed, 3 when `--timeout` passed first.
 
@@ -14,6 +14,7 @@ use anyhow::Context as _;
 use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::consumer::pull::OrderedConfig;
 use futures::StreamExt;
+use imagemesh_proto::TenantRequest;
 use imagemesh_proto::v1::{BuildOptions, ContainerRequest, RequestKind, RequestState, StatusEvent};
 use imagemesh_runtime::error::code_name;
 use imagemesh_runtime::streams::{self, StreamOptions};
@@ -49,7 +50,11 @@ pub struct BuildArgs {
     pub timeout: Duration,
 }
 
-pub async fn run(client: &async_nats::Client, args: BuildArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(
+    client: &async_nats::Client,
+    tenant: &str,
+    args: BuildArgs,
+) -> anyhow::Result<ExitCode> {
     let request_id = args
         .request_id
         .clone()
@@ -62,17 +67,16 @@ pub async fn run(client: &async_nats::Client, args: BuildArgs) -> anyhow::Result
     let dockerfile = std::fs::read_to_string(&dockerfile_path)
         .with_context(|| format!("reading {}", dockerfile_path.display()))?;
     let context_object = format!("{request_id}.tar");
-    let bytes = upload_context(client, &args.context, &context_object).await?;
+    let bytes = upload_context(client, tenant, &args.context, &context_object).await?;
     eprintln!(
         "uploaded build context {} ({bytes} bytes)",
         args.context.display()
     );
 
-    let request = build_request(&args, request_id, dockerfile, context_object)?;
+    let mut request = build_request(&args, request_id, dockerfile, context_object)?;
+    request.tenant = tenant.to_string();
     // Subscribe before submitting so no log line is missed.
-    let log = client
-        .subscribe(subjects::build_log(&request.request_id))
-        .await?;
+    let log = client.subscribe(subjects::build_log(request.key())).await?;
     submit::publish(client, &request, false).await?;
     match imagemesh_runtime::telemetry::current_trace_id() {
         Some(trace) => eprintln!("submitted build {} (trace {trace})", request.request_id),
@@ -113,9 +117,11 @@ fn build_request(
     })
 }
 
-/// Tars `dir` (symlinks kept as symlinks) into a temporary file and uploads it.
+/// Tars `dir` (symlinks kept as symlinks) into a temporary file and uploads it to `tenant`'s
+/// context bucket.
 async fn upload_context(
     client: &async_nats::Client,
+    tenant: &str,
     dir: &Path,
     name: &str,
 ) -> anyhow::Result<u64> {
@@ -135,7 +141,7 @@ async fn upload_context(
     .await?
     .with_context(|| format!("packing {}", dir.display()))?;
     let js = async_nats::jetstream::new(client.clone());
-    let store = streams::contexts(&js, &StreamOptions::default())
+    let store = streams::contexts(&js, tenant, &StreamOptions::default())
         .await
         .context("opening the build-context bucket")?;
     let mut file = tokio::fs::File::open(archive.path()).await?;
@@ -159,7 +165,7 @@ async fn follow(
         .await
         .context("no status stream (is the mesh running?)")?
         .create_consumer(OrderedConfig {
-            filter_subject: subjects::status(&request.request_id),
+            filter_subject: subjects::status(request.key()),
             deliver_policy: DeliverPolicy::All,
             ..Default::default()
         })

@@ -5,6 +5,13 @@
 //! - `imagemesh build -f Dockerfile CONTEXT`: upload a context, build, show the live log.
 //! - `imagemesh index show|cat IMAGE`: list an image's files or read one from its lazy-mount
 //!   index, straight from the registry.
+//! - `imagemesh image-secret`: which named credential pulls an image at runtime.
+//!
+//! Every command that talks to the mesh acts as one tenant (`--tenant`, `IMAGEMESH_TENANT`,
+//! `default` when unset): it submits on `imagemesh.intake.<tenant>.<id>`, follows
+//! `imagemesh.status.<tenant>.<id>`, uploads to `imagemesh-contexts-<tenant>` and names image
+//! secrets under `<tenant>.<image id>`. The flag only says which of the tenant's subjects to use;
+//! the NATS server decides whether this client may use them.
 #![forbid(unsafe_code)]
 
 mod build;
@@ -37,6 +44,15 @@ pub struct Cli {
     /// NATS credentials file.
     #[arg(long, global = true, env = "NATS_CREDS", value_name = "FILE")]
     pub nats_creds: Option<std::path::PathBuf>,
+    /// The tenant to act as (its credentials must allow it): `[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?`.
+    #[arg(
+        long,
+        global = true,
+        env = "IMAGEMESH_TENANT",
+        default_value = imagemesh_proto::DEFAULT_TENANT,
+        value_parser = parse_tenant,
+    )]
+    pub tenant: String,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -71,23 +87,33 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let Cli {
         nats_url,
         nats_creds,
+        tenant,
         command,
     } = cli;
     let nats = || connect(&nats_url, nats_creds.as_ref());
     match command {
         Command::Submit(args) => {
-            let span = tracing::info_span!("imagemesh submit");
-            submit::run(&nats().await?, args).instrument(span).await
+            let span = tracing::info_span!("imagemesh submit", tenant);
+            submit::run(&nats().await?, &tenant, args)
+                .instrument(span)
+                .await
         }
-        Command::Watch(args) => watch::run(&nats().await?, args).await,
-        Command::ImageSecret(args) => image_secret::run(&nats().await?, args).await,
+        Command::Watch(args) => watch::run(&nats().await?, &tenant, args).await,
+        Command::ImageSecret(args) => image_secret::run(&nats().await?, &tenant, args).await,
         Command::Build(args) => {
-            let span = tracing::info_span!("imagemesh build");
-            build::run(&nats().await?, args).instrument(span).await
+            let span = tracing::info_span!("imagemesh build", tenant);
+            build::run(&nats().await?, &tenant, args)
+                .instrument(span)
+                .await
         }
         // Talks to the registry only.
         Command::Index(args) => index::run(args).await,
     }
+}
+
+fn parse_tenant(tenant: &str) -> Result<String, String> {
+    imagemesh_proto::validate_tenant(tenant).map_err(|e| e.to_string())?;
+    Ok(tenant.to_string())
 }
 
 async fn connect(

@@ -8,7 +8,7 @@ use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::consumer::pull::OrderedConfig;
 use futures::StreamExt;
 use imagemesh_proto::v1::{RequestState, StatusEvent};
-use imagemesh_proto::validate_request_id;
+use imagemesh_proto::{RequestKey, validate_request_id};
 use imagemesh_runtime::error::code_name;
 use imagemesh_runtime::{streams, subjects};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -23,17 +23,27 @@ pub struct WatchArgs {
     pub timeout: Duration,
 }
 
-pub async fn run(client: &async_nats::Client, args: WatchArgs) -> anyhow::Result<ExitCode> {
-    follow(client, &args.request_id, args.timeout).await
+pub async fn run(
+    client: &async_nats::Client,
+    tenant: &str,
+    args: WatchArgs,
+) -> anyhow::Result<ExitCode> {
+    follow(
+        client,
+        RequestKey::new(tenant, &args.request_id),
+        args.timeout,
+    )
+    .await
 }
 
 /// Replays the request's status events from the start and follows new ones. Exit code: 0 when
 /// it succeeded, 1 when it failed, 3 when `timeout` passed first.
 pub async fn follow(
     client: &async_nats::Client,
-    request_id: &str,
+    request: RequestKey<'_>,
     timeout: Duration,
 ) -> anyhow::Result<ExitCode> {
+    let request_id = request.id;
     validate_request_id(request_id)?;
     let js = async_nats::jetstream::new(client.clone());
     let stream = js
@@ -42,7 +52,7 @@ pub async fn follow(
         .context("no status stream (is the mesh running?)")?;
     let consumer = stream
         .create_consumer(OrderedConfig {
-            filter_subject: subjects::status(request_id),
+            filter_subject: subjects::status(request),
             deliver_policy: DeliverPolicy::All,
             ..Default::default()
         })
