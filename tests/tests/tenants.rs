@@ -10,14 +10,14 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use imagemesh_proto::v1::{
-    BuildOptions, ContainerRequest, ErrorCode, ImageRecord, RequestKind, StatusEvent,
+    BuildOptions, ContainerRequest, ErrorCode, ImageRecord, RequestKind, RequestState, StatusEvent,
 };
 use imagemesh_runtime::streams;
 use imagemesh_testkit::{ServiceProcess, bin_path, wait_for_service};
 use imagemesh_tests::probe::Probe;
 use imagemesh_tests::{
     Mesh, MeshOptions, PASSWORD_ENV, REGISTRY_PASSWORD, assert_failed, assert_succeeded,
-    build_request, describe, find,
+    build_request, describe, find, is_terminal,
 };
 use mounter_support::{mounted, read_file};
 use prost::Message;
@@ -66,6 +66,19 @@ fn assert_all_of(tenant: &str, events: &[StatusEvent]) {
         events.iter().all(|e| e.tenant == tenant),
         "events of another tenant: {events:?}"
     );
+}
+
+/// The terminal event of a request a worker refused, which must be a failure by `service` with
+/// `code`. Found by state, not position: a quick refusal may be stored before the scheduler's
+/// `dispatched`, which is published without waiting for the stream.
+fn refused_by<'a>(events: &'a [StatusEvent], service: &str, code: ErrorCode) -> &'a StatusEvent {
+    let terminal: Vec<_> = events.iter().filter(|e| is_terminal(e)).collect();
+    assert_eq!(terminal.len(), 1, "{}", describe(events));
+    let failed = terminal[0];
+    assert_eq!(failed.state(), RequestState::Failed, "{}", describe(events));
+    assert_eq!(failed.service, service, "{}", describe(events));
+    assert_eq!(failed.error_code(), code, "{}", describe(events));
+    failed
 }
 
 /// `hello.txt` as the mount of the request whose events these are shows it.
@@ -154,7 +167,7 @@ async fn images_are_per_tenant_and_a_tenant_pushes_only_under_its_prefix() {
     let borrowed = build_request("borrow-context", "FROM scratch\nCOPY . /\n", "ctx-only-a");
     mesh.submit_as(B, &borrowed).await;
     let events = mesh.wait_terminal_of(B, "borrow-context", WAIT).await;
-    let failed = assert_failed(&events, "builder", ErrorCode::NotFound);
+    let failed = refused_by(&events, "builder", ErrorCode::NotFound);
     assert!(
         failed
             .message
@@ -194,7 +207,7 @@ async fn images_are_per_tenant_and_a_tenant_pushes_only_under_its_prefix() {
     assert_eq!(mounted_hello(&a_ctr).await, "tenant a\n");
     mesh.submit_as(B, &runtime("run-ctr", "ctr-a", "app")).await;
     let b_ctr = mesh.wait_terminal_of(B, "run-ctr", WAIT).await;
-    let failed = assert_failed(&b_ctr, "mounter", ErrorCode::Forbidden);
+    let failed = refused_by(&b_ctr, "mounter", ErrorCode::Forbidden);
     assert!(!failed.message.contains(&a_ref), "{}", failed.message);
 
     // A throughout: its record as built, its image as built, its other image mountable.

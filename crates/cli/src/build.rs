@@ -2,9 +2,10 @@
 //! progress and live log, and print the image id.
 //!
 //! The context directory goes up as a tar to the tenant's `imagemesh-contexts-<tenant>` object
-//! store under `<request id>.tar`; the request names it. Progress and the build log go to stderr, the image
-//! id alone to stdout, so `id=$(imagemesh build .)` works. Exit code: 0 when the image was built
-//! (and indexed), 1 with the build's error when it failed, 3 when `--timeout` passed first.
+//! store under `<request id>.tar`; the request names it. Progress and the build log go to
+//! stderr, the image id alone to stdout, so `id=$(imagemesh build .)` works. Exit code: 0 when
+//! the image was built (and indexed), 1 with the build's error when it failed, 3 when
+//! `--timeout` passed first.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -140,8 +140,8 @@ fn build_request(tenant: &str, args: &SubmitArgs) -> anyhow::Result<ContainerReq
 }
 
 /// Publishes to the intake on the request's own subject (its tenant and id). The intake keeps
-/// one message per subject, so a second submit of an id (a retry whose first attempt got through, or a mistake) is
-/// refused by the server and reported here. No message id: it would keep the id of a request
+/// one message per subject, so a second submit of an id (a retry whose first attempt got
+/// through, or a mistake) is refused by the server and reported here. No message id: it would keep the id of a request
 /// the scheduler refused from being used again within the de-duplication window.
 pub async fn publish(
     client: &async_nats::Client,

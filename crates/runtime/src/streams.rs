@@ -125,8 +125,8 @@ pub fn definition(name: &str, options: &StreamOptions) -> Config {
     match name {
         // The tenant and request id are the last subject tokens and each subject holds one
         // message, so the server itself refuses a second submission of an id within a tenant,
-        // durably and atomically, for as long as the first is kept. A request that was not dispatched is deleted, which frees
-        // its id (see `ConsumerSpec::forget_terminated`).
+        // durably and atomically, for as long as the first is kept. A request that was not
+        // dispatched is deleted, which frees its id (see `ConsumerSpec::forget_terminated`).
         INTAKE => Config {
             subjects: vec![subjects::INTAKE_ALL.into()],
             max_messages_per_subject: 1,

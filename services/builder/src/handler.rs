@@ -107,7 +107,7 @@ impl Builder {
         Ok(())
     }
 
-    /// Builds or copies, pushes, and records image id -> reference + digest.
+    /// Builds or copies, pushes, and records the tenant's image id -> reference + digest.
     async fn build_and_push(
         &self,
         request: &ContainerRequest,

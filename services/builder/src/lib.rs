@@ -1,6 +1,7 @@
 //! The builder: builds an image for a build request and pushes it to the build registry with
-//! the request's `build_registry_creds` (attached by the scheduler), records image id -> pushed
-//! reference, and asks the indexer to index it with the same credential.
+//! the request's `build_registry_creds` (attached by the scheduler), records
+//! `<tenant>.<image id>` -> pushed reference, and asks the indexer to index it with the same
+//! credential.
 //!
 //! - [`handler`]: one request, start to hand-off; thin, it only sequences the steps below.
 //! - [`dockerfile`]: a Dockerfile build in a private directory ([`workdir`]): the context from

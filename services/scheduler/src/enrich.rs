@@ -73,13 +73,15 @@ impl Enricher {
         }
     }
 
-    /// Resolves the image reference and attaches both credentials. Credentials the client put in
-    /// the request are discarded: only the credential service hands them out. The request's
-    /// tenant is the intake subject's (bound by the work loop before this runs).
+    /// Resolves the image reference and attaches both credentials. Credentials (and a build
+    /// target) the client put in the request are discarded: only the credential service hands
+    /// them out, and only the scheduler decides where an image goes. The request's tenant is the
+    /// intake subject's (bound by the work loop before this runs).
     pub async fn enrich(&self, request: &mut ContainerRequest) -> Result<(), EnrichError> {
         request.image_credentials = None;
         request.build_registry_creds = None;
         request.base_image_credentials.clear();
+        request.build_image_ref.clear();
         let kind = request.kind();
         let build_target = match kind {
             RequestKind::Build => Some(self.resolve_build_target(request)?),
