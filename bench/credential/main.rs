@@ -94,6 +94,7 @@ fn request() -> (Bytes, HeaderMap) {
         }),
         request_id: "bench".into(),
         credential_ref: String::new(),
+        tenant: imagemesh_proto::DEFAULT_TENANT.into(),
     };
     let mut headers = HeaderMap::new();
     headers.insert(

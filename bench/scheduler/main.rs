@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use futures::StreamExt;
 use imagemesh_bench::{env_number, percentile};
+use imagemesh_proto::DEFAULT_TENANT;
 use imagemesh_proto::v1::{ContainerRequest, RequestKind};
 use imagemesh_runtime::{Shutdown, streams, subjects};
 use imagemesh_testkit::{NatsServer, Registry, RegistryAuth};
@@ -112,7 +113,7 @@ async fn run_round(
         &format!("l{round}"),
         samples,
         "imagemesh.work.>",
-        subjects::INTAKE_PREFIX,
+        &format!("{}.{DEFAULT_TENANT}", subjects::INTAKE_PREFIX),
     )
     .await?;
     shutdown.trigger();
@@ -182,7 +183,10 @@ pub fn container_request(registry: &Registry, id: String) -> ContainerRequest {
     ContainerRequest {
         request_id: id,
         kind: RequestKind::Runtime as i32,
-        image_ref: format!("{}/imagemesh/builds:bench", registry.addr()),
+        image_ref: format!(
+            "{}/imagemesh/builds/{DEFAULT_TENANT}:bench",
+            registry.addr()
+        ),
         ..Default::default()
     }
 }
@@ -212,7 +216,8 @@ async fn publish_requests(
         let id = format!("{prefix}-{n}");
         let payload = container_request(registry, id.clone()).encode_to_vec();
         let message = jetstream::message::PublishMessage::build().payload(payload.into());
-        acks.push(js.send_publish(subjects::intake(&id), message).await?);
+        let subject = subjects::intake(DEFAULT_TENANT, &id);
+        acks.push(js.send_publish(subject, message).await?);
         ids.push(id);
         // The context caps acknowledgements in flight; settle them in chunks.
         if acks.len() == 1000 {

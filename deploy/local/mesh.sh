@@ -76,6 +76,8 @@ url = "$nats_url"
 [scheduler]
 build_registry = "$registry"
 build_repository = "imagemesh/builds"
+# The demo's base image: every tenant may build FROM it.
+shared_repositories = ["imagemesh/base"]
 TOML
 cat >"$stack/config/builder.toml" <<TOML
 [nats]
@@ -128,7 +130,7 @@ echo; echo "== runtime request (mounts $image_id lazily)"
 echo; echo "== a file read through the lazy mount (only the byte ranges read are fetched)"
 cat "$stack/mounts/demo/srv/hello.txt"
 echo; echo "== the same image from the command line, one range request per file"
-printf '%s' "$password" | "$bin/imagemesh" index cat "$registry/imagemesh/builds:$image_id" /srv/data/greeting \
+printf '%s' "$password" | "$bin/imagemesh" index cat "$registry/imagemesh/builds/default:$image_id" /srv/data/greeting \
   --username "$user" --password-stdin --stats
 
 if [ "${IMAGEMESH_RUN_ONCE:-0}" = 1 ]; then

@@ -2,10 +2,13 @@
 //! docker-registry as the build registry, and the five service binaries as processes, each with
 //! its own config file and captured log. Everything stops when the [`Mesh`] drops.
 //!
+//! The helpers act as the default tenant, as a single-user client does ([`Mesh::submit`],
+//! [`Mesh::events`], ...); their `_as` / `_of` variants name a tenant.
+//!
 //! By default the mesh is secured as deployed (`docs/security.md`): the server runs with TLS,
 //! JetStream encryption and the authorization config rendered from the permission table; every
-//! service instance connects with its own identity, added to the bundle (and the server
-//! reloaded) as it starts; the test itself is the operator, which provisions the streams.
+//! service instance connects with its own identity; the test itself is the operator, which
+//! provisions the streams.
 #![forbid(unsafe_code)]
 
 pub mod probe;
@@ -19,10 +22,10 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::message::PublishMessage;
 use futures::StreamExt;
 use imagemesh_access::{Bundle, BundleSpec, Role};
-use imagemesh_proto::CONTENT_TYPE_PROTOBUF;
 use imagemesh_proto::v1::{
     BuildOptions, ContainerRequest, DeadLetter, ErrorCode, RequestKind, RequestState, StatusEvent,
 };
+use imagemesh_proto::{CONTENT_TYPE_PROTOBUF, DEFAULT_TENANT, RequestKey, TenantRequest};
 use imagemesh_runtime::nats::NatsConfig;
 use imagemesh_runtime::streams::{self, StreamOptions};
 use imagemesh_runtime::subjects;
@@ -55,11 +58,14 @@ pub struct MeshOptions {
     pub heartbeat: Duration,
     /// Extra environment for every service (e.g. `OTEL_*`).
     pub env: Vec<(String, String)>,
+    /// The scheduler's `shared_repositories`: repositories of the build registry every tenant
+    /// may pull from (the tests' base and test images live there).
+    pub shared_repositories: Vec<String>,
     /// Identities, permissions and TLS as deployed (off: an open server, as on a laptop).
     pub secured: bool,
     /// Identities the test will use besides the five services' (`<service>` for instance
     /// `<service>`), known to the server from its start. One added later makes the server
-    /// reload its configuration, which can drop deliveries to connections made around it.
+    /// reload its configuration.
     pub identities: Vec<(String, Role)>,
 }
 
@@ -96,6 +102,7 @@ impl Default for MeshOptions {
             ack_wait: Duration::from_secs(10),
             heartbeat: Duration::from_millis(500),
             env: Vec::new(),
+            shared_repositories: vec!["base".into(), "test".into()],
             secured: true,
             identities: standard_identities(),
         }
@@ -313,7 +320,8 @@ impl Mesh {
                 "[[credential.registries]]\nprovider = \"basic\"\nhost = \"{registry}\"\nusername = \"{REGISTRY_USER}\"\npassword = {{ env = \"{PASSWORD_ENV}\" }}\n"
             ),
             "scheduler" => format!(
-                "[scheduler]\nbuild_registry = \"{registry}\"\nbuild_repository = \"imagemesh/builds\"\ncredential_timeout = \"500ms\"\n{heartbeat}[scheduler.intake]\n{worker}"
+                "[scheduler]\nbuild_registry = \"{registry}\"\nbuild_repository = \"imagemesh/builds\"\nshared_repositories = {:?}\ncredential_timeout = \"500ms\"\n{heartbeat}[scheduler.intake]\n{worker}",
+                self.options.shared_repositories
             ),
             "mounter" => format!(
                 "[mounter]\nmount_root = \"{}\"\n[mounter.worker]\n{worker}[mounter.placement]\n{heartbeat}",
@@ -327,8 +335,14 @@ impl Mesh {
         format!("{nats}{body}")
     }
 
-    /// Uploads a build context (a tar holding `files`) to the contexts object store as `name`.
+    /// Uploads a build context (a tar holding `files`) to the default tenant's contexts object
+    /// store as `name`.
     pub async fn upload_context(&self, name: &str, files: &[(&str, &[u8])]) {
+        self.upload_context_as(DEFAULT_TENANT, name, files).await
+    }
+
+    /// Uploads a build context to `tenant`'s contexts object store as `name`.
+    pub async fn upload_context_as(&self, tenant: &str, name: &str, files: &[(&str, &[u8])]) {
         let mut tar = tar::Builder::new(Vec::new());
         for (path, data) in files {
             let mut header = tar::Header::new_gnu();
@@ -338,35 +352,64 @@ impl Mesh {
         }
         let bytes = tar.into_inner().unwrap();
         let js = async_nats::jetstream::new(self.client.clone());
-        let store = streams::contexts(&js, "default", &StreamOptions::default())
+        let store = streams::contexts(&js, tenant, &StreamOptions::default())
             .await
             .unwrap();
         store.put(name, &mut bytes.as_slice()).await.unwrap();
     }
 
-    /// Publishes a request to the intake as protobuf, on its own subject, the way `imagemesh
-    /// submit` does.
+    /// Publishes a request to the intake as protobuf, on its own subject in the default tenant,
+    /// the way `imagemesh submit` does.
     pub async fn submit(&self, request: &ContainerRequest) {
-        self.publish_raw(request.encode_to_vec(), None, &request.request_id)
+        self.submit_as(DEFAULT_TENANT, request).await
+    }
+
+    /// Publishes a request to the intake of `tenant` (as a client of that tenant would; the
+    /// payload's own `tenant` field is sent as it is).
+    pub async fn submit_as(&self, tenant: &str, request: &ContainerRequest) {
+        self.publish_raw_as(tenant, request.encode_to_vec(), None, &request.request_id)
             .await;
     }
 
-    /// Publishes raw bytes to the intake subject of `request_id` with an optional content type.
+    /// Publishes raw bytes to the default tenant's intake subject of `request_id` with an
+    /// optional content type.
     pub async fn publish_raw(
         &self,
         payload: Vec<u8>,
         content_type: Option<&str>,
         request_id: &str,
     ) {
-        let subject = subjects::intake(request_id);
+        self.publish_raw_as(DEFAULT_TENANT, payload, content_type, request_id)
+            .await
+    }
+
+    /// Publishes raw bytes to `tenant`'s intake subject of `request_id`.
+    pub async fn publish_raw_as(
+        &self,
+        tenant: &str,
+        payload: Vec<u8>,
+        content_type: Option<&str>,
+        request_id: &str,
+    ) {
+        let subject = subjects::intake(tenant, request_id);
         self.publish_to(&subject, payload, content_type, None).await;
     }
 
     /// Publishes `message` as protobuf to a work subject (`imagemesh.work.*`) the way a service
-    /// does, with `id` as message id, and waits until the stream stored it.
-    pub async fn publish_work(&self, subject: &str, message: &impl Message, id: &str) {
+    /// does (message id `<tenant>.<request id>`; a message naming no tenant is the default
+    /// tenant's), and waits until the stream stored it.
+    pub async fn publish_work<M: Message + TenantRequest + Clone>(
+        &self,
+        subject: &str,
+        message: &M,
+    ) {
+        let mut message = message.clone();
+        if message.key().tenant.is_empty() {
+            message.set_tenant(DEFAULT_TENANT);
+        }
+        let id = message.key().message_id();
         let payload = message.encode_to_vec();
-        self.publish_to(subject, payload, Some(CONTENT_TYPE_PROTOBUF), Some(id))
+        self.publish_to(subject, payload, Some(CONTENT_TYPE_PROTOBUF), Some(&id))
             .await;
     }
 
@@ -395,22 +438,40 @@ impl Mesh {
             .unwrap_or_else(|e| panic!("{subject} not stored: {e}"));
     }
 
-    /// Every status event of a request so far, in order.
+    /// Every status event of a request of the default tenant so far, in order.
     pub async fn events(&self, request_id: &str) -> Vec<StatusEvent> {
-        self.read_all(streams::STATUS, &subjects::status(request_id))
+        self.events_of(DEFAULT_TENANT, request_id).await
+    }
+
+    /// Every status event of `tenant`'s request so far, in order (what a client of that tenant
+    /// may read: its own status subject).
+    pub async fn events_of(&self, tenant: &str, request_id: &str) -> Vec<StatusEvent> {
+        let subject = subjects::status(RequestKey::new(tenant, request_id));
+        self.read_all(streams::STATUS, &subject)
             .await
             .iter()
             .map(|payload| StatusEvent::decode(payload.as_slice()).expect("status event decodes"))
             .collect()
     }
 
-    /// Waits until the request succeeded or failed; returns all its events.
+    /// Waits until the default tenant's request succeeded or failed; returns all its events.
     pub async fn wait_terminal(&self, request_id: &str, timeout: Duration) -> Vec<StatusEvent> {
+        self.wait_terminal_of(DEFAULT_TENANT, request_id, timeout)
+            .await
+    }
+
+    /// Waits until `tenant`'s request succeeded or failed; returns all its events.
+    pub async fn wait_terminal_of(
+        &self,
+        tenant: &str,
+        request_id: &str,
+        timeout: Duration,
+    ) -> Vec<StatusEvent> {
         eventually(
             timeout,
-            &format!("request {request_id} to finish"),
+            &format!("request {tenant}/{request_id} to finish"),
             || async {
-                let events = self.events(request_id).await;
+                let events = self.events_of(tenant, request_id).await;
                 events.iter().any(is_terminal).then_some(events)
             },
         )
@@ -475,12 +536,18 @@ impl Mesh {
             .collect()
     }
 
-    /// Pushes a small busybox image to `imagemesh/builds:<tag>` in the build registry and has the
-    /// indexer index it (the indexer must be running), so runtime requests can mount it.
-    /// Returns its reference.
+    /// Pushes a small busybox image to the default tenant's repository
+    /// `imagemesh/builds/default:<tag>` in the build registry and has the indexer index it (the
+    /// indexer must be running), so runtime requests can mount it. Returns its reference.
     pub async fn push_indexed_image(&self, tag: &str) -> String {
+        self.push_indexed_image_as(DEFAULT_TENANT, tag).await
+    }
+
+    /// Like [`Mesh::push_indexed_image`], into `tenant`'s repository
+    /// `imagemesh/builds/<tenant>:<tag>`, recorded as `tenant`'s image id `tag`.
+    pub async fn push_indexed_image_as(&self, tenant: &str, tag: &str) -> String {
         let registry = self.registry.addr().to_string();
-        let repository_tag = format!("imagemesh/builds:{tag}");
+        let repository_tag = format!("imagemesh/builds/{tenant}:{tag}");
         let pushed = repository_tag.clone();
         tokio::task::spawn_blocking(move || {
             imagemesh_testkit::images::push_busybox(
@@ -495,6 +562,7 @@ impl Mesh {
         let image_ref = format!("{}/{repository_tag}", self.registry.addr());
         let request = imagemesh_proto::v1::IndexRequest {
             request_id: format!("index-{tag}"),
+            tenant: tenant.to_string(),
             image_id: tag.to_string(),
             image_ref: image_ref.clone(),
             credential: Some(imagemesh_proto::v1::RegistryCredential {
@@ -506,10 +574,9 @@ impl Mesh {
             }),
             ..Default::default()
         };
-        self.publish_work(subjects::INDEX, &request, &request.request_id)
-            .await;
+        self.publish_work(subjects::INDEX, &request).await;
         let events = self
-            .wait_terminal(&request.request_id, Duration::from_secs(120))
+            .wait_terminal_of(tenant, &request.request_id, Duration::from_secs(120))
             .await;
         let last = events.last().expect("events");
         assert_eq!(

@@ -12,10 +12,12 @@ use async_nats::jetstream::consumer::{AckPolicy, pull};
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use imagemesh_proto::v1::ContainerRequest;
+use imagemesh_proto::{DEFAULT_TENANT, RequestKey, TenantRequest};
 use imagemesh_runtime::placement;
 use prost::Message;
 
-/// Requests received, by request id, in arrival order per id.
+/// Requests received, by `<tenant>.<request id>` (request ids are unique per tenant only), in
+/// arrival order per request.
 #[derive(Clone, Default)]
 pub struct Probe {
     received: Arc<Mutex<HashMap<String, Vec<ContainerRequest>>>>,
@@ -53,7 +55,7 @@ impl Probe {
                         .received
                         .lock()
                         .unwrap()
-                        .entry(request.request_id.clone())
+                        .entry(request.key().message_id())
                         .or_default()
                         .push(request);
                     let _ = message.double_ack_with(AckKind::Ack).await;
@@ -63,12 +65,12 @@ impl Probe {
         probe
     }
 
-    /// How many distinct request ids arrived.
+    /// How many distinct requests (tenant and id) arrived.
     pub fn distinct(&self) -> usize {
         self.received.lock().unwrap().len()
     }
 
-    /// Request ids that arrived more than once, with their counts.
+    /// Requests (`<tenant>.<request id>`) that arrived more than once, with their counts.
     pub fn duplicates(&self) -> Vec<(String, usize)> {
         let received = self.received.lock().unwrap();
         let mut dups: Vec<_> = received
@@ -80,12 +82,18 @@ impl Probe {
         dups
     }
 
-    /// The first copy of a request that arrived.
+    /// The first copy of a request of the default tenant that arrived.
     pub fn get(&self, request_id: &str) -> Option<ContainerRequest> {
+        self.get_of(DEFAULT_TENANT, request_id)
+    }
+
+    /// The first copy of `tenant`'s request that arrived.
+    pub fn get_of(&self, tenant: &str, request_id: &str) -> Option<ContainerRequest> {
+        let key = RequestKey::new(tenant, request_id).message_id();
         self.received
             .lock()
             .unwrap()
-            .get(request_id)
+            .get(&key)
             .and_then(|c| c.first().cloned())
     }
 

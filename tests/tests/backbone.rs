@@ -30,7 +30,7 @@ fn runtime_request(id: &str, registry: &str) -> ContainerRequest {
         request_id: id.into(),
         container_id: format!("ctr-{id}"),
         kind: RequestKind::Runtime as i32,
-        image_ref: format!("{registry}/imagemesh/builds:img-b1"),
+        image_ref: format!("{registry}/imagemesh/builds/default:img-b1"),
         ..Default::default()
     }
 }
@@ -70,7 +70,7 @@ async fn build_and_runtime_requests_both_carry_the_build_registry_token() {
     assert_eq!(&dispatched.details["worker"], worker);
     assert_eq!(
         dispatched.details["build_image_ref"],
-        format!("{registry}/imagemesh/builds:img-b1")
+        format!("{registry}/imagemesh/builds/default:img-b1")
     );
 
     let runtime = mesh.wait_terminal("r1", WAIT).await;
@@ -251,7 +251,8 @@ async fn malformed_intake_messages_fail_clearly_and_the_next_request_goes_throug
         garbage.payload, b"\x00garbage",
         "intake payloads are kept for diagnosis"
     );
-    assert_eq!(garbage.subject, "imagemesh.intake.garbage-1");
+    assert_eq!(garbage.subject, "imagemesh.intake.default.garbage-1");
+    assert_eq!(garbage.tenant, "default");
 
     // A refused request was never dispatched, so its id is free: the corrected request goes
     // through under the same id.

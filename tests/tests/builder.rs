@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use imagemesh_proto::v1::{ErrorCode, ImageRecord, RequestState, StatusEvent};
-use imagemesh_runtime::streams::{self, StreamOptions};
+use imagemesh_proto::{DEFAULT_TENANT, RequestKey};
+use imagemesh_runtime::streams::{self, StreamOptions, image_key};
 use imagemesh_runtime::subjects;
 use imagemesh_testkit::images::{PulledImage, push_busybox};
 use imagemesh_testkit::{ServiceProcess, eventually, wait_for_service};
@@ -75,7 +76,7 @@ impl BuildMesh {
     }
 
     fn pull(&self, image_id: &str) -> PulledImage {
-        let reference = format!("imagemesh/builds:{image_id}");
+        let reference = format!("imagemesh/builds/{DEFAULT_TENANT}:{image_id}");
         PulledImage::pull(
             self.mesh.registry.addr(),
             &reference,
@@ -138,7 +139,7 @@ async fn dockerfile_builds_run_at_once_are_pushed_with_the_token_recorded_and_in
     let mut log = m
         .mesh
         .client
-        .subscribe(subjects::build_log("df-a"))
+        .subscribe(subjects::build_log(RequestKey::new(DEFAULT_TENANT, "df-a")))
         .await
         .unwrap();
     let ids = ["df-a", "df-b", "df-c"];
@@ -185,7 +186,10 @@ async fn dockerfile_builds_run_at_once_are_pushed_with_the_token_recorded_and_in
             describe(&events)
         );
         let pushed = find(&events, "builder", "pushed").unwrap();
-        let image_ref = format!("{}/imagemesh/builds:img-{id}", m.mesh.registry.addr());
+        let image_ref = format!(
+            "{}/imagemesh/builds/{DEFAULT_TENANT}:img-{id}",
+            m.mesh.registry.addr()
+        );
         assert_eq!(pushed.details["image_ref"], image_ref);
         let digest = pushed.details["digest"].clone();
 
@@ -219,8 +223,13 @@ async fn dockerfile_builds_run_at_once_are_pushed_with_the_token_recorded_and_in
         let kv = streams::image_refs(&js, &StreamOptions::default())
             .await
             .unwrap();
-        let record =
-            ImageRecord::decode(kv.get(format!("img-{id}")).await.unwrap().unwrap()).unwrap();
+        let record = ImageRecord::decode(
+            kv.get(image_key(DEFAULT_TENANT, &format!("img-{id}")))
+                .await
+                .unwrap()
+                .unwrap(),
+        )
+        .unwrap();
         assert_eq!(record.image_ref, image_ref);
         assert_eq!(record.manifest_digest, digest);
         digests.push(digest);
@@ -308,7 +317,7 @@ async fn bad_builds_fail_with_the_builders_error_and_leave_nothing_behind() {
         (
             "no-context",
             ErrorCode::NotFound,
-            "\"never-uploaded\" is not in the imagemesh-contexts bucket",
+            "\"never-uploaded\" is not in the imagemesh-contexts-default bucket",
         ),
         (
             "big-context",

@@ -108,7 +108,7 @@ async fn a_dockerfile_build_is_pushed_to_a_token_auth_registry_with_the_bearer_t
     // and the one gzip layer are what the Dockerfile says.
     let image = PulledImage::pull(
         &addr,
-        "imagemesh/builds:img-tok",
+        "imagemesh/builds/default:img-tok",
         REGISTRY_USER,
         REGISTRY_PASSWORD,
     );
@@ -129,18 +129,20 @@ async fn a_dockerfile_build_is_pushed_to_a_token_auth_registry_with_the_bearer_t
         tokens
             .scopes()
             .iter()
-            .any(|s| s == "repository:imagemesh/builds:pull,push"),
+            .any(|s| s == "repository:imagemesh/builds/default:pull,push"),
         "{:?}",
         tokens.scopes()
     );
 
     // The registry serves the manifest under the digest the builder reported.
-    let push_token = token(&mesh, &addr, "imagemesh/builds", &["pull", "push"]).await;
+    let push_token = token(&mesh, &addr, "imagemesh/builds/default", &["pull", "push"]).await;
     let client = Client::new(ClientConfig {
         protocol: ClientProtocol::Http,
         ..Default::default()
     });
-    let reference: Reference = format!("{addr}/imagemesh/builds:img-tok").parse().unwrap();
+    let reference: Reference = format!("{addr}/imagemesh/builds/default:img-tok")
+        .parse()
+        .unwrap();
     let bearer = oci_client::secrets::RegistryAuth::Bearer(push_token.secret.clone());
     let served = client
         .fetch_manifest_digest(&reference, &bearer)
@@ -166,7 +168,7 @@ async fn a_dockerfile_build_is_pushed_to_a_token_auth_registry_with_the_bearer_t
     );
     let image = PulledImage::pull(
         &addr,
-        "imagemesh/builds:img-tok-base",
+        "imagemesh/builds/default:img-tok-base",
         REGISTRY_USER,
         REGISTRY_PASSWORD,
     );
@@ -229,7 +231,7 @@ async fn a_private_base_image_in_a_token_auth_registry_is_fetched_with_its_beare
     // The image holds the base's busybox (RUN worked) and the new files.
     let image = PulledImage::pull(
         &build_addr,
-        "imagemesh/builds:img-up",
+        "imagemesh/builds/default:img-up",
         REGISTRY_USER,
         REGISTRY_PASSWORD,
     );

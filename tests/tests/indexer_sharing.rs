@@ -48,10 +48,8 @@ async fn builder_record(mesh: &Mesh, image_id: &str, image_ref: &str, digest: &s
         pushed_at: Some(imagemesh_runtime::status::now()),
         ..Default::default()
     };
-    store
-        .put(image_id, record.encode_to_vec().into())
-        .await
-        .unwrap();
+    let key = streams::image_key(imagemesh_proto::DEFAULT_TENANT, image_id);
+    store.put(key, record.encode_to_vec().into()).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

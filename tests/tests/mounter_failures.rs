@@ -184,8 +184,7 @@ async fn a_refused_credential_is_final_and_an_unreachable_registry_is_retried_th
     let mut bad = runtime_request("bad-cred", "", &format!("{registry}/test/pair:a"));
     bad.build_registry_creds = Some(credential(&mesh, wrong));
     // Straight to the mounters' queue, as the scheduler would publish it.
-    mesh.publish_work(subjects::MOUNT, &bad, &bad.request_id)
-        .await;
+    mesh.publish_work(subjects::MOUNT, &bad).await;
     let events = mesh.wait_terminal("bad-cred", WAIT).await;
     let last = assert_failed(&events, "mounter", ErrorCode::RegistryAuthRejected);
     assert!(last.message.contains(&registry), "{}", last.message);

@@ -6,6 +6,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 mod mounter_support;
 
+use imagemesh_proto::DEFAULT_TENANT;
 use imagemesh_proto::v1::{BuildOptions, ContainerRequest, ErrorCode, RequestKind, StatusEvent};
 use imagemesh_runtime::{streams, subjects};
 use imagemesh_testkit::eventually;
@@ -32,7 +33,7 @@ fn request(index: usize, registry: &str) -> ContainerRequest {
         ContainerRequest {
             request_id: id,
             kind: RequestKind::Runtime as i32,
-            image_ref: format!("{registry}/imagemesh/builds:img-{index}"),
+            image_ref: format!("{registry}/imagemesh/builds/{DEFAULT_TENANT}:img-{index}"),
             ..Default::default()
         }
     }
@@ -281,7 +282,7 @@ async fn public_images_get_no_image_credentials_and_a_resubmitted_request_is_not
     let js = jetstream::new(mesh.client.clone());
     let again = js
         .send_publish(
-            subjects::intake("public-1"),
+            subjects::intake(DEFAULT_TENANT, "public-1"),
             jetstream::message::PublishMessage::build()
                 .payload(prost::Message::encode_to_vec(&public).into()),
         )
@@ -329,7 +330,7 @@ async fn runtime_secrets_are_resolved_per_image_and_held_by_the_credential_servi
     // A named credential for a team registry, and nothing else for that registry.
     let team_secret = "team-Pw-93kd";
     let config = format!(
-        "{}[credential.secrets.team-hub]\nprovider = \"basic\"\nhost = \"registry.team.example\"\nusername = \"team-user\"\npassword = {{ value = \"{team_secret}\" }}\n",
+        "{}[credential.secrets.team-hub]\ntenants = [\"default\"]\nprovider = \"basic\"\nhost = \"registry.team.example\"\nusername = \"team-user\"\npassword = {{ value = \"{team_secret}\" }}\n",
         mesh.config("credential")
     );
     let mut env = mesh.identity_env("credential", "credential", &[]).await;

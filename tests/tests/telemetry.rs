@@ -201,7 +201,7 @@ async fn a_build_and_a_runtime_request_are_each_one_trace_across_the_mesh() {
     assert_eq!(
         parent_service(
             &build,
-            first(&build, "scheduler", "imagemesh.intake.* process")
+            first(&build, "scheduler", "imagemesh.intake.*.* process")
         ),
         "imagemesh-cli"
     );
@@ -283,7 +283,7 @@ async fn submit_traced(env: Vec<(String, String)>) -> (Mesh, String) {
         ..Default::default()
     };
     let mesh = Mesh::start(options).await;
-    let image = format!("{}/imagemesh/builds:anything", mesh.registry.addr());
+    let image = format!("{}/imagemesh/builds/default:anything", mesh.registry.addr());
     let out = cli(
         &mesh,
         &env,
@@ -343,7 +343,7 @@ async fn an_independent_receiver_gets_the_trace() {
         let lines: Vec<&str> = text.lines().filter(|l| l.contains(&trace)).collect();
         let names = [
             "\"imagemesh submit\"",
-            "\"imagemesh.intake.* process\"",
+            "\"imagemesh.intake.*.* process\"",
             "\"credential mint\"",
         ];
         names

@@ -1,19 +1,19 @@
 //! `imagemesh build -f Dockerfile CONTEXT`: upload the context, submit a build, show its
 //! progress and live log, and print the image id.
 //!
-//! The context directory goes up as a tar to the `imagemesh-contexts` object store under
-//! `<request id>.tar`; the request names it. Progress and the build log go to stderr, the image
-//! id alone to stdout, so `id=$(imagemesh build .)` works. Exit code: 0 when the image was built
-//! (and indexed), 1 with the build's error when it failed, 3 when `--timeout` passed first.
+//! The context directory goes up as a tar to the tenant's `imagemesh-contexts-<tenant>` object
+//! store under `<request id>.tar`; the request names it. Progress and the build log go to
+//! stderr, the image id alone to stdout, so `id=$(imagemesh build .)` works. Exit code: 0 when
+//! the image was built (and indexed), 1 with the build's error when it failed, 3 when
+//! `--timeout` passed first.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use async_nats::jetstream::consumer::DeliverPolicy;
-use async_nats::jetstream::consumer::pull::OrderedConfig;
 use futures::StreamExt;
+use imagemesh_proto::TenantRequest;
 use imagemesh_proto::v1::{BuildOptions, ContainerRequest, RequestKind, RequestState, StatusEvent};
 use imagemesh_runtime::error::code_name;
 use imagemesh_runtime::streams::{self, StreamOptions};
@@ -51,6 +51,7 @@ pub struct BuildArgs {
 
 pub async fn run(
     client: &async_nats::Client,
+    tenant: &str,
     stored: &StreamOptions,
     args: BuildArgs,
 ) -> anyhow::Result<ExitCode> {
@@ -66,17 +67,16 @@ pub async fn run(
     let dockerfile = std::fs::read_to_string(&dockerfile_path)
         .with_context(|| format!("reading {}", dockerfile_path.display()))?;
     let context_object = format!("{request_id}.tar");
-    let bytes = upload_context(client, stored, &args.context, &context_object).await?;
+    let bytes = upload_context(client, tenant, stored, &args.context, &context_object).await?;
     eprintln!(
         "uploaded build context {} ({bytes} bytes)",
         args.context.display()
     );
 
-    let request = build_request(&args, request_id, dockerfile, context_object)?;
+    let mut request = build_request(&args, request_id, dockerfile, context_object)?;
+    request.tenant = tenant.to_string();
     // Subscribe before submitting so no log line is missed.
-    let log = client
-        .subscribe(subjects::build_log(&request.request_id))
-        .await?;
+    let log = client.subscribe(subjects::build_log(request.key())).await?;
     submit::publish(client, &request, false).await?;
     match imagemesh_runtime::telemetry::current_trace_id() {
         Some(trace) => eprintln!("submitted build {} (trace {trace})", request.request_id),
@@ -117,9 +117,11 @@ fn build_request(
     })
 }
 
-/// Tars `dir` (symlinks kept as symlinks) into a temporary file and uploads it.
+/// Tars `dir` (symlinks kept as symlinks) into a temporary file and uploads it to `tenant`'s
+/// context bucket.
 async fn upload_context(
     client: &async_nats::Client,
+    tenant: &str,
     stored: &StreamOptions,
     dir: &Path,
     name: &str,
@@ -140,7 +142,8 @@ async fn upload_context(
     .await?
     .with_context(|| format!("packing {}", dir.display()))?;
     let js = async_nats::jetstream::new(client.clone());
-    let store = streams::contexts(&js, "default", stored)
+    let store = streams::contexts(&js, tenant, stored)
+
         .await
         .context("opening the build-context bucket")?;
     let mut file = tokio::fs::File::open(archive.path()).await?;
@@ -158,18 +161,7 @@ async fn follow(
     mut log: async_nats::Subscriber,
     timeout: Duration,
 ) -> anyhow::Result<ExitCode> {
-    let js = async_nats::jetstream::new(client.clone());
-    let consumer = js
-        .get_stream(streams::STATUS)
-        .await
-        .context("no status stream (is the mesh running?)")?
-        .create_consumer(OrderedConfig {
-            filter_subject: subjects::status(&request.request_id),
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await?;
-    let mut events = consumer.messages().await?;
+    let mut events = crate::watch::status_events(client, request.key()).await?;
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         tokio::select! {

@@ -5,9 +5,17 @@
 //! - `imagemesh build -f Dockerfile CONTEXT`: upload a context, build, show the live log.
 //! - `imagemesh index show|cat IMAGE`: list an image's files or read one from its lazy-mount
 //!   index, straight from the registry.
+//! - `imagemesh image-secret`: which named credential pulls an image at runtime.
 //! - `imagemesh nats-config`: identities, TLS material and the nats-server authorization
 //!   config rendered from the permission table (`imagemesh-access`).
 //! - `imagemesh provision`: the operator creates every stream and bucket of a secured mesh.
+//!
+//! Every command that talks to the mesh acts as one tenant (`--tenant`, `IMAGEMESH_TENANT`,
+//! `default` when unset): it submits on `imagemesh.intake.<tenant>.<id>`, follows
+//! `imagemesh.status.<tenant>.<id>`, uploads to `imagemesh-contexts-<tenant>` and names image
+//! secrets under `<tenant>.<image id>`. The flag only says which of the tenant's subjects to use;
+//! the NATS server decides whether this client may use them: on a secured mesh, the client's
+//! identity (`--nkey-file`) belongs to one tenant.
 #![forbid(unsafe_code)]
 
 mod build;
@@ -48,6 +56,15 @@ pub struct Cli {
     /// CA certificate to verify the server with; the connection then requires TLS.
     #[arg(long, global = true, env = "NATS_CA_FILE", value_name = "FILE")]
     pub tls_ca_file: Option<std::path::PathBuf>,
+    /// The tenant to act as (its credentials must allow it): `[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?`.
+    #[arg(
+        long,
+        global = true,
+        env = "IMAGEMESH_TENANT",
+        default_value = imagemesh_proto::DEFAULT_TENANT,
+        value_parser = parse_tenant,
+    )]
+    pub tenant: String,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -90,6 +107,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         nats_creds,
         nkey_file,
         tls_ca_file,
+        tenant,
         command,
     } = cli;
     let config = imagemesh_runtime::nats::NatsConfig {
@@ -110,14 +128,19 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let nats = || connect(&config);
     match command {
         Command::Submit(args) => {
-            let span = tracing::info_span!("imagemesh submit");
-            submit::run(&nats().await?, args).instrument(span).await
+            let span = tracing::info_span!("imagemesh submit", tenant);
+            submit::run(&nats().await?, &tenant, args)
+                .instrument(span)
+                .await
         }
-        Command::Watch(args) => watch::run(&nats().await?, args).await,
-        Command::ImageSecret(args) => image_secret::run(&nats().await?, &stored, args).await,
+        Command::Watch(args) => watch::run(&nats().await?, &tenant, args).await,
+        Command::ImageSecret(args) => {
+            image_secret::run(&nats().await?, &tenant, &stored, args).await
+        }
         Command::Build(args) => {
-            let span = tracing::info_span!("imagemesh build");
-            build::run(&nats().await?, &stored, args)
+            let span = tracing::info_span!("imagemesh build", tenant);
+            build::run(&nats().await?, &tenant, &stored, args)
+
                 .instrument(span)
                 .await
         }
@@ -127,6 +150,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::NatsConfig(args) => nats_config::run(args),
         Command::Provision(args) => provision::run(&nats().await?, args).await,
     }
+}
+
+fn parse_tenant(tenant: &str) -> Result<String, String> {
+    imagemesh_proto::validate_tenant(tenant).map_err(|e| e.to_string())?;
+    Ok(tenant.to_string())
 }
 
 async fn connect(

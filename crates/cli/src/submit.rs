@@ -8,7 +8,9 @@ use anyhow::Context as _;
 use async_nats::HeaderMap;
 use async_nats::jetstream::message::PublishMessage;
 use imagemesh_proto::v1::{BuildOptions, ContainerRequest, RequestKind};
-use imagemesh_proto::{CONTENT_TYPE_JSON, CONTENT_TYPE_PROTOBUF, codec, validate_request_id};
+use imagemesh_proto::{
+    CONTENT_TYPE_JSON, CONTENT_TYPE_PROTOBUF, RequestKey, codec, validate_request_id,
+};
 use imagemesh_runtime::{status, subjects};
 use prost::Message;
 
@@ -28,7 +30,7 @@ pub struct SubmitArgs {
     /// Build an image, or run a container from one.
     #[arg(long, value_enum)]
     pub kind: Option<Kind>,
-    /// Request id (idempotency key); generated when absent.
+    /// Request id (idempotency key within the tenant); generated when absent.
     #[arg(long)]
     pub request_id: Option<String>,
     #[arg(long)]
@@ -62,20 +64,25 @@ pub struct SubmitArgs {
     pub timeout: Duration,
 }
 
-pub async fn run(client: &async_nats::Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
-    let request = build_request(&args)?;
+pub async fn run(
+    client: &async_nats::Client,
+    tenant: &str,
+    args: SubmitArgs,
+) -> anyhow::Result<ExitCode> {
+    let request = build_request(tenant, &args)?;
     publish(client, &request, args.json).await?;
     match imagemesh_runtime::telemetry::current_trace_id() {
         Some(trace) => println!("submitted request {} (trace {trace})", request.request_id),
         None => println!("submitted request {}", request.request_id),
     }
     if args.watch {
-        return watch::follow(client, &request.request_id, args.timeout).await;
+        let key = RequestKey::new(tenant, &request.request_id);
+        return watch::follow(client, key, args.timeout).await;
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn build_request(args: &SubmitArgs) -> anyhow::Result<ContainerRequest> {
+fn build_request(tenant: &str, args: &SubmitArgs) -> anyhow::Result<ContainerRequest> {
     let mut request = match &args.file {
         Some(path) => {
             let text =
@@ -121,13 +128,20 @@ fn build_request(args: &SubmitArgs) -> anyhow::Result<ContainerRequest> {
         request.kind() != RequestKind::Unspecified,
         "say --kind build or --kind runtime"
     );
+    // The scheduler takes the tenant from the subject and refuses a payload naming another.
+    anyhow::ensure!(
+        request.tenant.is_empty() || request.tenant == tenant,
+        "the request names tenant {:?}, but this is tenant {tenant:?} (--tenant)",
+        request.tenant
+    );
+    request.tenant = tenant.to_string();
     request.submitted_at = Some(status::now());
     Ok(request)
 }
 
-/// Publishes to the intake on the request's own subject. The intake keeps one message per id,
-/// so a second submit of an id (a retry whose first attempt got through, or a mistake) is
-/// refused by the server and reported here. No message id: it would keep the id of a request
+/// Publishes to the intake on the request's own subject (its tenant and id). The intake keeps
+/// one message per subject, so a second submit of an id (a retry whose first attempt got
+/// through, or a mistake) is refused by the server and reported here. No message id: it would keep the id of a request
 /// the scheduler refused from being used again within the de-duplication window.
 pub async fn publish(
     client: &async_nats::Client,
@@ -152,7 +166,10 @@ pub async fn publish(
         .headers(headers)
         .expected_last_subject_sequence(0);
     let confirmed = js
-        .send_publish(subjects::intake(&request.request_id), message)
+        .send_publish(
+            subjects::intake(&request.tenant, &request.request_id),
+            message,
+        )
         .await
         .context("publishing to the intake")?
         .await;

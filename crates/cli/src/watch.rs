@@ -5,10 +5,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use async_nats::jetstream::consumer::DeliverPolicy;
-use async_nats::jetstream::consumer::pull::OrderedConfig;
+use async_nats::jetstream::consumer::push::OrderedConfig;
 use futures::StreamExt;
 use imagemesh_proto::v1::{RequestState, StatusEvent};
-use imagemesh_proto::validate_request_id;
+use imagemesh_proto::{RequestKey, validate_request_id};
 use imagemesh_runtime::error::code_name;
 use imagemesh_runtime::{streams, subjects};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -23,18 +23,27 @@ pub struct WatchArgs {
     pub timeout: Duration,
 }
 
-pub async fn run(client: &async_nats::Client, args: WatchArgs) -> anyhow::Result<ExitCode> {
-    follow(client, &args.request_id, args.timeout).await
+pub async fn run(
+    client: &async_nats::Client,
+    tenant: &str,
+    args: WatchArgs,
+) -> anyhow::Result<ExitCode> {
+    follow(
+        client,
+        RequestKey::new(tenant, &args.request_id),
+        args.timeout,
+    )
+    .await
 }
 
-/// Replays the request's status events from the start and follows new ones. Exit code: 0 when
-/// it succeeded, 1 when it failed, 3 when `timeout` passed first.
-pub async fn follow(
+/// Every status event of `request`, stored and to come: an ordered consumer that pushes into
+/// this client's private inbox. It is named, so its filter (the request's status subject) is
+/// part of the subject that creates it and the server checks it against the tenant the
+/// client's identity may read; no other client can pull from it.
+pub async fn status_events(
     client: &async_nats::Client,
-    request_id: &str,
-    timeout: Duration,
-) -> anyhow::Result<ExitCode> {
-    validate_request_id(request_id)?;
+    request: RequestKey<'_>,
+) -> anyhow::Result<async_nats::jetstream::consumer::push::Ordered> {
     let js = async_nats::jetstream::new(client.clone());
     let stream = js
         .get_stream(streams::STATUS)
@@ -42,12 +51,26 @@ pub async fn follow(
         .context("no status stream (is the mesh running?)")?;
     let consumer = stream
         .create_consumer(OrderedConfig {
-            filter_subject: subjects::status(request_id),
+            name: Some(format!("watch-{}", uuid::Uuid::new_v4().simple())),
+            deliver_subject: client.new_inbox(),
+            filter_subject: subjects::status(request),
             deliver_policy: DeliverPolicy::All,
             ..Default::default()
         })
         .await?;
-    let mut events = consumer.messages().await?;
+    Ok(consumer.messages().await?)
+}
+
+/// Replays the request's status events from the start and follows new ones. Exit code: 0 when
+/// it succeeded, 1 when it failed, 3 when `timeout` passed first.
+pub async fn follow(
+    client: &async_nats::Client,
+    request: RequestKey<'_>,
+    timeout: Duration,
+) -> anyhow::Result<ExitCode> {
+    let request_id = request.id;
+    validate_request_id(request_id)?;
+    let mut events = status_events(client, request).await?;
     let progress = Progress::new(request_id);
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + timeout;

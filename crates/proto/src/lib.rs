@@ -5,11 +5,15 @@
 //! mapping, so anyone with any NATS client can publish a request by hand.
 //!
 //! [`v1::RegistryCredential`] has a hand-written `Debug` that never prints the secret.
+//!
+//! [`tenant`] holds tenant names and [`RequestKey`], the (tenant, request id) pair that names a
+//! request across the mesh; [`TenantRequest`] gives it to every message that belongs to one.
 #![forbid(unsafe_code)]
 
 pub mod codec;
 mod credential;
 mod request;
+pub mod tenant;
 
 pub mod v1 {
     //! Generated from `protos/imagemesh/v1`.
@@ -19,3 +23,4 @@ pub mod v1 {
 
 pub use codec::{CONTENT_TYPE_JSON, CONTENT_TYPE_PROTOBUF, DecodeError};
 pub use request::{RequestIdError, validate_image_id, validate_request_id};
+pub use tenant::{DEFAULT_TENANT, RequestKey, TenantError, TenantRequest, validate_tenant};

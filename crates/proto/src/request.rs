@@ -13,8 +13,8 @@ pub enum RequestIdError {
     InvalidCharacter,
 }
 
-/// Request ids become NATS subject tokens (`imagemesh.status.<id>`), so they are restricted to
-/// `[A-Za-z0-9_-]{1,128}`.
+/// Request ids become NATS subject tokens (`imagemesh.status.<tenant>.<id>`), so they are
+/// restricted to `[A-Za-z0-9_-]{1,128}`.
 pub fn validate_request_id(id: &str) -> Result<(), RequestIdError> {
     if id.is_empty() {
         return Err(RequestIdError::Empty);

@@ -13,6 +13,8 @@
 //! - [`blob_source`]: blob byte ranges over HTTP, the `BlobSource` of lazy reads.
 //! - [`dockerfile`]: the images a Dockerfile starts from.
 //! - [`select`]: which of a request's credentials goes to which registry and repository.
+//! - [`repository`]: which repositories a prefix covers (tenant prefixes, shared repositories,
+//!   credentials bound to a prefix).
 //!
 //! [`RegistryCredential`]: imagemesh_proto::v1::RegistryCredential
 #![forbid(unsafe_code)]
@@ -24,6 +26,7 @@ pub mod error;
 pub mod host;
 pub mod index_artifact;
 pub mod manifest;
+pub mod repository;
 pub mod select;
 
 pub use blob_source::RegistryBlobSource;

@@ -1,14 +1,16 @@
 //! Status events and dead letters.
 //!
-//! Every step of a request is a [`StatusEvent`] on `imagemesh.status.<request_id>` (a JetStream
-//! stream, so `imagemesh watch` can replay what happened before it started). Work a service gives
-//! up on goes, without its secrets, to `imagemesh.deadletter.<service>`.
+//! Every step of a request is a [`StatusEvent`] on `imagemesh.status.<tenant>.<request_id>` (a
+//! JetStream stream, so `imagemesh watch` can replay what happened before it started; the tenant
+//! in the subject lets NATS permissions show each tenant its own requests only). Work a service
+//! gives up on goes, without its secrets, to `imagemesh.deadletter.<service>`.
 
 use std::collections::HashMap;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
+use imagemesh_proto::RequestKey;
 use imagemesh_proto::v1::{DeadLetter, ErrorCode, RequestState, StatusEvent};
 use prost::Message;
 
@@ -78,7 +80,8 @@ impl Step {
 #[derive(Debug, Clone)]
 pub struct DeadLetterInfo<'a> {
     pub subject: &'a str,
-    pub request_id: &'a str,
+    /// The request's tenant and id; either may be empty when nothing valid names them.
+    pub request: RequestKey<'a>,
     pub deliveries: u64,
     pub content_type: &'a str,
 }
@@ -102,13 +105,14 @@ impl StatusReporter {
         self.service
     }
 
-    /// Publishes one status event for `request_id`.
-    pub async fn report(&self, request_id: &str, mut step: Step) {
+    /// Publishes one status event for `request`, on its tenant's status subject.
+    pub async fn report(&self, request: RequestKey<'_>, mut step: Step) {
         if let Some(instance) = &self.instance {
             step.details.insert("worker".into(), instance.clone());
         }
         let event = StatusEvent {
-            request_id: request_id.to_string(),
+            request_id: request.id.to_string(),
+            tenant: request.tenant.to_string(),
             service: self.service.to_string(),
             state: step.state as i32,
             phase: step.phase.to_string(),
@@ -117,7 +121,7 @@ impl StatusReporter {
             at: Some(now()),
             details: step.details,
         };
-        let subject = subjects::status(request_id);
+        let subject = subjects::status(request);
         let payload = event.encode_to_vec().into();
         let published = match step.state {
             RequestState::Succeeded | RequestState::Failed => self.publish(subject, payload).await,
@@ -125,7 +129,7 @@ impl StatusReporter {
         };
         if let Err(err) = published {
             // A lost status event must not fail the work itself; say so loudly instead.
-            tracing::error!(request_id, error = %err, "could not publish status event");
+            tracing::error!(%request, error = %err, "could not publish status event");
         }
     }
 
@@ -139,7 +143,8 @@ impl StatusReporter {
         let letter = DeadLetter {
             service: self.service.to_string(),
             subject: info.subject.to_string(),
-            request_id: info.request_id.to_string(),
+            request_id: info.request.id.to_string(),
+            tenant: info.request.tenant.to_string(),
             reason: rejection.message.clone(),
             error_code: rejection.code as i32,
             deliveries: info.deliveries,
@@ -149,7 +154,7 @@ impl StatusReporter {
         };
         let subject = subjects::dead_letter(self.service);
         if let Err(err) = self.publish(subject, letter.encode_to_vec().into()).await {
-            tracing::error!(request_id = info.request_id, error = %err, "could not publish dead letter");
+            tracing::error!(request = %info.request, error = %err, "could not publish dead letter");
         }
     }
 

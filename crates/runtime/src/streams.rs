@@ -15,9 +15,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::subjects;
 
-/// Stream of client requests, read by schedulers. One message per request id (its subject), kept
-/// `intake_max_age`: a request id is taken once, and a second submission is refused by the
-/// server.
+/// Stream of client requests, read by schedulers. One message per tenant and request id (its
+/// subject), kept `intake_max_age`: a request id is taken once per tenant, and a second
+/// submission is refused by the server.
 pub const INTAKE: &str = "IMAGEMESH_INTAKE";
 /// Stream of enriched build requests, read by builders.
 pub const BUILD: &str = "IMAGEMESH_BUILD";
@@ -29,15 +29,12 @@ pub const INDEX: &str = "IMAGEMESH_INDEX";
 pub const STATUS: &str = "IMAGEMESH_STATUS";
 /// Stream of dead letters, kept for operators.
 pub const DEAD_LETTER: &str = "IMAGEMESH_DEADLETTER";
-/// KV bucket: image id -> ImageRecord (pushed reference, manifest and index digests).
+/// KV bucket: `<tenant>.<image id>` ([`image_key`]) -> ImageRecord (pushed reference, manifest
+/// and index digests).
 pub const IMAGE_REFS_BUCKET: &str = "imagemesh-image-refs";
-/// Object-store bucket of build contexts (tars uploaded by clients, named by
-/// `BuildOptions.context_object`).
-pub const CONTEXTS_BUCKET: &str = "imagemesh-contexts";
-/// The build-context bucket of `tenant`: each tenant uploads to and is read from its own.
-pub fn contexts_bucket(tenant: &str) -> String {
-    format!("{CONTEXTS_BUCKET}-{tenant}")
-}
+/// Prefix of the object-store buckets of build contexts, one per tenant
+/// ([`contexts_bucket`]): tars uploaded by clients, named by `BuildOptions.context_object`.
+pub const CONTEXTS_BUCKET_PREFIX: &str = "imagemesh-contexts-";
 /// How long an uploaded build context is kept: long enough for a queued build and its retries.
 pub const CONTEXTS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
@@ -47,9 +44,24 @@ pub const LAYER_INDEX_BUCKET: &str = "imagemesh-layer-indexes";
 /// How long a cached layer index is kept after it was written (re-indexing is cheap).
 pub const LAYER_INDEX_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
 
-/// KV bucket: image id -> name of the credential (held by the credential service) that pulls
-/// it at runtime. Written by whoever owns the image (`imagemesh image-secret set`).
+/// KV bucket: `<tenant>.<image id>` ([`image_key`]) -> name of the credential (held by the
+/// credential service) that pulls it at runtime. Written by whoever owns the image (`imagemesh
+/// image-secret set`).
 pub const IMAGE_SECRETS_BUCKET: &str = "imagemesh-image-secrets";
+
+/// The key of an image in the image-refs and image-secrets buckets: image ids are per tenant,
+/// so one tenant's build can neither overwrite nor be mounted as another's. The tenant holds no
+/// `.`, so the first `.` splits the key; NATS permissions can grant a tenant its own keys
+/// (`$KV.<bucket>.<tenant>.>`).
+pub fn image_key(tenant: &str, image_id: &str) -> String {
+    format!("{tenant}.{image_id}")
+}
+
+/// The build-context bucket of `tenant`: `imagemesh-contexts-<tenant>`. One bucket per tenant,
+/// so NATS permissions can give each tenant's clients theirs alone.
+pub fn contexts_bucket(tenant: &str) -> String {
+    format!("{CONTEXTS_BUCKET_PREFIX}{tenant}")
+}
 
 /// Stream settings that differ between deployments.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -119,10 +131,10 @@ fn history(name: &str, subject: String, max_age: Duration, options: &StreamOptio
 /// Definition of a stream by name.
 pub fn definition(name: &str, options: &StreamOptions) -> Config {
     match name {
-        // The request id is the last subject token and each subject holds one message, so the
-        // server itself refuses a second submission of an id, durably and atomically, for as
-        // long as the first is kept. A request that was not dispatched is deleted, which frees
-        // its id (see `ConsumerSpec::forget_terminated`).
+        // The tenant and request id are the last subject tokens and each subject holds one
+        // message, so the server itself refuses a second submission of an id within a tenant,
+        // durably and atomically, for as long as the first is kept. A request that was not
+        // dispatched is deleted, which frees its id (see `ConsumerSpec::forget_terminated`).
         INTAKE => Config {
             subjects: vec![subjects::INTAKE_ALL.into()],
             max_messages_per_subject: 1,
@@ -267,7 +279,8 @@ pub async fn provision_all(
 pub async fn image_refs(js: &Context, options: &StreamOptions) -> anyhow::Result<kv::Store> {
     let config = kv::Config {
         bucket: IMAGE_REFS_BUCKET.into(),
-        description: "image id -> pushed reference, manifest digest, index digest".into(),
+        description: "<tenant>.<image id> -> pushed reference, manifest digest, index digest"
+            .into(),
         history: 5,
         num_replicas: options.replicas,
         storage: StorageType::File,
@@ -276,7 +289,8 @@ pub async fn image_refs(js: &Context, options: &StreamOptions) -> anyhow::Result
     key_value(js, config, options).await
 }
 
-/// Opens (creating if needed) the build-context object store of `tenant`.
+/// Opens (creating if needed) the build-context object store of `tenant`, which must be valid
+/// ([`imagemesh_proto::validate_tenant`]).
 pub async fn contexts(
     js: &Context,
     tenant: &str,
@@ -315,11 +329,32 @@ pub async fn layer_indexes(
 pub async fn image_secrets(js: &Context, options: &StreamOptions) -> anyhow::Result<kv::Store> {
     let config = kv::Config {
         bucket: IMAGE_SECRETS_BUCKET.into(),
-        description: "image id -> name of the credential that pulls it".into(),
+        description: "<tenant>.<image id> -> name of the credential that pulls it".into(),
         history: 5,
         num_replicas: options.replicas,
         storage: StorageType::File,
         ..Default::default()
     };
     key_value(js, config, options).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenants_get_their_own_keys_and_buckets() {
+        assert_eq!(image_key("a", "app-1"), "a.app-1");
+        assert_ne!(image_key("a", "x"), image_key("b", "x"));
+        // Image ids may hold dots; the tenant never does, so the first dot splits the key.
+        assert_eq!(image_key("a", "v1.2").split_once('.'), Some(("a", "v1.2")));
+        assert_eq!(contexts_bucket("team-a"), "imagemesh-contexts-team-a");
+        // Object-store bucket names allow only A-Z, a-z, 0-9, '-' and '_'.
+        let bucket = contexts_bucket(imagemesh_proto::DEFAULT_TENANT);
+        assert!(
+            bucket
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        );
+    }
 }

@@ -17,7 +17,7 @@ use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
 use async_nats::jetstream::{self, AckKind};
 use bytes::Bytes;
 use futures::StreamExt;
-use imagemesh_proto::{CONTENT_TYPE_PROTOBUF, codec, validate_request_id};
+use imagemesh_proto::{CONTENT_TYPE_PROTOBUF, RequestKey, TenantRequest, codec, validate_tenant};
 use prost::{Message, Name};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
@@ -116,9 +116,8 @@ impl Delivery {
 
 /// A service's per-request logic.
 pub trait Handler: Send + Sync + 'static {
-    type Request: Message + Name + Default + Send + 'static;
-
-    fn request_id(request: &Self::Request) -> &str;
+    /// The message, which names its request's tenant and id ([`TenantRequest::key`]).
+    type Request: Message + Name + Default + TenantRequest + Send + 'static;
 
     /// The request as kept in a dead letter: every secret removed.
     fn without_secrets(request: &Self::Request) -> Self::Request;
@@ -127,10 +126,12 @@ pub trait Handler: Send + Sync + 'static {
     /// producers never put secrets in the payload (the client intake).
     const KEEP_UNDECODABLE_PAYLOAD: bool = false;
 
-    /// The request id a subject names, where subjects carry it (the intake). A message whose
-    /// payload names another id is refused, and failures are reported on this id even when the
-    /// payload cannot be read.
-    fn request_id_of_subject(_subject: &str) -> Option<&str> {
+    /// The tenant and request id a subject names, where subjects carry them (the intake). The
+    /// subject is what the NATS server let its publisher use, so it decides: the request is
+    /// bound to the subject's tenant, a payload naming another tenant or id is refused, and
+    /// failures are reported on the subject's tenant and id even when the payload cannot be
+    /// read.
+    fn key_of_subject(_subject: &str) -> Option<RequestKey<'_>> {
         None
     }
 
@@ -391,6 +392,7 @@ impl<H: Handler> Job<H> {
             otel.name = %self.source.span_name,
             messaging.destination = %delivery.subject,
             service = self.status.service(),
+            tenant = tracing::field::Empty,
             request_id = tracing::field::Empty,
             attempt,
         );
@@ -402,42 +404,33 @@ impl<H: Handler> Job<H> {
 
     async fn process_in_span(self, message: jetstream::Message, delivery: Delivery) {
         let content_type = header(&delivery.headers, subjects::CONTENT_TYPE_HEADER);
-        let request = match codec::decode::<H::Request>(&message.payload, content_type.as_deref()) {
-            Ok(request) => request,
-            Err(err) => {
-                let id = H::request_id_of_subject(&delivery.subject)
-                    .map(str::to_string)
-                    .or_else(|| header(&delivery.headers, "Nats-Msg-Id"))
-                    .filter(|id| validate_request_id(id).is_ok())
-                    .unwrap_or_default();
-                let payload = if H::KEEP_UNDECODABLE_PAYLOAD {
-                    message.payload.clone()
-                } else {
-                    Bytes::new()
-                };
-                let rejection = Rejection::new(ErrorCode::MalformedRequest, err.to_string());
-                let content_type = content_type.unwrap_or_else(|| CONTENT_TYPE_PROTOBUF.into());
-                self.terminate(&message, &delivery, &id, &rejection, payload, &content_type)
-                    .await;
-                return;
-            }
-        };
-        let request_id = H::request_id(&request).to_string();
-        tracing::Span::current().record("request_id", request_id.as_str());
-        let subject_id = H::request_id_of_subject(&delivery.subject);
-        let refusal = match (validate_request_id(&request_id), subject_id) {
-            (Err(err), _) => Some(err.to_string()),
-            (Ok(()), Some(named)) if named != request_id => Some(format!(
-                "the request id {request_id:?} is not the one its subject names ({named:?})"
-            )),
-            _ => None,
-        };
-        if let Some(reason) = refusal {
-            // Reported on the id the subject names, which its client watches; never on the
+        let subject_key = H::key_of_subject(&delivery.subject);
+        let mut request =
+            match codec::decode::<H::Request>(&message.payload, content_type.as_deref()) {
+                Ok(request) => request,
+                Err(err) => {
+                    // Reported where the subject (intake) or the message id (work streams) says.
+                    let message_id = header(&delivery.headers, "Nats-Msg-Id");
+                    let key = subject_key
+                        .or_else(|| RequestKey::from_message_id(message_id.as_deref()?))
+                        .filter(RequestKey::is_valid)
+                        .unwrap_or(NO_KEY);
+                    let payload = if H::KEEP_UNDECODABLE_PAYLOAD {
+                        message.payload.clone()
+                    } else {
+                        Bytes::new()
+                    };
+                    let rejection = Rejection::new(ErrorCode::MalformedRequest, err.to_string());
+                    let content_type = content_type.unwrap_or_else(|| CONTENT_TYPE_PROTOBUF.into());
+                    self.terminate(&message, &delivery, key, &rejection, payload, &content_type)
+                        .await;
+                    return;
+                }
+            };
+        if let Some(reason) = bind_to_subject(&mut request, subject_key) {
+            // Reported on the subject's tenant and id, which its client watches; never on the
             // payload's, which may belong to someone else.
-            let reported = subject_id
-                .filter(|id| validate_request_id(id).is_ok())
-                .unwrap_or_default();
+            let reported = subject_key.filter(RequestKey::is_valid).unwrap_or(NO_KEY);
             let rejection = Rejection::new(ErrorCode::MalformedRequest, reason);
             let scrubbed = H::without_secrets(&request).encode_to_vec().into();
             self.terminate(
@@ -451,6 +444,14 @@ impl<H: Handler> Job<H> {
             .await;
             return;
         }
+        // Owned: the handler consumes the request, and its outcome is reported on this key.
+        let (tenant, request_id) = {
+            let key = request.key();
+            (key.tenant.to_string(), key.id.to_string())
+        };
+        let span = tracing::Span::current();
+        span.record("tenant", tenant.as_str());
+        span.record("request_id", request_id.as_str());
         let Some(outcome) = self
             .handle_with_progress(&message, request, &delivery)
             .await
@@ -459,7 +460,8 @@ impl<H: Handler> Job<H> {
             ack(&message, AckKind::Nak(None)).await;
             return;
         };
-        self.settle(&message, &delivery, &request_id, outcome).await;
+        let key = RequestKey::new(&tenant, &request_id);
+        self.settle(&message, &delivery, key, outcome).await;
     }
 
     /// The request as a dead letter keeps it: decoded again (the handler consumed it; failures
@@ -498,7 +500,7 @@ impl<H: Handler> Job<H> {
         &self,
         message: &jetstream::Message,
         delivery: &Delivery,
-        request_id: &str,
+        request: RequestKey<'_>,
         outcome: Outcome,
     ) {
         match outcome {
@@ -518,7 +520,7 @@ impl<H: Handler> Job<H> {
                 self.terminate(
                     message,
                     delivery,
-                    request_id,
+                    request,
                     &rejection,
                     payload,
                     CONTENT_TYPE_PROTOBUF,
@@ -538,7 +540,7 @@ impl<H: Handler> Job<H> {
                         after.as_secs_f64()
                     ),
                 );
-                self.status.report(request_id, step).await;
+                self.status.report(request, step).await;
                 self.record("retry", delivery);
                 ack(message, AckKind::Nak(Some(after))).await;
             }
@@ -547,7 +549,7 @@ impl<H: Handler> Job<H> {
                 self.terminate(
                     message,
                     delivery,
-                    request_id,
+                    request,
                     &rejection,
                     payload,
                     CONTENT_TYPE_PROTOBUF,
@@ -562,21 +564,19 @@ impl<H: Handler> Job<H> {
         &self,
         message: &jetstream::Message,
         delivery: &Delivery,
-        request_id: &str,
+        request: RequestKey<'_>,
         rejection: &Rejection,
         payload: Bytes,
         content_type: &str,
     ) {
         self.record("rejected", delivery);
-        tracing::warn!(request_id, code = ?rejection.code, reason = %rejection.message, "request rejected");
-        if !request_id.is_empty() {
-            self.status
-                .report(request_id, Step::failed(rejection))
-                .await;
+        tracing::warn!(%request, code = ?rejection.code, reason = %rejection.message, "request rejected");
+        if request.is_valid() {
+            self.status.report(request, Step::failed(rejection)).await;
         }
         let info = DeadLetterInfo {
             subject: &delivery.subject,
-            request_id,
+            request,
             deliveries: delivery.attempt,
             content_type,
         };
@@ -587,10 +587,44 @@ impl<H: Handler> Job<H> {
         {
             let sequence = info.stream_sequence;
             if let Err(err) = stream.delete_message(sequence).await {
-                tracing::warn!(request_id, sequence, error = %err, "could not delete a refused message; its id stays taken until it ages out");
+                tracing::warn!(%request, sequence, error = %err, "could not delete a refused message; its id stays taken until it ages out");
             }
         }
     }
+}
+
+/// The key of a message nothing valid names: no status event, a dead letter without tenant.
+const NO_KEY: RequestKey<'static> = RequestKey { tenant: "", id: "" };
+
+/// Checks the request's id and binds it to the tenant and id its subject names, when it names
+/// them: an empty tenant becomes the subject's, a different one (or a different id) is refused.
+/// The tenant must then be valid. `Some(reason)` when the request is refused.
+fn bind_to_subject<R: TenantRequest>(
+    request: &mut R,
+    subject: Option<RequestKey<'_>>,
+) -> Option<String> {
+    let key = request.key();
+    if let Err(err) = imagemesh_proto::validate_request_id(key.id) {
+        return Some(err.to_string());
+    }
+    if let Some(named) = subject {
+        if key.id != named.id {
+            return Some(format!(
+                "the request id {:?} is not the one its subject names ({:?})",
+                key.id, named.id
+            ));
+        }
+        if !key.tenant.is_empty() && key.tenant != named.tenant {
+            return Some(format!(
+                "the tenant {:?} is not the one its subject names ({:?})",
+                key.tenant, named.tenant
+            ));
+        }
+        request.set_tenant(named.tenant);
+    }
+    validate_tenant(request.key().tenant)
+        .err()
+        .map(|err| err.to_string())
 }
 
 fn header(headers: &Option<HeaderMap>, name: &str) -> Option<String> {
@@ -735,5 +769,43 @@ mod tests {
         assert_eq!(options.retry_delay(2), Duration::from_secs(1));
         assert_eq!(options.retry_delay(4), Duration::from_secs(4));
         assert_eq!(options.retry_delay(100), Duration::from_secs(30));
+    }
+
+    fn request(tenant: &str, id: &str) -> imagemesh_proto::v1::ContainerRequest {
+        imagemesh_proto::v1::ContainerRequest {
+            request_id: id.into(),
+            tenant: tenant.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_intake_subject_decides_the_tenant() {
+        let subject = Some(RequestKey::new("team-a", "r1"));
+        // A client that says nothing about its tenant gets the subject's.
+        let mut unnamed = request("", "r1");
+        assert_eq!(bind_to_subject(&mut unnamed, subject), None);
+        assert_eq!(unnamed.tenant, "team-a");
+        let mut same = request("team-a", "r1");
+        assert_eq!(bind_to_subject(&mut same, subject), None);
+
+        // Naming another tenant or id than the subject is refused, whatever the payload says.
+        let mut other_tenant = request("team-b", "r1");
+        let reason = bind_to_subject(&mut other_tenant, subject).unwrap();
+        assert!(reason.contains("tenant \"team-b\""), "{reason}");
+        let mut other_id = request("team-a", "r2");
+        let reason = bind_to_subject(&mut other_id, subject).unwrap();
+        assert!(reason.contains("not the one its subject names"), "{reason}");
+
+        // A subject with a tenant that cannot be one is refused too.
+        let mut bad = request("", "r1");
+        assert!(bind_to_subject(&mut bad, Some(RequestKey::new("Team_A", "r1"))).is_some());
+    }
+
+    #[test]
+    fn work_messages_must_carry_a_valid_tenant() {
+        assert_eq!(bind_to_subject(&mut request("team-a", "r1"), None), None);
+        assert!(bind_to_subject(&mut request("", "r1"), None).is_some());
+        assert!(bind_to_subject(&mut request("a", "a.b"), None).is_some());
     }
 }

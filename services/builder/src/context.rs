@@ -1,5 +1,7 @@
-//! The build context: fetched from the `imagemesh-contexts` object store and unpacked into the
-//! build directory, within a size limit and without letting the tar write outside it.
+//! The build context: fetched from the request's tenant's object store
+//! (`imagemesh-contexts-<tenant>`, so a request can only name its own tenant's uploads) and
+//! unpacked into the build directory, within a size limit and without letting the tar write
+//! outside it.
 //!
 //! The tar (plain or gzip) is read with the `tar` crate: entries with absolute paths or `..`
 //! are refused rather than rewritten, devices and FIFOs are refused, and `unpack_in` refuses
@@ -10,28 +12,42 @@ use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Component, Path};
 
-use async_nats::jetstream::object_store::ObjectStore;
+use async_nats::jetstream;
 use imagemesh_runtime::ErrorCode;
-use imagemesh_runtime::streams::CONTEXTS_BUCKET;
+use imagemesh_runtime::streams::contexts_bucket;
 use tar::EntryType;
 use tokio::io::AsyncReadExt;
 
 use crate::failure::Failure;
 
-/// Downloads object `name` to `dest`; fails when it is missing or larger than `limit` bytes.
+/// Downloads object `name` of `tenant`'s context bucket to `dest`; fails when it is missing or
+/// larger than `limit` bytes.
 pub async fn fetch(
-    store: &ObjectStore,
+    js: &jetstream::Context,
+    tenant: &str,
     name: &str,
     dest: &Path,
     limit: u64,
 ) -> Result<u64, Failure> {
+    let bucket = contexts_bucket(tenant);
+    let missing = || {
+        Failure::reject(
+            ErrorCode::NotFound,
+            format!("build context {name:?} is not in the {bucket} bucket"),
+        )
+    };
+    // Opened, never created: a tenant that uploaded nothing has no bucket, and so no context.
+    let store = js.get_object_store(&bucket).await.map_err(|err| {
+        if bucket_missing(&err) {
+            missing()
+        } else {
+            Failure::internal(format!("cannot open the {bucket} bucket: {err}"))
+        }
+    })?;
     let info = store.info(name).await.map_err(|err| {
         use async_nats::jetstream::object_store::InfoErrorKind;
         match err.kind() {
-            InfoErrorKind::NotFound | InfoErrorKind::InvalidName => Failure::reject(
-                ErrorCode::NotFound,
-                format!("build context {name:?} is not in the {CONTEXTS_BUCKET} bucket"),
-            ),
+            InfoErrorKind::NotFound | InfoErrorKind::InvalidName => missing(),
             _ => Failure::internal(format!("cannot read build context {name:?}: {err}")),
         }
     })?;
@@ -49,6 +65,17 @@ pub async fn fetch(
         .map_err(|e| Failure::internal(format!("cannot download build context {name:?}: {e}")))?;
     too_large(copied, limit, "uploaded")?;
     Ok(copied)
+}
+
+/// True when the bucket does not exist (as opposed to NATS failing to say).
+fn bucket_missing(err: &jetstream::context::ObjectStoreError) -> bool {
+    use jetstream::context::{GetStreamError, GetStreamErrorKind};
+    std::error::Error::source(err)
+        .and_then(|source| source.downcast_ref::<GetStreamError>())
+        .is_some_and(|get| {
+            matches!(get.kind(), GetStreamErrorKind::JetStream(e)
+                if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
+        })
 }
 
 fn too_large(size: u64, limit: u64, what: &str) -> Result<(), Failure> {

@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::object_store::ObjectStore;
+use async_nats::jetstream;
+use imagemesh_proto::TenantRequest;
 use imagemesh_proto::v1::{AuthScheme, BuildOptions, ContainerRequest, RegistryCredential};
 use imagemesh_registry::dockerfile::base_images;
 use imagemesh_registry::{Reference, RegistryClient, RegistrySettings, credential_for_image, host};
@@ -23,7 +24,8 @@ use crate::{base_pull, layout_push};
 /// One Dockerfile build of one request.
 pub struct DockerfileBuild<'a> {
     pub settings: &'a BuilderConfig,
-    pub contexts: &'a ObjectStore,
+    /// Where the request's tenant's build contexts are.
+    pub js: &'a jetstream::Context,
     pub status: &'a StatusReporter,
     pub log: &'a BuildLog,
     pub request: &'a ContainerRequest,
@@ -62,7 +64,7 @@ impl DockerfileBuild<'_> {
             at: Instant::now() + limit,
             limit,
         };
-        let id = &self.request.request_id;
+        let id = self.request.key();
         if !options.context_object.is_empty() {
             let bytes = self.fetch_context(dir, &options.context_object).await?;
             let step = Step::running("context-fetched", format!("build context {bytes} bytes"))
@@ -131,7 +133,8 @@ impl DockerfileBuild<'_> {
     async fn fetch_context(&self, dir: &WorkDir, name: &str) -> Result<u64, Failure> {
         let limit = self.settings.max_context_bytes;
         let archive = dir.path().join("context.tar");
-        let bytes = context::fetch(self.contexts, name, &archive, limit).await?;
+        let tenant = &self.request.tenant;
+        let bytes = context::fetch(self.js, tenant, name, &archive, limit).await?;
         let into = dir.context();
         tokio::task::spawn_blocking(move || context::unpack(&archive, &into, limit))
             .await

@@ -3,10 +3,9 @@
 //! it to the indexer with the same token.
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::object_store::ObjectStore;
 use async_nats::jetstream::{self, message::PublishMessage};
-use imagemesh_proto::CONTENT_TYPE_PROTOBUF;
 use imagemesh_proto::v1::{ContainerRequest, IndexRequest, RegistryCredential};
+use imagemesh_proto::{CONTENT_TYPE_PROTOBUF, TenantRequest};
 use imagemesh_registry::{Access, RegistryClient, credential_for};
 use imagemesh_runtime::status::{StatusReporter, Step};
 use imagemesh_runtime::worker::{Delivery, Handler, Outcome};
@@ -27,16 +26,11 @@ pub struct Builder {
     pub js: jetstream::Context,
     pub status: StatusReporter,
     pub settings: BuilderConfig,
-    pub contexts: ObjectStore,
     pub records: Records,
 }
 
 impl Handler for Builder {
     type Request = ContainerRequest;
-
-    fn request_id(request: &ContainerRequest) -> &str {
-        &request.request_id
-    }
 
     fn without_secrets(request: &ContainerRequest) -> ContainerRequest {
         request.without_secrets()
@@ -65,7 +59,7 @@ fn secrets(request: &ContainerRequest) -> Vec<String> {
 
 impl Builder {
     async fn build(&self, request: &ContainerRequest) -> Result<(), Failure> {
-        let id = &request.request_id;
+        let id = request.key();
         let credential = request.build_registry_creds.as_ref().ok_or_else(|| {
             Failure::reject(
                 ErrorCode::NoCredentials,
@@ -94,7 +88,7 @@ impl Builder {
             Access::Manifest(digest) => Some(digest.as_str()),
             Access::NoManifest => None,
         };
-        let digest = match self.records.get(&request.image_id).await? {
+        let digest = match self.records.get(&request.tenant, &request.image_id).await? {
             Some(record)
                 if records::already_pushed(&record, &request.build_image_ref, existing) =>
             {
@@ -113,7 +107,7 @@ impl Builder {
         Ok(())
     }
 
-    /// Builds or copies, pushes, and records image id -> reference + digest.
+    /// Builds or copies, pushes, and records the tenant's image id -> reference + digest.
     async fn build_and_push(
         &self,
         request: &ContainerRequest,
@@ -121,11 +115,11 @@ impl Builder {
         target: &imagemesh_registry::Reference,
     ) -> Result<String, Failure> {
         let options = request.build_options.clone().unwrap_or_default();
-        let log = BuildLog::new(self.client.clone(), &request.request_id, secrets(request));
+        let log = BuildLog::new(self.client.clone(), request.key(), secrets(request));
         let digest = if !options.dockerfile.is_empty() {
             let build = DockerfileBuild {
                 settings: &self.settings,
-                contexts: &self.contexts,
+                js: &self.js,
                 status: &self.status,
                 log: &log,
                 request,
@@ -145,12 +139,17 @@ impl Builder {
         let step = Step::running("pushed", format!("pushed {}", request.build_image_ref))
             .detail("image_ref", &request.build_image_ref)
             .detail("digest", &digest);
-        self.status.report(&request.request_id, step).await;
+        self.status.report(request.key(), step).await;
         self.records
-            .put(&request.image_id, &request.build_image_ref, &digest)
+            .put(
+                &request.tenant,
+                &request.image_id,
+                &request.build_image_ref,
+                &digest,
+            )
             .await?;
         let step = Step::running("recorded", format!("image {} recorded", request.image_id));
-        self.status.report(&request.request_id, step).await;
+        self.status.report(request.key(), step).await;
         Ok(digest)
     }
 
@@ -175,7 +174,7 @@ impl Builder {
             &self.settings.registry,
         );
         let step = Step::running("copying", format!("copying {source_image}"));
-        self.status.report(&request.request_id, step).await;
+        self.status.report(request.key(), step).await;
         let copy = ImageCopy {
             source: &source_client,
             target: target_client,
@@ -203,15 +202,17 @@ impl Builder {
             manifest_digest,
             credential: request.build_registry_creds.clone(),
             platform: String::new(),
+            tenant: request.tenant.clone(),
         };
         let mut headers = HeaderMap::new();
         headers.insert(subjects::CONTENT_TYPE_HEADER, CONTENT_TYPE_PROTOBUF);
         telemetry::inject(&mut headers);
-        // The request id is the message id: a redelivered build hands off once.
+        // `<tenant>.<request id>` is the message id: a redelivered build hands off once, and
+        // another tenant's request of the same id is handed off too.
         let message = PublishMessage::build()
             .payload(index.encode_to_vec().into())
             .headers(headers)
-            .message_id(&request.request_id);
+            .message_id(request.key().message_id());
         let published = async {
             self.js
                 .send_publish(subjects::INDEX, message)

@@ -1,13 +1,19 @@
 //! The builder: builds an image for a build request and pushes it to the build registry with
-//! the request's `build_registry_creds` (attached by the scheduler), records image id -> pushed
-//! reference, and asks the indexer to index it with the same credential.
+//! the request's `build_registry_creds` (attached by the scheduler), records
+//! `<tenant>.<image id>` -> pushed reference, and asks the indexer to index it with the same
+//! credential.
 //!
 //! - [`handler`]: one request, start to hand-off; thin, it only sequences the steps below.
 //! - [`dockerfile`]: a Dockerfile build in a private directory ([`workdir`]): the context from
-//!   the object store ([`context`]), credentials in an auth file ([`auth`]), buildah
-//!   ([`buildah`]) with its output streamed to `imagemesh.buildlog.<request id>` ([`log`]).
+//!   the tenant's object store ([`context`]), credentials in an auth file ([`auth`]), buildah
+//!   ([`buildah`]) with its output streamed to `imagemesh.buildlog.<tenant>.<request id>`
+//!   ([`log`]).
 //! - [`copy`]: a source-image build, copied registry to registry with oci-client.
-//! - [`records`]: image id -> pushed reference and digest (KV `imagemesh-image-refs`).
+//! - [`records`]: `<tenant>.<image id>` -> pushed reference and digest (KV
+//!   `imagemesh-image-refs`).
+//!
+//! Everything a request names is its tenant's: the scheduler bound it to the intake subject's
+//! tenant and chose a target under that tenant's repository prefix.
 #![forbid(unsafe_code)]
 
 mod auth;
@@ -55,7 +61,6 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
     workdir::sweep_stale(&settings.storage_dir);
     let handler = Builder {
         client: client.clone(),
-        contexts: streams::contexts(&js, "default", &config.streams).await?,
         records: records::Records::new(streams::image_refs(&js, &config.streams).await?),
         js: js.clone(),
         status: StatusReporter::new(js, IDENTITY.name).with_instance(&settings.placement.worker_id),

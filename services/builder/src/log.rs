@@ -1,11 +1,12 @@
 //! A build's log: every line buildah prints goes, as it is printed, to the request's log subject
-//! `imagemesh.buildlog.<request_id>` (core NATS: live viewers only, nothing is stored), and the
-//! last lines are kept to explain a failure.
+//! `imagemesh.buildlog.<tenant>.<request_id>` (core NATS: live viewers only, nothing is stored;
+//! its tenant's clients alone may read it), and the last lines are kept to explain a failure.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
 use bytes::Bytes;
+use imagemesh_proto::RequestKey;
 use imagemesh_runtime::subjects;
 
 /// Lines kept for failure messages.
@@ -21,10 +22,10 @@ pub struct BuildLog {
 }
 
 impl BuildLog {
-    pub fn new(client: async_nats::Client, request_id: &str, secrets: Vec<String>) -> Self {
+    pub fn new(client: async_nats::Client, request: RequestKey<'_>, secrets: Vec<String>) -> Self {
         Self {
             client,
-            subject: subjects::build_log(request_id),
+            subject: subjects::build_log(request),
             secrets: secrets.into_iter().filter(|s| !s.is_empty()).collect(),
             tail: Mutex::new(VecDeque::with_capacity(TAIL_LINES)),
         }

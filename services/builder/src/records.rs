@@ -1,12 +1,14 @@
-//! The image-refs bucket: image id -> what was pushed (the seed's `v2ImageRefs`).
+//! The image-refs bucket: `<tenant>.<image id>` -> what was pushed (the seed's `v2ImageRefs`).
+//! Image ids are per tenant: another tenant's build of the same id writes its own key.
 //!
 //! The record is also what makes a build idempotent: a request whose image id is already
-//! recorded at the same reference, with a manifest the registry still serves under that digest,
-//! is not built or pushed again.
+//! recorded in its tenant at the same reference, with a manifest the registry still serves under
+//! that digest, is not built or pushed again.
 
 use async_nats::jetstream::kv;
 use imagemesh_proto::v1::ImageRecord;
 use imagemesh_runtime::status;
+use imagemesh_runtime::streams::image_key;
 use prost::Message;
 
 use crate::failure::Failure;
@@ -21,11 +23,15 @@ impl Records {
         Self { kv }
     }
 
-    /// The record of `image_id`, if there is one.
-    pub async fn get(&self, image_id: &str) -> Result<Option<ImageRecord>, Failure> {
-        let entry = self.kv.get(image_id).await.map_err(|e| {
-            Failure::internal(format!("image-refs lookup of {image_id} failed: {e}"))
-        })?;
+    /// The record of `tenant`'s `image_id`, if there is one.
+    pub async fn get(&self, tenant: &str, image_id: &str) -> Result<Option<ImageRecord>, Failure> {
+        let entry = self
+            .kv
+            .get(image_key(tenant, image_id))
+            .await
+            .map_err(|e| {
+                Failure::internal(format!("image-refs lookup of {image_id} failed: {e}"))
+            })?;
         let Some(bytes) = entry else {
             return Ok(None);
         };
@@ -33,9 +39,10 @@ impl Records {
         Ok(ImageRecord::decode(bytes).ok())
     }
 
-    /// Records what was pushed for `image_id`.
+    /// Records what was pushed for `tenant`'s `image_id`.
     pub async fn put(
         &self,
+        tenant: &str,
         image_id: &str,
         image_ref: &str,
         digest: &str,
@@ -48,7 +55,7 @@ impl Records {
             ..Default::default()
         };
         self.kv
-            .put(image_id, record.encode_to_vec().into())
+            .put(image_key(tenant, image_id), record.encode_to_vec().into())
             .await
             .map_err(|e| Failure::internal(format!("could not record image {image_id}: {e}")))?;
         Ok(record)

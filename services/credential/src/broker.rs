@@ -10,7 +10,7 @@ use imagemesh_runtime::{ErrorCode, Rejection};
 use secrecy::ExposeSecret;
 
 use crate::cache::{CacheKey, CacheSettings, TokenCache};
-use crate::config::CredentialConfig;
+use crate::config::{CredentialConfig, NamedCredential};
 use crate::providers::{self, Minted, Provider, ProviderError, ProviderSettings};
 
 /// Which scopes an endpoint may grant.
@@ -24,11 +24,20 @@ pub enum ScopePolicy {
 
 const KNOWN_ACTIONS: &[&str] = &["pull", "push"];
 
+/// A named credential, ready to use.
+struct Named {
+    /// Normalised: the one registry it serves.
+    registry: String,
+    provider: Arc<Provider>,
+    /// Which tenants and repositories may use it.
+    binding: NamedCredential,
+}
+
 /// Holds the providers, keyed by normalised registry host, and the token cache.
 pub struct Broker {
     providers: HashMap<String, Arc<Provider>>,
     /// Named credentials: name -> (normalised registry, provider).
-    named: HashMap<String, (String, Arc<Provider>)>,
+    named: HashMap<String, Named>,
     cache: TokenCache,
 }
 
@@ -53,10 +62,16 @@ impl Broker {
         }
         let mut named = HashMap::new();
         for (name, entry) in &config.secrets {
-            let registry = host::normalize(entry.host());
+            let registry = host::normalize(entry.registry.host());
             anyhow::ensure!(!registry.is_empty(), "credential {name} has an empty host");
-            let provider = Provider::from_config(entry, settings).await?;
-            named.insert(name.clone(), (registry, Arc::new(provider)));
+            let provider = Arc::new(Provider::from_config(&entry.registry, settings).await?);
+            let binding = entry.clone();
+            let named_entry = Named {
+                registry,
+                provider,
+                binding,
+            };
+            named.insert(name.clone(), named_entry);
         }
         let kinds: Vec<String> = providers
             .iter()
@@ -88,7 +103,7 @@ impl Broker {
             ));
         }
         let scope = checked_scope(request.scope.clone().unwrap_or_default(), policy)?;
-        let provider = self.provider_for(&registry, &request.credential_ref)?;
+        let provider = self.provider_for(&registry, request, &scope)?;
         let (minted, cached) = if provider.is_static() {
             // Nothing upstream to save: hand out what is held.
             (provider.mint(&registry, &scope).await, false)
@@ -118,8 +133,16 @@ impl Broker {
 
 impl Broker {
     /// The registry's default provider, or the named credential when the request names one
-    /// (which must be for this exact registry: a name never unlocks another registry).
-    fn provider_for(&self, registry: &str, name: &str) -> Result<Arc<Provider>, Rejection> {
+    /// (which must be for this exact registry, bound to the request's tenant and, when it has a
+    /// prefix, cover the repository: a name never unlocks another registry, another tenant's
+    /// credential or another repository).
+    fn provider_for(
+        &self,
+        registry: &str,
+        request: &TokenRequest,
+        scope: &Scope,
+    ) -> Result<Arc<Provider>, Rejection> {
+        let name = request.credential_ref.as_str();
         if name.is_empty() {
             return self.providers.get(registry).cloned().ok_or_else(|| {
                 Rejection::new(
@@ -128,19 +151,26 @@ impl Broker {
                 )
             });
         }
-        let (for_registry, provider) = self.named.get(name).ok_or_else(|| {
+        // Only the scheduler reaches the mint endpoint, and it takes the tenant from the intake
+        // subject; a request without one cannot be matched to a binding.
+        imagemesh_proto::validate_tenant(&request.tenant)
+            .map_err(|e| Rejection::new(ErrorCode::MalformedRequest, e.to_string()))?;
+        let named = self.named.get(name).ok_or_else(|| {
             Rejection::new(
                 ErrorCode::NoCredentials,
                 format!("no credential named {name:?}"),
             )
         })?;
-        if for_registry != registry {
+        if named.registry != registry {
             return Err(Rejection::new(
                 ErrorCode::Forbidden,
                 format!("credential {name:?} is not for registry {registry}"),
             ));
         }
-        Ok(provider.clone())
+        named
+            .binding
+            .check(name, &request.tenant, &scope.repository)?;
+        Ok(named.provider.clone())
     }
 }
 
@@ -221,12 +251,22 @@ mod tests {
     use crate::config::{RegistryConfig, SecretRef};
 
     async fn broker() -> Broker {
+        let team_hub = NamedCredential {
+            tenants: vec!["team-a".into()],
+            repository_prefix: Some("team/app".into()),
+            registry: RegistryConfig::Basic {
+                host: "registry.team.example".into(),
+                username: "team-user".into(),
+                password: SecretRef::value("team-pw"),
+            },
+        };
         let config = CredentialConfig {
             registries: vec![RegistryConfig::Basic {
                 host: "registry.example.com".into(),
                 username: "svc".into(),
                 password: SecretRef::value("pw-123"),
             }],
+            secrets: [("team-hub".to_string(), team_hub)].into(),
             ..Default::default()
         };
         Broker::from_config(&config).await.unwrap()
@@ -241,6 +281,7 @@ mod tests {
             }),
             request_id: "r1".into(),
             credential_ref: String::new(),
+            tenant: "team-a".into(),
         }
     }
 
@@ -288,5 +329,50 @@ mod tests {
             .scope
             .unwrap();
         assert_eq!(scope.actions, vec!["pull"]);
+    }
+
+    #[tokio::test]
+    async fn a_named_credential_serves_its_tenants_registry_and_repositories_only() {
+        let broker = broker().await;
+        let named = |tenant: &str, registry: &str, repository: &str| {
+            let mut request = request(registry, &["pull"]);
+            request.credential_ref = "team-hub".into();
+            request.tenant = tenant.into();
+            request.scope.as_mut().unwrap().repository = repository.into();
+            request
+        };
+        let policy = ScopePolicy::PullPush;
+        let ok = broker
+            .mint(
+                &named("team-a", "registry.team.example", "team/app/web"),
+                policy,
+            )
+            .await
+            .unwrap();
+        assert_eq!(ok.credential.unwrap().username, "team-user");
+        for (request, says) in [
+            (
+                named("team-b", "registry.team.example", "team/app"),
+                "not for tenant",
+            ),
+            (
+                named("team-a", "registry.team.example", "other/app"),
+                "not for repository",
+            ),
+            (
+                named("team-a", "registry.example.com", "team/app"),
+                "not for registry",
+            ),
+        ] {
+            let err = broker.mint(&request, policy).await.unwrap_err();
+            assert_eq!(err.code, ErrorCode::Forbidden, "{err}");
+            assert!(err.message.contains(says), "{err}");
+        }
+        let no_tenant = named("", "registry.team.example", "team/app");
+        let err = broker.mint(&no_tenant, policy).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::MalformedRequest);
+        // The registry's default credential is not bound to tenants.
+        let default = request("registry.example.com", &["pull"]);
+        assert!(broker.mint(&default, policy).await.is_ok());
     }
 }

@@ -3,6 +3,7 @@
 //! `{ file = "path" }`) rather than written into the file; an inline `{ value = "..." }` is
 //! accepted for local development. `docs/credentials.md` has an example of every provider.
 
+mod named;
 mod registry;
 
 use std::collections::BTreeMap;
@@ -11,6 +12,7 @@ use std::time::Duration;
 
 use imagemesh_runtime::app::ServiceConfig;
 use imagemesh_runtime::nats::NatsConfig;
+pub use named::{ANY_TENANT, NamedCredential};
 pub use registry::{EcrConfig, RegistryConfig, TokenAuthConfig};
 use serde::{Deserialize, Serialize};
 
@@ -38,8 +40,9 @@ pub struct CredentialConfig {
     pub registries: Vec<RegistryConfig>,
     /// Named credentials, used only when a token request names them (`credential_ref`): the
     /// per-image runtime secrets the scheduler resolves from the `imagemesh-image-secrets`
-    /// bucket. Each is for its own `host` only.
-    pub secrets: BTreeMap<String, RegistryConfig>,
+    /// bucket. Each is for its own `host` only, for the `tenants` it lists, and, with a
+    /// `repository_prefix`, for the repositories under it.
+    pub secrets: BTreeMap<String, NamedCredential>,
     /// Docker `config.json` files: `auths` entries, `credHelpers` and `credsStore` serve the
     /// registries they name (exact host match).
     pub docker_config: Vec<PathBuf>,
@@ -116,6 +119,9 @@ impl CredentialConfig {
             "credential.cache.no_expiry_ttl ({:?}) must exceed credential.cache.margin ({margin:?})",
             self.cache.no_expiry_ttl
         );
+        for (name, secret) in &self.secrets {
+            secret.validate(name)?;
+        }
         Ok(())
     }
 }
@@ -164,6 +170,18 @@ mod tests {
             provider = "helper"
             host = "registry.example.net"
             helper = "pass"
+            [credential.secrets.team-hub]
+            tenants = ["team-a"]
+            repository_prefix = "team/app"
+            provider = "basic"
+            host = "registry.team.example"
+            username = "team-user"
+            password = { env = "TEAM_PW" }
+            [credential.secrets.shared]
+            tenants = ["*"]
+            provider = "helper"
+            host = "registry.example.net"
+            helper = "pass"
         "#;
         let config: Config = imagemesh_runtime::config::load_from(
             Some(&write_temp(text)),
@@ -191,7 +209,31 @@ mod tests {
                 "registry.example.net"
             ]
         );
+        let hub = &c.secrets["team-hub"];
+        assert_eq!(hub.tenants, ["team-a"]);
+        assert_eq!(hub.repository_prefix.as_deref(), Some("team/app"));
+        assert_eq!(hub.registry.host(), "registry.team.example");
+        assert_eq!(c.secrets["shared"].tenants, [ANY_TENANT]);
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn a_named_credential_must_say_which_tenants_may_use_it() {
+        let load = |binding: &str| {
+            let text = format!(
+                "[credential.secrets.hub]\n{binding}provider = \"helper\"\nhost = \"r.example\"\nhelper = \"pass\"\n"
+            );
+            imagemesh_runtime::config::load_from::<Config, _>(Some(&write_temp(&text)), Vec::new())
+                .map_err(|e| e.to_string())
+                .and_then(|c| c.credential.validate().map_err(|e| e.to_string()))
+        };
+        let missing = load("").unwrap_err();
+        assert!(missing.contains("tenants"), "{missing}");
+        let empty = load("tenants = []\n").unwrap_err();
+        assert!(empty.contains("tenants is empty"), "{empty}");
+        let typo = load("tenants = [\"a\"]\nrepository_prefx = \"x\"\n").unwrap_err();
+        assert!(typo.contains("repository_prefx"), "{typo}");
+        load("tenants = [\"a\"]\n").unwrap();
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::time::Instant;
 use async_nats::jetstream::kv;
 use imagemesh_lazyindex::{FORMAT_VERSION, ImageIndex, IndexOptions, encode_image};
 use imagemesh_proto::v1::IndexRequest;
+use imagemesh_proto::{RequestKey, TenantRequest};
 use imagemesh_registry::{
     IndexArtifact, PlatformSpec, Reference, RegistryClient, RegistrySettings,
 };
@@ -37,10 +38,6 @@ pub struct Indexer {
 
 impl Handler for Indexer {
     type Request = IndexRequest;
-
-    fn request_id(request: &IndexRequest) -> &str {
-        &request.request_id
-    }
 
     fn without_secrets(request: &IndexRequest) -> IndexRequest {
         request.without_secrets()
@@ -78,7 +75,7 @@ fn target(client: &RegistryClient, request: &IndexRequest) -> Result<Reference, 
 impl Indexer {
     async fn index(&self, request: &IndexRequest) -> Result<(), Failure> {
         let started = Instant::now();
-        let id = &request.request_id;
+        let id = request.key();
         let credential = request.credential.as_ref().ok_or_else(|| {
             refused(
                 ErrorCode::NoCredentials,
@@ -115,7 +112,7 @@ impl Indexer {
             options: &self.options,
             cache: self.cache.as_ref(),
             status: &self.status,
-            request_id: id,
+            request: id,
             concurrency: self.layer_concurrency,
         }
         .run()
@@ -146,7 +143,7 @@ impl Indexer {
         Ok(())
     }
 
-    async fn report_resolved(&self, id: &str, image: &Image) {
+    async fn report_resolved(&self, id: RequestKey<'_>, image: &Image) {
         let resolved = &image.resolved;
         let platform = resolved.platform.as_ref().map(|p| p.to_string());
         let step = Step::running(
@@ -184,7 +181,7 @@ impl Indexer {
         .detail("manifest_digest", image.resolved.digest())
         .detail("compressed_bytes_read", 0)
         .detail("record", recorded.as_str());
-        self.status.report(&request.request_id, step).await;
+        self.status.report(request.key(), step).await;
         Ok(())
     }
 
@@ -199,6 +196,7 @@ impl Indexer {
             return Ok(Recorded::Unchanged);
         }
         let indexed = Indexed {
+            tenant: &request.tenant,
             image_id: &request.image_id,
             image_ref: &request.image_ref,
             top_digest: &image.resolved.top_digest,
@@ -207,7 +205,7 @@ impl Indexer {
         };
         let recorded = record::record(&self.records, &indexed).await?;
         if let Recorded::OtherManifest(other) = &recorded {
-            tracing::warn!(image_id = %request.image_id, record = %other, "image record names another manifest; left unchanged");
+            tracing::warn!(tenant = %request.tenant, image_id = %request.image_id, record = %other, "image record names another manifest; left unchanged");
         }
         Ok(recorded)
     }

@@ -25,7 +25,7 @@ pub struct LayerJob<'a> {
     pub options: &'a IndexOptions,
     pub cache: Option<&'a LayerCache>,
     pub status: &'a StatusReporter,
-    pub request_id: &'a str,
+    pub request: imagemesh_proto::RequestKey<'a>,
     pub concurrency: usize,
 }
 
@@ -124,6 +124,6 @@ impl LayerJob<'_> {
         .detail("uncompressed_bytes", index.uncompressed_size)
         .detail("entries", index.entries.len())
         .detail("checkpoints", index.checkpoints.len());
-        self.status.report(self.request_id, step).await;
+        self.status.report(self.request, step).await;
     }
 }

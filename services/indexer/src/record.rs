@@ -1,4 +1,5 @@
-//! The index digest recorded with the image in the `imagemesh-image-refs` KV bucket.
+//! The index digest recorded with the image in the `imagemesh-image-refs` KV bucket, under the
+//! request's tenant's key `<tenant>.<image id>` (image ids are per tenant).
 //!
 //! Registry 2.8 has no referrers API, so consumers that know an image id find its index here
 //! without listing anything. The builder writes the record first (image ref, manifest digest);
@@ -8,6 +9,7 @@
 use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
 use imagemesh_proto::v1::ImageRecord;
 use imagemesh_runtime::status;
+use imagemesh_runtime::streams::image_key;
 use prost::Message;
 
 use crate::failure::Failure;
@@ -17,6 +19,8 @@ const ATTEMPTS: usize = 5;
 
 /// What the indexer knows about the image it indexed.
 pub struct Indexed<'a> {
+    /// The tenant of the request: the record is its own.
+    pub tenant: &'a str,
     pub image_id: &'a str,
     pub image_ref: &'a str,
     /// What the reference named (an index for multi-platform images).
@@ -48,9 +52,9 @@ impl Recorded {
     }
 }
 
-/// Records `indexed.index_digest` for `indexed.image_id`.
+/// Records `indexed.index_digest` for the tenant's `indexed.image_id`.
 pub async fn record(store: &kv::Store, indexed: &Indexed<'_>) -> Result<Recorded, Failure> {
-    let key = indexed.image_id;
+    let key = &image_key(indexed.tenant, indexed.image_id);
     for _ in 0..ATTEMPTS {
         let entry = store
             .entry(key)
@@ -59,7 +63,7 @@ pub async fn record(store: &kv::Store, indexed: &Indexed<'_>) -> Result<Recorded
         let current = entry.filter(|e| e.operation == Operation::Put);
         let Some(entry) = current else {
             let fresh = ImageRecord {
-                image_id: key.to_string(),
+                image_id: indexed.image_id.to_string(),
                 image_ref: indexed.image_ref.to_string(),
                 manifest_digest: indexed.top_digest.to_string(),
                 index_digest: indexed.index_digest.to_string(),

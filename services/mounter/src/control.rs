@@ -8,8 +8,8 @@
 //! registered by the shared work loop, which takes no extra endpoints, and a second service per
 //! instance would change what `$SRV.INFO` lists for the mesh.
 //!
-//! `unmount` takes the mount id (the container id, or the request id when the request had no
-//! container id) as plain text or as `{"mount_id": "..."}` and answers the mount's final
+//! `unmount` takes the mount id (the container id, or `<tenant>_<request id>` when the request had
+//! no container id) as plain text or as `{"mount_id": "..."}` and answers the mount's final
 //! numbers as JSON; an unknown id is a `NOT_FOUND` service error. `mounts` answers every live
 //! mount with its read, cache and credential-refresh counters.
 
@@ -19,6 +19,7 @@ use async_nats::service::{NATS_SERVICE_ERROR, NATS_SERVICE_ERROR_CODE};
 use async_nats::{Client, HeaderMap, Message};
 use bytes::Bytes;
 use futures::StreamExt;
+use imagemesh_proto::RequestKey;
 use imagemesh_runtime::status::{StatusReporter, Step};
 use imagemesh_runtime::{ErrorCode, Rejection, Shutdown, subjects};
 use serde::Serialize;
@@ -40,6 +41,7 @@ pub fn stats_subject(worker_id: &str) -> String {
 #[derive(Debug, Serialize)]
 pub struct MountReport {
     pub mount_id: String,
+    pub tenant: String,
     pub request_id: String,
     pub mountpoint: String,
     pub image_ref: String,
@@ -57,6 +59,7 @@ impl MountReport {
         let info = &mount.info;
         Self {
             mount_id: info.id.clone(),
+            tenant: info.tenant.clone(),
             request_id: info.request_id.clone(),
             mountpoint: info.mountpoint.display().to_string(),
             image_ref: info.image_ref.clone(),
@@ -142,7 +145,8 @@ impl Control {
             .detail("range_requests", report.reads.range_requests)
             .detail("bytes_returned", report.reads.bytes_returned)
             .detail("credential_refreshes", report.credential.refreshes);
-        self.status.report(&mount.info.request_id, step).await;
+        let request = RequestKey::new(&mount.info.tenant, &mount.info.request_id);
+        self.status.report(request, step).await;
     }
 
     async fn list(&self, request: Message) {

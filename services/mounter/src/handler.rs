@@ -3,12 +3,14 @@
 //! Status phases: `authenticated` (the registry served the manifest with the request's
 //! credential), `resolved` (manifest and index found), then `mounted` (succeeded) with the
 //! mount point, digests, entry count, bytes fetched so far and where to unmount. A redelivered
-//! request for a mount that exists reports it again (`existing=true`) and mounts nothing.
+//! request for a mount that exists reports it again (`existing=true`) and mounts nothing; a
+//! mount is only ever found again by its own tenant.
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use imagemesh_lazyindex::{EntryKind, MergedTree};
+use imagemesh_proto::TenantRequest;
 use imagemesh_proto::v1::{ContainerRequest, RegistryCredential};
 use imagemesh_registry::{
     PlatformSpec, Reference, RegistryClient, RegistrySettings, credential_for,
@@ -45,10 +47,6 @@ pub struct Mounter {
 impl Handler for Mounter {
     type Request = ContainerRequest;
 
-    fn request_id(request: &ContainerRequest) -> &str {
-        &request.request_id
-    }
-
     fn without_secrets(request: &ContainerRequest) -> ContainerRequest {
         request.without_secrets()
     }
@@ -65,34 +63,40 @@ fn reject(code: ErrorCode, message: impl Into<String>) -> Outcome {
     Outcome::Reject(Rejection::new(code, message))
 }
 
-/// The mount's id: the container's, else the request's; it names a directory, so it must be a
-/// plain token.
-fn mount_id(request: &ContainerRequest) -> Result<&str, Outcome> {
-    let id = if request.container_id.is_empty() {
-        &request.request_id
-    } else {
-        &request.container_id
-    };
-    imagemesh_proto::validate_request_id(id)
+/// The mount's id: the container's (the platform gives containers ids unique on a node), else
+/// `<tenant>_<request id>` (request ids are unique per tenant only; tenants hold no `_`, so two
+/// tenants never make the same id). It names a directory, so it must be a plain token.
+fn mount_id(request: &ContainerRequest) -> Result<String, Outcome> {
+    if request.container_id.is_empty() {
+        // The work loop validated both parts: `[a-z0-9-]` and `[A-Za-z0-9_-]`.
+        return Ok(format!("{}_{}", request.tenant, request.request_id));
+    }
+    imagemesh_proto::validate_request_id(&request.container_id)
         .map_err(|e| reject(ErrorCode::MalformedRequest, format!("container_id: {e}")))?;
-    Ok(id)
+    Ok(request.container_id.clone())
 }
 
 impl Mounter {
     async fn mount(&self, request: &ContainerRequest) -> Result<(), Outcome> {
-        let id = mount_id(request)?;
+        let id = &mount_id(request)?;
         let image: Reference = request.image_ref.parse().map_err(|e| {
             reject(
                 ErrorCode::MalformedRequest,
                 format!("invalid image_ref: {e}"),
             )
         })?;
-        match self.mounts.reserve(id, &request.image_ref) {
+        match self.mounts.reserve(id, &request.tenant, &request.image_ref) {
             Reserved::New => {}
             Reserved::Existing(mount) => {
                 let step = self.mounted_step(&mount, 0.0).detail("existing", true);
-                self.status.report(&request.request_id, step).await;
+                self.status.report(request.key(), step).await;
                 return Ok(());
+            }
+            Reserved::OtherTenant => {
+                return Err(reject(
+                    ErrorCode::Forbidden,
+                    format!("container {id} is mounted for another tenant"),
+                ));
             }
             Reserved::Conflict(other) => {
                 return Err(reject(
@@ -160,6 +164,7 @@ impl Mounter {
         .map_err(|e| reject(ErrorCode::Internal, format!("building the file table: {e}")))?;
         let info = MountInfo {
             id: id.to_string(),
+            tenant: request.tenant.clone(),
             request_id: request.request_id.clone(),
             image_ref: request.image_ref.clone(),
             image_digest: opened.resolved.digest().to_string(),
@@ -197,13 +202,14 @@ impl Mounter {
                 counters,
                 mount_id: id.to_string(),
                 request_id: request.request_id.clone(),
+                tenant: request.tenant.clone(),
             };
             tokio::spawn(refresh.run(credential.clone(), stop_refresh));
         }
         let seconds = started.elapsed().as_secs_f64();
         tracing::info!(mount_id = id, mountpoint = %mount.info.mountpoint.display(), seconds, "mounted");
         let step = self.mounted_step(&mount, seconds).detail("existing", false);
-        self.status.report(&request.request_id, step).await;
+        self.status.report(request.key(), step).await;
         Ok(())
     }
 
@@ -232,7 +238,7 @@ impl Mounter {
             }
             None => step.message = format!("registry {registry} reached anonymously"),
         }
-        self.status.report(&request.request_id, step).await;
+        self.status.report(request.key(), step).await;
     }
 
     async fn report_resolved(&self, request: &ContainerRequest, opened: &OpenedImage) {
@@ -250,7 +256,7 @@ impl Mounter {
             .detail("layers", layers.len())
             .detail("layer_files", files)
             .detail("compressed_bytes", compressed);
-        self.status.report(&request.request_id, step).await;
+        self.status.report(request.key(), step).await;
     }
 
     fn mounted_step(&self, mount: &Mount, seconds: f64) -> Step {
@@ -272,5 +278,29 @@ impl Mounter {
         .detail("seconds", format!("{seconds:.3}"))
         .detail("unmount_subject", control::unmount_subject(&self.worker_id))
         .detail("stats_subject", control::stats_subject(&self.worker_id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(tenant: &str, id: &str, container: &str) -> ContainerRequest {
+        ContainerRequest {
+            tenant: tenant.into(),
+            request_id: id.into(),
+            container_id: container.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn without_a_container_id_the_mount_id_names_tenant_and_request() {
+        assert_eq!(mount_id(&request("a", "x", "ctr-1")).unwrap(), "ctr-1");
+        let a = mount_id(&request("a", "x", "")).unwrap();
+        let b = mount_id(&request("b", "x", "")).unwrap();
+        assert_eq!(a, "a_x");
+        assert_ne!(a, b, "the same request id in two tenants is two mounts");
+        assert!(mount_id(&request("a", "x", "../etc")).is_err());
     }
 }

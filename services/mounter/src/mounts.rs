@@ -30,6 +30,8 @@ pub struct FuseOptions {
 /// What a mount is, for status events and the stats endpoint.
 pub struct MountInfo {
     pub id: String,
+    /// The tenant whose request made the mount: only its requests may find it again.
+    pub tenant: String,
     pub request_id: String,
     pub image_ref: String,
     pub image_digest: String,
@@ -51,9 +53,21 @@ pub struct Mount {
 }
 
 enum Slot {
-    /// A request is mounting it right now.
-    Mounting(String),
+    /// A request of `tenant` is mounting `image_ref` right now.
+    Mounting {
+        tenant: String,
+        image_ref: String,
+    },
     Mounted(Arc<Mount>),
+}
+
+impl Slot {
+    fn tenant(&self) -> &str {
+        match self {
+            Slot::Mounting { tenant, .. } => tenant,
+            Slot::Mounted(mount) => &mount.info.tenant,
+        }
+    }
 }
 
 /// What [`MountTable::reserve`] found.
@@ -64,6 +78,8 @@ pub enum Reserved {
     Existing(Arc<Mount>),
     /// Mounted, or being mounted, with another image.
     Conflict(String),
+    /// Mounted, or being mounted, for another tenant (whose image is not named).
+    OtherTenant,
     /// Being mounted by another delivery right now.
     Busy,
     /// This instance holds `max_mounts` already.
@@ -98,21 +114,29 @@ impl MountTable {
         self.root.join(id)
     }
 
-    /// Claims `id` for mounting `image_ref`, unless it is mounted or being mounted.
-    pub fn reserve(&self, id: &str, image_ref: &str) -> Reserved {
+    /// Claims `id` for `tenant` to mount `image_ref`, unless it is mounted or being mounted.
+    /// A mount is found again (a redelivery) only by its own tenant.
+    pub fn reserve(&self, id: &str, tenant: &str, image_ref: &str) -> Reserved {
         let mut slots = self.slots.lock().expect("mount table lock");
         match slots.get(id) {
             None if slots.len() >= self.fuse.max_mounts => Reserved::Full(self.fuse.max_mounts),
             None => {
-                slots.insert(id.to_string(), Slot::Mounting(image_ref.to_string()));
+                let slot = Slot::Mounting {
+                    tenant: tenant.to_string(),
+                    image_ref: image_ref.to_string(),
+                };
+                slots.insert(id.to_string(), slot);
                 Reserved::New
             }
+            Some(slot) if slot.tenant() != tenant => Reserved::OtherTenant,
             Some(Slot::Mounted(m)) if m.info.image_ref == image_ref => {
                 Reserved::Existing(m.clone())
             }
             Some(Slot::Mounted(m)) => Reserved::Conflict(m.info.image_ref.clone()),
-            Some(Slot::Mounting(other)) if other != image_ref => Reserved::Conflict(other.clone()),
-            Some(Slot::Mounting(_)) => Reserved::Busy,
+            Some(Slot::Mounting {
+                image_ref: other, ..
+            }) if other != image_ref => Reserved::Conflict(other.clone()),
+            Some(Slot::Mounting { .. }) => Reserved::Busy,
         }
     }
 
@@ -124,7 +148,7 @@ impl MountTable {
     /// Gives up a reservation that did not end in a mount.
     pub fn release(&self, id: &str) {
         let mut slots = self.slots.lock().expect("mount table lock");
-        if matches!(slots.get(id), Some(Slot::Mounting(_))) {
+        if matches!(slots.get(id), Some(Slot::Mounting { .. })) {
             slots.remove(id);
         }
     }
@@ -184,7 +208,7 @@ impl MountTable {
             .values()
             .filter_map(|s| match s {
                 Slot::Mounted(m) => Some(m.clone()),
-                Slot::Mounting(_) => None,
+                Slot::Mounting { .. } => None,
             })
             .collect();
         all.sort_by(|a, b| a.info.id.cmp(&b.info.id));
@@ -286,7 +310,38 @@ fn unescape(field: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::unescape;
+    use super::*;
+
+    fn table() -> (tempfile::TempDir, MountTable) {
+        let root = tempfile::tempdir().unwrap();
+        let fuse = FuseOptions {
+            threads: 1,
+            allow_other: false,
+            max_mounts: 4,
+        };
+        let table = MountTable::open(root.path(), fuse).unwrap();
+        (root, table)
+    }
+
+    #[test]
+    fn a_mount_id_in_use_is_never_handed_to_another_tenant() {
+        let (_root, table) = table();
+        assert!(matches!(table.reserve("ctr", "a", "r/x:1"), Reserved::New));
+        assert!(matches!(table.reserve("ctr", "a", "r/x:1"), Reserved::Busy));
+        assert!(matches!(
+            table.reserve("ctr", "a", "r/y:1"),
+            Reserved::Conflict(other) if other == "r/x:1"
+        ));
+        // Another tenant learns neither the image nor that a delivery is in progress.
+        for image in ["r/x:1", "r/y:1"] {
+            assert!(matches!(
+                table.reserve("ctr", "b", image),
+                Reserved::OtherTenant
+            ));
+        }
+        table.release("ctr");
+        assert!(matches!(table.reserve("ctr", "b", "r/x:1"), Reserved::New));
+    }
 
     #[test]
     fn mountinfo_escapes_are_decoded() {

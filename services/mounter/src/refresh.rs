@@ -76,6 +76,7 @@ pub struct Refresh {
     pub counters: Arc<RefreshCounters>,
     pub mount_id: String,
     pub request_id: String,
+    pub tenant: String,
 }
 
 impl Refresh {
@@ -112,6 +113,7 @@ impl Refresh {
             }),
             request_id: self.request_id.clone(),
             credential_ref: String::new(),
+            tenant: self.tenant.clone(),
         };
         loop {
             match self.credentials.refresh(&request).await {

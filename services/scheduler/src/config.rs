@@ -30,8 +30,13 @@ impl ServiceConfig for Config {
 pub struct SchedulerConfig {
     /// The private build registry (host[:port]) images are built into and mounted from.
     pub build_registry: String,
-    /// Repository in the build registry for builds that name none.
+    /// Where tenants' images live in the build registry: a tenant's builds push to
+    /// `<build_repository>/<tenant>` (or a repository below it) and nowhere else.
     pub build_repository: String,
+    /// Repository prefixes of the build registry every tenant may pull from (shared base
+    /// images), e.g. `["imagemesh/base"]`. Images in the build registry outside these and the
+    /// tenant's own prefix get no credential: such a request is refused (`FORBIDDEN`).
+    pub shared_repositories: Vec<String>,
     /// How long to wait for the credential service per attempt.
     #[serde(with = "humantime_serde")]
     pub credential_timeout: Duration,
@@ -54,11 +59,54 @@ impl Default for SchedulerConfig {
         Self {
             build_registry: "127.0.0.1:5000".into(),
             build_repository: "imagemesh/builds".into(),
+            shared_repositories: Vec::new(),
             credential_timeout: Duration::from_secs(2),
             heartbeat: Duration::from_secs(2),
             token_reuse: Duration::from_secs(30),
             intake: WorkerOptions::default(),
             registry: RegistrySettings::default(),
+        }
+    }
+}
+
+impl SchedulerConfig {
+    /// Refuses repository settings that would open more than they say: an empty build
+    /// repository would make every tenant's prefix a top-level repository, an empty shared
+    /// prefix would cover nothing (and hide a typo).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.build_repository.trim_matches('/').is_empty(),
+            "scheduler.build_repository is empty"
+        );
+        for shared in &self.shared_repositories {
+            anyhow::ensure!(
+                !shared.trim_matches('/').is_empty(),
+                "scheduler.shared_repositories holds an empty repository prefix"
+            );
+            anyhow::ensure!(
+                !imagemesh_registry::repository::within(&self.build_repository, shared),
+                "scheduler.shared_repositories entry {shared:?} covers build_repository \
+                 {:?}: every tenant could pull every other tenant's images",
+                self.build_repository
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_repositories_may_not_cover_the_tenants() {
+        let mut config = SchedulerConfig::default();
+        config.validate().unwrap();
+        config.shared_repositories = vec!["imagemesh/base".into()];
+        config.validate().unwrap();
+        for bad in ["", "/", "imagemesh", "imagemesh/builds"] {
+            config.shared_repositories = vec![bad.into()];
+            assert!(config.validate().is_err(), "{bad:?}");
         }
     }
 }

@@ -1,15 +1,16 @@
 //! Sending enriched requests downstream, once.
 //!
 //! A request goes to the live worker with the most free capacity (its own subject) or, when no
-//! worker advertises room, to the shared queue. It is published with the request id as
+//! worker advertises room, to the shared queue. It is published with `<tenant>.<request id>` as
 //! JetStream message id, so an intake message redelivered after a crash between publishing and
-//! acking (within the de-duplication window) is stored once. A client's second submission of an
-//! id never gets this far: the intake refuses it.
+//! acking (within the de-duplication window) is stored once, and the same request id in two
+//! tenants is two requests. A client's second submission of an id never gets this far: the
+//! intake refuses it.
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, message::PublishMessage};
-use imagemesh_proto::CONTENT_TYPE_PROTOBUF;
 use imagemesh_proto::v1::ContainerRequest;
+use imagemesh_proto::{CONTENT_TYPE_PROTOBUF, TenantRequest};
 use imagemesh_runtime::placement::{Directory, WorkKind};
 use imagemesh_runtime::{ErrorCode, Rejection, subjects, telemetry};
 use prost::Message;
@@ -48,19 +49,19 @@ impl Dispatcher {
         let message = PublishMessage::build()
             .payload(request.encode_to_vec().into())
             .headers(headers)
-            .message_id(&request.request_id);
+            .message_id(request.key().message_id());
         let publish = async { self.js.send_publish(subject.clone(), message).await?.await };
         let ack = publish
             .await
             .map_err(|e| transient(format!("could not dispatch to {subject}: {e}")))?;
         if ack.duplicate {
             tracing::info!(
-                request_id = request.request_id,
+                request = %request.key(),
                 "already in the work stream; not dispatched again"
             );
         }
         tracing::debug!(
-            request_id = request.request_id,
+            request = %request.key(),
             subject,
             sequence = ack.sequence,
             "dispatched"

@@ -1,5 +1,6 @@
 //! Attaching credentials to a ContainerRequest: the seed's `attachImageCredentials` and
-//! `attachBuildRegistryCredentials`, run for EVERY request, build and runtime alike.
+//! `attachBuildRegistryCredentials`, run for EVERY request, build and runtime alike, within what
+//! the request's tenant may reach ([`Tenancy`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -11,8 +12,10 @@ use imagemesh_proto::v1::{
 use imagemesh_registry::dockerfile::base_images;
 use imagemesh_registry::{Reference, host};
 use imagemesh_runtime::credentials::{CredentialClient, CredentialError};
+use imagemesh_runtime::streams::image_key;
 use imagemesh_runtime::{ErrorCode, Rejection};
 
+use crate::tenancy::Tenancy;
 use crate::token_cache::{TokenCache, TokenKey};
 use prost::Message;
 
@@ -48,27 +51,43 @@ fn permanent(code: ErrorCode, message: impl Into<String>) -> EnrichError {
 pub struct Enricher {
     pub credentials: CredentialClient,
     pub tokens: TokenCache,
-    /// image id -> name of the credential that pulls it (runtime secrets).
+    /// `<tenant>.<image id>` -> name of the credential that pulls it (runtime secrets).
     pub image_secrets: kv::Store,
     pub build_registry: String,
+    /// Tenants' repositories lie below it: `<build_repository>/<tenant>`.
     pub build_repository: String,
+    /// Repository prefixes of the build registry every tenant may pull from.
+    pub shared_repositories: Vec<String>,
+    /// `<tenant>.<image id>` -> ImageRecord.
     pub image_refs: kv::Store,
     pub references: ReferenceCache,
 }
 
 impl Enricher {
-    /// Resolves the image reference and attaches both credentials. Credentials the client put in
-    /// the request are discarded: only the credential service hands them out.
+    /// What the request's tenant may reach in the build registry.
+    fn tenancy<'a>(&'a self, request: &'a ContainerRequest) -> Tenancy<'a> {
+        Tenancy {
+            build_repository: &self.build_repository,
+            shared: &self.shared_repositories,
+            tenant: &request.tenant,
+        }
+    }
+
+    /// Resolves the image reference and attaches both credentials. Credentials (and a build
+    /// target) the client put in the request are discarded: only the credential service hands
+    /// them out, and only the scheduler decides where an image goes. The request's tenant is the
+    /// intake subject's (bound by the work loop before this runs).
     pub async fn enrich(&self, request: &mut ContainerRequest) -> Result<(), EnrichError> {
         request.image_credentials = None;
         request.build_registry_creds = None;
         request.base_image_credentials.clear();
+        request.build_image_ref.clear();
         let kind = request.kind();
         let build_target = match kind {
             RequestKind::Build => Some(self.resolve_build_target(request)?),
             RequestKind::Runtime => {
                 if request.image_ref.is_empty() {
-                    request.image_ref = self.recorded_image_ref(&request.image_id).await?;
+                    request.image_ref = self.recorded_image_ref(request).await?;
                 }
                 None
             }
@@ -88,13 +107,20 @@ impl Enricher {
         let in_build_registry = image
             .as_ref()
             .is_some_and(|r| host::same_registry(r.registry(), &self.build_registry));
+        if let Some(image) = image.as_ref().filter(|_| in_build_registry) {
+            // The image to mount, or the source a build copies: read with a build-registry
+            // credential, so only from what the tenant may reach.
+            self.tenancy(request)
+                .check_pull(&request.image_ref, image.repository())
+                .map_err(EnrichError::Permanent)?;
+        }
         let build_repository = match (build_target, &image) {
             (Some(repository), _) => repository,
             (None, Some(image)) if in_build_registry => {
                 request.build_image_ref = request.image_ref.clone();
                 image.repository().to_string()
             }
-            (None, _) => self.build_repository.clone(),
+            (None, _) => self.tenancy(request).prefix(),
         };
         self.attach_build_registry_credentials(request, kind, build_repository)
             .await?;
@@ -129,14 +155,26 @@ impl Enricher {
                 ),
             ));
         }
+        // A base in the build registry is pulled with a build-registry credential: only from
+        // what the tenant may reach.
+        let tenancy = self.tenancy(request);
+        for base in bases
+            .iter()
+            .filter(|base| host::same_registry(base.registry(), &self.build_registry))
+        {
+            tenancy
+                .check_pull(&base.whole(), base.repository())
+                .map_err(EnrichError::Permanent)?;
+        }
         // Independent token requests: asked for at once.
         let pull = ["pull".to_string()];
-        let request_id = request.request_id.as_str();
+        let (request_id, tenant) = (request.request_id.as_str(), request.tenant.as_str());
         let minted = futures::future::try_join_all(bases.iter().map(|base| {
             let registry = host::normalize(base.registry());
             let pull = &pull;
             async move {
                 let key = TokenKey {
+                    tenant,
                     registry: &registry,
                     repository: base.repository(),
                     actions: pull,
@@ -150,7 +188,8 @@ impl Enricher {
         Ok(())
     }
 
-    /// Build: the image goes to `<build registry>/<repository>:<image id>`.
+    /// Build: the image goes to `<build registry>/<repository>:<image id>`, the repository being
+    /// the tenant's prefix or one below it.
     fn resolve_build_target(&self, request: &mut ContainerRequest) -> Result<String, EnrichError> {
         imagemesh_proto::validate_image_id(&request.image_id)
             .map_err(|e| permanent(ErrorCode::MalformedRequest, e))?;
@@ -161,16 +200,22 @@ impl Enricher {
                 "a build needs build_options.dockerfile or build_options.source_image",
             ));
         }
-        let repository = if options.repository.is_empty() {
-            self.build_repository.clone()
-        } else {
-            options.repository.clone()
-        };
+        let repository = self
+            .tenancy(request)
+            .build_repository(&options.repository)
+            .map_err(EnrichError::Permanent)?;
         let target = format!(
             "{}/{}:{}",
             self.build_registry, repository, request.image_id
         );
-        parse_reference(&target)?;
+        // The prefix check read the repository as written; the push goes where the reference
+        // parses to, so the two must be the same.
+        if parse_reference(&target)?.repository() != repository {
+            return Err(permanent(
+                ErrorCode::MalformedRequest,
+                format!("repository {repository:?} is not a plain repository path"),
+            ));
+        }
         request.build_image_ref = target;
         if request.image_ref.is_empty() {
             request.image_ref = options.source_image;
@@ -178,7 +223,10 @@ impl Enricher {
         Ok(repository)
     }
 
-    async fn recorded_image_ref(&self, image_id: &str) -> Result<String, EnrichError> {
+    /// The reference recorded for the request's image id in its tenant: another tenant's image
+    /// of the same id is not found.
+    async fn recorded_image_ref(&self, request: &ContainerRequest) -> Result<String, EnrichError> {
+        let image_id = request.image_id.as_str();
         if image_id.is_empty() {
             return Err(permanent(
                 ErrorCode::MalformedRequest,
@@ -187,7 +235,8 @@ impl Enricher {
         }
         imagemesh_proto::validate_image_id(image_id)
             .map_err(|e| permanent(ErrorCode::MalformedRequest, e))?;
-        let entry = self.image_refs.get(image_id).await.map_err(|e| {
+        let key = image_key(&request.tenant, image_id);
+        let entry = self.image_refs.get(&key).await.map_err(|e| {
             EnrichError::Transient(Rejection::new(
                 ErrorCode::Internal,
                 format!("image-refs lookup failed: {e}"),
@@ -220,6 +269,7 @@ impl Enricher {
             _ => vec!["pull".to_string()],
         };
         let key = TokenKey {
+            tenant: &request.tenant,
             registry: &self.build_registry,
             repository: &repository,
             actions: &actions,
@@ -240,8 +290,9 @@ impl Enricher {
     }
 
     /// The user's credential for the registry of `image_ref`, when it is another registry: the
-    /// runtime secret recorded for the image id (a named credential held by the credential
-    /// service), else the registry's default. A registry the credential service has nothing
+    /// runtime secret recorded for the image id in the tenant (a named credential held by the
+    /// credential service, which checks that it is bound to the tenant and covers the
+    /// repository), else the registry's default. A registry the credential service has nothing
     /// for is treated as public.
     async fn attach_image_credentials(
         &self,
@@ -251,6 +302,7 @@ impl Enricher {
         let registry = host::normalize(image.registry());
         let credential_ref = self.image_secret(request).await?;
         let key = TokenKey {
+            tenant: &request.tenant,
             registry: &registry,
             repository: image.repository(),
             actions: &["pull".to_string()],
@@ -260,14 +312,16 @@ impl Enricher {
         Ok(())
     }
 
-    /// The credential name recorded for a runtime request's image id, if any.
+    /// The credential name recorded for a runtime request's image id in its tenant, if any.
     async fn image_secret(&self, request: &ContainerRequest) -> Result<String, EnrichError> {
         if request.kind() != RequestKind::Runtime || request.image_id.is_empty() {
             return Ok(String::new());
         }
+        imagemesh_proto::validate_image_id(&request.image_id)
+            .map_err(|e| permanent(ErrorCode::MalformedRequest, e))?;
         let entry = self
             .image_secrets
-            .get(&request.image_id)
+            .get(image_key(&request.tenant, &request.image_id))
             .await
             .map_err(|e| {
                 EnrichError::Transient(Rejection::new(
@@ -297,6 +351,7 @@ impl Enricher {
             }),
             request_id: request_id.to_string(),
             credential_ref: key.credential_ref.to_string(),
+            tenant: key.tenant.to_string(),
         };
         let credential = match self.credentials.mint(&token_request).await {
             Ok(response) => response.credential,

@@ -1,6 +1,7 @@
 //! One intake request: enrich it, dispatch it, report it.
 
 use imagemesh_proto::v1::{ContainerRequest, RequestKind};
+use imagemesh_proto::{RequestKey, TenantRequest};
 use imagemesh_runtime::placement;
 use imagemesh_runtime::status::{StatusReporter, Step};
 use imagemesh_runtime::worker::{Delivery, Handler, Outcome};
@@ -23,21 +24,20 @@ impl Handler for Scheduler {
     // Clients never put secrets in intake payloads, so undecodable ones are kept for diagnosis.
     const KEEP_UNDECODABLE_PAYLOAD: bool = true;
 
-    fn request_id(request: &ContainerRequest) -> &str {
-        &request.request_id
-    }
-
-    fn request_id_of_subject(subject: &str) -> Option<&str> {
-        subjects::intake_request_id(subject)
+    // The intake subject names the tenant (the NATS server decides who may publish there): the
+    // work loop binds the request to it before `handle` runs.
+    fn key_of_subject(subject: &str) -> Option<RequestKey<'_>> {
+        subjects::parse_intake(subject)
     }
 
     fn without_secrets(request: &ContainerRequest) -> ContainerRequest {
         request.without_secrets()
     }
 
-    // A request id reaches this handler once: the intake holds one message per id (a client's
-    // second submission is refused by the server), and a redelivery after a crash publishes
-    // with the same message id, which the work stream stores once.
+    // A request reaches this handler once: the intake holds one message per tenant and id (a
+    // client's second submission is refused by the server), and a redelivery after a crash
+    // publishes with the same message id (`<tenant>.<request id>`), which the work stream
+    // stores once.
     async fn handle(&self, mut request: ContainerRequest, _delivery: &Delivery) -> Outcome {
         match self.enricher.enrich(&mut request).await {
             Ok(()) => {}
@@ -46,7 +46,6 @@ impl Handler for Scheduler {
             // may use the id again.
             Err(EnrichError::Permanent(rejection)) => return Outcome::Reject(rejection),
         }
-        let id = &request.request_id;
         let kind = match request.kind() {
             RequestKind::Build => placement::BUILD,
             _ => placement::MOUNT,
@@ -70,7 +69,7 @@ impl Handler for Scheduler {
                 "base_image_credentials",
                 request.base_image_credentials.len(),
             );
-        self.status.report(id, step).await;
+        self.status.report(request.key(), step).await;
         Outcome::Done
     }
 }

@@ -1,12 +1,20 @@
 //! The scheduler: the one place credentials are attached to ContainerRequests.
 //!
-//! For every request on the durable intake (`imagemesh.intake.<request id>`), build or
-//! runtime, it asks the credential service for a build-registry token (push+pull for builds,
-//! pull for runtime) and for the image's own registry credential, then publishes the enriched
-//! request to the builder (`imagemesh.work.build`) or mounter (`imagemesh.work.mount`) stream.
-//! It fails closed: a request is never dispatched without its build-registry credential; while
-//! the credential service is unreachable it is retried with backoff, and after
-//! `intake.max_deliver` attempts it fails with a clear reason and a dead letter.
+//! For every request on the durable intake (`imagemesh.intake.<tenant>.<request id>`), build or
+//! runtime, it binds the request to the subject's tenant, asks the credential service for a
+//! build-registry token (push+pull for builds, pull for runtime) and for the image's own
+//! registry credential, then publishes the enriched request to the builder
+//! (`imagemesh.work.build`) or mounter (`imagemesh.work.mount`) stream. It fails closed: a
+//! request is never dispatched without its build-registry credential; while the credential
+//! service is unreachable it is retried with backoff, and after `intake.max_deliver` attempts it
+//! fails with a clear reason and a dead letter.
+//!
+//! - `handler`: one intake request: enrich, dispatch, report.
+//! - [`enrich`]: which image, which credentials.
+//! - `tenancy`: what a tenant may reach in the build registry (its prefix, shared repositories).
+//! - `token_cache`: tokens reused for a few seconds, per tenant.
+//! - `dispatch`: placement and the one publish downstream; `reroute`: moving the queued work of
+//!   workers that stopped heartbeating.
 #![forbid(unsafe_code)]
 
 pub mod config;
@@ -14,6 +22,7 @@ mod dispatch;
 pub mod enrich;
 mod handler;
 mod reroute;
+mod tenancy;
 mod token_cache;
 
 use async_nats::Client;
@@ -50,7 +59,9 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
     let image_refs = streams::image_refs(&js, &config.streams).await?;
     let image_secrets = streams::image_secrets(&js, &config.streams).await?;
     let settings = config.scheduler;
+    settings.validate()?;
     let workers = placement::workers_bucket(&js, settings.heartbeat, &config.streams).await?;
+
     let directory = Directory::watch(&workers, shutdown.clone()).await?;
     let status = StatusReporter::new(js.clone(), IDENTITY.name);
     tokio::spawn(reroute::run(
@@ -67,6 +78,7 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
             image_secrets,
             build_registry: imagemesh_registry::host::normalize(&settings.build_registry),
             build_repository: settings.build_repository.clone(),
+            shared_repositories: settings.shared_repositories.clone(),
             image_refs,
             references: Default::default(),
         },

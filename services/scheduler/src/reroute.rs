@@ -14,6 +14,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
 use async_nats::jetstream::{self, AckKind, message::PublishMessage};
 use futures::StreamExt;
+use imagemesh_proto::RequestKey;
 use imagemesh_runtime::Shutdown;
 use imagemesh_runtime::placement::{self, Directory, WorkKind};
 use imagemesh_runtime::status::{StatusReporter, Step};
@@ -166,14 +167,15 @@ async fn move_one(
         .double_ack_with(AckKind::Ack)
         .await
         .map_err(|e| anyhow::anyhow!(e))?;
-    if imagemesh_proto::validate_request_id(&original_id).is_ok() {
+    // Work messages are published with `<tenant>.<request id>` as message id.
+    if let Some(request) = RequestKey::from_message_id(&original_id) {
         let step = Step::pending(
             "rerouted",
             format!("worker {worker} stopped heartbeating; re-routed to {target}"),
         )
         .detail("from_worker", worker)
         .detail("subject", &target);
-        status.report(&original_id, step).await;
+        status.report(request, step).await;
     }
     Ok(())
 }

@@ -1,10 +1,11 @@
 //! A short-lived memory of tokens the credential service handed the scheduler.
 //!
 //! Thousands of requests a second for the same build repository would otherwise each cost a
-//! round trip to the credential service. A token is reused for at most `ttl` and never past
-//! half of its remaining lifetime when it was minted, so every request still leaves with a
-//! token that lives long enough, and a credential revoked at the credential service stops being
-//! handed out within `ttl`. "No credentials for this registry" (a public image) is remembered
+//! round trip to the credential service. Answers are remembered per tenant (the credential
+//! service decides per tenant). A token is reused for at most `ttl` and never past half of its
+//! remaining lifetime when it was minted, so every request still leaves with a token that lives
+//! long enough, and a credential revoked at the credential service stops being handed out
+//! within `ttl`. "No credentials for this registry" (a public image) is remembered
 //! the same way. `ttl = 0` turns the cache off.
 
 use std::collections::HashMap;
@@ -16,8 +17,8 @@ use imagemesh_proto::v1::RegistryCredential;
 /// Entries kept before expired ones are swept out.
 const MAX_ENTRIES: usize = 10_000;
 
-/// (registry, repository, actions, credential name).
-type Key = (String, String, Vec<String>, String);
+/// (tenant, registry, repository, actions, credential name).
+type Key = (String, String, String, Vec<String>, String);
 
 struct Entry {
     /// `None`: the credential service has nothing for this registry.
@@ -27,6 +28,9 @@ struct Entry {
 
 /// What a token is for.
 pub struct TokenKey<'a> {
+    /// The tenant asking: the credential service decides per tenant (named credentials are bound
+    /// to tenants), so one tenant's answer is never served to another.
+    pub tenant: &'a str,
     pub registry: &'a str,
     pub repository: &'a str,
     pub actions: &'a [String],
@@ -37,6 +41,7 @@ pub struct TokenKey<'a> {
 impl TokenKey<'_> {
     fn owned(&self) -> Key {
         (
+            self.tenant.to_string(),
             self.registry.to_string(),
             self.repository.to_string(),
             self.actions.to_vec(),
@@ -113,6 +118,7 @@ mod tests {
         credential_ref: &'a str,
     ) -> TokenKey<'a> {
         TokenKey {
+            tenant: "a",
             registry: "r",
             repository,
             actions,
@@ -136,6 +142,11 @@ mod tests {
             cache.get(&key("a", &pull, "named")).is_none(),
             "other credential"
         );
+        let other_tenant = TokenKey {
+            tenant: "b",
+            ..key("a", &pull, "")
+        };
+        assert!(cache.get(&other_tenant).is_none(), "other tenant");
 
         // A token with 1 s left is reused for at most 0.5 s.
         let short = Some(credential(Some(Duration::from_secs(1))));

@@ -38,22 +38,23 @@ pub fn request(mesh: &Mesh, id: &str, image: &str) -> IndexRequest {
         manifest_digest: String::new(),
         credential: Some(credential(mesh, REGISTRY_PASSWORD)),
         platform: String::new(),
+        tenant: imagemesh_proto::DEFAULT_TENANT.into(),
     }
 }
 
 /// Publishes and waits for the request's last event.
 pub async fn index(mesh: &Mesh, request: &IndexRequest) -> Vec<StatusEvent> {
-    // As the builder publishes it: protobuf, request id as message id.
-    mesh.publish_work(subjects::INDEX, request, &request.request_id)
-        .await;
+    // As the builder publishes it: protobuf, `<tenant>.<request id>` as message id.
+    mesh.publish_work(subjects::INDEX, request).await;
     mesh.wait_terminal(&request.request_id, WAIT).await
 }
 
-/// The image-refs KV record of `image_id`.
+/// The image-refs KV record of the default tenant's `image_id`.
 pub async fn image_record(mesh: &Mesh, image_id: &str) -> Option<ImageRecord> {
     let js = async_nats::jetstream::new(mesh.client.clone());
     let store = js.get_key_value(streams::IMAGE_REFS_BUCKET).await.ok()?;
-    let value = store.get(image_id).await.expect("kv get")?;
+    let key = streams::image_key(imagemesh_proto::DEFAULT_TENANT, image_id);
+    let value = store.get(key).await.expect("kv get")?;
     Some(ImageRecord::decode(value).expect("record decodes"))
 }
 

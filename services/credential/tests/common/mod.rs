@@ -89,6 +89,7 @@ pub fn token_request(registry: &str, repository: &str, actions: &[&str]) -> Toke
         }),
         request_id: "test-request".into(),
         credential_ref: String::new(),
+        tenant: imagemesh_proto::DEFAULT_TENANT.into(),
     }
 }
 
