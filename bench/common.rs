@@ -1,4 +1,9 @@
-//! What every bench binary needs: settings from the environment and order statistics.
+//! What every bench binary needs: settings from the environment, order statistics, and the
+//! bus it measures on ([`bus`]: secured by default, open with `IMAGEMESH_BENCH_SECURED=0`).
+
+pub mod bus;
+
+pub use bus::{Bus, OPERATOR, Party, secured_from_env};
 
 use std::str::FromStr;
 use std::time::Duration;

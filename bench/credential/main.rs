@@ -7,7 +7,16 @@
 //! size; the client sends both the same payload with the same headers, in alternating blocks so
 //! machine noise hits both alike. Prints p50/p99 of each and the ratios.
 //!
-//! Environment: `BENCH_ROUNDS` (10) blocks of `BENCH_PER_ROUND` (2000) requests per kind.
+//! The bus is secured by default (`imagemesh_bench::bus`): TLS, and every party on its own
+//! identity with only its permissions. The service runs as `credential-1`; the echo, which
+//! answers requests as the service does, as `bench-echo` (it subscribes to its subject and may
+//! reply to what it receives, which the server tracks per request for both); the client as
+//! `bench-client`, which may send to the mint endpoint (as a scheduler does) and to the echo,
+//! so both kinds still go over one connection. `IMAGEMESH_BENCH_SECURED=0` runs both on the
+//! open server instead.
+//!
+//! Environment: `BENCH_ROUNDS` (10) blocks of `BENCH_PER_ROUND` (2000) requests per kind,
+//! `IMAGEMESH_BENCH_SECURED` (1).
 #![forbid(unsafe_code)]
 
 use std::time::{Duration, Instant};
@@ -15,11 +24,12 @@ use std::time::{Duration, Instant};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures::StreamExt;
-use imagemesh_bench::{env_number, percentile};
+use imagemesh_access::Role;
+use imagemesh_access::grants::Grants;
+use imagemesh_bench::{Bus, OPERATOR, Party, env_number, percentile, secured_from_env};
 use imagemesh_credential::config::{Config, RegistryConfig, SecretRef, TokenAuthConfig};
 use imagemesh_proto::v1::{Scope, TokenRequest, TokenResponse};
 use imagemesh_runtime::{Rejection, Shutdown, subjects};
-use imagemesh_testkit::NatsServer;
 use imagemesh_testkit::token_server::TokenServer;
 use prost::Message;
 
@@ -27,6 +37,32 @@ const ECHO_SUBJECT: &str = "bench.echo";
 const REGISTRY: &str = "bench-registry.example";
 const USER: &str = "bench";
 const PASSWORD: &str = "bench-Pw-1";
+
+const CREDENTIAL: &str = "credential-1";
+
+/// The baseline responder: its subject, and replies to what it receives.
+const ECHO: Party = Party {
+    name: "bench-echo",
+    grants: echo_grants,
+    responds: true,
+};
+
+/// The client: the mint endpoint (the scheduler's grant) and the echo.
+const CLIENT: Party = Party {
+    name: "bench-client",
+    grants: client_grants,
+    responds: false,
+};
+
+fn echo_grants(grants: &mut Grants) {
+    grants.subscribe(ECHO_SUBJECT);
+}
+
+fn client_grants(grants: &mut Grants) {
+    grants
+        .publish(subjects::CREDENTIAL_MINT)
+        .publish(ECHO_SUBJECT);
+}
 
 fn main() -> anyhow::Result<()> {
     let rounds = env_number("BENCH_ROUNDS", 10);
@@ -38,13 +74,19 @@ fn main() -> anyhow::Result<()> {
     // Logs and tracing as the service binary has them (info unless RUST_LOG says otherwise), so
     // the measured path pays for its spans what production pays.
     let _telemetry = server.block_on(async { imagemesh_runtime::telemetry::init("credential") });
-    let nats = NatsServer::start();
+    let bus = Bus::start(
+        secured_from_env(),
+        &[(CREDENTIAL, Role::Credential)],
+        &[ECHO, CLIENT],
+    )?;
+    eprintln!("bench-credential: {} bus", bus.mode());
     let tokens = TokenServer::start("bench", &[(USER, PASSWORD)]);
     let shutdown = Shutdown::new();
-    let service_client = server.block_on(async_nats::connect(nats.url()))?;
-    let echo_client = server.block_on(async_nats::connect(nats.url()))?;
+    let config = config(&bus, &tokens);
+    let service_client = server.block_on(config.nats.connect("credential"))?;
+    let echo_client = server.block_on(bus.connect(ECHO.name))?;
     let service = server.spawn(imagemesh_credential::run(
-        config(&nats, &tokens),
+        config,
         service_client,
         shutdown.clone(),
     ));
@@ -54,8 +96,11 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let result = client_rt.block_on(async {
-        let client = async_nats::connect(nats.url()).await?;
-        imagemesh_testkit::wait_for_service(&client, "credential", Duration::from_secs(20)).await;
+        // The operator sees the service answer discovery; the client may only call it.
+        let operator = bus.connect(OPERATOR).await?;
+        imagemesh_testkit::wait_for_service(&operator, "credential", Duration::from_secs(20))
+            .await;
+        let client = bus.connect(CLIENT.name).await?;
         let (payload, headers) = request();
         let first = call(&client, subjects::CREDENTIAL_MINT, &payload, &headers).await?;
         let reply_bytes = Bytes::from(first.encode_to_vec());
@@ -65,14 +110,22 @@ fn main() -> anyhow::Result<()> {
     });
     shutdown.trigger();
     let _ = server.block_on(service);
+    let violations = bus.violations();
+    for line in &violations {
+        eprintln!("nats-server refused: {line}");
+    }
     let (cached, echo) = result?;
-    report(&cached, &echo, tokens.requests(), rounds * per_round);
+    report(&bus, &cached, &echo, tokens.requests(), rounds * per_round);
+    anyhow::ensure!(
+        violations.is_empty(),
+        "nats-server refused something a party did; the numbers may not be what they seem"
+    );
     Ok(())
 }
 
-fn config(nats: &NatsServer, tokens: &TokenServer) -> Config {
+fn config(bus: &Bus, tokens: &TokenServer) -> Config {
     let mut config = Config::default();
-    config.nats.url = nats.url();
+    config.nats = bus.nats_config(CREDENTIAL);
     config.credential.registries = vec![RegistryConfig::Token(TokenAuthConfig {
         host: REGISTRY.into(),
         username: USER.into(),
@@ -165,7 +218,13 @@ async fn measure(
     Ok((cached, echo))
 }
 
-fn report(cached: &[Duration], echo: &[Duration], upstream_calls: usize, per_kind: usize) {
+fn report(
+    bus: &Bus,
+    cached: &[Duration],
+    echo: &[Duration],
+    upstream_calls: usize,
+    per_kind: usize,
+) {
     let mut cached = cached.to_vec();
     let mut echo = echo.to_vec();
     cached.sort();
@@ -180,6 +239,7 @@ fn report(cached: &[Duration], echo: &[Duration], upstream_calls: usize, per_kin
         )
     };
     println!("credential: cached-token round trip vs raw NATS request/reply echo");
+    println!("bus: {}", bus.mode());
     println!(
         "{per_kind} requests each, alternating blocks; upstream token calls: {upstream_calls}"
     );

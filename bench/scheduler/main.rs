@@ -11,8 +11,17 @@
 //! and timed from publish to arrival on the downstream subject (a core subscription). Rounds
 //! alternate so machine noise hits both alike; medians are reported with the ratios.
 //!
+//! The bus is secured by default (`imagemesh_bench::bus`): TLS, JetStream encrypted at rest,
+//! and every party on its own identity with only its permissions, the baseline's too. The
+//! operator provisions the streams and does the bench's bookkeeping; the scheduler and the
+//! credential service run as `scheduler-1` and `credential-1`; the scheduler's requests come
+//! from `client-default`. The relay, its load generator and the probe that watches arrivals
+//! downstream are bench identities whose grants cover exactly what they do (`relay::RELAY`,
+//! `relay::LOAD`, [`PROBE`]). `IMAGEMESH_BENCH_SECURED=0` runs both on the open server instead.
+//!
 //! Environment: `BENCH_ROUNDS` (3), `BENCH_REQUESTS` (10000), `BENCH_LATENCY_SAMPLES` (300),
-//! `BENCH_CONCURRENCY` (64: requests in flight, the same for the scheduler and the relay).
+//! `BENCH_CONCURRENCY` (64: requests in flight, the same for the scheduler and the relay),
+//! `IMAGEMESH_BENCH_SECURED` (1).
 #![forbid(unsafe_code)]
 
 mod relay;
@@ -21,15 +30,36 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use futures::StreamExt;
-use imagemesh_bench::{env_number, percentile};
+use imagemesh_access::Role;
+use imagemesh_access::grants::Grants;
+use imagemesh_bench::{Bus, OPERATOR, Party, env_number, percentile, secured_from_env};
 use imagemesh_proto::DEFAULT_TENANT;
 use imagemesh_proto::v1::{ContainerRequest, RequestKind};
 use imagemesh_runtime::{Shutdown, streams, subjects};
-use imagemesh_testkit::{NatsServer, Registry, RegistryAuth};
+use imagemesh_testkit::{Registry, RegistryAuth};
 use prost::Message;
 
 const USER: &str = "bench";
 const PASSWORD: &str = "bench-Pw-2";
+
+const CREDENTIAL: &str = "credential-1";
+const SCHEDULER: &str = "scheduler-1";
+/// Submits the scheduler's requests, as a client of the default tenant does.
+const CLIENT: &str = "client-default";
+
+/// Watches arrivals downstream for the latency samples: the mount queue's subject (where the
+/// scheduler dispatches with no mounter advertising) and the relay's output subject.
+const PROBE: Party = Party {
+    name: "bench-probe",
+    grants: probe_grants,
+    responds: false,
+};
+
+fn probe_grants(grants: &mut Grants) {
+    grants
+        .subscribe(subjects::MOUNT)
+        .subscribe(relay::OUT_SUBJECT);
+}
 
 /// Timings of one round.
 struct Round {
@@ -39,12 +69,53 @@ struct Round {
     relay_latency: Vec<Duration>,
 }
 
+/// The bench's own connections, each on its identity.
+struct Parties {
+    /// The operator: provisions, purges, counts, makes and removes the relay's streams, and
+    /// waits for the credential service.
+    admin: async_nats::Client,
+    admin_js: jetstream::Context,
+    /// Submits to the intake (`client-default`).
+    client: jetstream::Context,
+    /// Feeds the relay's input stream.
+    relay_load: jetstream::Context,
+    /// Watches the downstream subjects.
+    probe: async_nats::Client,
+}
+
+impl Parties {
+    async fn connect(bus: &Bus) -> anyhow::Result<Parties> {
+        let admin = bus.connect(OPERATOR).await?;
+        Ok(Parties {
+            admin_js: jetstream::new(admin.clone()),
+            admin,
+            client: jetstream::new(bus.connect(CLIENT).await?),
+            relay_load: jetstream::new(bus.connect(relay::LOAD.name).await?),
+            probe: bus.connect(PROBE.name).await?,
+        })
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let rounds = env_number("BENCH_ROUNDS", 3);
     let requests = env_number("BENCH_REQUESTS", 10000);
     let samples = env_number("BENCH_LATENCY_SAMPLES", 300);
     let concurrency = env_number("BENCH_CONCURRENCY", 64);
-    let nats = NatsServer::start();
+    let bus = Bus::start(
+        secured_from_env(),
+        &[
+            (CREDENTIAL, Role::Credential),
+            (SCHEDULER, Role::Scheduler),
+            (
+                CLIENT,
+                Role::Client {
+                    tenant: DEFAULT_TENANT.into(),
+                },
+            ),
+        ],
+        &[relay::RELAY, relay::LOAD, PROBE],
+    )?;
+    eprintln!("bench-scheduler: {} bus", bus.mode());
     let registry = Registry::start(RegistryAuth::Htpasswd(vec![(USER.into(), PASSWORD.into())]));
     let services = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -57,80 +128,125 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(1)
         .enable_all()
         .build()?;
+    let parties = load.block_on(Parties::connect(&bus))?;
+    // As on a mesh: the operator provisions every stream and bucket, the services look them up.
+    load.block_on(streams::provision_all(
+        &parties.admin_js,
+        &Default::default(),
+        &[DEFAULT_TENANT.to_string()],
+        imagemesh_scheduler::config::SchedulerConfig::default().heartbeat,
+    ))?;
     let mut results = Vec::new();
     for round in 0..rounds {
         let result = load.block_on(run_round(
             &services,
-            &nats,
+            &bus,
+            &parties,
             &registry,
             round,
             requests,
             samples,
             concurrency,
-        ))?;
+        ));
+        let result = match result {
+            Ok(result) => result,
+            Err(err) => {
+                refusals(&bus);
+                return Err(err);
+            }
+        };
         eprintln!(
             "round {round}: scheduler {:.0}/s, relay {:.0}/s",
             result.scheduler_rate, result.relay_rate
         );
         results.push(result);
     }
-    report(&results, requests, samples, concurrency);
+    report(&bus, &results, requests, samples, concurrency);
+    anyhow::ensure!(
+        refusals(&bus) == 0,
+        "nats-server refused something a party did; the numbers may not be what they seem"
+    );
     Ok(())
 }
 
+/// Prints what the server refused (nothing, when every party's permissions fit what it does);
+/// returns how many.
+fn refusals(bus: &Bus) -> usize {
+    let violations = bus.violations();
+    for line in &violations {
+        eprintln!("nats-server refused: {line}");
+    }
+    violations.len()
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn run_round(
     services: &tokio::runtime::Runtime,
-    nats: &NatsServer,
+    bus: &Bus,
+    parties: &Parties,
     registry: &Registry,
     round: usize,
     requests: usize,
     samples: usize,
     concurrency: usize,
 ) -> anyhow::Result<Round> {
-    let client = async_nats::connect(nats.url()).await?;
-    let js = jetstream::new(client.clone());
+    let js = &parties.admin_js;
     let shutdown = Shutdown::new();
-    let credential = services.spawn(imagemesh_credential::run(
-        credential_config(nats, registry),
-        async_nats::connect(nats.url()).await?,
-        shutdown.clone(),
-    ));
-    imagemesh_testkit::wait_for_service(&client, "credential", Duration::from_secs(20)).await;
+    // Each service connects on the services' runtime, as its own process would on its own.
+    let credential = {
+        let config = credential_config(bus, registry);
+        let shutdown = shutdown.clone();
+        services.spawn(async move {
+            let client = config.nats.connect("credential").await?;
+            imagemesh_credential::run(config, client, shutdown).await
+        })
+    };
+    imagemesh_testkit::wait_for_service(&parties.admin, "credential", Duration::from_secs(20))
+        .await;
 
     // Scheduler throughput: fill the intake while no scheduler runs, then start one.
-    purge_work(&js).await?;
-    let ids = publish_requests(&js, registry, &format!("t{round}"), requests).await?;
-    let scheduler =
-        start_scheduler(services, nats, registry, concurrency, shutdown.clone()).await?;
-    wait_work_count(&js, ids.len() as u64).await?;
-    let scheduler_rate = arrival_rate(&js, streams::MOUNT).await?;
+    purge_work(js).await?;
+    let ids = publish_requests(&parties.client, registry, &format!("t{round}"), requests).await?;
+    let scheduler = start_scheduler(services, bus, registry, concurrency, shutdown.clone());
+    wait_work_count(js, ids.len() as u64).await?;
+    let scheduler_rate = arrival_rate(js, streams::MOUNT).await?;
     // Warm path latency, one request at a time.
-    purge_work(&js).await?;
+    purge_work(js).await?;
     let scheduler_latency = latencies(
-        &client,
-        &js,
+        &parties.probe,
+        &parties.client,
         registry,
         &format!("l{round}"),
         samples,
-        "imagemesh.work.>",
+        subjects::MOUNT,
         &format!("{}.{DEFAULT_TENANT}", subjects::INTAKE_PREFIX),
     )
     .await?;
     shutdown.trigger();
-    let _ = scheduler.await;
-    let _ = credential.await;
+    stopped("scheduler", scheduler.await)?;
+    stopped("credential service", credential.await)?;
 
     // The relay, on the same data shape.
     let relay_shutdown = Shutdown::new();
-    relay::ensure_streams(&js).await?;
-    let ids = relay::publish(&js, registry, &format!("rt{round}"), requests).await?;
-    let relay = services.spawn(relay::run(nats.url(), concurrency, relay_shutdown.clone()));
-    relay::wait_out_count(&js, ids as u64).await?;
-    let relay_rate = arrival_rate(&js, relay::OUT_STREAM).await?;
-    relay::purge(&js).await?;
+    relay::ensure_streams(js).await?;
+    let ids = relay::publish(
+        &parties.relay_load,
+        registry,
+        &format!("rt{round}"),
+        requests,
+    )
+    .await?;
+    let relay = services.spawn(relay::run(
+        bus.nats_config(relay::RELAY.name),
+        concurrency,
+        relay_shutdown.clone(),
+    ));
+    relay::wait_out_count(js, ids as u64).await?;
+    let relay_rate = arrival_rate(js, relay::OUT_STREAM).await?;
+    relay::purge(js).await?;
     let relay_latency = latencies(
-        &client,
-        &js,
+        &parties.probe,
+        &parties.relay_load,
         registry,
         &format!("rl{round}"),
         samples,
@@ -139,8 +255,8 @@ async fn run_round(
     )
     .await?;
     relay_shutdown.trigger();
-    let _ = relay.await;
-    relay::delete(&js).await?;
+    stopped("relay", relay.await)?;
+    relay::delete(js).await?;
     Ok(Round {
         scheduler_rate,
         relay_rate,
@@ -149,9 +265,22 @@ async fn run_round(
     })
 }
 
-fn credential_config(nats: &NatsServer, registry: &Registry) -> imagemesh_credential::Config {
+/// A party that stopped with an error fails the run (on the secured bus, most likely a
+/// permission the bench did not give).
+fn stopped(
+    what: &str,
+    joined: Result<anyhow::Result<()>, tokio::task::JoinError>,
+) -> anyhow::Result<()> {
+    match joined {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(err)) => Err(err.context(format!("the {what} failed"))),
+        Err(err) => Err(anyhow::anyhow!("the {what} panicked: {err}")),
+    }
+}
+
+fn credential_config(bus: &Bus, registry: &Registry) -> imagemesh_credential::Config {
     let mut config = imagemesh_credential::Config::default();
-    config.nats.url = nats.url();
+    config.nats = bus.nats_config(CREDENTIAL);
     config.credential.registries = vec![imagemesh_credential::config::RegistryConfig::Basic {
         host: registry.addr().to_string(),
         username: USER.into(),
@@ -163,19 +292,22 @@ fn credential_config(nats: &NatsServer, registry: &Registry) -> imagemesh_creden
     config
 }
 
-async fn start_scheduler(
+fn start_scheduler(
     services: &tokio::runtime::Runtime,
-    nats: &NatsServer,
+    bus: &Bus,
     registry: &Registry,
     concurrency: usize,
     shutdown: Shutdown,
-) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
     let mut config = imagemesh_scheduler::Config::default();
-    config.nats.url = nats.url();
+    config.nats = bus.nats_config(SCHEDULER);
+    config.streams = bus.stream_options();
     config.scheduler.build_registry = registry.addr().to_string();
     config.scheduler.intake.concurrency = concurrency;
-    let client = async_nats::connect(nats.url()).await?;
-    Ok(services.spawn(imagemesh_scheduler::run(config, client, shutdown)))
+    services.spawn(async move {
+        let client = config.nats.connect("scheduler").await?;
+        imagemesh_scheduler::run(config, client, shutdown).await
+    })
 }
 
 /// A runtime request for an image in the build registry (the common case: a container start).
@@ -197,19 +329,6 @@ async fn publish_requests(
     prefix: &str,
     count: usize,
 ) -> anyhow::Result<Vec<String>> {
-    // The intake exists once a scheduler ran; make sure of it for the first round.
-    streams::ensure(
-        js,
-        &[
-            streams::INTAKE,
-            streams::BUILD,
-            streams::MOUNT,
-            streams::STATUS,
-            streams::DEAD_LETTER,
-        ],
-        &Default::default(),
-    )
-    .await?;
     let mut acks = Vec::with_capacity(count);
     let mut ids = Vec::with_capacity(count);
     for n in 0..count {
@@ -265,10 +384,10 @@ async fn wait_work_count(js: &jetstream::Context, expected: u64) -> anyhow::Resu
     }
 }
 
-/// Sends `samples` requests one at a time, each on `<into>.<its id>`, and times their arrival on
-/// `watch`.
+/// Sends `samples` requests one at a time through `js`, each on `<into>.<its id>`, and times
+/// their arrival on `watch` (subscribed by `probe`).
 async fn latencies(
-    client: &async_nats::Client,
+    probe: &async_nats::Client,
     js: &jetstream::Context,
     registry: &Registry,
     prefix: &str,
@@ -276,8 +395,8 @@ async fn latencies(
     watch: &str,
     into: &str,
 ) -> anyhow::Result<Vec<Duration>> {
-    let mut arrivals = client.subscribe(watch.to_string()).await?;
-    client.flush().await?;
+    let mut arrivals = probe.subscribe(watch.to_string()).await?;
+    probe.flush().await?;
     let mut out = Vec::with_capacity(samples);
     for n in 0..samples {
         let id = format!("{prefix}-{n}");
@@ -300,7 +419,7 @@ fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
-fn report(results: &[Round], requests: usize, samples: usize, concurrency: usize) {
+fn report(bus: &Bus, results: &[Round], requests: usize, samples: usize, concurrency: usize) {
     let scheduler_rate = median(results.iter().map(|r| r.scheduler_rate).collect());
     let relay_rate = median(results.iter().map(|r| r.relay_rate).collect());
     let mut scheduler: Vec<_> = results
@@ -318,6 +437,7 @@ fn report(results: &[Round], requests: usize, samples: usize, concurrency: usize
         "bench-scheduler: {} rounds, {requests} requests per throughput run, {samples} latency samples per round, {concurrency} in flight",
         results.len()
     );
+    println!("  bus: {}", bus.mode());
     println!(
         "  throughput  scheduler {scheduler_rate:>8.0} req/s   raw consume->publish {relay_rate:>8.0} msg/s   ratio {:.2} (goal >= 0.50)",
         scheduler_rate / relay_rate

@@ -1,6 +1,8 @@
 //! The baseline: raw JetStream consume→publish with the scheduler's concurrency, between two
 //! streams defined like the intake and the mount queue (only names and subjects differ), so the
-//! difference is what the scheduler does, not how its streams store.
+//! difference is what the scheduler does, not how its streams store. On the secured bus the relay
+//! and its load generator have identities of their own ([`RELAY`], [`LOAD`]) whose grants are
+//! what they do, as the scheduler's and the client's are.
 
 use std::time::Duration;
 
@@ -8,7 +10,10 @@ use async_nats::jetstream::consumer::{AckPolicy, pull};
 use async_nats::jetstream::stream::Config;
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
+use imagemesh_access::grants::Grants;
+use imagemesh_bench::Party;
 use imagemesh_runtime::Shutdown;
+use imagemesh_runtime::nats::NatsConfig;
 use imagemesh_runtime::streams::{self, StreamOptions};
 use imagemesh_testkit::Registry;
 use prost::Message;
@@ -20,12 +25,43 @@ pub const IN_PREFIX: &str = "bench.relay.in";
 pub const OUT_SUBJECT: &str = "bench.relay.out";
 const IN_STREAM: &str = "BENCH_RELAY_IN";
 pub const OUT_STREAM: &str = "BENCH_RELAY_OUT";
+/// The relay's durable consumer.
+const DURABLE: &str = "relay";
+
+/// The relay: consumes its input stream (as the scheduler consumes the intake, with a filter
+/// of one message per subject) and publishes into its output stream.
+pub const RELAY: Party = Party {
+    name: "bench-relay",
+    grants: relay_grants,
+    responds: false,
+};
+
+/// The relay's load generator: publishes into its input stream (as a client submits).
+pub const LOAD: Party = Party {
+    name: "bench-relay-load",
+    grants: load_grants,
+    responds: false,
+};
+
+fn in_filter() -> String {
+    format!("{IN_PREFIX}.*")
+}
+
+fn relay_grants(grants: &mut Grants) {
+    grants
+        .work_consumer(IN_STREAM, DURABLE, &in_filter())
+        .stream_publish(OUT_SUBJECT);
+}
+
+fn load_grants(grants: &mut Grants) {
+    grants.stream_publish(in_filter());
+}
 
 pub async fn ensure_streams(js: &jetstream::Context) -> anyhow::Result<()> {
     let options = StreamOptions::default();
     let input = Config {
         name: IN_STREAM.into(),
-        subjects: vec![format!("{IN_PREFIX}.*")],
+        subjects: vec![in_filter()],
         ..streams::definition(streams::INTAKE, &options)
     };
     let output = Config {
@@ -67,16 +103,20 @@ pub async fn publish(
     Ok(count)
 }
 
-/// Relays until `shutdown`: pull (bounded by `concurrency`), publish with PubAck, ack.
-pub async fn run(url: String, concurrency: usize, shutdown: Shutdown) -> anyhow::Result<()> {
-    let client = async_nats::connect(url).await?;
+/// Relays until `shutdown`: pull (bounded by `concurrency`), publish with PubAck, ack. Connects
+/// with `nats` (as [`RELAY`]).
+pub async fn run(nats: NatsConfig, concurrency: usize, shutdown: Shutdown) -> anyhow::Result<()> {
+    let client = nats.connect("relay").await?;
     let js = jetstream::new(client);
     let stream = js.get_stream(IN_STREAM).await?;
     let consumer = stream
         .get_or_create_consumer(
-            "relay",
+            DURABLE,
             pull::Config {
-                durable_name: Some("relay".into()),
+                durable_name: Some(DURABLE.into()),
+                // Like the scheduler's intake consumer: filtered, so the create request names
+                // the filter and a permission can hold it to exactly that.
+                filter_subject: in_filter(),
                 ack_policy: AckPolicy::Explicit,
                 ..Default::default()
             },

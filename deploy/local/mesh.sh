@@ -3,6 +3,12 @@
 # build registry, and the five services; pushes a base image, then submits one build request
 # and one runtime request and prints their status flow. Ctrl-C stops everything it started.
 #
+# The mesh is secured as deployed (docs/security.md): a fresh bundle of identities (one nkey per
+# service instance, the operator, a client of the default tenant), a local CA and the
+# nats-server authorization config rendered from the permission table; TLS on the client port,
+# JetStream encrypted at rest; the operator provisions the streams, every service and the CLI
+# connect with their own identity. IMAGEMESH_OPEN_BUS=1 runs an open server instead.
+#
 # Environment: IMAGEMESH_NATS_PORT (4222), IMAGEMESH_REGISTRY_PORT (5000),
 # IMAGEMESH_STACK_DIR (.stack/run), IMAGEMESH_BIN_DIR (target/debug),
 # IMAGEMESH_RUN_ONCE=1 to stop after the demo requests (used by `make smoke`).
@@ -40,10 +46,28 @@ wait_port() { # host port what
   echo "$3 did not start; see $stack/logs" >&2; exit 1
 }
 
-# --- NATS with JetStream
-nats-server -a 127.0.0.1 -p "$nats_port" -js -sd "$stack/nats" >"$stack/logs/nats.log" 2>&1 &
-pids+=($!)
+# --- NATS with JetStream: identities, TLS and permissions from the table
+access="$stack/access"
+service_env() { :; }
+if [ "${IMAGEMESH_OPEN_BUS:-0}" = 1 ]; then
+  nats-server -a 127.0.0.1 -p "$nats_port" -js -sd "$stack/nats" >"$stack/logs/nats.log" 2>&1 &
+  pids+=($!)
+else
+  "$bin/imagemesh" nats-config generate "$access" --tenants default \
+    --builder builder-1 --mounter mounter-1 >/dev/null
+  "$bin/imagemesh" nats-config server "$access" --listen "127.0.0.1:$nats_port" \
+    --store "$stack/nats" >"$stack/nats.conf"
+  nats-server -c "$stack/nats.conf" >"$stack/logs/nats.log" 2>&1 &
+  pids+=($!)
+  # The environment that makes a service connect as identity $1.
+  service_env() { "$bin/imagemesh" nats-config env "$access" "$1"; }
+fi
 wait_port 127.0.0.1 "$nats_port" nats-server
+if [ "${IMAGEMESH_OPEN_BUS:-0}" != 1 ]; then
+  # The operator provisions every stream and bucket; no service may.
+  (eval "$("$bin/imagemesh" nats-config env "$access" operator --cli)"; \
+   NATS_URL="$nats_url" "$bin/imagemesh" provision --bundle "$access")
+fi
 
 # --- the build registry, htpasswd-protected with a fresh random password
 password=$(python3 -c 'import secrets; print(secrets.token_urlsafe(18))')
@@ -96,8 +120,18 @@ url = "$nats_url"
 mount_root = "$stack/mounts"
 TOML
 
+# Each instance with its own identity (builder and mounter: bound to their worker ids).
+declare -A identity=([credential]=credential-1 [scheduler]=scheduler-1 [indexer]=indexer-1
+  [builder]=builder-1 [mounter]=mounter-1)
 for service in credential scheduler builder indexer mounter; do
-  "$bin/imagemesh-$service" --config "$stack/config/$service.toml" >"$stack/logs/$service.log" 2>&1 &
+  (
+    eval "$(service_env "${identity[$service]}")"
+    case $service in
+      builder) export IMAGEMESH_BUILDER__PLACEMENT__WORKER_ID=builder-1 ;;
+      mounter) export IMAGEMESH_MOUNTER__PLACEMENT__WORKER_ID=mounter-1 ;;
+    esac
+    exec "$bin/imagemesh-$service" --config "$stack/config/$service.toml" >"$stack/logs/$service.log" 2>&1
+  ) &
   pids+=($!)
 done
 echo "mesh up: NATS $nats_url, registry $registry, logs in $stack/logs"
@@ -115,8 +149,11 @@ skopeo copy -q --dest-tls-verify=false --dest-creds "$user:$password" \
   "oci:$layout:busybox" "docker://$registry/imagemesh/base:busybox"
 echo "pushed base image $registry/imagemesh/base:busybox"
 
-# --- the demo: one build request, one runtime request
+# --- the demo: one build request, one runtime request, as the default tenant's client
 export NATS_URL="$nats_url"
+if [ "${IMAGEMESH_OPEN_BUS:-0}" != 1 ]; then
+  eval "$("$bin/imagemesh" nats-config env "$access" client-default --cli)"
+fi
 image_id="demo-$(date +%s)"
 context="$stack/demo"
 mkdir -p "$context"
@@ -136,6 +173,7 @@ printf '%s' "$password" | "$bin/imagemesh" index cat "$registry/imagemesh/builds
 if [ "${IMAGEMESH_RUN_ONCE:-0}" = 1 ]; then
   exit 0
 fi
-echo; echo "the mesh keeps running; submit more with: NATS_URL=$nats_url $bin/imagemesh submit --help"
+echo; echo "the mesh keeps running; as the default tenant's client:"
+echo "  eval \"\$($bin/imagemesh nats-config env $access client-default --cli)\"; NATS_URL=$nats_url $bin/imagemesh submit --help"
 echo "press Ctrl-C to stop"
 wait

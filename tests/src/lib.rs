@@ -127,7 +127,21 @@ pub struct Mesh {
 /// The security bundle of a secured mesh, in its own temp dir.
 pub struct Access {
     pub bundle: Bundle,
+    /// Public keys of the identities service processes of this mesh run as.
+    services: Vec<String>,
     _dir: tempfile::TempDir,
+}
+
+impl Access {
+    /// What the server refused to the services of this mesh: the permission table must grant
+    /// everything the real flow does.
+    fn refused_to_services(&self, log: &str) -> Vec<String> {
+        log.lines()
+            .filter(|l| l.contains("Violation"))
+            .filter(|l| self.services.iter().any(|key| l.contains(key.as_str())))
+            .map(str::to_string)
+            .collect()
+    }
 }
 
 impl Mesh {
@@ -254,6 +268,13 @@ impl Mesh {
             other => panic!("unknown service {other}"),
         };
         ensure_identity(&self.nats, &mut access.bundle, &name, role).await;
+        let key = access
+            .bundle
+            .identity(&name)
+            .expect("identity")
+            .public_key
+            .clone();
+        access.services.push(key);
         let mut identity_env = access.bundle.env_for(&name);
         if matches!(service, "builder" | "mounter") {
             identity_env.push((worker_var, worker_id));
@@ -619,6 +640,10 @@ impl Mesh {
 
 impl Drop for Mesh {
     fn drop(&mut self) {
+        let refused = match &self.access {
+            Some(access) => access.refused_to_services(&self.nats.log()),
+            None => Vec::new(),
+        };
         if std::thread::panicking() {
             // What a failed test most needs to explain itself: what the server refused, and
             // what each service said.
@@ -626,11 +651,7 @@ impl Drop for Mesh {
                 .nats
                 .log()
                 .lines()
-                .filter(|l| {
-                    !l.contains("INF] Starting") && std::env::var("DEBUG_NATS").is_ok()
-                        || l.contains("Violation")
-                        || l.contains("Authorization")
-                })
+                .filter(|l| l.contains("Violation") || l.contains("Authorization"))
                 .map(str::to_string)
                 .collect();
             eprintln!("==== nats-server refused ====\n{}", violations.join("\n"));
@@ -645,6 +666,11 @@ impl Drop for Mesh {
                 .arg(&mountpoint)
                 .status();
         }
+        assert!(
+            refused.is_empty() || std::thread::panicking(),
+            "the permission table refused the mesh's own services:\n{}",
+            refused.join("\n")
+        );
     }
 }
 
@@ -673,7 +699,12 @@ fn secured_server(identities: &[(String, Role)]) -> (NatsServer, Access) {
             .server_config("127.0.0.1:4222", store)
             .expect("server config")
     });
-    (nats, Access { bundle, _dir: dir })
+    let access = Access {
+        bundle,
+        services: Vec::new(),
+        _dir: dir,
+    };
+    (nats, access)
 }
 
 /// Adds identity `name` to the bundle when it is new, has the server reload its authorization

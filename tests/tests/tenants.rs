@@ -90,7 +90,7 @@ async fn mounted_hello(events: &[StatusEvent]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn images_are_per_tenant_and_a_tenant_pushes_only_under_its_prefix() {
-    let mesh = Mesh::start(MeshOptions::default()).await;
+    let mesh = Mesh::start(two_tenants(MeshOptions::default())).await;
     let registry = mesh.registry.addr().to_string();
 
     // A builds `app`; B builds an image of the same id with other content.
@@ -232,30 +232,41 @@ async fn images_are_per_tenant_and_a_tenant_pushes_only_under_its_prefix() {
 /// A mesh of the scheduler and a credential service holding `secrets` besides the build
 /// registry's account, with a probe standing in for builders and mounters.
 async fn scheduler_mesh(secrets: &str) -> (Mesh, ServiceProcess, Probe) {
-    let mesh = Mesh::start(MeshOptions {
+    let mut mesh = Mesh::start(two_tenants(MeshOptions {
         start: vec!["scheduler"],
         ..Default::default()
-    })
+    }))
     .await;
     let config = format!("{}{secrets}", mesh.config("credential"));
-    let credential = ServiceProcess::spawn(
-        "imagemesh-credential",
-        &config,
-        &[(PASSWORD_ENV, REGISTRY_PASSWORD)],
-    );
+    let mut env = mesh.identity_env("credential", "credential", &[]).await;
+    env.push((PASSWORD_ENV.into(), REGISTRY_PASSWORD.into()));
+    let env: Vec<_> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let credential = ServiceProcess::spawn("imagemesh-credential", &config, &env);
     wait_for_service(&mesh.client, "credential", WAIT).await;
     let probe = Probe::start(&mesh.client).await;
     (mesh, credential, probe)
 }
 
-/// Runs the CLI as `tenant`.
+/// Runs the CLI as `tenant`, with that tenant's client identity.
 fn cli(mesh: &Mesh, tenant: &str, args: &[&str]) -> std::process::Output {
     std::process::Command::new(bin_path("imagemesh"))
         .args(args)
-        .env("NATS_URL", mesh.nats.url())
+        .envs(mesh.cli_env_as(&format!("client-{tenant}")))
         .env("IMAGEMESH_TENANT", tenant)
         .output()
         .unwrap()
+}
+
+/// `options` with the client identities of both tenants, so the server knows them (and each
+/// tenant's context bucket is provisioned) from the start.
+fn two_tenants(mut options: MeshOptions) -> MeshOptions {
+    for tenant in [A, B] {
+        let role = imagemesh_access::Role::Client {
+            tenant: tenant.into(),
+        };
+        options.identities.push((format!("client-{tenant}"), role));
+    }
+    options
 }
 
 #[tokio::test]

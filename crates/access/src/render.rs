@@ -5,7 +5,7 @@ use std::fmt::Write;
 use serde_json::json;
 
 use crate::grants::Permissions;
-use crate::roles::Identity;
+use crate::roles::{Identity, Role};
 use crate::table::{MeshFacts, permissions};
 
 /// How long a responder may answer a request it received (micro services, mounter control).
@@ -70,4 +70,67 @@ pub fn matrix(identities: &[Identity], mesh: &MeshFacts) -> String {
         );
     }
     out
+}
+
+/// One identity of each role, with placeholders where a deployment puts its own names: the
+/// mesh `docs/security.md` shows.
+pub fn example() -> (Vec<Identity>, MeshFacts) {
+    let identity = |name: &str, role: Role| Identity {
+        name: name.into(),
+        role,
+        public_key: "<key>".into(),
+    };
+    let identities = vec![
+        identity("operator", Role::Operator),
+        identity("credential-N", Role::Credential),
+        identity("scheduler-N", Role::Scheduler),
+        identity("indexer-N", Role::Indexer),
+        identity(
+            "builder-W",
+            Role::Builder {
+                worker_id: "<worker>".into(),
+            },
+        ),
+        identity(
+            "mounter-W",
+            Role::Mounter {
+                worker_id: "<worker>".into(),
+            },
+        ),
+        identity(
+            "client-T",
+            Role::Client {
+                tenant: "<tenant>".into(),
+            },
+        ),
+    ];
+    let facts = MeshFacts {
+        tenants: vec!["<tenant>".into()],
+    };
+    (identities, facts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `docs/security.md` shows the matrix as generated; it must stay what the table says.
+    #[test]
+    fn the_documented_matrix_is_the_table() {
+        let doc = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../docs/security.md"
+        ))
+        .expect("docs/security.md");
+        let begin = "<!-- matrix:begin (imagemesh nats-config matrix) -->\n";
+        let end = "<!-- matrix:end -->";
+        let start = doc.find(begin).expect("matrix begin marker") + begin.len();
+        let stop = doc[start..].find(end).expect("matrix end marker") + start;
+        let (identities, facts) = example();
+        assert_eq!(
+            &doc[start..stop],
+            matrix(&identities, &facts),
+            "docs/security.md is out of date: paste `imagemesh nats-config matrix` between the markers"
+        );
+    }
 }

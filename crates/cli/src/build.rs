@@ -143,7 +143,6 @@ async fn upload_context(
     .with_context(|| format!("packing {}", dir.display()))?;
     let js = async_nats::jetstream::new(client.clone());
     let store = streams::contexts(&js, tenant, stored)
-
         .await
         .context("opening the build-context bucket")?;
     let mut file = tokio::fs::File::open(archive.path()).await?;

@@ -140,7 +140,6 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Build(args) => {
             let span = tracing::info_span!("imagemesh build", tenant);
             build::run(&nats().await?, &tenant, &stored, args)
-
                 .instrument(span)
                 .await
         }
@@ -161,4 +160,16 @@ async fn connect(
     config: &imagemesh_runtime::nats::NatsConfig,
 ) -> anyhow::Result<async_nats::Client> {
     Ok(config.connect("imagemesh-cli").await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// clap checks its own definition only when a command is parsed; check every one here
+    /// (a global flag and a subcommand's flag of the same name would otherwise fail at run time).
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
 }

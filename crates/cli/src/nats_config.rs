@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use imagemesh_access::{Bundle, BundleSpec, Identity, MeshFacts, Role};
+use imagemesh_access::{Bundle, BundleSpec};
 
 #[derive(Debug, clap::Args)]
 pub struct NatsConfigArgs {
@@ -18,8 +18,9 @@ pub enum Action {
     /// the JetStream encryption key, and `auth.conf` for nats-server.
     Generate {
         dir: PathBuf,
-        /// A tenant (repeatable); each gets the client identity `client-<tenant>`.
-        #[arg(long = "tenant", default_value = "default")]
+        /// Tenants (comma-separated or repeated); each gets the client identity
+        /// `client-<tenant>`.
+        #[arg(long, value_delimiter = ',', default_value = "default")]
         tenants: Vec<String>,
         /// Worker id of a builder instance (repeatable).
         #[arg(long = "builder", default_value = "builder-1")]
@@ -75,6 +76,9 @@ pub fn run(args: NatsConfigArgs) -> anyhow::Result<ExitCode> {
             server_names,
             mutual_tls,
         } => {
+            for tenant in &tenants {
+                imagemesh_proto::validate_tenant(tenant).map_err(anyhow::Error::msg)?;
+            }
             let spec = BundleSpec {
                 tenants,
                 credentials,
@@ -116,47 +120,10 @@ pub fn run(args: NatsConfigArgs) -> anyhow::Result<ExitCode> {
                     let bundle = Bundle::load(&dir)?;
                     (bundle.identities().to_vec(), bundle.facts())
                 }
-                None => example(),
+                None => imagemesh_access::render::example(),
             };
             print!("{}", imagemesh_access::render::matrix(&identities, &facts));
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// One identity of each role, with placeholders where a deployment puts its own names.
-fn example() -> (Vec<Identity>, MeshFacts) {
-    let identity = |name: &str, role: Role| Identity {
-        name: name.into(),
-        role,
-        public_key: "<key>".into(),
-    };
-    let identities = vec![
-        identity("operator", Role::Operator),
-        identity("credential-N", Role::Credential),
-        identity("scheduler-N", Role::Scheduler),
-        identity("indexer-N", Role::Indexer),
-        identity(
-            "builder-W",
-            Role::Builder {
-                worker_id: "<worker>".into(),
-            },
-        ),
-        identity(
-            "mounter-W",
-            Role::Mounter {
-                worker_id: "<worker>".into(),
-            },
-        ),
-        identity(
-            "client-T",
-            Role::Client {
-                tenant: "<tenant>".into(),
-            },
-        ),
-    ];
-    let facts = MeshFacts {
-        tenants: vec!["<tenant>".into()],
-    };
-    (identities, facts)
 }

@@ -11,8 +11,9 @@ use imagemesh_runtime::streams::{self, StreamOptions};
 
 #[derive(Debug, clap::Args)]
 pub struct ProvisionArgs {
-    /// Tenants whose build-context buckets to create (repeatable); with --bundle, its tenants.
-    #[arg(long = "tenant")]
+    /// Tenants whose build-context buckets to create (comma-separated or repeated); with
+    /// --bundle, also its tenants.
+    #[arg(long, value_delimiter = ',')]
     pub tenants: Vec<String>,
     /// A bundle made by `imagemesh nats-config generate`, for its tenants.
     #[arg(long, value_name = "DIR")]
