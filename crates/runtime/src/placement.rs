@@ -335,3 +335,55 @@ impl Directory {
             .is_some_and(Known::is_live)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(directory: &Directory, key: &str, ad: WorkerAdvertisement) {
+        directory.apply(kv::Entry {
+            bucket: WORKERS_BUCKET.into(),
+            key: key.into(),
+            value: ad.encode_to_vec().into(),
+            revision: 1,
+            delta: 0,
+            created: async_nats::datetime::now(),
+            operation: kv::Operation::Put,
+            seen_current: true,
+        });
+    }
+
+    /// A worker may only write its own key; what its advertisement claims about itself must
+    /// not route another worker's requests to it.
+    #[test]
+    fn routing_follows_the_key_not_what_the_advertisement_claims() {
+        let directory = Directory {
+            workers: Arc::default(),
+        };
+        let impostor = WorkerAdvertisement {
+            worker_id: "victim".into(),
+            kind: "mount".into(),
+            subject: "imagemesh.work.mount.victim".into(),
+            capacity: 4,
+            heartbeat_millis: 60_000,
+            ..Default::default()
+        };
+        put(&directory, "mount.w1", impostor.clone());
+        assert_eq!(directory.choose("mount").as_deref(), Some("w1"));
+        // Advertised under the build kind, it is not a mounter, whatever it says.
+        let directory = Directory {
+            workers: Arc::default(),
+        };
+        put(&directory, "build.w1", impostor);
+        assert_eq!(directory.choose("mount"), None);
+        assert_eq!(directory.choose("build").as_deref(), Some("w1"));
+    }
+
+    #[test]
+    fn keys_name_a_kind_and_one_worker_id() {
+        assert_eq!(split_key("mount.w1"), Some(("mount", "w1")));
+        assert_eq!(split_key("mount.a.b"), None);
+        assert_eq!(split_key("mount."), None);
+        assert_eq!(split_key("mount"), None);
+    }
+}
