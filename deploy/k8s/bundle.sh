@@ -3,23 +3,25 @@
 # deploy/k8s/generated/ (gitignored: it holds every nkey seed and the JetStream key).
 #
 #   generated/bundle/     `imagemesh nats-config generate`: mesh.json, auth.conf, identities/*.nk,
-#                         tls/{ca,server}.pem + keys, jetstream.key. client-<tenant>.nk and
-#                         tls/ca.pem are for each tenant's users; no pod gets them.
+#                         tls/{ca,server}.pem + keys, jetstream.key. identities/client-<tenant>.nk
+#                         (with tls/ca.pem) is for that tenant's users; it and tls/ca-key.pem
+#                         reach no pod.
 #   generated/routes/     route CA and certificate for the NATS cluster routes
 #   generated/mounters.env  <worker id>=<seed> of every mounter (one Secret for the DaemonSet)
 #   generated/config/     copies of deploy/config/*.toml (kustomize reads only below deploy/k8s)
 #
-# An existing bundle is kept (its JetStream key encrypts the servers' stores). REGENERATE=1
-# makes new identities, CA and certificates and keeps jetstream.key; apply afterwards, and every
-# pod rolls onto the new material.
+# An existing bundle is kept (its JetStream key encrypts the servers' stores: keep a copy of
+# generated/bundle/jetstream.key, without it they cannot be read). REGENERATE=1 makes new
+# identities, CA and certificates and keeps jetstream.key; apply afterwards, and every pod rolls
+# onto the new material (expect reconnects until the last NATS pod has rolled).
 #
-# Environment:
-#   TENANTS        tenants, comma- or space-separated (default: default)
-#   BUILDERS       builder worker ids (default: builder-0 builder-1); each must have its own
+# Environment (lists comma- or space-separated):
+#   TENANTS        tenants (default: default)
+#   BUILDERS       builder worker ids (default: builder-0,builder-1); each must have its own
 #                  Deployment in builder.yaml and Secret in kustomization.yaml (make k8s-check
 #                  checks that they agree)
-#   MOUNTER_NODES  names of the nodes mounters run on (kubectl get nodes); the DaemonSet's pod on
-#                  a node not listed here exits with a message
+#   MOUNTER_NODES  nodes the mounters run on (as kubectl get nodes names them); the pod on
+#                  a node not listed exits with a message
 #   NAMESPACE      namespace the certificates name (default: imagemesh, as kustomization.yaml)
 #   NATS_REPLICAS  NATS StatefulSet size the certificates name (default: 3, as nats.yaml)
 #   IMAGEMESH      the imagemesh CLI (default: target/debug/imagemesh)
@@ -34,14 +36,17 @@ cli=${IMAGEMESH:-${CARGO_TARGET_DIR:-$root/target}/debug/imagemesh}
 ns=${NAMESPACE:-imagemesh}
 replicas=${NATS_REPLICAS:-3}
 read -r -a tenants <<<"$(tr ',' ' ' <<<"${TENANTS:-default}")"
-read -r -a builders <<<"${BUILDERS:-builder-0 builder-1}"
-read -r -a nodes <<<"${MOUNTER_NODES:-}"
+read -r -a builders <<<"$(tr ',' ' ' <<<"${BUILDERS:-builder-0 builder-1}")"
+read -r -a nodes <<<"$(tr ',' ' ' <<<"${MOUNTER_NODES:-}")"
 if [ ${#nodes[@]} -eq 0 ]; then
   echo "bundle.sh: MOUNTER_NODES is unset: making a mounter identity for a node 'node-1' only;" \
     "list your nodes to deploy" >&2
   nodes=(node-1)
 fi
-[ -x "$cli" ] || { echo "bundle.sh: no imagemesh CLI at $cli: cargo build -p imagemesh-cli" >&2; exit 1; }
+if [ ! -x "$cli" ]; then
+  echo "bundle.sh: no imagemesh CLI at $cli: cargo build -p imagemesh-cli" >&2
+  exit 1
+fi
 
 # A node name as a worker id: dots separate subject tokens (mounter.yaml maps it the same way).
 worker_of_node() { tr . _ <<<"$1"; }
@@ -125,4 +130,4 @@ mkdir -p "$out/config"
 cp "$root"/deploy/config/*.toml "$out/config/"
 
 echo "bundle in $out: tenants ${tenants[*]}; builders ${builders[*]}; mounters on ${nodes[*]}" >&2
-echo "tenant users get generated/bundle/identities/client-<tenant>.nk and generated/bundle/tls/ca.pem" >&2
+echo "tenant users get $out/bundle/identities/client-<tenant>.nk and $out/bundle/tls/ca.pem" >&2

@@ -4,7 +4,9 @@
     kubectl kustomize deploy/k8s | deploy/k8s/check.py [deploy/k8s/generated/bundle]
 
 - every Secret and ConfigMap (and key) a pod references exists;
-- every file a pod's environment or command names lies in a mounted volume that has it;
+- every file a pod's environment, command or config names (a service's `{ file = ".." }`,
+  nats.conf's certificates and include) lies in a mounted volume that has it, and every
+  variable a config reads (`{ env = ".." }`, `$VAR`) is set;
 - each identity Secret is mounted by one workload, running the service of the identity's role,
   with the worker id the identity was made for (builders, and each key of the mounters' Secret);
 - every service identity of the bundle runs somewhere, over TLS;
@@ -14,7 +16,10 @@
 import base64
 import json
 import pathlib
+import posixpath
+import re
 import sys
+import tomllib
 
 import yaml
 
@@ -50,14 +55,14 @@ def source_of(volume):
     return None
 
 
-def check_pod(workload, pod, keys):
-    """Checks a pod's references; returns {secret name: [(container, mount path)]}."""
+def check_pod(workload, spec, keys):
+    """Checks a pod's references; returns {secret name: [containers mounting it]}."""
+    pod = spec["template"]["spec"]
     volumes = {v["name"]: source_of(v) for v in pod.get("volumes", [])}
+    volumes.update({t["metadata"]["name"]: None for t in spec.get("volumeClaimTemplates", [])})
     for name, source in volumes.items():
-        if not source:
-            continue
-        kind, ref, items = source
-        if (kind, ref) not in keys:
+        kind, ref, items = source or (None, None, None)
+        if source and (kind, ref) not in keys:
             fail(f"{workload}: volume {name}: no {kind} {ref}")
         for item in items or []:
             if item["key"] not in keys.get((kind, ref), {}):
@@ -70,30 +75,48 @@ def check_pod(workload, pod, keys):
             if m["name"] not in volumes:
                 fail(f"{where}: mounts undefined volume {m['name']}")
             elif volumes[m["name"]]:
-                mounts[m["mountPath"].rstrip("/")] = volumes[m["name"]]
-                if volumes[m["name"]][0] == "Secret":
-                    mounted.setdefault(volumes[m["name"]][1], []).append((container, m["mountPath"]))
-        env = {}
-        for e in container.get("env", []):
-            ref = e.get("valueFrom", {})
-            for kind, field in (("Secret", "secretKeyRef"), ("ConfigMap", "configMapKeyRef")):
-                if field in ref and not ref[field].get("optional"):
-                    if ref[field]["key"] not in keys.get((kind, ref[field]["name"]), {}):
-                        fail(f"{where}: env {e['name']}: no key {ref[field]['key']} in {kind} {ref[field]['name']}")
-            if "value" in e:
-                env[e["name"]] = e["value"]
-        for e in container.get("envFrom", []):
-            for kind, field in (("Secret", "secretRef"), ("ConfigMap", "configMapRef")):
-                if field in e and (kind, e[field]["name"]) not in keys:
-                    fail(f"{where}: envFrom: no {kind} {e[field]['name']}")
-        files = [v for k, v in env.items() if k.endswith("_FILE")]
-        args = container.get("command", []) + container.get("args", [])
-        files += [b for a, b in zip(args, args[1:]) if a == "--config"]
-        files += [b + "/mesh.json" for a, b in zip(args, args[1:]) if a == "--bundle"]
-        for path in files:
+                kind, ref, _ = mounts[m["mountPath"].rstrip("/")] = volumes[m["name"]]
+                if kind == "Secret":
+                    mounted.setdefault(ref, []).append(container)
+        container["_env"] = check_env(where, container, keys)
+        for path in files_of(where, container, mounts, keys):
             check_file(where, path, mounts, keys)
-        container["_env"] = env
     return mounted
+
+
+def check_env(where, container, keys):
+    """Checks the environment's references; returns its plain values."""
+    for e in container.get("env", []):
+        ref = e.get("valueFrom", {})
+        for kind, field in (("Secret", "secretKeyRef"), ("ConfigMap", "configMapKeyRef")):
+            if field in ref and not ref[field].get("optional"):
+                name, key = ref[field]["name"], ref[field]["key"]
+                if key not in keys.get((kind, name), {}):
+                    fail(f"{where}: env {e['name']}: no key {key} in {kind} {name}")
+    for e in container.get("envFrom", []):
+        for kind, field in (("Secret", "secretRef"), ("ConfigMap", "configMapRef")):
+            if field in e and (kind, e[field]["name"]) not in keys:
+                fail(f"{where}: envFrom: no {kind} {e[field]['name']}")
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
+def files_of(where, container, mounts, keys):
+    """The files a container reads: `*_FILE` variables, `--config`, `--bundle`'s mesh.json, and
+    those its config names (whose variables must be set)."""
+    files = [v for k, v in container["_env"].items() if k.endswith("_FILE")]
+    args = container.get("command", []) + container.get("args", [])
+    configs = [b for a, b in zip(args, args[1:]) if a == "--config"]
+    files += configs + [b + "/mesh.json" for a, b in zip(args, args[1:]) if a == "--bundle"]
+    names = {e["name"] for e in container.get("env", [])}
+    for path in configs:
+        text = config_text(path, mounts, keys)
+        refs = references(text) if path.endswith(".toml") else nats_references(path, text)
+        for kind, value in refs:
+            if kind == "file":
+                files.append(value)
+            elif value not in names:
+                fail(f"{where}: {path} reads ${value}, which the container does not set")
+    return files
 
 
 def check_file(where, path, mounts, keys):
@@ -105,6 +128,38 @@ def check_file(where, path, mounts, keys):
                 fail(f"{where}: {path}: {kind} {name} has no {key}")
             return
     fail(f"{where}: {path} is in no mounted Secret or ConfigMap")
+
+
+def config_text(path, mounts, keys):
+    for mount, (kind, name, _) in mounts.items():
+        if path.startswith(mount + "/"):
+            return keys.get((kind, name), {}).get(path[len(mount) + 1:], "")
+    return ""
+
+
+def references(text):
+    """The secret references of a service config: `{ file = ".." }` and `{ env = ".." }`."""
+    def walk(node):
+        if isinstance(node, dict):
+            if len(node) == 1 and next(iter(node)) in ("file", "env"):
+                yield next(iter(node.items()))
+            nodes = node.values()
+        else:
+            nodes = node if isinstance(node, list) else []
+        for value in nodes:
+            yield from walk(value)
+    return walk(tomllib.loads(text))
+
+
+def nats_references(path, text):
+    """The files and variables a nats-server config names (include paths are relative to it)."""
+    text = re.sub(r"(?m)^\s*#.*$", "", text)
+    for name in re.findall(r'(?:cert|key|ca)_file:\s*"([^"]+)"', text):
+        yield "file", name
+    for name in re.findall(r'include\s+"([^"]+)"', text):
+        yield "file", posixpath.normpath(posixpath.join(posixpath.dirname(path), name))
+    for name in re.findall(r"\$([A-Za-z_][A-Za-z0-9_]*)", text):
+        yield "env", name
 
 
 def role_of(container):
@@ -125,6 +180,7 @@ def check_identities(objects, keys, bundle):
     seeds = {(bundle / "identities" / f"{n}.nk").read_text().strip(): n for n in identities}
     forbidden = [(bundle / "tls/ca-key.pem").read_text().strip()]
     forbidden += [s for s, n in seeds.items() if identities[n]["role"] == "client"]
+    seeds = {s: n for s, n in seeds.items() if s not in forbidden}
     for (kind, name), data in keys.items():
         if any(f in v for v in data.values() for f in forbidden):
             fail(f"{kind} {name} holds the CA key or a tenant's client seed")
@@ -134,42 +190,41 @@ def check_identities(objects, keys, bundle):
         if o["kind"] not in WORKLOADS:
             continue
         workload = f"{o['kind']} {o['metadata']['name']}"
-        mounted = check_pod(workload, o["spec"]["template"]["spec"], keys)
-        for secret, uses in mounted.items():
+        mounted = check_pod(workload, o["spec"], keys)
+        for secret, containers in mounted.items():
             held = {k: seeds[v.strip()] for k, v in keys.get(("Secret", secret), {}).items()
                     if v.strip() in seeds}
             if not held:
                 continue
             users.setdefault(secret, set()).add(workload)
-            for container, _ in uses:
+            for container in containers:
                 role = role_of(container)
                 for key, name in held.items():
                     identity = identities[name]
                     running.add(name)
                     if identity["role"] != role:
                         fail(f"{workload}: runs {role} with {identity['role']} identity {name}")
-                    check_worker(workload, container, key, identity, len(held) > 1)
+                    check_worker(workload, container, key, identity)
                 check_tls(workload, container, role)
     for secret, workloads in users.items():
         if len(workloads) > 1:
-            fail(f"Secret {secret} is mounted by {sorted(workloads)}; an identity is one workload's")
+            fail(f"Secret {secret} is mounted by {sorted(workloads)}: an identity is one's own")
     for name, identity in identities.items():
         if identity["role"] != "client" and name not in running:
             fail(f"identity {name} ({identity['role']}) runs nowhere (or its Secret is missing)")
 
 
-def check_worker(workload, container, key, identity, keyed_by_worker):
+def check_worker(workload, container, key, identity):
+    """A builder or mounter runs as the worker its identity was made for: the worker id its
+    environment names, or else (the mounters' Secret) the one its Secret key names."""
     role = identity["role"]
     if role not in ("builder", "mounter"):
         return
-    if keyed_by_worker:  # the mounters' Secret: each pod picks its worker id's key
-        if key != identity["worker_id"]:
-            fail(f"{workload}: key {key} holds the identity of worker {identity['worker_id']}")
-        return
     variable = f"IMAGEMESH_{role.upper()}__PLACEMENT__WORKER_ID"
-    if container["_env"].get(variable) != identity["worker_id"]:
-        fail(f"{workload}: {variable} is {container['_env'].get(variable)!r}, "
-             f"its identity {identity['name']} is worker {identity['worker_id']!r}")
+    worker = container["_env"].get(variable, key)
+    if worker != identity["worker_id"]:
+        fail(f"{workload}: runs as worker {worker!r} with identity {identity['name']} "
+             f"of worker {identity['worker_id']!r}")
 
 
 def check_tls(workload, container, role):
@@ -181,7 +236,7 @@ def check_tls(workload, container, role):
     if env.get("IMAGEMESH_NATS__TLS_REQUIRED") != "true":
         fail(f"{workload}: IMAGEMESH_NATS__TLS_REQUIRED is not true")
     if role != "credential" and env.get("IMAGEMESH_STREAMS__PROVISION") != "false":
-        fail(f"{workload}: IMAGEMESH_STREAMS__PROVISION is not false (only the operator provisions)")
+        fail(f"{workload}: IMAGEMESH_STREAMS__PROVISION is not false (the operator provisions)")
 
 
 def main():

@@ -214,6 +214,10 @@ fn credential(registry: String, scope: Scope, minted: Minted) -> RegistryCredent
 
 /// Validates the actions and applies the endpoint's policy. Empty actions mean pull.
 fn checked_scope(mut scope: Scope, policy: ScopePolicy) -> Result<Scope, Rejection> {
+    // The name ends up in a token scope (`repository:<name>:<actions>`): only a valid name, so
+    // it can never widen the scope.
+    imagemesh_registry::repository::validate_name(&scope.repository)
+        .map_err(|e| Rejection::new(ErrorCode::MalformedRequest, e.to_string()))?;
     if scope.actions.is_empty() {
         scope.actions.push("pull".into());
     }
