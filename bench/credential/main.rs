@@ -98,8 +98,7 @@ fn main() -> anyhow::Result<()> {
     let result = client_rt.block_on(async {
         // The operator sees the service answer discovery; the client may only call it.
         let operator = bus.connect(OPERATOR).await?;
-        imagemesh_testkit::wait_for_service(&operator, "credential", Duration::from_secs(20))
-            .await;
+        imagemesh_testkit::wait_for_service(&operator, "credential", Duration::from_secs(20)).await;
         let client = bus.connect(CLIENT.name).await?;
         let (payload, headers) = request();
         let first = call(&client, subjects::CREDENTIAL_MINT, &payload, &headers).await?;

@@ -11,7 +11,9 @@ pub enum NameError {
     Empty,
     #[error("the repository name is longer than {MAX_NAME} characters")]
     TooLong,
-    #[error("repository name {0:?} is not a repository path (lowercase letters, digits, '.', '_', '-' and '/')")]
+    #[error(
+        "repository name {0:?} is not a repository path (lowercase letters, digits, '.', '_', '-' and '/')"
+    )]
     Invalid(String),
 }
 

@@ -233,3 +233,49 @@ async fn tokens_are_refreshed_in_the_background_before_they_expire() {
     s.service
         .assert_no_secret_in_logs(&[PASSWORD, &first_secret, secret(&replaced)]);
 }
+
+/// A repository name is a token scope's middle part: a name that is not one could widen the
+/// scope (`*`, a `:`, a second `repository:` clause) and is refused before any upstream call,
+/// on mint and on refresh alike.
+#[tokio::test]
+async fn scope_injection_is_refused_and_never_reaches_the_token_server() {
+    let s = setup("").await;
+    let registry = s.registry.addr();
+    let attempts = [
+        "",
+        "*",
+        "team/app:pull,push",
+        "team/app:pull repository:other/app:push",
+        "team/app,other/app",
+        "team app",
+        "Team/App",
+        "team/../other",
+    ];
+    for repository in attempts {
+        let minted = s.service.mint(registry, repository, &["pull"]).await;
+        let rejection = minted.expect_err(repository);
+        assert_eq!(
+            rejection.code,
+            ErrorCode::MalformedRequest,
+            "{repository:?}: {rejection}"
+        );
+        let refreshed = s.service.refresh(registry, repository, &["pull"]).await;
+        let rejection = refreshed.expect_err(repository);
+        assert_eq!(
+            rejection.code,
+            ErrorCode::MalformedRequest,
+            "{repository:?}: {rejection}"
+        );
+    }
+    assert_eq!(
+        s.tokens.requests(),
+        0,
+        "the token server saw an injected scope"
+    );
+    // A valid name still gets exactly its scope upstream.
+    s.service
+        .mint(registry, "team/app", &["pull"])
+        .await
+        .unwrap();
+    assert_eq!(s.tokens.scopes(), ["repository:team/app:pull"]);
+}
