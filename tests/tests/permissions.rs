@@ -396,3 +396,91 @@ async fn a_tenant_reaches_only_its_own_subjects() {
         .expect("tenant a names its own image's secret");
     assert!(!was_refused_anything(&mesh, "client-a"));
 }
+
+/// Without an identity nothing gets in: no anonymous connection, no plaintext, no unknown nkey.
+#[tokio::test]
+async fn only_known_identities_connect_and_only_over_tls() {
+    let mesh = Mesh::start(MeshOptions {
+        start: Vec::new(),
+        ..Default::default()
+    })
+    .await;
+    let bundle = mesh.bundle().expect("secured mesh");
+    let attempt = |config: imagemesh_runtime::nats::NatsConfig| async move {
+        imagemesh_runtime::nats::NatsConfig {
+            connect_wait: Duration::from_millis(300),
+            ..config
+        }
+        .connect("imagemesh-tests")
+        .await
+    };
+    let url = mesh.nats.url();
+    let tls = |nkey_file| imagemesh_runtime::nats::NatsConfig {
+        url: url.clone(),
+        nkey_file,
+        tls_ca_file: Some(bundle.ca_file()),
+        tls_required: true,
+        ..Default::default()
+    };
+    // Anonymous, over TLS.
+    assert!(
+        attempt(tls(None)).await.is_err(),
+        "an anonymous client got in"
+    );
+    // A key the server does not know.
+    let stranger = tempfile::NamedTempFile::new().unwrap();
+    let seed = nkeys::KeyPair::new_user().seed().unwrap();
+    std::fs::write(stranger.path(), seed).unwrap();
+    assert!(
+        attempt(tls(Some(stranger.path().to_path_buf())))
+            .await
+            .is_err(),
+        "an unknown nkey got in"
+    );
+    // A known identity without TLS.
+    let plain = imagemesh_runtime::nats::NatsConfig {
+        url: url.clone(),
+        nkey_file: Some(bundle.seed_file("client-default")),
+        ..Default::default()
+    };
+    assert!(attempt(plain).await.is_err(), "a plaintext client got in");
+    // The identity over TLS does.
+    attempt(tls(Some(bundle.seed_file("client-default"))))
+        .await
+        .expect("client-default connects over TLS");
+}
+
+/// With mutual TLS the server also wants the identity's certificate from the bundle's CA.
+#[tokio::test]
+async fn mutual_tls_requires_a_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = imagemesh_access::BundleSpec {
+        mutual_tls: true,
+        ..Default::default()
+    };
+    let bundle = imagemesh_access::Bundle::generate(dir.path(), spec).unwrap();
+    let nats = imagemesh_testkit::NatsServer::start_configured(|store| {
+        bundle.server_config("127.0.0.1:4222", store).unwrap()
+    });
+    let config = |with_certificate: bool| {
+        let (cert, key) = bundle.client_cert("client-default").unwrap();
+        imagemesh_runtime::nats::NatsConfig {
+            url: nats.url(),
+            nkey_file: Some(bundle.seed_file("client-default")),
+            tls_ca_file: Some(bundle.ca_file()),
+            tls_required: true,
+            tls_cert_file: with_certificate.then_some(cert),
+            tls_key_file: with_certificate.then_some(key),
+            connect_wait: Duration::from_millis(300),
+            ..Default::default()
+        }
+    };
+    assert!(
+        config(false).connect("imagemesh-tests").await.is_err(),
+        "a client without a certificate got in"
+    );
+    config(true)
+        .connect("imagemesh-tests")
+        .await
+        .expect("the identity with its certificate connects");
+}

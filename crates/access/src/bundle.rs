@@ -252,7 +252,7 @@ impl Bundle {
 
     /// Environment that makes the `imagemesh` CLI connect as `name` (TLS included).
     pub fn cli_env(&self, name: &str) -> Vec<(String, String)> {
-        vec![
+        let mut env = vec![
             (
                 "NATS_NKEY_FILE".to_string(),
                 self.seed_file(name).display().to_string(),
@@ -261,7 +261,12 @@ impl Bundle {
                 "NATS_CA_FILE".to_string(),
                 self.ca_file().display().to_string(),
             ),
-        ]
+        ];
+        if let Some((cert, key)) = self.client_cert(name) {
+            env.push(("NATS_CERT_FILE".into(), cert.display().to_string()));
+            env.push(("NATS_KEY_FILE".into(), key.display().to_string()));
+        }
+        env
     }
 
     /// Environment that makes a service connect as `name` (TLS included) to a mesh the

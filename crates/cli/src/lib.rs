@@ -56,6 +56,12 @@ pub struct Cli {
     /// CA certificate to verify the server with; the connection then requires TLS.
     #[arg(long, global = true, env = "NATS_CA_FILE", value_name = "FILE")]
     pub tls_ca_file: Option<std::path::PathBuf>,
+    /// Client certificate for mutual TLS (with --tls-key-file).
+    #[arg(long, global = true, env = "NATS_CERT_FILE", value_name = "FILE")]
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    /// Client certificate's key for mutual TLS.
+    #[arg(long, global = true, env = "NATS_KEY_FILE", value_name = "FILE")]
+    pub tls_key_file: Option<std::path::PathBuf>,
     /// The tenant to act as (its credentials must allow it): `[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?`.
     #[arg(
         long,
@@ -107,6 +113,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         nats_creds,
         nkey_file,
         tls_ca_file,
+        tls_cert_file,
+        tls_key_file,
         tenant,
         command,
     } = cli;
@@ -116,6 +124,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         tls_required: tls_ca_file.is_some(),
         nkey_file,
         tls_ca_file,
+        tls_cert_file,
+        tls_key_file,
         connect_wait: std::time::Duration::from_secs(3),
         ..Default::default()
     };
