@@ -235,7 +235,7 @@ impl Mesh {
     /// with its own identity (added to the bundle, and the server reloaded, when new). A
     /// builder's or mounter's identity is bound to its worker id: the one in `env`, else the
     /// instance name.
-    pub async fn identity_env(
+    async fn identity_env(
         &mut self,
         service: &str,
         instance: &str,
@@ -280,6 +280,22 @@ impl Mesh {
             identity_env.push((worker_var, worker_id));
         }
         identity_env
+    }
+
+    /// Spawns `service` (instance `service`) with a configuration the test wrote and `env`, as
+    /// its identity on a secured mesh, with the build registry's password in its environment;
+    /// the test owns the process (it is not one of the mesh's services).
+    pub async fn spawn_with_config(
+        &mut self,
+        service: &'static str,
+        config: &str,
+        env: &[(&str, &str)],
+    ) -> ServiceProcess {
+        let identity = self.identity_env(service, service, env).await;
+        let mut all_env = vec![(PASSWORD_ENV, self.options.credential_password.as_str())];
+        all_env.extend_from_slice(env);
+        all_env.extend(identity.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        ServiceProcess::spawn(&format!("imagemesh-{service}"), config, &all_env)
     }
 
     /// A client of `tenant` (its identity `client-<tenant>` added when new), connected over

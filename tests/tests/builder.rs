@@ -39,11 +39,10 @@ impl BuildMesh {
         let mut mesh = Mesh::start(options).await;
         let storage = tempfile::tempdir().unwrap();
         let dir = storage.path().to_str().unwrap().to_string();
-        let identity = mesh.identity_env("builder", "builder", env).await;
         let mut all_env = vec![("IMAGEMESH_BUILDER__STORAGE_DIR", dir.as_str())];
         all_env.extend_from_slice(env);
-        all_env.extend(identity.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        let builder = ServiceProcess::spawn("imagemesh-builder", &mesh.config("builder"), &all_env);
+        let config = mesh.config("builder");
+        let builder = mesh.spawn_with_config("builder", &config, &all_env).await;
         wait_for_service(&mesh.client, "builder", Duration::from_secs(20)).await;
         push_busybox(mesh.registry.addr(), BASE, REGISTRY_USER, REGISTRY_PASSWORD);
         Self {

@@ -333,14 +333,7 @@ async fn runtime_secrets_are_resolved_per_image_and_held_by_the_credential_servi
         "{}[credential.secrets.team-hub]\ntenants = [\"default\"]\nprovider = \"basic\"\nhost = \"registry.team.example\"\nusername = \"team-user\"\npassword = {{ value = \"{team_secret}\" }}\n",
         mesh.config("credential")
     );
-    let mut env = mesh.identity_env("credential", "credential", &[]).await;
-    env.push((
-        imagemesh_tests::PASSWORD_ENV.into(),
-        imagemesh_tests::REGISTRY_PASSWORD.into(),
-    ));
-    let env: Vec<_> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let credential =
-        imagemesh_testkit::ServiceProcess::spawn("imagemesh-credential", &config, &env);
+    let credential = mesh.spawn_with_config("credential", &config, &[]).await;
     imagemesh_testkit::wait_for_service(&mesh.client, "credential", WAIT).await;
     let probe = Probe::start(&mesh.client).await;
 

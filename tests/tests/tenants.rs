@@ -16,8 +16,8 @@ use imagemesh_runtime::streams;
 use imagemesh_testkit::{ServiceProcess, bin_path, wait_for_service};
 use imagemesh_tests::probe::Probe;
 use imagemesh_tests::{
-    Mesh, MeshOptions, PASSWORD_ENV, REGISTRY_PASSWORD, assert_failed, assert_succeeded,
-    build_request, describe, find, is_terminal,
+    Mesh, MeshOptions, REGISTRY_PASSWORD, assert_failed, assert_succeeded, build_request, describe,
+    find, is_terminal,
 };
 use mounter_support::{mounted, read_file};
 use prost::Message;
@@ -238,10 +238,7 @@ async fn scheduler_mesh(secrets: &str) -> (Mesh, ServiceProcess, Probe) {
     }))
     .await;
     let config = format!("{}{secrets}", mesh.config("credential"));
-    let mut env = mesh.identity_env("credential", "credential", &[]).await;
-    env.push((PASSWORD_ENV.into(), REGISTRY_PASSWORD.into()));
-    let env: Vec<_> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let credential = ServiceProcess::spawn("imagemesh-credential", &config, &env);
+    let credential = mesh.spawn_with_config("credential", &config, &[]).await;
     wait_for_service(&mesh.client, "credential", WAIT).await;
     let probe = Probe::start(&mesh.client).await;
     (mesh, credential, probe)
