@@ -184,6 +184,23 @@ mod tests {
         };
         let err = Issuer::new(&not_a_key, settings()).unwrap_err();
         assert!(err.to_string().contains("PKCS#8"), "{err}");
+        let missing_previous = IssuerConfig {
+            previous: vec![dir.path().join("gone.crt.pem")],
+            ..config(&key, &key.certificate, 300)
+        };
+        let err = Issuer::new(&missing_previous, settings()).unwrap_err();
+        assert!(err.to_string().contains("gone.crt.pem"), "{err}");
+        // An inline key (development only) shows in no error and no Debug output.
+        let key_pem = key.key_pem();
+        let inline = |certificate: &Path| IssuerConfig {
+            signing_key: SecretRef::value(key_pem.clone()),
+            ..config(&key, certificate, 300)
+        };
+        let issuer = Issuer::new(&inline(&key.certificate), settings()).unwrap();
+        let err = Issuer::new(&inline(&other.certificate), settings()).unwrap_err();
+        let shown = format!("{err} {err:?} {issuer:?} {:?}", inline(&key.certificate));
+        let body = key_pem.lines().nth(1).unwrap();
+        assert!(!shown.contains(body), "{shown}");
     }
 
     #[test]
