@@ -13,7 +13,7 @@ use std::time::Duration;
 use imagemesh_runtime::app::ServiceConfig;
 use imagemesh_runtime::nats::NatsConfig;
 pub use named::{ANY_TENANT, NamedCredential};
-pub use registry::{EcrConfig, RegistryConfig, TokenAuthConfig};
+pub use registry::{EcrConfig, IssuerConfig, RegistryConfig, TokenAuthConfig};
 use serde::{Deserialize, Serialize};
 
 pub use crate::secret::{SecretError, SecretRef};
@@ -170,6 +170,15 @@ mod tests {
             provider = "helper"
             host = "registry.example.net"
             helper = "pass"
+            [[credential.registries]]
+            provider = "issuer"
+            host = "build.registry.internal:5000"
+            service = "build-registry"
+            issuer = "imagemesh-credential"
+            signing_key = { file = "/run/secrets/issuer/key.pem" }
+            certificate = "/run/secrets/issuer/cert.pem"
+            previous = ["/run/secrets/issuer/old-cert.pem"]
+            lifetime = "10m"
             [credential.secrets.team-hub]
             tenants = ["team-a"]
             repository_prefix = "team/app"
@@ -206,9 +215,15 @@ mod tests {
                 "docker.io",
                 "nvcr.io",
                 "europe-west1-docker.pkg.dev",
-                "registry.example.net"
+                "registry.example.net",
+                "build.registry.internal:5000"
             ]
         );
+        let RegistryConfig::Issuer(issuer) = &c.registries[8] else {
+            panic!("an issuer entry");
+        };
+        assert_eq!(issuer.lifetime, Duration::from_secs(600));
+        assert_eq!(issuer.subject, "imagemesh");
         let hub = &c.secrets["team-hub"];
         assert_eq!(hub.tenants, ["team-a"]);
         assert_eq!(hub.repository_prefix.as_deref(), Some("team/app"));

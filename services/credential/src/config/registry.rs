@@ -1,5 +1,8 @@
 //! One registry and the provider of its credentials, tagged by `provider`.
 
+use std::path::PathBuf;
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
 use crate::secret::SecretRef;
@@ -55,6 +58,9 @@ pub enum RegistryConfig {
     Token(TokenAuthConfig),
     /// A `docker-credential-<helper>` executable on PATH, asked with the `get` protocol.
     Helper { host: String, helper: String },
+    /// The credential service is the registry's token issuer: it signs bearer tokens for exactly
+    /// the repository and actions asked, with a key whose certificate the registry trusts.
+    Issuer(IssuerConfig),
 }
 
 /// An ECR registry.
@@ -99,6 +105,40 @@ pub struct TokenAuthConfig {
     pub insecure: bool,
 }
 
+/// A registry (distribution `auth.token`, Harbor, zot) that trusts tokens this service signs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    pub host: String,
+    /// The token audience (`aud`): the registry's `auth.token.service`.
+    pub service: String,
+    /// The token issuer (`iss`): the registry's `auth.token.issuer`.
+    pub issuer: String,
+    /// The PKCS#8 PEM P-256 private key that signs tokens (`{ file = ".." }` or `{ env = ".." }`).
+    pub signing_key: SecretRef,
+    /// The PEM certificate of `signing_key`; the registry's `rootcertbundle` must contain it.
+    pub certificate: PathBuf,
+    /// Certificates of earlier signing keys the registry still accepts during a rotation. This
+    /// service only signs with `signing_key`; these are read and checked at startup, and belong
+    /// in the registry's bundle until the last token they signed has expired.
+    #[serde(default)]
+    pub previous: Vec<PathBuf>,
+    /// How long a minted token lives. Must exceed `credential.min_lifetime`.
+    #[serde(default = "issuer_lifetime", with = "humantime_serde")]
+    pub lifetime: Duration,
+    /// The token subject (`sub`): who the registry logs as acting.
+    #[serde(default = "issuer_subject")]
+    pub subject: String,
+}
+
+fn issuer_lifetime() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn issuer_subject() -> String {
+    "imagemesh".into()
+}
+
 fn ghcr_host() -> String {
     "ghcr.io".into()
 }
@@ -123,6 +163,7 @@ impl RegistryConfig {
             | RegistryConfig::Helper { host, .. } => host,
             RegistryConfig::Ecr(ecr) => &ecr.host,
             RegistryConfig::Token(token) => &token.host,
+            RegistryConfig::Issuer(issuer) => &issuer.host,
         }
     }
 }

@@ -43,7 +43,10 @@ pub fn static_credential(entry: &RegistryConfig) -> anyhow::Result<StaticBasic> 
             }
             _ => anyhow::bail!("{owner}: a gar entry needs exactly one of json_key, access_token"),
         },
-        RegistryConfig::Ecr(_) | RegistryConfig::Token(_) | RegistryConfig::Helper { .. } => {
+        RegistryConfig::Ecr(_)
+        | RegistryConfig::Token(_)
+        | RegistryConfig::Issuer(_)
+        | RegistryConfig::Helper { .. } => {
             anyhow::bail!("{owner}: not a static provider")
         }
     };

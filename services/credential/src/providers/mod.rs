@@ -2,12 +2,14 @@
 //!
 //! A provider turns the long-term credential it holds into one a client can present for a scope.
 //! Static providers hand out what they hold; the others make an upstream call (ECR, a token
-//! endpoint, a credential helper process), whose results the broker caches.
+//! endpoint, a credential helper process) or sign a token themselves (the issuer), whose results
+//! the broker caches.
 
 mod conventions;
 mod docker_config;
 mod ecr;
 mod helper;
+mod issuer;
 mod static_basic;
 mod token_auth;
 
@@ -17,6 +19,7 @@ pub use docker_config::{DockerConfigError, load_docker_config};
 pub use ecr::{EcrProvider, region_from_host};
 pub use helper::CredentialHelper;
 use imagemesh_proto::v1::{AuthScheme, Scope};
+pub use issuer::Issuer;
 use secrecy::SecretString;
 pub use static_basic::StaticBasic;
 pub use token_auth::{Challenge, TokenAuth};
@@ -54,6 +57,7 @@ pub enum Provider {
     Helper(CredentialHelper),
     Ecr(Box<EcrProvider>),
     Token(Box<TokenAuth>),
+    Issuer(Box<Issuer>),
 }
 
 /// Settings every provider may need.
@@ -61,6 +65,8 @@ pub enum Provider {
 pub struct ProviderSettings {
     pub upstream_timeout: Duration,
     pub helper_timeout: Duration,
+    /// Tokens are reported as living at least this long, so none may be minted shorter.
+    pub min_lifetime: Duration,
 }
 
 impl From<&CredentialConfig> for ProviderSettings {
@@ -68,6 +74,7 @@ impl From<&CredentialConfig> for ProviderSettings {
         Self {
             upstream_timeout: config.upstream_timeout,
             helper_timeout: config.helper_timeout,
+            min_lifetime: config.min_lifetime,
         }
     }
 }
@@ -86,6 +93,9 @@ impl Provider {
             RegistryConfig::Token(token) => {
                 Provider::Token(Box::new(TokenAuth::new(token, settings)?))
             }
+            RegistryConfig::Issuer(issuer) => {
+                Provider::Issuer(Box::new(Issuer::new(issuer, settings)?))
+            }
             RegistryConfig::Helper { helper, host } => Provider::Helper(CredentialHelper::new(
                 helper,
                 host,
@@ -102,6 +112,7 @@ impl Provider {
             Provider::Helper(helper) => helper.get().await,
             Provider::Ecr(ecr) => ecr.authorization_token().await,
             Provider::Token(token) => token.mint(scope).await,
+            Provider::Issuer(issuer) => issuer.mint(scope),
         }
     }
 
@@ -118,6 +129,7 @@ impl Provider {
             Provider::Helper(helper) => format!("helper:{}", helper.name()),
             Provider::Ecr(ecr) => format!("ecr:{}", ecr.identity()),
             Provider::Token(token) => format!("token:{}", token.username()),
+            Provider::Issuer(issuer) => format!("issuer:{}", issuer.identity()),
         }
     }
 
@@ -128,6 +140,7 @@ impl Provider {
             Provider::Helper(_) => "helper",
             Provider::Ecr(_) => "ecr",
             Provider::Token(_) => "token",
+            Provider::Issuer(_) => "issuer",
         }
     }
 }

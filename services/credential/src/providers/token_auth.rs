@@ -247,6 +247,7 @@ mod tests {
         let settings = ProviderSettings {
             upstream_timeout: Duration::from_secs(1),
             helper_timeout: Duration::from_secs(1),
+            min_lifetime: Duration::from_secs(60),
         };
         TokenAuth::new(&config, settings)
     }

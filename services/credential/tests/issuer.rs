@@ -1,0 +1,203 @@
+//! The credential service as the token issuer of a real docker-registry in token mode whose
+//! `rootcertbundle` holds the issuer's certificate: tokens work for exactly their repository and
+//! actions, are refused once expired, survive a key rotation until they expire, and a token
+//! signed by a key the registry does not trust is refused.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{CredentialService, seconds_left, secret};
+use imagemesh_proto::v1::AuthScheme;
+use imagemesh_testkit::Registry;
+use imagemesh_testkit::issuer_keys::{SigningKey, registry_auth, write_bundle};
+use reqwest::StatusCode;
+use tempfile::TempDir;
+
+const SERVICE: &str = "imagemesh-build-registry";
+const ISSUER: &str = "imagemesh-credential";
+/// Short tokens for the expiry tests: min_lifetime must stay below the token lifetime.
+const SHORT: &str = "[credential]\nmin_lifetime = \"2s\"\n[credential.cache]\nmargin = \"1s\"\nrefresh_ahead = \"1s\"\n";
+
+/// A registry trusting the certificates of `keys`.
+fn registry_trusting(dir: &Path, keys: &[&SigningKey]) -> Registry {
+    let bundle = write_bundle(&dir.join(format!("bundle-{}.pem", keys.len())), keys);
+    Registry::start(registry_auth(SERVICE, ISSUER, bundle))
+}
+
+/// A credential service issuing tokens for `registry`, signed by `key`.
+async fn issuing(
+    registry: &Registry,
+    key: &SigningKey,
+    previous: &[&SigningKey],
+    extra: &str,
+    lifetime: &str,
+) -> CredentialService {
+    let previous: Vec<String> = previous
+        .iter()
+        .map(|k| format!("{:?}", k.certificate.display().to_string()))
+        .collect();
+    let config = format!(
+        "{extra}[[credential.registries]]\nprovider = \"issuer\"\nhost = \"{}\"\nservice = \"{SERVICE}\"\nissuer = \"{ISSUER}\"\nsigning_key = {{ file = {:?} }}\ncertificate = {:?}\nprevious = [{}]\nlifetime = \"{lifetime}\"\n",
+        registry.addr(),
+        key.key.display().to_string(),
+        key.certificate.display().to_string(),
+        previous.join(", ")
+    );
+    CredentialService::start(&config, &[]).await
+}
+
+async fn status(method: reqwest::Method, url: String, token: &str) -> StatusCode {
+    reqwest::Client::new()
+        .request(method, url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("registry answers")
+        .status()
+}
+
+async fn can_pull(registry: &Registry, repository: &str, token: &str) -> bool {
+    let url = format!("http://{}/v2/{repository}/tags/list", registry.addr());
+    // 404 NAME_UNKNOWN: authorized, the repository is empty. 401: not authorized.
+    status(reqwest::Method::GET, url, token).await == StatusCode::NOT_FOUND
+}
+
+async fn can_push(registry: &Registry, repository: &str, token: &str) -> bool {
+    let url = format!("http://{}/v2/{repository}/blobs/uploads/", registry.addr());
+    status(reqwest::Method::POST, url, token).await == StatusCode::ACCEPTED
+}
+
+/// Waits until the registry refuses `token` for pulling (it may grant some leeway past `exp`).
+async fn refused_eventually(registry: &Registry, repository: &str, token: &str) -> Duration {
+    let start = Instant::now();
+    while can_pull(registry, repository, token).await {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the registry still accepts an expired token"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    start.elapsed()
+}
+
+fn keys() -> (TempDir, SigningKey) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = SigningKey::generate(dir.path(), "current");
+    (dir, key)
+}
+
+#[tokio::test]
+async fn a_pull_token_pulls_only_its_repository_and_a_push_token_pushes() {
+    let (dir, key) = keys();
+    let registry = registry_trusting(dir.path(), &[&key]);
+    let service = issuing(&registry, &key, &[], "", "5m").await;
+    let addr = registry.addr();
+
+    let pull = service.mint(addr, "team/app", &["pull"]).await.unwrap();
+    let credential = pull.credential.as_ref().unwrap();
+    assert_eq!(credential.scheme(), AuthScheme::Bearer);
+    let left = seconds_left(&pull);
+    assert!((295..=300).contains(&left), "a 5 min token has {left} s");
+    assert!(can_pull(&registry, "team/app", secret(&pull)).await);
+    assert!(
+        !can_push(&registry, "team/app", secret(&pull)).await,
+        "pull only"
+    );
+    assert!(
+        !can_pull(&registry, "team/other", secret(&pull)).await,
+        "exactly one repository"
+    );
+
+    let push = service
+        .mint(addr, "team/app", &["pull", "push"])
+        .await
+        .unwrap();
+    assert!(can_push(&registry, "team/app", secret(&push)).await);
+    assert!(can_pull(&registry, "team/app", secret(&push)).await);
+    assert!(!can_push(&registry, "team/other", secret(&push)).await);
+
+    // The mounter's refresh endpoint gets a pull token too, served from the cache.
+    let refreshed = service.refresh(addr, "team/app", &["pull"]).await.unwrap();
+    assert!(refreshed.cached);
+    assert!(can_pull(&registry, "team/app", secret(&refreshed)).await);
+
+    let key_pem = key.key_pem();
+    let key_body = key_pem.lines().nth(1).expect("a PEM body line");
+    service.assert_no_secret_in_logs(&[key_body, secret(&pull), secret(&push)]);
+}
+
+#[tokio::test]
+async fn a_token_is_refused_by_the_registry_after_it_expires_and_a_fresh_one_is_minted() {
+    let (dir, key) = keys();
+    let registry = registry_trusting(dir.path(), &[&key]);
+    let service = issuing(&registry, &key, &[], SHORT, "3s").await;
+    let first = service
+        .mint(registry.addr(), "team/app", &["pull"])
+        .await
+        .unwrap();
+    assert!(seconds_left(&first) <= 3);
+    assert!(can_pull(&registry, "team/app", secret(&first)).await);
+    let waited = refused_eventually(&registry, "team/app", secret(&first)).await;
+    assert!(waited >= Duration::from_secs(1), "refused after {waited:?}");
+
+    let second = service
+        .mint(registry.addr(), "team/app", &["pull"])
+        .await
+        .unwrap();
+    assert!(!second.cached, "an expired token is never handed out");
+    assert_ne!(secret(&second), secret(&first));
+    assert!(can_pull(&registry, "team/app", secret(&second)).await);
+}
+
+#[tokio::test]
+async fn tokens_of_the_old_key_work_after_a_rotation_until_they_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = SigningKey::generate(dir.path(), "old");
+    let new = SigningKey::generate(dir.path(), "new");
+    // Step 1 of a rotation: the registry trusts both certificates.
+    let registry = registry_trusting(dir.path(), &[&old, &new]);
+    let before = issuing(&registry, &old, &[], SHORT, "4s").await;
+    let old_token = before
+        .mint(registry.addr(), "team/app", &["pull"])
+        .await
+        .unwrap();
+    drop(before);
+    // Step 2: the credential service signs with the new key, the old one listed as previous.
+    let after = issuing(&registry, &new, &[&old], "", "5m").await;
+    let new_token = after
+        .mint(registry.addr(), "team/app", &["pull"])
+        .await
+        .unwrap();
+    assert!(can_pull(&registry, "team/app", secret(&old_token)).await);
+    assert!(can_pull(&registry, "team/app", secret(&new_token)).await);
+    // Tokens of the old key live out their lifetime, then only the new key's work.
+    refused_eventually(&registry, "team/app", secret(&old_token)).await;
+    assert!(can_pull(&registry, "team/app", secret(&new_token)).await);
+
+    // Step 3: the old certificate leaves the bundle.
+    let trimmed = registry_trusting(dir.path(), &[&new]);
+    assert!(can_pull(&trimmed, "team/app", secret(&new_token)).await);
+}
+
+#[tokio::test]
+async fn a_token_signed_by_a_key_the_registry_does_not_trust_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let trusted = SigningKey::generate(dir.path(), "trusted");
+    let unknown = SigningKey::generate(dir.path(), "unknown");
+    let registry = registry_trusting(dir.path(), &[&trusted]);
+    let service = issuing(&registry, &unknown, &[], "", "5m").await;
+    let token = service
+        .mint(registry.addr(), "team/app", &["pull", "push"])
+        .await
+        .unwrap();
+    assert!(!can_pull(&registry, "team/app", secret(&token)).await);
+    assert!(!can_push(&registry, "team/app", secret(&token)).await);
+    let trusted_service = issuing(&registry, &trusted, &[], "", "5m").await;
+    let good = trusted_service
+        .mint(registry.addr(), "team/app", &["pull"])
+        .await
+        .unwrap();
+    assert!(can_pull(&registry, "team/app", secret(&good)).await);
+}
