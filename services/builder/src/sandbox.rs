@@ -213,6 +213,9 @@ impl BuildSandbox<'_> {
         args.push(config.runtime.display().to_string());
         args.push("--runtime-flag".into());
         args.push(format!("root={}", self.state.display()));
+        // runc's `--rootless true` only makes a cgroup it cannot create (a read-only cgroupfs,
+        // as in most pods) not an error: the step then stays in the builder's cgroup.
+        args.extend(["--runtime-flag".into(), "rootless=true".into()]);
         args.extend(["--network".into(), network.into()]);
         // The builder's own proxy settings are for its registry traffic; only a build with a
         // network has any use for them.
@@ -269,7 +272,7 @@ impl BuildSandbox<'_> {
             let removed = std::process::Command::new(&self.sandbox.config.runtime)
                 .arg("--root")
                 .arg(&self.state)
-                .args(["delete", "--force"])
+                .args(["--rootless", "true", "delete", "--force"])
                 .arg(&id)
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
@@ -328,8 +331,8 @@ mod tests {
         assert_eq!(a.network, Network::None);
         assert_eq!(
             a.bud_args().join(" "),
-            "--isolation oci --runtime runc --runtime-flag root=/b/a/runtime --network none \
-             --http-proxy=false"
+            "--isolation oci --runtime runc --runtime-flag root=/b/a/runtime --runtime-flag \
+             rootless=true --network none --http-proxy=false"
         );
         assert_eq!(
             a.global_args().join(" "),
