@@ -4,7 +4,8 @@
 //! fails with the reason in its message; an ordinary `RUN` still builds, as a mapped host user,
 //! into an image owned by root; build args reach the step through buildah's environment, never a
 //! command line, are blanked in dead letters, and are refused when buildah would read them for
-//! itself; a tenant the configuration opts in gets a network.
+//! itself; a tenant the configuration opts in gets a network. A step whose builder was killed
+//! or stopped does not outlive it (for long).
 
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
@@ -354,4 +355,67 @@ async fn assert_build_args_scrubbed(m: &SandboxMesh) {
         let bytes = letter.encode_to_vec();
         assert!(!String::from_utf8_lossy(&bytes).contains(ARG_VALUE));
     }
+}
+
+/// Pids of the processes whose command line holds `needle`.
+fn pids_running(needle: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            String::from_utf8_lossy(&cmdline)
+                .contains(needle)
+                .then_some(pid)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn run_steps_of_a_killed_builder_are_removed_when_it_starts_again() {
+    let mut m = SandboxMesh::start().await;
+    let sleep = "sleep\u{0}977\u{0}";
+    m.mesh
+        .submit(&build_request(
+            "sbx-orphan",
+            &m.dockerfile("RUN sleep 977\n"),
+            "",
+        ))
+        .await;
+    let first = eventually(WAIT, "the RUN step to run", || async {
+        Some(pids_running(sleep)).filter(|p| !p.is_empty())
+    })
+    .await;
+    // Killed outright, the builder cannot remove the step: its processes outlive it.
+    m.builder.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        pids_running(sleep),
+        first,
+        "the step runs on without its builder"
+    );
+
+    // The new builder removes the dead one's directory and, first, the containers in it.
+    m.builder.restart();
+    wait_for_service(&m.mesh.client, "builder", Duration::from_secs(20)).await;
+    eventually(
+        Duration::from_secs(20),
+        "the dead builder's RUN step to be gone",
+        || async { (!pids_running(sleep).iter().any(|p| first.contains(p))).then_some(()) },
+    )
+    .await;
+
+    // The redelivered build runs its step again; a builder stopped at shutdown removes it too.
+    eventually(WAIT, "the redelivered build's RUN step to run", || async {
+        (!pids_running(sleep).is_empty()).then_some(())
+    })
+    .await;
+    let _ = m.builder.terminate();
+    eventually(
+        Duration::from_secs(20),
+        "the RUN step of a builder stopped at shutdown to be gone",
+        || async { pids_running(sleep).is_empty().then_some(()) },
+    )
+    .await;
 }

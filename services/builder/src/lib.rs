@@ -65,7 +65,9 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
     let mut settings = config.builder;
     settings.placement = settings.placement.resolved();
     let sandbox = start_sandbox(&settings)?;
-    workdir::sweep_stale(&settings.storage_dir);
+    workdir::sweep_stale(&settings.storage_dir, |state| {
+        sandbox.remove_containers(state)
+    });
     let handler = Builder {
         sandbox: Arc::new(sandbox),
         client: client.clone(),

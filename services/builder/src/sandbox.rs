@@ -140,6 +140,27 @@ impl Sandbox {
         })
     }
 
+    /// Removes every container the OCI runtime still lists in `state`: a `RUN` step's processes
+    /// are not in buildah's process group, so a build killed at its deadline or dropped at
+    /// shutdown, or a builder killed outright, would leave its step running.
+    pub fn remove_containers(&self, state: &Path) {
+        let Ok(entries) = std::fs::read_dir(state) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let id = entry.file_name();
+            let removed = std::process::Command::new(&self.config.runtime)
+                .arg("--root")
+                .arg(state)
+                .args(["--rootless", "true", "delete", "--force"])
+                .arg(&id)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+            tracing::info!(container = ?id, ?removed, "removed a container a build left");
+        }
+    }
+
     fn take_ids(&self) -> Result<IdRange, String> {
         let mut in_use = self.in_use.lock().expect("id ranges lock");
         let slot = in_use
@@ -259,32 +280,11 @@ impl BuildSandbox<'_> {
             ),
         }
     }
-
-    /// Removes every container the OCI runtime still knows for this build: its processes are
-    /// not in buildah's process group, so a build killed at its deadline or dropped at shutdown
-    /// would leave its `RUN` step running.
-    fn remove_containers(&self) {
-        let Ok(entries) = std::fs::read_dir(&self.state) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let id = entry.file_name();
-            let removed = std::process::Command::new(&self.sandbox.config.runtime)
-                .arg("--root")
-                .arg(&self.state)
-                .args(["--rootless", "true", "delete", "--force"])
-                .arg(&id)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status();
-            tracing::info!(container = ?id, ?removed, "removed a container the build left");
-        }
-    }
 }
 
 impl Drop for BuildSandbox<'_> {
     fn drop(&mut self) {
-        self.remove_containers();
+        self.sandbox.remove_containers(&self.state);
         if let Some(ids) = self.ids {
             self.sandbox.in_use.lock().expect("id ranges lock")[ids.slot] = false;
         }

@@ -109,8 +109,9 @@ impl WorkDir {
     }
 }
 
-/// Removes build directories left by builder processes that no longer run.
-pub fn sweep_stale(storage: &Path) {
+/// Removes build directories left by builder processes that no longer run, calling
+/// `before_removal` with each one's runtime state first (to remove the containers in it).
+pub fn sweep_stale(storage: &Path, before_removal: impl Fn(&Path)) {
     let Ok(entries) = std::fs::read_dir(storage) else {
         return;
     };
@@ -121,6 +122,7 @@ pub fn sweep_stale(storage: &Path) {
         };
         if pid != std::process::id() as i32 && !is_alive(pid) {
             tracing::info!(dir = %entry.path().display(), "removing build directory of a dead builder");
+            before_removal(&entry.path().join("runtime"));
             if let Err(err) = std::fs::remove_dir_all(entry.path()) {
                 tracing::warn!(error = %err, "could not remove stale build directory");
             }
@@ -169,8 +171,12 @@ mod tests {
         std::fs::create_dir_all(dead.join("root/deep")).unwrap();
         let unrelated = storage.path().join("notes");
         std::fs::create_dir(&unrelated).unwrap();
-        sweep_stale(storage.path());
+        let seen = std::sync::Mutex::new(Vec::new());
+        sweep_stale(storage.path(), |state| {
+            seen.lock().unwrap().push(state.to_owned())
+        });
         assert!(!dead.exists());
+        assert_eq!(*seen.lock().unwrap(), [dead.join("runtime")]);
         assert!(mine.path().exists() && unrelated.exists());
         let path = mine.path().to_path_buf();
         drop(mine);
