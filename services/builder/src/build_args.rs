@@ -26,6 +26,8 @@ const RESERVED: &[&str] = &[
     "GOCOVERDIR",
     "SSL_CERT_FILE",
     "SSL_CERT_DIR",
+    "TZ",
+    "ZONEINFO",
     "HTTP_PROXY",
     "HTTPS_PROXY",
     "NO_PROXY",
@@ -45,6 +47,8 @@ const RESERVED: &[&str] = &[
     "LOCALDOMAIN",
     "RES_OPTIONS",
     "TZDIR",
+    // Signature verification (gpgme).
+    "GNUPGHOME",
     // Passed on to the OCI runtime and into the container by it.
     "NOTIFY_SOCKET",
     "LISTEN_FDS",
@@ -67,6 +71,11 @@ const RESERVED_PREFIXES: &[&str] = &[
     "DOCKER_",
     "XDG_",
     "DBUS_",
+    // The network plugins of a tenant's private network, and the iptables they run.
+    "CNI_",
+    "NETAVARK_",
+    "XTABLES_",
+    "GPG_",
 ];
 
 /// Whether `args` can be handed to buildah through its environment; why not, when not.
