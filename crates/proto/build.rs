@@ -23,8 +23,11 @@ fn main() {
 
     prost_build::Config::new()
         .enable_type_names()
-        // Hand-written Debug that redacts the secret.
-        .skip_debug(["imagemesh.v1.RegistryCredential"])
+        // Hand-written Debug that redacts the secret, and the build args' values.
+        .skip_debug([
+            "imagemesh.v1.RegistryCredential",
+            "imagemesh.v1.BuildOptions",
+        ])
         .compile_fds(descriptors)
         .expect("prost codegen");
 }

@@ -38,8 +38,11 @@ for b in credential scheduler builder indexer mounter; do
 done
 # A previous run killed hard may have left FUSE mounts under the stack: detach them first.
 awk -v dir="$stack/" 'index($2, dir) == 1 {print $2}' /proc/mounts | xargs -r -n1 fusermount3 -uz 2>/dev/null || true
-rm -rf "$stack" && mkdir -p "$stack"/{nats,registry,config,logs,base,builder,mounts}
-chmod 700 "$stack"
+rm -rf "$stack" && mkdir -p "$stack"/{nats,registry,config,logs,base,builder,mounts,access}
+# Private to root, but for the way to builder/: RUN steps run as unprivileged mapped users, which
+# must reach their root filesystems there by path (docs/builder.md, The sandbox).
+chmod 711 "$stack"
+chmod 700 "$stack"/{nats,registry,config,logs,base,mounts,access}
 
 wait_port() { # host port what
   for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null && return 0; sleep 0.05; done

@@ -38,8 +38,9 @@ pub struct BuildArgs {
     /// Repository in the build registry (default: the scheduler's).
     #[arg(long)]
     pub repository: Option<String>,
-    /// A build argument, KEY=VALUE; repeatable.
-    #[arg(long = "build-arg", value_name = "KEY=VALUE")]
+    /// A build argument, KEY=VALUE, or KEY to take the value from this environment (keeping it
+    /// off the command line); repeatable.
+    #[arg(long = "build-arg", value_name = "KEY[=VALUE]")]
     pub build_args: Vec<String>,
     /// Time limit of the build itself (default: the builder's).
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -93,10 +94,16 @@ fn build_request(
 ) -> anyhow::Result<ContainerRequest> {
     let mut build_args = std::collections::HashMap::new();
     for pair in &args.build_args {
-        let (key, value) = pair
-            .split_once('=')
-            .with_context(|| format!("--build-arg {pair:?} is not KEY=VALUE"))?;
-        build_args.insert(key.to_string(), value.to_string());
+        let (key, value) = match pair.split_once('=') {
+            Some((key, value)) => (key.to_string(), value.to_string()),
+            None => {
+                let value = std::env::var(pair).with_context(|| {
+                    format!("--build-arg {pair}: no =VALUE and no such environment variable")
+                })?;
+                (pair.clone(), value)
+            }
+        };
+        build_args.insert(key, value);
     }
     let image_id = args.image_id.clone().unwrap_or_else(|| request_id.clone());
     imagemesh_proto::validate_image_id(&image_id).map_err(anyhow::Error::msg)?;

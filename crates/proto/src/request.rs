@@ -1,6 +1,11 @@
 //! Helpers on requests: id validation and secret scrubbing.
+//!
+//! Build args count as secrets: Dockerfiles take tokens through them, so their values are
+//! removed from dead letters and never shown by `Debug`.
 
-use crate::v1::{ContainerRequest, IndexRequest, RegistryCredential};
+use std::fmt;
+
+use crate::v1::{BuildOptions, ContainerRequest, IndexRequest, RegistryCredential};
 
 /// Why a request id was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -49,11 +54,15 @@ pub fn validate_image_id(id: &str) -> Result<(), String> {
 }
 
 impl ContainerRequest {
-    /// The request with every credential secret removed (for dead letters).
+    /// The request with every credential secret and every build arg's value removed (for dead
+    /// letters); the build args' names stay.
     pub fn without_secrets(&self) -> Self {
         let mut scrubbed = self.clone();
         for cred in scrubbed.credentials_mut() {
             cred.secret.clear();
+        }
+        if let Some(options) = scrubbed.build_options.as_mut() {
+            options.build_args.values_mut().for_each(String::clear);
         }
         scrubbed
     }
@@ -71,6 +80,24 @@ impl ContainerRequest {
             .into_iter()
             .flatten()
             .chain(&mut self.base_image_credentials)
+    }
+}
+
+/// Like the derived `Debug`, with each build arg's value shown as `[redacted]`.
+impl fmt::Debug for BuildOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut names: Vec<&String> = self.build_args.keys().collect();
+        names.sort();
+        let build_args: std::collections::BTreeMap<_, _> =
+            names.into_iter().map(|name| (name, "[redacted]")).collect();
+        f.debug_struct("BuildOptions")
+            .field("dockerfile", &self.dockerfile)
+            .field("context_object", &self.context_object)
+            .field("source_image", &self.source_image)
+            .field("build_args", &build_args)
+            .field("repository", &self.repository)
+            .field("timeout_seconds", &self.timeout_seconds)
+            .finish()
     }
 }
 
@@ -138,5 +165,37 @@ mod tests {
         let scrubbed = req.without_secrets();
         assert_eq!(scrubbed.credentials().count(), 4);
         assert!(scrubbed.credentials().all(|c| c.secret.is_empty()));
+    }
+
+    #[test]
+    fn build_args_keep_their_names_and_lose_their_values() {
+        let mut options = BuildOptions {
+            dockerfile: "FROM scratch".into(),
+            ..Default::default()
+        };
+        options
+            .build_args
+            .insert("NPM_TOKEN".into(), "npm-Tk9-secret".into());
+        let req = ContainerRequest {
+            request_id: "r1".into(),
+            build_options: Some(options),
+            ..Default::default()
+        };
+        let shown = format!("{req:?}");
+        assert!(
+            shown.contains("NPM_TOKEN") && shown.contains("[redacted]"),
+            "{shown}"
+        );
+        assert!(!shown.contains("npm-Tk9"), "{shown}");
+        let scrubbed = req.without_secrets();
+        let args = &scrubbed.build_options.as_ref().unwrap().build_args;
+        assert_eq!(args.get("NPM_TOKEN").map(String::as_str), Some(""));
+        let encoded = prost::Message::encode_to_vec(&scrubbed);
+        assert!(!String::from_utf8_lossy(&encoded).contains("npm-Tk9"));
+        assert_eq!(
+            req.build_options.as_ref().unwrap().build_args["NPM_TOKEN"],
+            "npm-Tk9-secret",
+            "the request itself is untouched"
+        );
     }
 }

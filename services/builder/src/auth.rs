@@ -49,7 +49,8 @@ pub fn write_registries_conf(path: &Path, insecure: &[String]) -> std::io::Resul
     write_private(path, conf.as_bytes())
 }
 
-fn write_private(path: &Path, body: &[u8]) -> std::io::Result<()> {
+/// Writes a new file only root can read (`0600`).
+pub fn write_private(path: &Path, body: &[u8]) -> std::io::Result<()> {
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)

@@ -3,8 +3,8 @@
 //! there and never has to authenticate (it cannot be given a bearer token; see `auth.rs`).
 //!
 //! The manifest is kept byte for byte as served (for an image index, the linux/amd64 image's);
-//! blobs are streamed to files, never held in memory; skopeo checks every digest when it copies
-//! the layout into storage.
+//! blobs are streamed to files, never held in memory; `buildah pull` checks every digest when it
+//! stores the layout.
 
 use std::path::Path;
 
@@ -21,14 +21,15 @@ use crate::log::BuildLog;
 /// The tag the image gets inside the layout.
 pub const LAYOUT_TAG: &str = "latest";
 
-/// Fetches `image` (its linux/amd64 image) into a new OCI layout at `layout`.
+/// Fetches `image` (its linux/amd64 image) into a new OCI layout at `layout`; returns the digest
+/// of its config, which is its image id in buildah's storage.
 #[tracing::instrument(name = "fetch base image", skip_all, fields(image = %image))]
 pub async fn fetch_to_layout(
     client: &RegistryClient,
     image: &Reference,
     layout: &Path,
     log: &BuildLog,
-) -> Result<(), Failure> {
+) -> Result<String, Failure> {
     let fail = |e: &OciDistributionError| -> Failure {
         RegistryError::from_oci(client.registry(), image.repository(), e).into()
     };
@@ -72,7 +73,7 @@ pub async fn fetch_to_layout(
         resolved.manifest.layers.len()
     ))
     .await;
-    Ok(())
+    Ok(resolved.manifest.config.digest.clone())
 }
 
 async fn fetch_blob(

@@ -3,8 +3,11 @@
 //!
 //! Every command runs with `--root`/`--runroot` in the build's [`WorkDir`] and the vfs storage
 //! driver (plain directories, no mounts left behind by a killed build), `TMPDIR` in the build
-//! directory, registry auth from an `--authfile` and insecure registries from a private
-//! registries.conf (`CONTAINERS_REGISTRIES_CONF`). No secret is ever an argument.
+//! directory, registry auth from an `--authfile`, insecure registries from a private
+//! registries.conf (`CONTAINERS_REGISTRIES_CONF`), the build's own containers.conf
+//! (`CONTAINERS_CONF`) and the sandbox's id mapping ([`BuildSandbox`]). Its environment is
+//! cleared of everything but what it needs. No secret and no build argument's value is ever an
+//! argument: build args are in its environment (`build_args.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -18,6 +21,7 @@ use tokio::time::Instant;
 
 use crate::config::BuilderConfig;
 use crate::log::BuildLog;
+use crate::sandbox::BuildSandbox;
 use crate::workdir::WorkDir;
 
 /// Why a buildah command did not succeed.
@@ -37,9 +41,27 @@ pub enum BuildahError {
 /// How often `bud` runs when its sandbox fails to start.
 const BUD_ATTEMPTS: usize = 3;
 
-/// Failures of buildah's chroot sandbox that say nothing about the Dockerfile: sealing the
-/// in-memory copy of the binary it re-executes for a `RUN` step fails now and then with EBUSY.
-const SANDBOX_ERRORS: &[&str] = &["sealing memfd copy"];
+/// Failures to start a `RUN` step's sandbox that say nothing about the Dockerfile. buildah (for
+/// its chroot isolation and for its OCI runtime monitor) and runc both re-execute a sealed
+/// in-memory copy of their own binary, and sealing it fails now and then with EBUSY.
+const SANDBOX_ERRORS: &[&str] = &[
+    "sealing memfd copy",
+    "could not ensure we are a cloned binary",
+];
+
+/// Variables of the builder's environment buildah keeps: where programs are, and the proxy of
+/// its own registry traffic. Everything else (the builder's configuration, its identity's
+/// paths, `REGISTRY_AUTH_FILE`, `BUILDAH_*`) is not buildah's business.
+const INHERITED_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+];
 
 /// Whether the last lines of a failed build show a sandbox failure rather than a build error.
 fn sandbox_failed(tail: &[String]) -> bool {
@@ -49,43 +71,58 @@ fn sandbox_failed(tail: &[String]) -> bool {
         .any(|line| SANDBOX_ERRORS.iter().any(|e| line.contains(e)))
 }
 
+/// buildah's message when a `RUN` step's command exits non-zero under OCI isolation; chroot
+/// isolation says only the part after it.
+const RUNTIME_EXIT: &str = ": while running runtime: exit status ";
+
+/// The reason a build failed, phrased the same whatever the isolation: `building at STEP "RUN
+/// x": exit status 3` (the runtime did not fail, the step's command did).
+pub fn clarify(error_line: &str) -> String {
+    error_line.replacen(RUNTIME_EXIT, ": exit status ", 1)
+}
+
 /// What a Dockerfile build needs besides the build directory.
 pub struct BudSpec<'a> {
     pub dockerfile: &'a Path,
     pub context: &'a Path,
     /// Local name of the result, e.g. `localhost/imagemesh-build:<image id>`.
     pub tag: &'a str,
+    /// Checked by `build_args::check`: names buildah may take from its environment.
     pub build_args: Vec<(String, String)>,
 }
 
-/// buildah bound to one build directory.
+/// The files a build's buildah reads its settings from, in the build's private directory.
+pub struct BuildahFiles {
+    pub auth_file: PathBuf,
+    pub registries_conf: PathBuf,
+    pub containers_conf: PathBuf,
+}
+
+/// buildah bound to one build directory and sandbox.
 pub struct Buildah<'a> {
     program: &'a Path,
-    skopeo: &'a Path,
     dir: &'a WorkDir,
-    auth_file: PathBuf,
-    registries_conf: PathBuf,
+    sandbox: &'a BuildSandbox<'a>,
+    files: BuildahFiles,
 }
 
 impl<'a> Buildah<'a> {
-    /// The programs come from `settings` (`buildah`, `skopeo`).
+    /// The program comes from `settings.buildah`.
     pub fn new(
         settings: &'a BuilderConfig,
         dir: &'a WorkDir,
-        auth_file: PathBuf,
-        conf: PathBuf,
+        sandbox: &'a BuildSandbox<'a>,
+        files: BuildahFiles,
     ) -> Self {
         Self {
             program: &settings.buildah,
-            skopeo: &settings.skopeo,
             dir,
-            auth_file,
-            registries_conf: conf,
+            sandbox,
+            files,
         }
     }
 
-    /// `buildah bud --layers --isolation chroot`: chroot isolation is what lets `RUN` work
-    /// without a container runtime or user namespaces.
+    /// `buildah bud --layers` with the sandbox's isolation (`sandbox.rs`).
     #[tracing::instrument(name = "buildah bud", skip_all, fields(tag = spec.tag))]
     pub async fn bud(
         &self,
@@ -112,15 +149,17 @@ impl<'a> Buildah<'a> {
     fn bud_command(&self, spec: &BudSpec<'_>) -> Command {
         let mut command = self.command();
         command
-            .args(["bud", "--layers", "--isolation", "chroot", "--pull=missing"])
+            .args(["bud", "--layers", "--pull=missing"])
+            .args(self.sandbox.bud_args())
             .arg("--authfile")
-            .arg(&self.auth_file)
+            .arg(&self.files.auth_file)
             .arg("-f")
             .arg(spec.dockerfile)
             .arg("-t")
             .arg(spec.tag);
-        for (key, value) in &spec.build_args {
-            command.arg("--build-arg").arg(format!("{key}={value}"));
+        // `--build-arg NAME` without a value: buildah reads it from its environment.
+        for (name, value) in &spec.build_args {
+            command.arg("--build-arg").arg(name).env(name, value);
         }
         command.arg(spec.context);
         command
@@ -137,11 +176,11 @@ impl<'a> Buildah<'a> {
         deadline: Instant,
     ) -> Result<String, BuildahError> {
         tracing::Span::current().record("destination", destination);
-        let digest_file = self.dir.path().join("digest");
+        let digest_file = self.dir.private().join("digest");
         let mut command = self.command();
         command
             .args(["push", "--retry", "0", "--authfile"])
-            .arg(&self.auth_file)
+            .arg(&self.files.auth_file)
             .arg("--digestfile")
             .arg(&digest_file)
             .arg(image)
@@ -151,34 +190,44 @@ impl<'a> Buildah<'a> {
         Ok(digest.trim().to_string())
     }
 
-    /// Copies the image in the OCI layout `layout` into this build's storage as `name`
-    /// (`skopeo copy oci:... containers-storage:[vfs@root+runroot]name`), checking its digests.
+    /// Stores the image in the OCI layout `layout` (tag `tag`, config digest `image_id`) in this
+    /// build's storage as `name`: `buildah pull` checks every digest and unpacks the layers
+    /// owned by the sandbox's ids (a copy into storage by another tool would leave them owned
+    /// by host root, which the mapped root of a `RUN` step cannot write to).
     #[tracing::instrument(name = "store base image", skip_all, fields(name))]
     pub async fn store_layout(
         &self,
         layout: &Path,
         tag: &str,
+        image_id: &str,
         name: &str,
         log: &BuildLog,
         deadline: Instant,
     ) -> Result<(), BuildahError> {
-        let storage = format!(
-            "containers-storage:[vfs@{}+{}]{name}",
-            self.dir.root().display(),
-            self.dir.runroot().display()
-        );
-        let mut command = self.sandboxed(self.skopeo);
-        command
-            .args(["copy", "--quiet"])
-            .arg(format!("oci:{}:{tag}", layout.display()))
-            .arg(storage);
-        run(command, log, deadline).await
+        // buildah names an image pulled from a layout after the layout's path, which must be a
+        // valid repository name: relative, from the layout's parent (`localhost/base-0`). That
+        // extra name exists only in this build's storage.
+        let (Some(parent), Some(file)) = (layout.parent(), layout.file_name()) else {
+            return Err(BuildahError::Spawn(std::io::Error::other(
+                "not a layout path",
+            )));
+        };
+        let mut pull = self.command();
+        pull.current_dir(parent)
+            .args(["pull", "--quiet"])
+            .arg(format!("oci:{}:{tag}", file.to_string_lossy()));
+        run(pull, log, deadline).await?;
+        let id = image_id.strip_prefix("sha256:").unwrap_or(image_id);
+        let mut name_it = self.command();
+        name_it.args(["tag", id, name]);
+        run(name_it, log, deadline).await
     }
 
-    /// buildah on this build's storage.
+    /// buildah on this build's storage, with the sandbox's id mapping.
     fn command(&self) -> Command {
-        let mut command = self.sandboxed(self.program);
+        let mut command = self.prepared(self.program);
         command
+            .args(self.sandbox.global_args())
             .arg("--root")
             .arg(self.dir.root())
             .arg("--runroot")
@@ -187,15 +236,21 @@ impl<'a> Buildah<'a> {
         command
     }
 
-    /// `program` with this build's temp dir and registries.conf, no ambient auth file, piped
-    /// output, and its own process group, so a timeout kills it and everything it started.
-    fn sandboxed(&self, program: &Path) -> Command {
+    /// `program` with only [`INHERITED_ENV`] of the builder's environment, this build's temp
+    /// dir and configuration files, piped output, and its own process group, so a timeout kills
+    /// it and everything it started (but for `RUN` containers: `BuildSandbox` removes those).
+    fn prepared(&self, program: &Path) -> Command {
         let mut command = Command::new(program);
+        command.env_clear();
+        for name in INHERITED_ENV {
+            if let Some(value) = std::env::var_os(name) {
+                command.env(name, value);
+            }
+        }
         command
             .env("TMPDIR", self.dir.tmp())
-            .env("CONTAINERS_REGISTRIES_CONF", &self.registries_conf)
-            .env_remove("REGISTRY_AUTH_FILE")
-            .env_remove("BUILDAH_ISOLATION")
+            .env("CONTAINERS_REGISTRIES_CONF", &self.files.registries_conf)
+            .env("CONTAINERS_CONF", &self.files.containers_conf)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -230,6 +285,7 @@ async fn run(mut command: Command, log: &BuildLog, deadline: Instant) -> Result<
     drop(group);
     let error_line = log
         .error_line()
+        .map(|line| clarify(&line))
         .unwrap_or_else(|| format!("buildah exited with {status}"));
     Err(BuildahError::Failed { status, error_line })
 }
@@ -266,6 +322,69 @@ impl Drop for ProcessGroup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_run_step_reads_the_same_under_either_isolation() {
+        let oci = "Error: building at STEP \"RUN exit 3\": while running runtime: exit status 3";
+        let chroot = "Error: building at STEP \"RUN exit 3\": exit status 3";
+        assert_eq!(clarify(oci), chroot);
+        assert_eq!(clarify(chroot), chroot);
+    }
+
+    #[test]
+    fn build_arg_values_are_in_the_environment_never_on_the_command_line() {
+        use crate::sandbox::{Sandbox, SandboxConfig};
+        let settings = BuilderConfig::default();
+        let storage = tempfile::tempdir().unwrap();
+        let dir = WorkDir::create(storage.path(), "r1").unwrap();
+        let sandbox = Sandbox::new(SandboxConfig::default()).unwrap();
+        let build = sandbox.enter("default", dir.runtime_state()).unwrap();
+        let files = BuildahFiles {
+            auth_file: dir.private().join("auth.json"),
+            registries_conf: dir.private().join("registries.conf"),
+            containers_conf: dir.private().join("containers.conf"),
+        };
+        let buildah = Buildah::new(&settings, &dir, &build, files);
+        let spec = BudSpec {
+            dockerfile: Path::new("/d/Dockerfile"),
+            context: Path::new("/d/context"),
+            tag: "localhost/imagemesh-build:x",
+            build_args: vec![("TOKEN".into(), "value-7Qx2".into())],
+        };
+        let command = buildah.bud_command(&spec);
+        let command = command.as_std();
+        let argv: Vec<String> = command
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let line = argv.join(" ");
+        assert!(!line.contains("value-7Qx2"), "{line}");
+        assert!(line.contains("--build-arg TOKEN "), "{line}");
+        for flag in ["--isolation oci", "--network none", "--userns-uid-map 0:"] {
+            assert!(line.contains(flag), "{flag}: {line}");
+        }
+        let env: Vec<_> = command.get_envs().collect();
+        assert!(
+            env.contains(&(
+                std::ffi::OsStr::new("TOKEN"),
+                Some(std::ffi::OsStr::new("value-7Qx2"))
+            )),
+            "{env:?}"
+        );
+        // The builder's own environment stays out of buildah's.
+        assert!(
+            env.iter().all(|(k, _)| INHERITED_ENV.iter().any(|i| k == i)
+                || [
+                    "TOKEN",
+                    "TMPDIR",
+                    "CONTAINERS_CONF",
+                    "CONTAINERS_REGISTRIES_CONF"
+                ]
+                .iter()
+                .any(|i| k == i)),
+            "{env:?}"
+        );
+    }
 
     #[test]
     fn only_sandbox_failures_at_the_end_of_the_log_are_retried() {

@@ -11,6 +11,8 @@ use imagemesh_runtime::streams::StreamOptions;
 use imagemesh_runtime::worker::WorkerOptions;
 use serde::{Deserialize, Serialize};
 
+use crate::sandbox::SandboxConfig;
+
 /// The whole configuration file of the builder.
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -40,8 +42,12 @@ pub struct BuilderConfig {
     pub storage_dir: PathBuf,
     /// The buildah program.
     pub buildah: PathBuf,
-    /// The skopeo program (stores base images fetched with a bearer token).
-    pub skopeo: PathBuf,
+    /// No longer used (base images fetched with a bearer token are stored with `buildah pull`);
+    /// accepted so that older configuration files still load.
+    #[serde(skip_serializing)]
+    pub skopeo: Option<PathBuf>,
+    /// Where and how `RUN` steps run: isolation, network per tenant, host ids.
+    pub sandbox: SandboxConfig,
     /// Time limit of a build that sets none (`BuildOptions.timeout_seconds = 0`).
     #[serde(with = "humantime_serde")]
     pub default_timeout: Duration,
@@ -60,7 +66,8 @@ impl Default for BuilderConfig {
             registry: RegistrySettings::default(),
             storage_dir: std::env::temp_dir().join("imagemesh-builder"),
             buildah: "buildah".into(),
-            skopeo: "skopeo".into(),
+            skopeo: None,
+            sandbox: SandboxConfig::default(),
             default_timeout: Duration::from_secs(30 * 60),
             max_timeout: Duration::from_secs(2 * 3600),
             max_context_bytes: 512 * 1024 * 1024,

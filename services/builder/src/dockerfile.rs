@@ -1,5 +1,5 @@
-//! Dockerfile builds: context, credentials, `buildah bud`, `buildah push`, in a private build
-//! directory that is removed on every path.
+//! Dockerfile builds: context, credentials, `buildah bud` in the build sandbox, `buildah push`,
+//! in a private build directory that is removed on every path.
 
 use std::time::Duration;
 
@@ -12,18 +12,19 @@ use imagemesh_runtime::ErrorCode;
 use imagemesh_runtime::status::{StatusReporter, Step};
 use tokio::time::Instant;
 
-use crate::auth;
-use crate::buildah::{BudSpec, Buildah, BuildahError};
+use crate::buildah::{BudSpec, Buildah, BuildahError, BuildahFiles};
 use crate::config::BuilderConfig;
-use crate::context;
 use crate::failure::Failure;
 use crate::log::BuildLog;
+use crate::sandbox::{BuildSandbox, Sandbox};
 use crate::workdir::WorkDir;
-use crate::{base_pull, layout_push};
+use crate::{auth, base_pull, build_args, context, layout_push};
 
 /// One Dockerfile build of one request.
 pub struct DockerfileBuild<'a> {
     pub settings: &'a BuilderConfig,
+    /// Where `RUN` steps run (`sandbox.rs`).
+    pub sandbox: &'a Sandbox,
     /// Where the request's tenant's build contexts are.
     pub js: &'a jetstream::Context,
     pub status: &'a StatusReporter,
@@ -52,12 +53,20 @@ impl DockerfileBuild<'_> {
     pub async fn run(&self) -> Result<String, Failure> {
         let dir = WorkDir::create(&self.settings.storage_dir, &self.request.request_id)
             .map_err(|e| Failure::internal(format!("cannot create a build directory: {e}")))?;
-        let result = self.run_in(&dir).await;
+        // Dropped before the directory, also when this future is: it removes the containers
+        // the build left running.
+        let result = match self
+            .sandbox
+            .enter(&self.request.tenant, dir.runtime_state())
+        {
+            Ok(sandbox) => self.run_in(&dir, &sandbox).await,
+            Err(e) => Err(Failure::internal(e)),
+        };
         dir.remove().await;
         result
     }
 
-    async fn run_in(&self, dir: &WorkDir) -> Result<String, Failure> {
+    async fn run_in(&self, dir: &WorkDir, sandbox: &BuildSandbox<'_>) -> Result<String, Failure> {
         let options = self.request.build_options.clone().unwrap_or_default();
         let limit = self.settings.timeout(options.timeout_seconds);
         let deadline = Deadline {
@@ -65,6 +74,10 @@ impl DockerfileBuild<'_> {
             limit,
         };
         let id = self.request.key();
+        let mut build_args: Vec<_> = options.build_args.clone().into_iter().collect();
+        build_args.sort();
+        build_args::check(&build_args)
+            .map_err(|e| Failure::reject(ErrorCode::MalformedRequest, e))?;
         if !options.context_object.is_empty() {
             let bytes = self.fetch_context(dir, &options.context_object).await?;
             let step = Step::running("context-fetched", format!("build context {bytes} bytes"))
@@ -72,18 +85,16 @@ impl DockerfileBuild<'_> {
                 .detail("bytes", bytes);
             self.status.report(id, step).await;
         }
-        let dockerfile = dir.path().join("Dockerfile");
+        let dockerfile = dir.private().join("Dockerfile");
         std::fs::write(&dockerfile, &options.dockerfile)
             .map_err(|e| Failure::internal(format!("cannot write the Dockerfile: {e}")))?;
-        let (buildah, bearer_bases) = self.buildah(dir, &options)?;
+        let (buildah, bearer_bases) = self.buildah(dir, sandbox, &options)?;
         for (n, base) in bearer_bases.iter().enumerate() {
             self.store_bearer_base(&buildah, dir, n, base, deadline)
                 .await?;
         }
 
         let tag = format!("localhost/imagemesh-build:{}", self.request.image_id);
-        let mut build_args: Vec<_> = options.build_args.into_iter().collect();
-        build_args.sort();
         let spec = BudSpec {
             dockerfile: &dockerfile,
             context: &dir.context(),
@@ -96,7 +107,7 @@ impl DockerfileBuild<'_> {
         buildah
             .bud(&spec, self.log, deadline.at)
             .await
-            .map_err(|e| self.build_failure(e, deadline.limit))?;
+            .map_err(|e| self.bud_failure(e, deadline.limit, sandbox))?;
         self.status
             .report(id, Step::running("built", "image built"))
             .await;
@@ -109,7 +120,7 @@ impl DockerfileBuild<'_> {
                 .map_err(|e| self.push_failure(e, deadline.limit));
         }
         // A bearer token cannot go to buildah: it writes an OCI layout, pushed from here.
-        let layout = dir.path().join("layout");
+        let layout = dir.private().join("layout");
         let destination = format!("oci:{}:latest", layout.display());
         buildah
             .push(&tag, &destination, self.log, deadline.at)
@@ -132,7 +143,7 @@ impl DockerfileBuild<'_> {
 
     async fn fetch_context(&self, dir: &WorkDir, name: &str) -> Result<u64, Failure> {
         let limit = self.settings.max_context_bytes;
-        let archive = dir.path().join("context.tar");
+        let archive = dir.private().join("context.tar");
         let tenant = &self.request.tenant;
         let bytes = context::fetch(self.js, tenant, name, &archive, limit).await?;
         let into = dir.context();
@@ -158,12 +169,13 @@ impl DockerfileBuild<'_> {
             Some(credential),
             &self.settings.registry,
         );
-        let layout = dir.path().join(format!("base-{n}"));
+        let layout = dir.private().join(format!("base-{n}"));
         let fetch = base_pull::fetch_to_layout(&client, &base.image, &layout, self.log);
-        self.within(deadline, fetch).await?;
+        let image_id = self.within(deadline, fetch).await?;
         let name = base.image.whole();
+        let tag = base_pull::LAYOUT_TAG;
         buildah
-            .store_layout(&layout, base_pull::LAYOUT_TAG, &name, self.log, deadline.at)
+            .store_layout(&layout, tag, &image_id, &name, self.log, deadline.at)
             .await
             .map_err(|e| self.build_failure(e, deadline.limit))?;
         let _ = tokio::fs::remove_dir_all(&layout).await;
@@ -176,6 +188,7 @@ impl DockerfileBuild<'_> {
     fn buildah<'d>(
         &'d self,
         dir: &'d WorkDir,
+        sandbox: &'d BuildSandbox<'d>,
         options: &BuildOptions,
     ) -> Result<(Buildah<'d>, Vec<BearerBase<'d>>), Failure> {
         let build_registry = self.build_credential()?;
@@ -211,14 +224,19 @@ impl DockerfileBuild<'_> {
             }
             registries.push(registry);
         }
-        let auth_file = dir.path().join("auth.json");
-        auth::write_auth_file(&auth_file, &credentials)
+        let files = BuildahFiles {
+            auth_file: dir.private().join("auth.json"),
+            registries_conf: dir.private().join("registries.conf"),
+            containers_conf: dir.private().join("containers.conf"),
+        };
+        auth::write_auth_file(&files.auth_file, &credentials)
             .map_err(|e| Failure::internal(format!("cannot write the registry auth file: {e}")))?;
-        let conf = dir.path().join("registries.conf");
         let insecure = insecure(&self.settings.registry, registries);
-        auth::write_registries_conf(&conf, &insecure)
+        auth::write_registries_conf(&files.registries_conf, &insecure)
             .map_err(|e| Failure::internal(format!("cannot write registries.conf: {e}")))?;
-        let buildah = Buildah::new(self.settings, dir, auth_file, conf);
+        auth::write_private(&files.containers_conf, sandbox.containers_conf().as_bytes())
+            .map_err(|e| Failure::internal(format!("cannot write containers.conf: {e}")))?;
+        let buildah = Buildah::new(self.settings, dir, sandbox, files);
         Ok((buildah, bearer_bases))
     }
 
@@ -242,6 +260,20 @@ impl DockerfileBuild<'_> {
                 self.log.tail().join("\n")
             )),
             BuildahError::Spawn(e) => Failure::internal(format!("cannot run buildah: {e}")),
+        }
+    }
+
+    /// A failed `bud`; when a `RUN` step failed, the message says what its sandbox allowed.
+    fn bud_failure(&self, err: BuildahError, timeout: Duration, sandbox: &BuildSandbox) -> Failure {
+        match err {
+            BuildahError::Failed { error_line, .. } if error_line.contains("at STEP \"RUN ") => {
+                Failure::build(format!(
+                    "build failed: {error_line}\n{}\nlast lines of the build log:\n{}",
+                    sandbox.describe(),
+                    self.log.tail().join("\n")
+                ))
+            }
+            other => self.build_failure(other, timeout),
         }
     }
 

@@ -2,6 +2,8 @@
 //! already done, build (Dockerfile) or copy (source image) and push, record the image, and hand
 //! it to the indexer with the same token.
 
+use std::sync::Arc;
+
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, message::PublishMessage};
 use imagemesh_proto::v1::{ContainerRequest, IndexRequest, RegistryCredential};
@@ -19,6 +21,7 @@ use crate::dockerfile::DockerfileBuild;
 use crate::failure::Failure;
 use crate::log::BuildLog;
 use crate::records::{self, Records};
+use crate::sandbox::Sandbox;
 
 /// The builder's work handler.
 pub struct Builder {
@@ -27,6 +30,7 @@ pub struct Builder {
     pub status: StatusReporter,
     pub settings: BuilderConfig,
     pub records: Records,
+    pub sandbox: Arc<Sandbox>,
 }
 
 impl Handler for Builder {
@@ -119,6 +123,7 @@ impl Builder {
         let digest = if !options.dockerfile.is_empty() {
             let build = DockerfileBuild {
                 settings: &self.settings,
+                sandbox: &self.sandbox,
                 js: &self.js,
                 status: &self.status,
                 log: &log,

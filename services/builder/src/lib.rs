@@ -7,7 +7,8 @@
 //! - [`dockerfile`]: a Dockerfile build in a private directory ([`workdir`]): the context from
 //!   the tenant's object store ([`context`]), credentials in an auth file ([`auth`]), buildah
 //!   ([`buildah`]) with its output streamed to `imagemesh.buildlog.<tenant>.<request id>`
-//!   ([`log`]).
+//!   ([`log`]), build args in its environment ([`build_args`]), `RUN` steps in the sandbox
+//!   ([`sandbox`]: no network, a user namespace, only the image's files).
 //! - [`copy`]: a source-image build, copied registry to registry with oci-client.
 //! - [`records`]: `<tenant>.<image id>` -> pushed reference and digest (KV
 //!   `imagemesh-image-refs`).
@@ -18,6 +19,7 @@
 
 mod auth;
 mod base_pull;
+mod build_args;
 mod buildah;
 pub mod config;
 mod context;
@@ -28,8 +30,12 @@ mod handler;
 mod layout_push;
 mod log;
 mod records;
+pub mod sandbox;
 mod workdir;
 
+use std::sync::Arc;
+
+use anyhow::Context as _;
 use async_nats::Client;
 pub use config::Config;
 use imagemesh_runtime::placement;
@@ -58,8 +64,12 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
     streams::ensure(&js, &used, &config.streams).await?;
     let mut settings = config.builder;
     settings.placement = settings.placement.resolved();
-    workdir::sweep_stale(&settings.storage_dir);
+    let sandbox = start_sandbox(&settings)?;
+    workdir::sweep_stale(&settings.storage_dir, |state| {
+        sandbox.remove_containers(state)
+    });
     let handler = Builder {
+        sandbox: Arc::new(sandbox),
         client: client.clone(),
         records: records::Records::new(streams::image_refs(&js, &config.streams).await?),
         js: js.clone(),
@@ -73,4 +83,22 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
         holds: None,
     };
     worker::serve(&client, IDENTITY, work, settings.worker, handler, shutdown).await
+}
+
+/// The sandbox of this builder's `RUN` steps, and a build storage its users can reach.
+fn start_sandbox(settings: &config::BuilderConfig) -> anyhow::Result<sandbox::Sandbox> {
+    let storage = &settings.storage_dir;
+    let sandbox = sandbox::Sandbox::new(settings.sandbox.clone()).map_err(anyhow::Error::msg)?;
+    workdir::prepare_storage(storage)
+        .with_context(|| format!("builder.storage_dir {}", storage.display()))?;
+    match sandbox.isolation() {
+        sandbox::Isolation::Oci => {
+            sandbox::check_searchable(storage).map_err(anyhow::Error::msg)?;
+        }
+        sandbox::Isolation::Chroot => tracing::warn!(
+            "builder.sandbox.isolation = \"chroot\": RUN steps run as root with this host's \
+             network and processes in view; unsafe for Dockerfiles you do not trust"
+        ),
+    }
+    Ok(sandbox)
 }
