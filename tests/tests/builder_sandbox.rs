@@ -81,14 +81,12 @@ impl SandboxMesh {
         let mut mesh = Mesh::start(options).await;
         let storage = tempfile::tempdir().unwrap();
         let dir = storage.path().to_str().unwrap().to_string();
-        let identity = mesh.identity_env("builder", "builder", &[]).await;
-        let mut env = vec![("IMAGEMESH_BUILDER__STORAGE_DIR", dir.as_str())];
-        env.extend(identity.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let env = [("IMAGEMESH_BUILDER__STORAGE_DIR", dir.as_str())];
         let config = format!(
             "{}[builder.sandbox]\nnetwork_tenants = [\"{ONLINE}\"]\ntenant_network = \"host\"\n",
             mesh.config("builder")
         );
-        let builder = ServiceProcess::spawn("imagemesh-builder", &config, &env);
+        let builder = mesh.spawn_with_config("builder", &config, &env).await;
         wait_for_service(&mesh.client, "builder", Duration::from_secs(20)).await;
         push_busybox(mesh.registry.addr(), BASE, REGISTRY_USER, REGISTRY_PASSWORD);
         Self {
