@@ -836,10 +836,20 @@ pub fn is_terminal(event: &StatusEvent) -> bool {
     )
 }
 
-/// The events of one service with one phase.
-/// The last event of a finished request, which must have succeeded.
+/// The terminal event of a finished request. Not simply the last event: progress events (the
+/// scheduler's `dispatched`) are published without waiting for the stream, so under load one can
+/// be stored after a fast worker's final event.
+pub fn terminal(events: &[StatusEvent]) -> &StatusEvent {
+    events
+        .iter()
+        .rev()
+        .find(|e| is_terminal(e))
+        .unwrap_or_else(|| panic!("no terminal event:\n{}", describe(events)))
+}
+
+/// The terminal event of a finished request, which must have succeeded.
 pub fn assert_succeeded(events: &[StatusEvent]) -> &StatusEvent {
-    let last = events.last().expect("no status events");
+    let last = terminal(events);
     assert_eq!(
         last.state(),
         RequestState::Succeeded,
@@ -849,13 +859,13 @@ pub fn assert_succeeded(events: &[StatusEvent]) -> &StatusEvent {
     last
 }
 
-/// The last event of a finished request, which must be a failure by `service` with `code`.
+/// The terminal event of a finished request, which must be a failure by `service` with `code`.
 pub fn assert_failed<'a>(
     events: &'a [StatusEvent],
     service: &str,
     code: ErrorCode,
 ) -> &'a StatusEvent {
-    let last = events.last().expect("no status events");
+    let last = terminal(events);
     assert_eq!(last.state(), RequestState::Failed, "{}", describe(events));
     assert_eq!(last.service, service, "{}", describe(events));
     assert_eq!(last.error_code(), code, "{}", describe(events));

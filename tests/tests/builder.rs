@@ -112,7 +112,7 @@ impl BuildMesh {
 }
 
 fn failed(events: &[StatusEvent]) -> &StatusEvent {
-    let last = events.last().unwrap();
+    let last = imagemesh_tests::terminal(events);
     assert_eq!(last.state(), RequestState::Failed, "{}", describe(events));
     assert_eq!(last.service, "builder", "{}", describe(events));
     last
