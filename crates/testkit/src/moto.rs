@@ -27,7 +27,7 @@ impl Moto {
         for _ in 0..5 {
             let port = free_port();
             let mut child = spawn(&dir, port);
-            if wait_ready(&mut child, port) {
+            if wait_ready(&mut child, port, &dir.path().join("moto.log")) {
                 return Self {
                     child: Some(child),
                     port,
@@ -112,13 +112,18 @@ fn spawn(dir: &TempDir, port: u16) -> Child {
         .expect("spawn moto_server (make deps installs moto[server])")
 }
 
-fn wait_ready(child: &mut Child, port: u16) -> bool {
+/// Ready when this moto says it listens on `port` and the port answers. The port answering is
+/// not enough: another test's moto may have taken the same free port first, and this one would
+/// then die on its bind while the other is mistaken for it.
+fn wait_ready(child: &mut Child, port: u16, log: &std::path::Path) -> bool {
     let deadline = Instant::now() + Duration::from_secs(30);
+    let listening = format!("Running on http://127.0.0.1:{port}");
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {
             return false;
         }
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        let ours = std::fs::read_to_string(log).is_ok_and(|text| text.contains(&listening));
+        if ours && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             return true;
         }
         std::thread::sleep(Duration::from_millis(50));
