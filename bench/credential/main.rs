@@ -123,8 +123,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn config(bus: &Bus, tokens: &TokenServer) -> Config {
-    let mut config = Config::default();
-    config.nats = bus.nats_config(CREDENTIAL);
+    let mut config = Config {
+        nats: bus.nats_config(CREDENTIAL),
+        ..Default::default()
+    };
     config.credential.registries = vec![RegistryConfig::Token(TokenAuthConfig {
         host: REGISTRY.into(),
         username: USER.into(),

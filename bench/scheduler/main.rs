@@ -279,8 +279,10 @@ fn stopped(
 }
 
 fn credential_config(bus: &Bus, registry: &Registry) -> imagemesh_credential::Config {
-    let mut config = imagemesh_credential::Config::default();
-    config.nats = bus.nats_config(CREDENTIAL);
+    let mut config = imagemesh_credential::Config {
+        nats: bus.nats_config(CREDENTIAL),
+        ..Default::default()
+    };
     config.credential.registries = vec![imagemesh_credential::config::RegistryConfig::Basic {
         host: registry.addr().to_string(),
         username: USER.into(),
@@ -299,9 +301,11 @@ fn start_scheduler(
     concurrency: usize,
     shutdown: Shutdown,
 ) -> tokio::task::JoinHandle<anyhow::Result<()>> {
-    let mut config = imagemesh_scheduler::Config::default();
-    config.nats = bus.nats_config(SCHEDULER);
-    config.streams = bus.stream_options();
+    let mut config = imagemesh_scheduler::Config {
+        nats: bus.nats_config(SCHEDULER),
+        streams: bus.stream_options(),
+        ..Default::default()
+    };
     config.scheduler.build_registry = registry.addr().to_string();
     config.scheduler.intake.concurrency = concurrency;
     services.spawn(async move {
