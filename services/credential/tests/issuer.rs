@@ -8,11 +8,10 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{CredentialService, seconds_left, secret};
+use common::{CredentialService, can_pull, can_push, seconds_left, secret};
 use imagemesh_proto::v1::AuthScheme;
 use imagemesh_testkit::Registry;
 use imagemesh_testkit::issuer_keys::{SigningKey, registry_auth, write_bundle};
-use reqwest::StatusCode;
 use tempfile::TempDir;
 
 const SERVICE: &str = "imagemesh-build-registry";
@@ -46,27 +45,6 @@ async fn issuing(
         previous.join(", ")
     );
     CredentialService::start(&config, &[]).await
-}
-
-async fn status(method: reqwest::Method, url: String, token: &str) -> StatusCode {
-    reqwest::Client::new()
-        .request(method, url)
-        .bearer_auth(token)
-        .send()
-        .await
-        .expect("registry answers")
-        .status()
-}
-
-async fn can_pull(registry: &Registry, repository: &str, token: &str) -> bool {
-    let url = format!("http://{}/v2/{repository}/tags/list", registry.addr());
-    // 404 NAME_UNKNOWN: authorized, the repository is empty. 401: not authorized.
-    status(reqwest::Method::GET, url, token).await == StatusCode::NOT_FOUND
-}
-
-async fn can_push(registry: &Registry, repository: &str, token: &str) -> bool {
-    let url = format!("http://{}/v2/{repository}/blobs/uploads/", registry.addr());
-    status(reqwest::Method::POST, url, token).await == StatusCode::ACCEPTED
 }
 
 /// Waits until the registry refuses `token` for pulling (it may grant some leeway past `exp`).

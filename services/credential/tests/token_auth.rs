@@ -7,12 +7,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{CredentialService, assert_refused, seconds_left, secret};
+use common::{CredentialService, assert_refused, can_pull, can_push, seconds_left, secret};
 use imagemesh_proto::v1::AuthScheme;
 use imagemesh_runtime::ErrorCode;
 use imagemesh_testkit::Registry;
 use imagemesh_testkit::token_server::TokenServer;
-use reqwest::StatusCode;
 
 const USER: &str = "imagemesh-svc";
 const PASSWORD: &str = "tok-Pw-9vQ2xLm4Rt";
@@ -36,28 +35,6 @@ async fn setup(extra: &str) -> Setup {
         registry,
         service,
     }
-}
-
-/// What the registry answers a request with this bearer token.
-async fn status(method: reqwest::Method, url: String, token: &str) -> StatusCode {
-    reqwest::Client::new()
-        .request(method, url)
-        .bearer_auth(token)
-        .send()
-        .await
-        .expect("registry answers")
-        .status()
-}
-
-async fn can_pull(registry: &Registry, repository: &str, token: &str) -> bool {
-    let url = format!("http://{}/v2/{repository}/tags/list", registry.addr());
-    // 404 NAME_UNKNOWN: authorized, the repository is empty. 401: not authorized.
-    status(reqwest::Method::GET, url, token).await == StatusCode::NOT_FOUND
-}
-
-async fn can_push(registry: &Registry, repository: &str, token: &str) -> bool {
-    let url = format!("http://{}/v2/{repository}/blobs/uploads/", registry.addr());
-    status(reqwest::Method::POST, url, token).await == StatusCode::ACCEPTED
 }
 
 #[tokio::test]
