@@ -149,6 +149,7 @@ fn request() -> (Bytes, HeaderMap) {
         request_id: "bench".into(),
         credential_ref: String::new(),
         tenant: imagemesh_proto::DEFAULT_TENANT.into(),
+        login: false,
     };
     let mut headers = HeaderMap::new();
     headers.insert(

@@ -290,6 +290,8 @@ fn credential_config(bus: &Bus, registry: &Registry) -> imagemesh_credential::Co
             value: Some(PASSWORD.to_string().into()),
             ..Default::default()
         },
+        // The bench measures dispatch: the loopback registry's own password is what it hands out.
+        share_long_term_secret: true,
     }];
     config
 }

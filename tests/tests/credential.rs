@@ -29,6 +29,7 @@ fn request(registry: &str, actions: &[&str]) -> TokenRequest {
         request_id: "cred-test".into(),
         credential_ref: String::new(),
         tenant: imagemesh_proto::DEFAULT_TENANT.into(),
+        login: false,
     }
 }
 

@@ -9,16 +9,22 @@ use std::process::Command;
 use tempfile::TempDir;
 
 fn run(program: &str, args: &[&str]) -> String {
+    try_run(program, args).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The command's stdout, or what it said on stderr when it failed.
+fn try_run(program: &str, args: &[&str]) -> Result<String, String> {
     let out = Command::new(program)
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("run {program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    if !out.status.success() {
+        return Err(format!(
+            "{program} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn path_str(path: &Path) -> &str {
@@ -38,6 +44,17 @@ fn auth_file(dir: &Path, registry: &str, username: &str, password: &str) -> Path
 /// Pushes a busybox image (the static busybox and a `/bin` link per applet, so `RUN` steps
 /// have a shell and the usual commands) to `registry/repository:tag`.
 pub fn push_busybox(registry: &str, repository_tag: &str, username: &str, password: &str) {
+    try_push_busybox(registry, repository_tag, username, password).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Like [`push_busybox`]; a push the registry (or its token realm) refuses is an `Err` with
+/// what skopeo said.
+pub fn try_push_busybox(
+    registry: &str,
+    repository_tag: &str,
+    username: &str,
+    password: &str,
+) -> Result<(), String> {
     let dir = tempfile::Builder::new()
         .prefix("imagemesh-busybox-")
         .tempdir()
@@ -70,7 +87,7 @@ pub fn push_busybox(registry: &str, repository_tag: &str, username: &str, passwo
         ],
     );
     let auth = auth_file(dir.path(), registry, username, password);
-    run(
+    try_run(
         "skopeo",
         &[
             "copy",
@@ -80,7 +97,8 @@ pub fn push_busybox(registry: &str, repository_tag: &str, username: &str, passwo
             &format!("oci:{image}"),
             &format!("docker://{registry}/{repository_tag}"),
         ],
-    );
+    )
+    .map(drop)
 }
 
 /// An image pulled back from a registry and unpacked.

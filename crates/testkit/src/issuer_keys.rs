@@ -6,8 +6,7 @@ use std::path::{Path, PathBuf};
 
 use crate::RegistryAuth;
 
-/// Where a registry in issuer mode would send clients doing the challenge dance themselves.
-/// Nothing serves it yet: imagemesh clients get their tokens from the credential service.
+/// A realm nothing serves, for registries whose clients all get their tokens over NATS.
 pub const UNSERVED_REALM: &str = "http://127.0.0.1:9/token";
 
 /// A key and its certificate, written as PEM files.
@@ -52,10 +51,11 @@ pub fn write_bundle(path: &Path, keys: &[&SigningKey]) -> PathBuf {
 }
 
 /// How to start a [`crate::Registry`] that trusts tokens with this `service` (audience) and
-/// `issuer`, signed by a key whose certificate is in `bundle`.
-pub fn registry_auth(service: &str, issuer: &str, bundle: PathBuf) -> RegistryAuth {
+/// `issuer`, signed by a key whose certificate is in `bundle`, and sends clients that do the
+/// challenge themselves to `realm` (the credential service's token endpoint).
+pub fn registry_auth(service: &str, issuer: &str, bundle: PathBuf, realm: &str) -> RegistryAuth {
     RegistryAuth::Token {
-        realm: UNSERVED_REALM.to_string(),
+        realm: realm.to_string(),
         service: service.to_string(),
         issuer: issuer.to_string(),
         root_cert_bundle: bundle,

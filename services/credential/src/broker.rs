@@ -4,14 +4,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures::FutureExt;
-use imagemesh_proto::v1::{RegistryCredential, Scope, TokenRequest, TokenResponse};
+use imagemesh_proto::v1::{AuthScheme, RegistryCredential, Scope, TokenRequest, TokenResponse};
 use imagemesh_registry::host;
 use imagemesh_runtime::{ErrorCode, Rejection};
 use secrecy::ExposeSecret;
 
 use crate::cache::{CacheKey, CacheSettings, TokenCache};
 use crate::config::{CredentialConfig, NamedCredential};
-use crate::providers::{self, Minted, Provider, ProviderError, ProviderSettings};
+use crate::providers::issuer::login::LOGIN_USERNAME;
+use crate::providers::{self, Issuer, Minted, Provider, ProviderError, ProviderSettings};
 
 /// Which scopes an endpoint may grant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,9 +34,15 @@ struct Named {
     binding: NamedCredential,
 }
 
+/// A registry's provider and whether its long-term secret may leave this service.
+struct Source {
+    provider: Arc<Provider>,
+    shares_long_term_secret: bool,
+}
+
 /// Holds the providers, keyed by normalised registry host, and the token cache.
 pub struct Broker {
-    providers: HashMap<String, Arc<Provider>>,
+    providers: HashMap<String, Source>,
     /// Named credentials: name -> (normalised registry, provider).
     named: HashMap<String, Named>,
     cache: TokenCache,
@@ -51,14 +58,21 @@ impl Broker {
         for path in &config.docker_config {
             let loaded = providers::load_docker_config(path, settings.helper_timeout).await?;
             for (registry, provider) in loaded {
-                providers.insert(registry, Arc::new(provider));
+                let source = Source {
+                    provider: Arc::new(provider),
+                    shares_long_term_secret: config.docker_config_share_long_term_secret,
+                };
+                providers.insert(registry, source);
             }
         }
         for entry in &config.registries {
             let registry = host::normalize(entry.host());
             anyhow::ensure!(!registry.is_empty(), "a registry entry has an empty host");
-            let provider = Provider::from_config(entry, settings).await?;
-            providers.insert(registry, Arc::new(provider));
+            let source = Source {
+                provider: Arc::new(Provider::from_config(entry, settings).await?),
+                shares_long_term_secret: entry.shares_long_term_secret(),
+            };
+            providers.insert(registry, source);
         }
         let mut named = HashMap::new();
         for (name, entry) in &config.secrets {
@@ -75,7 +89,7 @@ impl Broker {
         }
         let kinds: Vec<String> = providers
             .iter()
-            .map(|(registry, p)| format!("{registry} ({})", p.kind()))
+            .map(|(registry, source)| format!("{registry} ({})", source.provider.kind()))
             .collect();
         tracing::info!(registries = ?kinds, "credential providers ready");
         let cache = TokenCache::new(CacheSettings {
@@ -103,7 +117,29 @@ impl Broker {
             ));
         }
         let scope = checked_scope(request.scope.clone().unwrap_or_default(), policy)?;
-        let provider = self.provider_for(&registry, request, &scope)?;
+        let (provider, shares_long_term_secret) = self.provider_for(&registry, request, &scope)?;
+        if request.login {
+            // Mounters get pull tokens; a login is for operators' and builders' tools.
+            if policy == ScopePolicy::PullOnly {
+                return Err(Rejection::new(
+                    ErrorCode::Forbidden,
+                    "logins are handed out on the mint endpoint only",
+                ));
+            }
+            return login(&registry, &provider, scope);
+        }
+        let long_term = provider.hands_out_long_term_secret();
+        if long_term && !shares_long_term_secret {
+            return Err(Rejection::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "registry {registry} is configured with a long-term secret ({} provider), \
+                     which is handed out only when its entry sets share_long_term_secret = true; \
+                     prefer a provider that mints short-lived tokens",
+                    provider.kind()
+                ),
+            ));
+        }
         let (minted, cached) = if provider.is_static() {
             // Nothing upstream to save: hand out what is held.
             (provider.mint(&registry, &scope).await, false)
@@ -124,11 +160,51 @@ impl Broker {
             cached,
             "credential handed out"
         );
+        let mut credential = credential(registry, scope, minted);
+        credential.long_term = long_term;
         Ok(TokenResponse {
-            credential: Some(credential(registry, scope, minted)),
+            credential: Some(credential),
             cached,
         })
     }
+
+    /// The issuer whose signature a login carries, found by the registry the login names.
+    pub fn login_issuer(&self, registry: &str) -> Option<&Issuer> {
+        self.providers.get(registry)?.provider.issuer()
+    }
+}
+
+/// A one-time login for the HTTP token endpoint instead of a token.
+fn login(registry: &str, provider: &Provider, scope: Scope) -> Result<TokenResponse, Rejection> {
+    let issuer = provider.issuer().ok_or_else(|| {
+        Rejection::new(
+            ErrorCode::MalformedRequest,
+            format!(
+                "registry {registry} does not take tokens from this service ({} provider): \
+                 logins are only for issuer registries",
+                provider.kind()
+            ),
+        )
+    })?;
+    let (secret, expires) = issuer
+        .login(registry, &scope.repository, &scope.actions)
+        .map_err(|_| Rejection::new(ErrorCode::CredentialUnavailable, "signing a login failed"))?;
+    tracing::info!(
+        registry,
+        repository = scope.repository,
+        actions = ?scope.actions,
+        "one-time login handed out"
+    );
+    let minted = Minted {
+        scheme: AuthScheme::Basic,
+        username: LOGIN_USERNAME.to_string(),
+        secret: secrecy::SecretString::from(secret),
+        expires_at: Some(expires),
+    };
+    Ok(TokenResponse {
+        credential: Some(credential(registry.to_string(), scope, minted)),
+        cached: false,
+    })
 }
 
 impl Broker {
@@ -141,15 +217,19 @@ impl Broker {
         registry: &str,
         request: &TokenRequest,
         scope: &Scope,
-    ) -> Result<Arc<Provider>, Rejection> {
+    ) -> Result<(Arc<Provider>, bool), Rejection> {
         let name = request.credential_ref.as_str();
         if name.is_empty() {
-            return self.providers.get(registry).cloned().ok_or_else(|| {
-                Rejection::new(
-                    ErrorCode::NoCredentials,
-                    format!("no credentials configured for registry {registry}"),
-                )
-            });
+            return self
+                .providers
+                .get(registry)
+                .map(|source| (source.provider.clone(), source.shares_long_term_secret))
+                .ok_or_else(|| {
+                    Rejection::new(
+                        ErrorCode::NoCredentials,
+                        format!("no credentials configured for registry {registry}"),
+                    )
+                });
         }
         // Only the scheduler reaches the mint endpoint, and it takes the tenant from the intake
         // subject; a request without one cannot be matched to a binding.
@@ -170,7 +250,8 @@ impl Broker {
         named
             .binding
             .check(name, &request.tenant, &scope.repository)?;
-        Ok(named.provider.clone())
+        let shares = named.binding.registry.shares_long_term_secret();
+        Ok((named.provider.clone(), shares))
     }
 }
 
@@ -209,6 +290,7 @@ fn credential(registry: String, scope: Scope, minted: Minted) -> RegistryCredent
         secret: minted.secret.expose_secret().to_string(),
         expires_at: minted.expires_at.map(prost_types::Timestamp::from),
         scope: Some(scope),
+        long_term: false,
     }
 }
 
@@ -262,14 +344,24 @@ mod tests {
                 host: "registry.team.example".into(),
                 username: "team-user".into(),
                 password: SecretRef::value("team-pw"),
+                share_long_term_secret: true,
             },
         };
         let config = CredentialConfig {
-            registries: vec![RegistryConfig::Basic {
-                host: "registry.example.com".into(),
-                username: "svc".into(),
-                password: SecretRef::value("pw-123"),
-            }],
+            registries: vec![
+                RegistryConfig::Basic {
+                    host: "registry.example.com".into(),
+                    username: "svc".into(),
+                    password: SecretRef::value("pw-123"),
+                    share_long_term_secret: true,
+                },
+                RegistryConfig::Basic {
+                    host: "private.example.com".into(),
+                    username: "svc".into(),
+                    password: SecretRef::value("pw-private"),
+                    share_long_term_secret: false,
+                },
+            ],
             secrets: [("team-hub".to_string(), team_hub)].into(),
             ..Default::default()
         };
@@ -286,7 +378,40 @@ mod tests {
             request_id: "r1".into(),
             credential_ref: String::new(),
             tenant: "team-a".into(),
+            login: false,
         }
+    }
+
+    #[tokio::test]
+    async fn a_long_term_secret_is_handed_out_only_where_its_entry_opts_in() {
+        let broker = broker().await;
+        let shared = broker
+            .mint(
+                &request("registry.example.com", &["pull"]),
+                ScopePolicy::PullOnly,
+            )
+            .await
+            .unwrap()
+            .credential
+            .unwrap();
+        assert!(shared.long_term);
+        for policy in [ScopePolicy::PullOnly, ScopePolicy::PullPush] {
+            let err = broker
+                .mint(&request("private.example.com", &["pull"]), policy)
+                .await
+                .unwrap_err();
+            assert_eq!(err.code, ErrorCode::Forbidden, "{err}");
+            assert!(err.message.contains("share_long_term_secret"), "{err}");
+            assert!(!err.message.contains("pw-private"), "{err}");
+        }
+        // A login exists only for registries whose issuer this service is.
+        let mut login = request("registry.example.com", &["pull"]);
+        login.login = true;
+        let err = broker
+            .mint(&login, ScopePolicy::PullPush)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::MalformedRequest, "{err}");
     }
 
     #[tokio::test]

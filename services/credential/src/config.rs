@@ -46,6 +46,13 @@ pub struct CredentialConfig {
     /// Docker `config.json` files: `auths` entries, `credHelpers` and `credsStore` serve the
     /// registries they name (exact host match).
     pub docker_config: Vec<PathBuf>,
+    /// Hand out the long-term credentials of `docker_config` entries (`auths`, helpers). Off by
+    /// default, like `share_long_term_secret` of a registry entry.
+    pub docker_config_share_long_term_secret: bool,
+    /// The HTTP token endpoint for registries whose issuer this service is (`provider =
+    /// "issuer"`): where tools that do the registry's challenge themselves (skopeo, buildah)
+    /// exchange a one-time login for a token. Unset: not served.
+    pub token_endpoint: Option<TokenEndpointConfig>,
     /// A minted token is never reported or cached as living shorter than this, so an upstream
     /// that hands out already-expired tokens (moto's ECR does) cannot cause a refresh storm.
     /// Must exceed `cache.margin`.
@@ -66,12 +73,23 @@ impl Default for CredentialConfig {
             registries: Vec::new(),
             secrets: BTreeMap::new(),
             docker_config: Vec::new(),
+            docker_config_share_long_term_secret: false,
+            token_endpoint: None,
             min_lifetime: Duration::from_secs(60),
             upstream_timeout: Duration::from_secs(10),
             helper_timeout: Duration::from_secs(10),
             cache: CacheConfig::default(),
         }
     }
+}
+
+/// The HTTP token endpoint: the `realm` of the registries this service issues tokens for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenEndpointConfig {
+    /// Address to listen on, e.g. `0.0.0.0:5001`. Plain HTTP: put TLS in front of it (an ingress
+    /// or a sidecar) where the network between tools and this service is not trusted.
+    pub listen: std::net::SocketAddr,
 }
 
 /// The token cache. Keys are (registry, repository, actions, credential identity).

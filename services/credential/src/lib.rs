@@ -12,7 +12,9 @@
 //! - [`cache`]: per-(registry, repository, actions, identity) tokens, single-flight upstream
 //!   calls, refresh ahead of expiry, the minimum lifetime.
 //! - [`providers`]: static (basic, GHCR, Docker Hub, NGC, GAR), docker `config.json`, credential
-//!   helpers, AWS ECR, distribution token auth.
+//!   helpers, AWS ECR, distribution token auth, and the issuer (this service signs the tokens).
+//! - `token_endpoint`: the HTTP realm of issuer registries, where skopeo and buildah exchange a
+//!   one-time login (minted over NATS) for one token.
 //!
 //! Secrets are held in `secrecy::SecretString` (redacting `Debug`) until the moment they are put
 //! on the wire; errors and logs name registries, endpoints and variables, never values.
@@ -26,6 +28,7 @@ pub mod config;
 mod endpoints;
 pub mod providers;
 pub mod secret;
+mod token_endpoint;
 
 use std::sync::Arc;
 
@@ -43,6 +46,16 @@ pub const IDENTITY: Identity = Identity {
 /// Serves token requests until `shutdown`.
 pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::Result<()> {
     let broker = Arc::new(broker::Broker::from_config(&config.credential).await?);
+    if let Some(endpoint) = &config.credential.token_endpoint {
+        let listener = tokio::net::TcpListener::bind(endpoint.listen)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("token endpoint: cannot listen on {}: {e}", endpoint.listen)
+            })?;
+        tracing::info!(listen = %listener.local_addr()?, "HTTP token endpoint serving /token");
+        let serving = token_endpoint::TokenEndpoint::new(broker.clone());
+        tokio::spawn(serving.serve(listener, shutdown.clone()));
+    }
     let service = service::register(&client, IDENTITY).await?;
     endpoints::serve(&service, broker, shutdown).await?;
     service.stop().await.map_err(|e| anyhow::anyhow!(e))?;

@@ -1,7 +1,8 @@
 //! The credential service as the token issuer of a real docker-registry in token mode whose
 //! `rootcertbundle` holds the issuer's certificate: tokens work for exactly their repository and
 //! actions, are refused once expired, survive a key rotation until they expire, and a token
-//! signed by a key the registry does not trust is refused.
+//! signed by a key the registry does not trust is refused. And skopeo, which does the registry's
+//! challenge itself, gets its token at the service's HTTP token endpoint with a one-time login.
 
 mod common;
 
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::{CredentialService, can_pull, can_push, seconds_left, secret};
 use imagemesh_proto::v1::AuthScheme;
 use imagemesh_testkit::Registry;
-use imagemesh_testkit::issuer_keys::{SigningKey, registry_auth, write_bundle};
+use imagemesh_testkit::issuer_keys::{SigningKey, UNSERVED_REALM, registry_auth, write_bundle};
 use tempfile::TempDir;
 
 const SERVICE: &str = "imagemesh-build-registry";
@@ -22,7 +23,7 @@ const SHORT: &str = "[credential]\nmin_lifetime = \"2s\"\n[credential.cache]\nma
 /// A registry trusting the certificates of `keys`.
 fn registry_trusting(dir: &Path, keys: &[&SigningKey]) -> Registry {
     let bundle = write_bundle(&dir.join(format!("bundle-{}.pem", keys.len())), keys);
-    Registry::start(registry_auth(SERVICE, ISSUER, bundle))
+    Registry::start(registry_auth(SERVICE, ISSUER, bundle, UNSERVED_REALM))
 }
 
 /// A credential service issuing tokens for `registry`, signed by `key`.
@@ -178,4 +179,152 @@ async fn a_token_signed_by_a_key_the_registry_does_not_trust_is_refused() {
         .await
         .unwrap();
     assert!(can_pull(&registry, "team/app", secret(&good)).await);
+}
+
+/// What the token endpoint answers a login (as HTTP Basic) for `scope`.
+async fn exchange(
+    realm: &str,
+    service: &str,
+    scope: &str,
+    login: Option<&str>,
+) -> reqwest::StatusCode {
+    let mut request = reqwest::Client::new()
+        .get(realm)
+        .query(&[("service", service), ("scope", scope)]);
+    if let Some(login) = login {
+        request = request.basic_auth("imagemesh-login", Some(login));
+    }
+    request
+        .send()
+        .await
+        .expect("token endpoint answers")
+        .status()
+}
+
+#[tokio::test]
+async fn skopeo_pushes_with_a_one_time_login_at_the_token_endpoint_and_nothing_else_gets_a_token() {
+    let (dir, key) = keys();
+    let port = imagemesh_testkit::free_port();
+    let realm = format!("http://127.0.0.1:{port}/token");
+    let bundle = write_bundle(&dir.path().join("bundle.pem"), &[&key]);
+    let registry = Registry::start(registry_auth(SERVICE, ISSUER, bundle, &realm));
+    let endpoint = format!("[credential.token_endpoint]\nlisten = \"127.0.0.1:{port}\"\n");
+    let service = issuing(&registry, &key, &[], &endpoint, "5m").await;
+    let addr = registry.addr().to_string();
+    let login = |repository: &'static str, actions: &'static [&'static str]| {
+        let service = &service;
+        let addr = addr.clone();
+        async move {
+            let mut request = common::token_request(&addr, repository, actions);
+            request.login = true;
+            let response = service.credentials().mint(&request).await.unwrap();
+            response.credential.unwrap()
+        }
+    };
+
+    // skopeo: registry challenge -> our realm with the login -> token -> push.
+    let push = login("team/app", &["pull", "push"]).await;
+    assert_eq!(push.scheme(), AuthScheme::Basic);
+    assert_eq!(push.username, "imagemesh-login");
+    let left = push.expires_at_unix().unwrap() - common::now_unix();
+    assert!(
+        (100..=120).contains(&left),
+        "a login lives 2 min, this one {left} s"
+    );
+    let (user, secret) = (push.username.clone(), push.secret.clone());
+    let pushed = {
+        let addr = addr.clone();
+        tokio::task::spawn_blocking(move || {
+            imagemesh_testkit::images::try_push_busybox(&addr, "team/app:v1", &user, &secret)
+        })
+    };
+    pushed.await.unwrap().expect("skopeo pushes with the login");
+
+    // The same login a second time: refused, by skopeo's run and by a direct request.
+    let again = {
+        let (addr, user, secret) = (addr.clone(), push.username.clone(), push.secret.clone());
+        tokio::task::spawn_blocking(move || {
+            imagemesh_testkit::images::try_push_busybox(&addr, "team/app:v2", &user, &secret)
+        })
+    };
+    let err = again.await.unwrap().expect_err("a login works once");
+    assert!(
+        err.to_lowercase().contains("unauthorized") || err.contains("401"),
+        "{err}"
+    );
+    let scope = "repository:team/app:pull,push";
+    assert_eq!(
+        exchange(&realm, SERVICE, scope, Some(&push.secret)).await,
+        reqwest::StatusCode::UNAUTHORIZED
+    );
+
+    // A pull login buys no push, another repository, another service; none is not a login.
+    let pull = login("team/app", &["pull"]).await;
+    for (service_name, scope, expected) in [
+        (
+            SERVICE,
+            "repository:team/app:push",
+            reqwest::StatusCode::FORBIDDEN,
+        ),
+        (
+            SERVICE,
+            "repository:other/app:pull",
+            reqwest::StatusCode::FORBIDDEN,
+        ),
+        (
+            "another-registry",
+            "repository:team/app:pull",
+            reqwest::StatusCode::FORBIDDEN,
+        ),
+    ] {
+        assert_eq!(
+            exchange(&realm, service_name, scope, Some(&pull.secret)).await,
+            expected,
+            "{service_name} {scope}"
+        );
+    }
+    assert_eq!(
+        exchange(&realm, SERVICE, "repository:team/app:pull", None).await,
+        reqwest::StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        exchange(
+            &realm,
+            SERVICE,
+            "repository:team/app:pull",
+            Some("forged.login")
+        )
+        .await,
+        reqwest::StatusCode::UNAUTHORIZED
+    );
+    // The refusals did not use the login up: it still buys its pull token, which pulls.
+    let answer: serde_json::Value = reqwest::Client::new()
+        .get(&realm)
+        .query(&[
+            ("service", SERVICE),
+            ("scope", "repository:team/app:pull,push"),
+        ])
+        .basic_auth("imagemesh-login", Some(&pull.secret))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = answer["token"].as_str().expect("a token");
+    assert!(!can_pull(&registry, "other/app", token).await);
+    let tags = format!("http://{addr}/v2/team/app/tags/list");
+    assert_eq!(
+        common::status(reqwest::Method::GET, tags, token).await,
+        reqwest::StatusCode::OK
+    );
+    assert!(!can_push(&registry, "team/app", token).await);
+
+    // A login exists only for issuer registries, and only the scheduler's mint endpoint (NATS
+    // permissions) hands them out; the mounter's refresh endpoint does not.
+    let mut refresh = common::token_request(&addr, "team/app", &["pull"]);
+    refresh.login = true;
+    let refused = service.credentials().refresh(&refresh).await;
+    assert!(refused.is_err(), "refresh handed out a login");
+    service.assert_no_secret_in_logs(&[&push.secret, &pull.secret, token]);
 }

@@ -114,6 +114,7 @@ impl Refresh {
             request_id: self.request_id.clone(),
             credential_ref: String::new(),
             tenant: self.tenant.clone(),
+            login: false,
         };
         loop {
             match self.credentials.refresh(&request).await {

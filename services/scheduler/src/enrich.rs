@@ -352,6 +352,7 @@ impl Enricher {
             request_id: request_id.to_string(),
             credential_ref: key.credential_ref.to_string(),
             tenant: key.tenant.to_string(),
+            login: false,
         };
         let credential = match self.credentials.mint(&token_request).await {
             Ok(response) => response.credential,

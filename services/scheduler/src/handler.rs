@@ -56,11 +56,19 @@ impl Handler for Scheduler {
         };
         // One event on the happy path; waits and retries report their own.
         let registry = &self.enricher.build_registry;
-        let message = format!(
+        let mut message = format!(
             "credentials attached for build registry {registry}; dispatched to {}",
             dispatched.subject
         );
+        let long_term = long_term_registries(&request);
+        if !long_term.is_empty() {
+            message.push_str(&format!(
+                "; carries the long-term secret of {} (share_long_term_secret)",
+                long_term.join(", ")
+            ));
+        }
         let step = Step::running("dispatched", message)
+            .detail("long_term_secrets", long_term.join(","))
             .detail("subject", &dispatched.subject)
             .detail("worker", &dispatched.worker)
             .detail("build_image_ref", &request.build_image_ref)
@@ -72,4 +80,20 @@ impl Handler for Scheduler {
         self.status.report(request.key(), step).await;
         Outcome::Done
     }
+}
+
+/// Registries whose long-term secret (rather than a minted token) the request carries: each
+/// handed out only because its entry at the credential service opted in.
+fn long_term_registries(request: &ContainerRequest) -> Vec<String> {
+    let mut registries: Vec<String> = request
+        .build_registry_creds
+        .iter()
+        .chain(&request.image_credentials)
+        .chain(&request.base_image_credentials)
+        .filter(|credential| credential.long_term)
+        .map(|credential| credential.registry.clone())
+        .collect();
+    registries.sort();
+    registries.dedup();
+    registries
 }

@@ -91,6 +91,7 @@ mod tests {
                 host: "registry.team.example".into(),
                 username: "u".into(),
                 password: SecretRef::value("p"),
+                share_long_term_secret: false,
             },
         }
     }

@@ -18,6 +18,11 @@ pub enum RegistryConfig {
         host: String,
         username: String,
         password: SecretRef,
+        /// Hand this long-term secret out (to builders, mounters, runtime requests). Off by
+        /// default: the secret then never leaves the credential service, and requests for this
+        /// registry are refused with FORBIDDEN.
+        #[serde(default)]
+        share_long_term_secret: bool,
     },
     /// GitHub Container Registry: a GitHub username and a personal access token
     /// (`read:packages`, plus `write:packages` to push).
@@ -26,6 +31,11 @@ pub enum RegistryConfig {
         host: String,
         username: String,
         token: SecretRef,
+        /// Hand this long-term secret out (to builders, mounters, runtime requests). Off by
+        /// default: the secret then never leaves the credential service, and requests for this
+        /// registry are refused with FORBIDDEN.
+        #[serde(default)]
+        share_long_term_secret: bool,
     },
     /// Docker Hub: a Docker ID and a personal access token.
     DockerHub {
@@ -33,12 +43,22 @@ pub enum RegistryConfig {
         host: String,
         username: String,
         token: SecretRef,
+        /// Hand this long-term secret out (to builders, mounters, runtime requests). Off by
+        /// default: the secret then never leaves the credential service, and requests for this
+        /// registry are refused with FORBIDDEN.
+        #[serde(default)]
+        share_long_term_secret: bool,
     },
     /// NVIDIA NGC: an API key; the username is always `$oauthtoken`.
     Ngc {
         #[serde(default = "ngc_host")]
         host: String,
         api_key: SecretRef,
+        /// Hand this long-term secret out (to builders, mounters, runtime requests). Off by
+        /// default: the secret then never leaves the credential service, and requests for this
+        /// registry are refused with FORBIDDEN.
+        #[serde(default)]
+        share_long_term_secret: bool,
     },
     /// Google Artifact Registry (`<location>-docker.pkg.dev`): a service-account key
     /// (username `_json_key`) or an OAuth access token (username `oauth2accesstoken`).
@@ -50,6 +70,11 @@ pub enum RegistryConfig {
         /// Or: a short-lived OAuth access token, e.g. kept fresh in a file by a sidecar.
         #[serde(default)]
         access_token: Option<SecretRef>,
+        /// Hand this long-term secret out (to builders, mounters, runtime requests). Off by
+        /// default: the secret then never leaves the credential service, and requests for this
+        /// registry are refused with FORBIDDEN.
+        #[serde(default)]
+        share_long_term_secret: bool,
     },
     /// AWS ECR: `GetAuthorizationToken` with static keys or the default AWS credential chain.
     Ecr(EcrConfig),
@@ -57,7 +82,13 @@ pub enum RegistryConfig {
     /// endpoint for a short-lived bearer token scoped to the repository and actions asked for.
     Token(TokenAuthConfig),
     /// A `docker-credential-<helper>` executable on PATH, asked with the `get` protocol.
-    Helper { host: String, helper: String },
+    Helper {
+        host: String,
+        helper: String,
+        /// What a helper answers may be a long-term secret: handed out only with this set.
+        #[serde(default)]
+        share_long_term_secret: bool,
+    },
     /// The credential service is the registry's token issuer: it signs bearer tokens for exactly
     /// the repository and actions asked, with a key whose certificate the registry trusts.
     Issuer(IssuerConfig),
@@ -129,10 +160,18 @@ pub struct IssuerConfig {
     /// The token subject (`sub`): who the registry logs as acting.
     #[serde(default = "issuer_subject")]
     pub subject: String,
+    /// How long a one-time login for the HTTP token endpoint (`credential.token_endpoint`)
+    /// stays redeemable. It is good for one exchange; this bounds a login never used.
+    #[serde(default = "login_lifetime", with = "humantime_serde")]
+    pub login_lifetime: Duration,
 }
 
 fn issuer_lifetime() -> Duration {
     Duration::from_secs(300)
+}
+
+fn login_lifetime() -> Duration {
+    Duration::from_secs(120)
 }
 
 fn issuer_subject() -> String {
@@ -164,6 +203,38 @@ impl RegistryConfig {
             RegistryConfig::Ecr(ecr) => &ecr.host,
             RegistryConfig::Token(token) => &token.host,
             RegistryConfig::Issuer(issuer) => &issuer.host,
+        }
+    }
+
+    /// True when the entry opts in to handing out its long-term secret. Providers that hand
+    /// out only short-lived tokens (ECR, token auth, the issuer) never need it.
+    pub fn shares_long_term_secret(&self) -> bool {
+        match self {
+            RegistryConfig::Basic {
+                share_long_term_secret,
+                ..
+            }
+            | RegistryConfig::Ghcr {
+                share_long_term_secret,
+                ..
+            }
+            | RegistryConfig::DockerHub {
+                share_long_term_secret,
+                ..
+            }
+            | RegistryConfig::Ngc {
+                share_long_term_secret,
+                ..
+            }
+            | RegistryConfig::Gar {
+                share_long_term_secret,
+                ..
+            }
+            | RegistryConfig::Helper {
+                share_long_term_secret,
+                ..
+            } => *share_long_term_secret,
+            RegistryConfig::Ecr(_) | RegistryConfig::Token(_) | RegistryConfig::Issuer(_) => false,
         }
     }
 }

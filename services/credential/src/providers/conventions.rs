@@ -116,6 +116,7 @@ mod tests {
             host: "us-docker.pkg.dev".into(),
             json_key: Some(SecretRef::value("k")),
             access_token: Some(SecretRef::value("t")),
+            share_long_term_secret: false,
         };
         let err = static_credential(&entry).unwrap_err().to_string();
         assert!(err.contains("exactly one"), "{err}");

@@ -11,6 +11,7 @@
 //! registry: its bundle lists the old and the new certificate while tokens of both are alive.
 
 mod claims;
+pub mod login;
 mod pem;
 
 use std::path::Path;
@@ -33,6 +34,8 @@ pub struct Issuer {
     /// DER of the certificate of `key`, sent as the `x5c` header.
     certificate: Vec<u8>,
     rng: SystemRandom,
+    /// How long a one-time login for the token endpoint stays redeemable.
+    login_lifetime: Duration,
 }
 
 impl std::fmt::Debug for Issuer {
@@ -80,6 +83,7 @@ impl Issuer {
             key,
             certificate,
             rng: SystemRandom::new(),
+            login_lifetime: config.login_lifetime,
         })
     }
 
@@ -134,13 +138,13 @@ fn certifies(certificate: &[u8], key: &EcdsaKeyPair) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use imagemesh_testkit::issuer_keys::SigningKey;
 
     use super::*;
     use crate::secret::SecretRef;
 
-    fn config(key: &SigningKey, certificate: &Path, lifetime: u64) -> IssuerConfig {
+    pub fn config(key: &SigningKey, certificate: &Path, lifetime: u64) -> IssuerConfig {
         IssuerConfig {
             host: "127.0.0.1:5000".into(),
             service: "build-registry".into(),
@@ -153,10 +157,11 @@ mod tests {
             previous: Vec::new(),
             lifetime: Duration::from_secs(lifetime),
             subject: "imagemesh".into(),
+            login_lifetime: Duration::from_secs(120),
         }
     }
 
-    fn settings() -> ProviderSettings {
+    pub fn settings() -> ProviderSettings {
         ProviderSettings {
             upstream_timeout: Duration::from_secs(1),
             helper_timeout: Duration::from_secs(1),

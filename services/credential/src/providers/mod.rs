@@ -9,7 +9,7 @@ mod conventions;
 mod docker_config;
 mod ecr;
 mod helper;
-mod issuer;
+pub mod issuer;
 mod static_basic;
 mod token_auth;
 
@@ -96,7 +96,7 @@ impl Provider {
             RegistryConfig::Issuer(issuer) => {
                 Provider::Issuer(Box::new(Issuer::new(issuer, settings)?))
             }
-            RegistryConfig::Helper { helper, host } => Provider::Helper(CredentialHelper::new(
+            RegistryConfig::Helper { helper, host, .. } => Provider::Helper(CredentialHelper::new(
                 helper,
                 host,
                 settings.helper_timeout,
@@ -113,6 +113,27 @@ impl Provider {
             Provider::Ecr(ecr) => ecr.authorization_token().await,
             Provider::Token(token) => token.mint(scope).await,
             Provider::Issuer(issuer) => issuer.mint(scope),
+        }
+    }
+
+    /// True when what this provider hands out is the long-term secret it holds (a static
+    /// password or access token, or whatever a credential helper answers), rather than a token
+    /// minted from it. GAR's `access_token` is short-lived by nature (a sidecar keeps it fresh).
+    pub fn hands_out_long_term_secret(&self) -> bool {
+        match self {
+            Provider::Static(provider) => {
+                provider.username() != conventions::GAR_ACCESS_TOKEN_USERNAME
+            }
+            Provider::Helper(_) => true,
+            Provider::Ecr(_) | Provider::Token(_) | Provider::Issuer(_) => false,
+        }
+    }
+
+    /// The issuer, when the credential service is this registry's token issuer.
+    pub fn issuer(&self) -> Option<&Issuer> {
+        match self {
+            Provider::Issuer(issuer) => Some(issuer),
+            _ => None,
         }
     }
 

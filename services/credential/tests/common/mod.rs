@@ -90,6 +90,7 @@ pub fn token_request(registry: &str, repository: &str, actions: &[&str]) -> Toke
         request_id: "test-request".into(),
         credential_ref: String::new(),
         tenant: imagemesh_proto::DEFAULT_TENANT.into(),
+        login: false,
     }
 }
 
@@ -105,6 +106,14 @@ pub fn assert_refused(result: Result<TokenResponse, Rejection>, code: ErrorCode,
     let rejection = result.expect_err("expected a refusal");
     assert_eq!(rejection.code, code, "{rejection}");
     assert!(rejection.message.contains(registry), "{rejection}");
+}
+
+/// Seconds since the Unix epoch, now.
+pub fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }
 
 /// Seconds from now until the response's credential expires (negative if in the past).
