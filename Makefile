@@ -67,7 +67,8 @@ run: deps build
 # What `make run` does, on other ports, exiting after the demo requests (part of `make test`).
 smoke:
 	IMAGEMESH_RUN_ONCE=1 IMAGEMESH_STACK_DIR=$(CURDIR)/.stack/smoke \
-	  IMAGEMESH_NATS_PORT=14222 IMAGEMESH_REGISTRY_PORT=15000 deploy/local/mesh.sh
+	  IMAGEMESH_NATS_PORT=14222 IMAGEMESH_REGISTRY_PORT=15000 IMAGEMESH_TOKEN_PORT=15001 \
+	  deploy/local/mesh.sh
 
 bench: deps
 	$(CARGO) build --release -p imagemesh-bench

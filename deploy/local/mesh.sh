@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Brings the whole imagemesh mesh up on loopback: NATS with JetStream, an htpasswd-protected
-# build registry, and the five services; pushes a base image, then submits one build request
-# and one runtime request and prints their status flow. Ctrl-C stops everything it started.
+# Brings the whole imagemesh mesh up on loopback: NATS with JetStream, the build registry in
+# token mode with the credential service as its token issuer (no registry password exists), and
+# the five services; pushes a base image, then submits one build request and one runtime request
+# and prints their status flow. Ctrl-C stops everything it started.
 #
 # The mesh is secured as deployed (docs/security.md): a fresh bundle of identities (one nkey per
 # service instance, the operator, a client of the default tenant), a local CA and the
@@ -10,6 +11,7 @@
 # connect with their own identity. IMAGEMESH_OPEN_BUS=1 runs an open server instead.
 #
 # Environment: IMAGEMESH_NATS_PORT (4222), IMAGEMESH_REGISTRY_PORT (5000),
+# IMAGEMESH_TOKEN_PORT (5001: the credential service's HTTP token endpoint, the registry's realm),
 # IMAGEMESH_STACK_DIR (.stack/run), IMAGEMESH_BIN_DIR (target/debug),
 # IMAGEMESH_RUN_ONCE=1 to stop after the demo requests (used by `make smoke`).
 set -euo pipefail
@@ -19,9 +21,9 @@ nats_port=${IMAGEMESH_NATS_PORT:-4222}
 registry_port=${IMAGEMESH_REGISTRY_PORT:-5000}
 stack=${IMAGEMESH_STACK_DIR:-$root/.stack/run}
 bin=${IMAGEMESH_BIN_DIR:-${CARGO_TARGET_DIR:-$root/target}/debug}
+token_port=${IMAGEMESH_TOKEN_PORT:-5001}
 registry="127.0.0.1:$registry_port"
 nats_url="nats://127.0.0.1:$nats_port"
-user=imagemesh
 
 pids=()
 stop_all() {
@@ -38,11 +40,11 @@ for b in credential scheduler builder indexer mounter; do
 done
 # A previous run killed hard may have left FUSE mounts under the stack: detach them first.
 awk -v dir="$stack/" 'index($2, dir) == 1 {print $2}' /proc/mounts | xargs -r -n1 fusermount3 -uz 2>/dev/null || true
-rm -rf "$stack" && mkdir -p "$stack"/{nats,registry,config,logs,base,builder,mounts,access}
+rm -rf "$stack" && mkdir -p "$stack"/{nats,registry,config,logs,base,builder,mounts,access,issuer}
 # Private to root, but for the way to builder/: RUN steps run as unprivileged mapped users, which
 # must reach their root filesystems there by path (docs/builder.md, The sandbox).
 chmod 711 "$stack"
-chmod 700 "$stack"/{nats,registry,config,logs,base,mounts,access}
+chmod 700 "$stack"/{nats,registry,config,logs,base,mounts,access,issuer}
 
 wait_port() { # host port what
   for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null && return 0; sleep 0.05; done
@@ -72,16 +74,20 @@ if [ "${IMAGEMESH_OPEN_BUS:-0}" != 1 ]; then
    NATS_URL="$nats_url" "$bin/imagemesh" provision --bundle "$access")
 fi
 
-# --- the build registry, htpasswd-protected with a fresh random password
-password=$(python3 -c 'import secrets; print(secrets.token_urlsafe(18))')
-umask 077; printf '%s' "$password" >"$stack/registry-password"; umask 022
-htpasswd -Bbn "$user" "$password" >"$stack/registry/htpasswd"
+# --- the build registry in token mode: it trusts tokens signed by the credential service's key
+# and sends tools that do the challenge themselves to the credential service's token endpoint
+"$bin/imagemesh" registry issuer-key "$stack/issuer" >/dev/null
 cat >"$stack/registry/config.yml" <<YAML
 version: 0.1
 log: { level: warn, accesslog: { disabled: true } }
 storage: { filesystem: { rootdirectory: $stack/registry/data }, delete: { enabled: true } }
 http: { addr: $registry }
-auth: { htpasswd: { realm: imagemesh, path: $stack/registry/htpasswd } }
+auth:
+  token:
+    realm: http://127.0.0.1:$token_port/token
+    service: imagemesh-build-registry
+    issuer: imagemesh-credential
+    rootcertbundle: $stack/issuer/issuer.crt.pem
 YAML
 docker-registry serve "$stack/registry/config.yml" >"$stack/logs/registry.log" 2>&1 &
 pids+=($!)
@@ -91,11 +97,15 @@ wait_port 127.0.0.1 "$registry_port" docker-registry
 cat >"$stack/config/credential.toml" <<TOML
 [nats]
 url = "$nats_url"
+[credential.token_endpoint]
+listen = "127.0.0.1:$token_port"
 [[credential.registries]]
-provider = "basic"
+provider = "issuer"
 host = "$registry"
-username = "$user"
-password = { file = "$stack/registry-password" }
+service = "imagemesh-build-registry"
+issuer = "imagemesh-credential"
+signing_key = { file = "$stack/issuer/issuer.key.pem" }
+certificate = "$stack/issuer/issuer.crt.pem"
 TOML
 cat >"$stack/config/scheduler.toml" <<TOML
 [nats]
@@ -148,9 +158,17 @@ cp /bin/busybox "$stack/base/rootfs/bin/busybox"
 for tool in sh cat ls mkdir echo; do ln -sf busybox "$stack/base/rootfs/bin/$tool"; done
 umoci insert --image "$layout:busybox" "$stack/base/rootfs/bin" /bin >/dev/null
 umoci config --image "$layout:busybox" --config.entrypoint /bin/sh >/dev/null
-skopeo copy -q --dest-tls-verify=false --dest-creds "$user:$password" \
+# The operator's one-time login: skopeo exchanges it at the token endpoint for one push token.
+operator() { # runs the CLI as the operator
+  if [ "${IMAGEMESH_OPEN_BUS:-0}" = 1 ]; then NATS_URL="$nats_url" "$bin/imagemesh" "$@"; return; fi
+  (eval "$("$bin/imagemesh" nats-config env "$access" operator --cli)"; NATS_URL="$nats_url" "$bin/imagemesh" "$@")
+}
+wait_port 127.0.0.1 "$token_port" "the credential service's token endpoint"
+operator registry login "$registry/imagemesh/base" --push --authfile "$stack/base/auth.json" 2>/dev/null
+skopeo copy -q --dest-tls-verify=false --dest-authfile "$stack/base/auth.json" \
   "oci:$layout:busybox" "docker://$registry/imagemesh/base:busybox"
-echo "pushed base image $registry/imagemesh/base:busybox"
+rm -f "$stack/base/auth.json"
+echo "pushed base image $registry/imagemesh/base:busybox (with a one-time login)"
 
 # --- the demo: one build request, one runtime request, as the default tenant's client
 export NATS_URL="$nats_url"
@@ -170,8 +188,9 @@ echo; echo "== runtime request (mounts $image_id lazily)"
 echo; echo "== a file read through the lazy mount (only the byte ranges read are fetched)"
 cat "$stack/mounts/demo/srv/hello.txt"
 echo; echo "== the same image from the command line, one range request per file"
-printf '%s' "$password" | "$bin/imagemesh" index cat "$registry/imagemesh/builds/default:$image_id" /srv/data/greeting \
-  --username "$user" --password-stdin --stats
+operator registry login "$registry/imagemesh/builds/default" | "$bin/imagemesh" index cat \
+  "$registry/imagemesh/builds/default:$image_id" /srv/data/greeting \
+  --username imagemesh-login --password-stdin --stats
 
 if [ "${IMAGEMESH_RUN_ONCE:-0}" = 1 ]; then
   exit 0

@@ -9,6 +9,8 @@
 //! - `imagemesh nats-config`: identities, TLS material and the nats-server authorization
 //!   config rendered from the permission table (`imagemesh-access`).
 //! - `imagemesh provision`: the operator creates every stream and bucket of a secured mesh.
+//! - `imagemesh registry login|issuer-key`: one-time logins for tools that talk to an issuer
+//!   registry themselves, and the issuer's signing key.
 //!
 //! Every command that talks to the mesh acts as one tenant (`--tenant`, `IMAGEMESH_TENANT`,
 //! `default` when unset): it submits on `imagemesh.intake.<tenant>.<id>`, follows
@@ -23,6 +25,7 @@ mod image_secret;
 mod index;
 mod nats_config;
 mod provision;
+mod registry;
 mod submit;
 mod watch;
 
@@ -94,6 +97,9 @@ pub enum Command {
     /// Create every stream, bucket and object store of the mesh (the operator's job on a mesh
     /// with permissions).
     Provision(provision::ProvisionArgs),
+    /// One-time logins for a registry whose tokens the credential service issues, and the
+    /// issuer's signing key.
+    Registry(registry::RegistryArgs),
 }
 
 /// Runs a command; the exit code says whether it (and a watched request) succeeded.
@@ -158,6 +164,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         // Writes files only.
         Command::NatsConfig(args) => nats_config::run(args),
         Command::Provision(args) => provision::run(&nats().await?, args).await,
+        Command::Registry(args) => registry::run(args, nats).await,
     }
 }
 
