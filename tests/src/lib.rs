@@ -1,6 +1,13 @@
-//! A whole mesh for end-to-end tests: a real nats-server, a real htpasswd-protected
-//! docker-registry as the build registry, and the five service binaries as processes, each with
-//! its own config file and captured log. Everything stops when the [`Mesh`] drops.
+//! A whole mesh for end-to-end tests: a real nats-server, a real docker-registry as the build
+//! registry, and the five service binaries as processes, each with its own config file and
+//! captured log. Everything stops when the [`Mesh`] drops.
+//!
+//! The build registry is in token mode with the credential service as its token issuer, as in
+//! `make run`: no registry password exists, every service gets tokens for exactly its
+//! repository, and the test itself gets tokens and one-time logins as the operator
+//! ([`Mesh::registry_credential`], [`Mesh::registry_login`]). Tests about Basic registries and
+//! rejected passwords ask for [`BuildRegistryAuth::Basic`] (htpasswd, its password shared with
+//! the services by `share_long_term_secret`).
 //!
 //! The helpers act as the default tenant, as a single-user client does ([`Mesh::submit`],
 //! [`Mesh::events`], ...); their `_as` / `_of` variants name a tenant.
@@ -42,11 +49,35 @@ pub const REGISTRY_USER: &str = "imagemesh-builder";
 pub const REGISTRY_PASSWORD: &str = "pw-Zq8xK3vN1mT7";
 /// Environment variable through which the credential service reads the password.
 pub const PASSWORD_ENV: &str = "TEST_REGISTRY_PASSWORD";
+/// The build registry's service name (token audience) in issuer mode.
+pub const REGISTRY_SERVICE: &str = "imagemesh-build-registry";
+/// The issuer name the build registry trusts in issuer mode.
+pub const REGISTRY_ISSUER: &str = "imagemesh-credential";
+
+/// How the build registry of a [`Mesh`] authenticates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildRegistryAuth {
+    /// Token mode; the credential service signs the tokens and serves the token endpoint.
+    Issuer,
+    /// htpasswd with [`REGISTRY_USER`] / [`REGISTRY_PASSWORD`], handed to the services because
+    /// the credential service's entry sets `share_long_term_secret`.
+    Basic,
+}
+
+/// The build registry's issuer in issuer mode: the signing key and the token endpoint's port.
+struct IssuerSetup {
+    key: imagemesh_testkit::issuer_keys::SigningKey,
+    token_port: u16,
+    _dir: tempfile::TempDir,
+}
 
 /// How to set the mesh up.
 #[derive(Debug, Clone)]
 pub struct MeshOptions {
-    /// The password the credential service holds (set it wrong to test rejection).
+    /// How the build registry authenticates (`Issuer` unless a test is about Basic).
+    pub build_registry_auth: BuildRegistryAuth,
+    /// The password the credential service holds in `Basic` mode (set it wrong to test
+    /// rejection).
     pub credential_password: String,
     /// Services to start now; others can be started later with [`Mesh::start_service`].
     pub start: Vec<&'static str>,
@@ -63,6 +94,9 @@ pub struct MeshOptions {
     pub shared_repositories: Vec<String>,
     /// Identities, permissions and TLS as deployed (off: an open server, as on a laptop).
     pub secured: bool,
+    /// Appended to the credential service's configuration (more registries, secrets). It reads
+    /// `credential_password` from the environment variable [`PASSWORD_ENV`].
+    pub credential_extra: String,
     /// Identities the test will use besides the five services' (`<service>` for instance
     /// `<service>`), known to the server from its start. One added later makes the server
     /// reload its configuration.
@@ -96,6 +130,7 @@ fn standard_identities() -> Vec<(String, Role)> {
 impl Default for MeshOptions {
     fn default() -> Self {
         Self {
+            build_registry_auth: BuildRegistryAuth::Issuer,
             credential_password: REGISTRY_PASSWORD.into(),
             start: SERVICES.to_vec(),
             max_deliver: 5,
@@ -104,6 +139,7 @@ impl Default for MeshOptions {
             env: Vec::new(),
             shared_repositories: vec!["base".into(), "test".into()],
             secured: true,
+            credential_extra: String::new(),
             identities: standard_identities(),
         }
     }
@@ -116,8 +152,10 @@ pub struct Mesh {
     pub client: async_nats::Client,
     pub options: MeshOptions,
     services: BTreeMap<&'static str, ServiceProcess>,
-    /// The credential service's configuration when not the default basic entry.
+    /// The credential service's configuration when the test wrote it.
     credential_config: Option<String>,
+    /// The build registry's issuer, in issuer mode.
+    issuer: Option<IssuerSetup>,
     /// Where mounters of this mesh mount images; emptied of mounts on drop.
     mount_root: tempfile::TempDir,
     /// Identities and TLS material of a secured mesh.
@@ -148,11 +186,34 @@ impl Mesh {
     /// Starts NATS, the registry and the services in `options.start`, and waits until each
     /// service answers `$SRV.PING`.
     pub async fn start(options: MeshOptions) -> Mesh {
-        let registry = Registry::start(RegistryAuth::Htpasswd(vec![(
-            REGISTRY_USER.into(),
-            REGISTRY_PASSWORD.into(),
-        )]));
-        Self::start_with_registry(options, registry, None).await
+        match options.build_registry_auth {
+            BuildRegistryAuth::Basic => {
+                let registry = Registry::start(RegistryAuth::Htpasswd(vec![(
+                    REGISTRY_USER.into(),
+                    REGISTRY_PASSWORD.into(),
+                )]));
+                Self::start_inner(options, registry, None, None).await
+            }
+            BuildRegistryAuth::Issuer => {
+                use imagemesh_testkit::issuer_keys::{SigningKey, registry_auth, write_bundle};
+                let dir = tempfile::Builder::new()
+                    .prefix("imagemesh-issuer-")
+                    .tempdir()
+                    .expect("issuer dir");
+                let key = SigningKey::generate(dir.path(), "issuer");
+                let bundle = write_bundle(&dir.path().join("bundle.pem"), &[&key]);
+                let token_port = imagemesh_testkit::free_port();
+                let realm = format!("http://127.0.0.1:{token_port}/token");
+                let auth = registry_auth(REGISTRY_SERVICE, REGISTRY_ISSUER, bundle, &realm);
+                let registry = Registry::start(auth);
+                let issuer = IssuerSetup {
+                    key,
+                    token_port,
+                    _dir: dir,
+                };
+                Self::start_inner(options, registry, None, Some(issuer)).await
+            }
+        }
     }
 
     /// Like [`Mesh::start`], with a build registry the test started (e.g. one with token auth)
@@ -162,6 +223,15 @@ impl Mesh {
         options: MeshOptions,
         registry: Registry,
         credential_config: Option<String>,
+    ) -> Mesh {
+        Self::start_inner(options, registry, credential_config, None).await
+    }
+
+    async fn start_inner(
+        options: MeshOptions,
+        registry: Registry,
+        credential_config: Option<String>,
+        issuer: Option<IssuerSetup>,
     ) -> Mesh {
         let (nats, client, access) = if options.secured {
             let (nats, access) = secured_server(&options.identities);
@@ -184,6 +254,7 @@ impl Mesh {
             options: options.clone(),
             services: BTreeMap::new(),
             credential_config,
+            issuer,
             mount_root: tempfile::Builder::new()
                 .prefix("imagemesh-mounts-")
                 .tempdir()
@@ -212,7 +283,7 @@ impl Mesh {
         let identity_env = self.identity_env(service, instance, env).await;
         let config = self.config(service);
         let binary = format!("imagemesh-{service}");
-        let mut all_env = vec![(PASSWORD_ENV, self.options.credential_password.as_str())];
+        let mut all_env = self.password_env(service);
         all_env.extend(
             self.options
                 .env
@@ -292,10 +363,18 @@ impl Mesh {
         env: &[(&str, &str)],
     ) -> ServiceProcess {
         let identity = self.identity_env(service, service, env).await;
-        let mut all_env = vec![(PASSWORD_ENV, self.options.credential_password.as_str())];
+        let mut all_env = self.password_env(service);
         all_env.extend_from_slice(env);
         all_env.extend(identity.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         ServiceProcess::spawn(&format!("imagemesh-{service}"), config, &all_env)
+    }
+
+    /// The registry password, for the credential service only: no other service may hold it.
+    fn password_env(&self, service: &str) -> Vec<(&'static str, &str)> {
+        match service {
+            "credential" => vec![(PASSWORD_ENV, self.options.credential_password.as_str())],
+            _ => Vec::new(),
+        }
     }
 
     /// A client of `tenant` (its identity `client-<tenant>` added when new), connected over
@@ -351,11 +430,22 @@ impl Mesh {
         let registry = self.registry.addr();
         let body = match service {
             "credential" if self.credential_config.is_some() => {
-                self.credential_config.clone().unwrap_or_default()
+                let written = self.credential_config.clone().unwrap_or_default();
+                format!("{written}{}", self.options.credential_extra)
             }
-            "credential" => format!(
-                "[[credential.registries]]\nprovider = \"basic\"\nhost = \"{registry}\"\nusername = \"{REGISTRY_USER}\"\npassword = {{ env = \"{PASSWORD_ENV}\" }}\n"
-            ),
+            "credential" => {
+                (match &self.issuer {
+                    Some(issuer) => format!(
+                        "[credential.token_endpoint]\nlisten = \"127.0.0.1:{}\"\n[[credential.registries]]\nprovider = \"issuer\"\nhost = \"{registry}\"\nservice = \"{REGISTRY_SERVICE}\"\nissuer = \"{REGISTRY_ISSUER}\"\nsigning_key = {{ file = {:?} }}\ncertificate = {:?}\n",
+                        issuer.token_port,
+                        issuer.key.key.display().to_string(),
+                        issuer.key.certificate.display().to_string(),
+                    ),
+                    None => format!(
+                        "[[credential.registries]]\nprovider = \"basic\"\nhost = \"{registry}\"\nusername = \"{REGISTRY_USER}\"\npassword = {{ env = \"{PASSWORD_ENV}\" }}\nshare_long_term_secret = true\n"
+                    ),
+                }) + &self.options.credential_extra
+            }
             "scheduler" => format!(
                 "[scheduler]\nbuild_registry = \"{registry}\"\nbuild_repository = \"imagemesh/builds\"\nshared_repositories = {:?}\ncredential_timeout = \"500ms\"\n{heartbeat}[scheduler.intake]\n{worker}",
                 self.options.shared_repositories
@@ -556,6 +646,21 @@ impl Mesh {
         }
     }
 
+    /// Every message still stored in any stream, bucket or object store of the mesh.
+    pub async fn everything_stored(&self) -> Vec<Vec<u8>> {
+        let js = async_nats::jetstream::new(self.client.clone());
+        let names: Vec<String> = js
+            .stream_names()
+            .filter_map(|name| async move { name.ok() })
+            .collect()
+            .await;
+        let mut out = Vec::new();
+        for name in names {
+            out.extend(self.read_all(&name, ">").await);
+        }
+        out
+    }
+
     /// The mounters' mount root (a temp dir of this mesh).
     pub fn mount_root(&self) -> &Path {
         self.mount_root.path()
@@ -584,15 +689,12 @@ impl Mesh {
     /// `imagemesh/builds/<tenant>:<tag>`, recorded as `tenant`'s image id `tag`.
     pub async fn push_indexed_image_as(&self, tenant: &str, tag: &str) -> String {
         let registry = self.registry.addr().to_string();
-        let repository_tag = format!("imagemesh/builds/{tenant}:{tag}");
+        let repository = format!("imagemesh/builds/{tenant}");
+        let repository_tag = format!("{repository}:{tag}");
         let pushed = repository_tag.clone();
+        let (username, password) = self.registry_login(&repository, true).await;
         tokio::task::spawn_blocking(move || {
-            imagemesh_testkit::images::push_busybox(
-                &registry,
-                &pushed,
-                REGISTRY_USER,
-                REGISTRY_PASSWORD,
-            )
+            imagemesh_testkit::images::push_busybox(&registry, &pushed, &username, &password)
         })
         .await
         .expect("push the image");
@@ -602,13 +704,7 @@ impl Mesh {
             tenant: tenant.to_string(),
             image_id: tag.to_string(),
             image_ref: image_ref.clone(),
-            credential: Some(imagemesh_proto::v1::RegistryCredential {
-                registry: self.registry.addr().to_string(),
-                scheme: imagemesh_proto::v1::AuthScheme::Basic as i32,
-                username: REGISTRY_USER.into(),
-                secret: REGISTRY_PASSWORD.into(),
-                ..Default::default()
-            }),
+            credential: Some(self.registry_credential(&repository, false).await),
             ..Default::default()
         };
         self.publish_work(subjects::INDEX, &request).await;
@@ -623,6 +719,68 @@ impl Mesh {
             describe(&events)
         );
         image_ref
+    }
+
+    /// What a tool that does the registry's challenge itself (skopeo) logs in to the build
+    /// registry with, for `repository`: in issuer mode a one-time login from the credential
+    /// service (asked as the operator), good for one skopeo run; in Basic mode the account.
+    pub async fn registry_login(&self, repository: &str, push: bool) -> (String, String) {
+        if self.issuer.is_none() {
+            return (REGISTRY_USER.into(), REGISTRY_PASSWORD.into());
+        }
+        let login = self.operator_mint(repository, push, true).await;
+        (login.username, login.secret)
+    }
+
+    /// A credential for `repository` of the build registry that imagemesh's own registry client
+    /// presents directly: in issuer mode a bearer token from the credential service (asked as
+    /// the operator), in Basic mode the account.
+    pub async fn registry_credential(
+        &self,
+        repository: &str,
+        push: bool,
+    ) -> imagemesh_proto::v1::RegistryCredential {
+        if self.issuer.is_none() {
+            return imagemesh_proto::v1::RegistryCredential {
+                registry: self.registry.addr().to_string(),
+                scheme: imagemesh_proto::v1::AuthScheme::Basic as i32,
+                username: REGISTRY_USER.into(),
+                secret: REGISTRY_PASSWORD.into(),
+                ..Default::default()
+            };
+        }
+        self.operator_mint(repository, push, false).await
+    }
+
+    async fn operator_mint(
+        &self,
+        repository: &str,
+        push: bool,
+        login: bool,
+    ) -> imagemesh_proto::v1::RegistryCredential {
+        let mut actions = vec!["pull".to_string()];
+        if push {
+            actions.push("push".to_string());
+        }
+        let request = imagemesh_proto::v1::TokenRequest {
+            registry: self.registry.addr().to_string(),
+            scope: Some(imagemesh_proto::v1::Scope {
+                repository: repository.to_string(),
+                actions,
+            }),
+            request_id: "test-operator".into(),
+            login,
+            ..Default::default()
+        };
+        let credentials = imagemesh_runtime::credentials::CredentialClient::new(
+            self.client.clone(),
+            Duration::from_secs(20),
+        );
+        let response = credentials
+            .mint(&request)
+            .await
+            .unwrap_or_else(|e| panic!("the credential service refused the operator: {e:?}"));
+        response.credential.expect("a credential")
     }
 
     /// Everything every service logged.

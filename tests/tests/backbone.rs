@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use imagemesh_proto::v1::{BuildOptions, ContainerRequest, ErrorCode, RequestKind, RequestState};
 use imagemesh_tests::{
-    Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, assert_failed, assert_gave_up,
-    assert_succeeded, describe, find,
+    BuildRegistryAuth, Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, assert_failed,
+    assert_gave_up, assert_succeeded, describe, find,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -52,8 +52,10 @@ async fn build_and_runtime_requests_both_carry_the_build_registry_token() {
         describe(&build)
     );
     let builder = find(&build, "builder", "authenticated").expect("builder authenticated");
+    // The build registry's issuer is the credential service: a bearer token it signed for
+    // pull and push (no registry password exists in this mesh).
     assert_eq!(builder.details["registry"], registry);
-    assert_eq!(builder.details["username"], REGISTRY_USER);
+    assert_eq!(builder.details["scheme"], "bearer");
     assert_eq!(builder.details["actions"], "pull,push");
     assert!(
         find(&build, "indexer", "authenticated").is_some(),
@@ -77,8 +79,15 @@ async fn build_and_runtime_requests_both_carry_the_build_registry_token() {
     assert_succeeded(&runtime);
     let mounter = find(&runtime, "mounter", "authenticated").expect("mounter authenticated");
     assert_eq!(mounter.details["registry"], registry);
+    assert_eq!(mounter.details["scheme"], "bearer");
     assert_eq!(mounter.details["actions"], "pull");
     let dispatched = find(&runtime, "scheduler", "dispatched").unwrap();
+    assert_eq!(dispatched.details["long_term_secrets"], "");
+    assert!(
+        !dispatched.message.contains("long-term"),
+        "{}",
+        dispatched.message
+    );
     let subject = format!("imagemesh.work.mount.{}", mounter.details["worker"]);
     assert_eq!(dispatched.details["subject"], subject);
 
@@ -90,6 +99,7 @@ async fn build_and_runtime_requests_both_carry_the_build_registry_token() {
 async fn a_credential_the_registry_rejects_fails_naming_the_registry_without_the_secret() {
     let wrong = "wrong-Pw-77cc1";
     let options = MeshOptions {
+        build_registry_auth: BuildRegistryAuth::Basic,
         credential_password: wrong.into(),
         ..Default::default()
     };

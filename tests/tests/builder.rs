@@ -14,8 +14,8 @@ use imagemesh_runtime::subjects;
 use imagemesh_testkit::images::{PulledImage, push_busybox};
 use imagemesh_testkit::{ServiceProcess, eventually, wait_for_service};
 use imagemesh_tests::{
-    Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, assert_succeeded, build_request, describe,
-    find,
+    BuildRegistryAuth, Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, assert_succeeded,
+    build_request, describe, find,
 };
 use prost::Message;
 use tempfile::TempDir;
@@ -33,6 +33,7 @@ struct BuildMesh {
 impl BuildMesh {
     async fn start(env: &[(&str, &str)]) -> Self {
         let options = MeshOptions {
+            build_registry_auth: BuildRegistryAuth::Basic,
             start: vec!["credential", "scheduler", "indexer"],
             ..Default::default()
         };

@@ -21,8 +21,8 @@ use imagemesh_proto::v1::{ContainerRequest, ErrorCode};
 use imagemesh_testkit::images::{PulledImage, push_busybox};
 use imagemesh_testkit::{ServiceProcess, eventually, wait_for_service};
 use imagemesh_tests::{
-    Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, assert_failed, assert_succeeded,
-    build_request, describe,
+    BuildRegistryAuth, Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, assert_failed,
+    assert_succeeded, build_request, describe,
 };
 use prost::Message;
 use tempfile::TempDir;
@@ -71,6 +71,7 @@ struct SandboxMesh {
 impl SandboxMesh {
     async fn start() -> Self {
         let mut options = MeshOptions {
+            build_registry_auth: BuildRegistryAuth::Basic,
             start: vec!["credential", "scheduler", "indexer"],
             ..Default::default()
         };

@@ -8,11 +8,12 @@ use async_nats::HeaderMap;
 use imagemesh_proto::v1::{Scope, TokenRequest, TokenResponse};
 use imagemesh_runtime::credentials::CredentialClient;
 use imagemesh_runtime::{ErrorCode, Rejection, subjects};
-use imagemesh_tests::{Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER};
+use imagemesh_tests::{BuildRegistryAuth, Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER};
 use prost::Message;
 
 async fn credential_only() -> Mesh {
     Mesh::start(MeshOptions {
+        build_registry_auth: BuildRegistryAuth::Basic,
         start: vec!["credential"],
         ..Default::default()
     })

@@ -12,7 +12,8 @@ use imagemesh_lazyindex::decode_image;
 use imagemesh_proto::v1::StatusEvent;
 use imagemesh_testkit::oci_images::{OciLayout, have_image_tools};
 use imagemesh_tests::{
-    Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, assert_succeeded, describe, find,
+    BuildRegistryAuth, Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, assert_succeeded,
+    describe, find,
 };
 use indexer_support::compare::{assert_tree_matches, parse_show, regular_files};
 use indexer_support::{artifact, cli, detail, image_record, images, index, request};
@@ -24,6 +25,7 @@ async fn indexer_mesh() -> Mesh {
         "umoci and skopeo are needed (make deps installs them)"
     );
     let options = MeshOptions {
+        build_registry_auth: BuildRegistryAuth::Basic,
         start: vec!["indexer"],
         ..Default::default()
     };

@@ -9,7 +9,8 @@ use std::io::Write;
 
 use imagemesh_proto::v1::{ErrorCode, IndexRequest};
 use imagemesh_tests::{
-    Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, assert_failed, assert_gave_up,
+    BuildRegistryAuth, Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, assert_failed,
+    assert_gave_up,
 };
 use indexer_support::{credential, index, request};
 use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
@@ -21,6 +22,7 @@ use sha2::{Digest, Sha256};
 
 async fn indexer_mesh() -> Mesh {
     let options = MeshOptions {
+        build_registry_auth: BuildRegistryAuth::Basic,
         start: vec!["indexer"],
         max_deliver: 3,
         ..Default::default()

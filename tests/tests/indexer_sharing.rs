@@ -8,8 +8,8 @@ use imagemesh_proto::v1::{ErrorCode, ImageRecord};
 use imagemesh_runtime::streams;
 use imagemesh_testkit::oci_images::{OciLayout, have_image_tools};
 use imagemesh_tests::{
-    Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, assert_failed, assert_succeeded, describe,
-    find,
+    BuildRegistryAuth, Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, assert_failed,
+    assert_succeeded, describe, find,
 };
 use indexer_support::compare::parse_show;
 use indexer_support::{cli, detail, image_record, images, index, request};
@@ -21,6 +21,7 @@ async fn indexer_mesh() -> Mesh {
         "umoci and skopeo are needed (make deps installs them)"
     );
     let options = MeshOptions {
+        build_registry_auth: BuildRegistryAuth::Basic,
         start: vec!["indexer"],
         ..Default::default()
     };

@@ -9,7 +9,9 @@ mod mounter_support;
 
 use imagemesh_proto::v1::ErrorCode;
 use imagemesh_testkit::oci_images::{OciLayout, have_image_tools};
-use imagemesh_tests::{Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, describe, find};
+use imagemesh_tests::{
+    BuildRegistryAuth, Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, describe, find,
+};
 use indexer_support::{images, index, request};
 use mounter_support::tree::assert_same_tree;
 use mounter_support::{
@@ -25,6 +27,7 @@ async fn mesh_with_indexed_image() -> (Mesh, String, OciLayout) {
         "umoci and skopeo are needed (make deps installs them)"
     );
     let options = MeshOptions {
+        build_registry_auth: BuildRegistryAuth::Basic,
         start: vec!["credential", "scheduler", "indexer"],
         max_deliver: 3,
         ..Default::default()

@@ -11,7 +11,8 @@ use imagemesh_proto::v1::{ContainerRequest, ErrorCode};
 use imagemesh_runtime::subjects;
 use imagemesh_testkit::oci_images::OciLayout;
 use imagemesh_tests::{
-    Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, assert_failed, assert_gave_up,
+    BuildRegistryAuth, Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, assert_failed,
+    assert_gave_up,
 };
 use indexer_support::{credential, images, index, request};
 use mounter_support::{WAIT, run, runtime_request, start_mounter};
@@ -24,6 +25,7 @@ use serde_json::Value;
 
 async fn failing_mesh() -> Mesh {
     let options = MeshOptions {
+        build_registry_auth: BuildRegistryAuth::Basic,
         start: vec!["credential", "scheduler", "indexer"],
         max_deliver: 3,
         ..Default::default()

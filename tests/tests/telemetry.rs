@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use imagemesh_testkit::otlp::{OtlpReceiver, ReceivedSpan};
 use imagemesh_testkit::{bin_path, eventually};
-use imagemesh_tests::{Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER};
+use imagemesh_tests::{BuildRegistryAuth, Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER};
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -154,6 +154,7 @@ async fn a_build_and_a_runtime_request_are_each_one_trace_across_the_mesh() {
     let receiver = OtlpReceiver::start();
     let env = otel_env(&receiver.http_endpoint(), "http/protobuf");
     let options = MeshOptions {
+        build_registry_auth: BuildRegistryAuth::Basic,
         env: env.clone(),
         ..Default::default()
     };

@@ -38,6 +38,15 @@ impl RegistryCredential {
         self.expires_at.as_ref().map(|t| t.seconds)
     }
 
+    /// How it is presented, for status details: `basic`, `bearer` or `none`.
+    pub fn scheme_name(&self) -> &'static str {
+        match self.scheme() {
+            AuthScheme::Basic => "basic",
+            AuthScheme::Bearer => "bearer",
+            AuthScheme::Unspecified => "none",
+        }
+    }
+
     /// True when the credential carries a usable secret.
     pub fn is_usable(&self) -> bool {
         !self.secret.is_empty() && self.scheme() != AuthScheme::Unspecified

@@ -85,6 +85,7 @@ impl Builder {
         )
         .detail("registry", &credential.registry)
         .detail("username", &credential.username)
+        .detail("scheme", credential.scheme_name())
         .detail("actions", scope_actions(credential));
         self.status.report(id, step).await;
 

@@ -234,6 +234,7 @@ impl Mounter {
                     .unwrap_or_default();
                 step = step
                     .detail("username", &credential.username)
+                    .detail("scheme", credential.scheme_name())
                     .detail("actions", actions);
             }
             None => step.message = format!("registry {registry} reached anonymously"),
