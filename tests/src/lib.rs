@@ -704,7 +704,8 @@ impl Mesh {
             tenant: tenant.to_string(),
             image_id: tag.to_string(),
             image_ref: image_ref.clone(),
-            credential: Some(self.registry_credential(&repository, false).await),
+            // The indexer stores the index next to the image: the build's pull,push token.
+            credential: Some(self.registry_credential(&repository, true).await),
             ..Default::default()
         };
         self.publish_work(subjects::INDEX, &request).await;

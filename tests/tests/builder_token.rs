@@ -198,7 +198,8 @@ async fn a_private_base_image_in_a_token_auth_registry_is_fetched_with_its_beare
     let build_addr = build_registry.addr().to_string();
     let credential_config = format!(
         "[[credential.registries]]\nprovider = \"basic\"\nhost = \"{build_addr}\"\n\
-         username = \"{REGISTRY_USER}\"\npassword = {{ env = \"{PASSWORD_ENV}\" }}\n{}",
+         username = \"{REGISTRY_USER}\"\npassword = {{ env = \"{PASSWORD_ENV}\" }}\n\
+         share_long_term_secret = true\n{}",
         token_registry_config(&upstream_addr)
     );
     let (mesh, storage) = start(build_registry, credential_config).await;

@@ -330,7 +330,7 @@ async fn runtime_secrets_are_resolved_per_image_and_held_by_the_credential_servi
     // A named credential for a team registry, and nothing else for that registry.
     let team_secret = "team-Pw-93kd";
     let config = format!(
-        "{}[credential.secrets.team-hub]\ntenants = [\"default\"]\nprovider = \"basic\"\nhost = \"registry.team.example\"\nusername = \"team-user\"\npassword = {{ value = \"{team_secret}\" }}\n",
+        "{}[credential.secrets.team-hub]\ntenants = [\"default\"]\nprovider = \"basic\"\nhost = \"registry.team.example\"\nusername = \"team-user\"\npassword = {{ value = \"{team_secret}\" }}\nshare_long_term_secret = true\n",
         mesh.config("credential")
     );
     let credential = mesh.spawn_with_config("credential", &config, &[]).await;

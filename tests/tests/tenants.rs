@@ -272,7 +272,7 @@ async fn a_named_credential_serves_only_the_tenants_it_is_bound_to() {
     let secrets = format!(
         "[credential.secrets.team-hub]\ntenants = [\"{A}\"]\nrepository_prefix = \"team/app\"\n\
          provider = \"basic\"\nhost = \"registry.team.example\"\nusername = \"team-user\"\n\
-         password = {{ value = \"{team_secret}\" }}\n"
+         password = {{ value = \"{team_secret}\" }}\nshare_long_term_secret = true\n"
     );
     let (mesh, credential, probe) = scheduler_mesh(&secrets).await;
 

@@ -43,7 +43,7 @@ fn calls(bin: &Path, name: &str) -> Vec<String> {
         .collect()
 }
 
-async fn start(dir: &Path) -> CredentialService {
+async fn start(dir: &Path, share: bool) -> CredentialService {
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin).unwrap();
     write_helper(
@@ -76,7 +76,7 @@ async fn start(dir: &Path) -> CredentialService {
         std::env::var("PATH").unwrap_or_default()
     );
     let config = format!(
-        "[credential]\ndocker_config = [\"{}\"]\n",
+        "[credential]\ndocker_config = [\"{}\"]\ndocker_config_share_long_term_secret = {share}\n",
         docker_config.display()
     );
     CredentialService::start(&config, &[("PATH", &path)]).await
@@ -86,7 +86,7 @@ async fn start(dir: &Path) -> CredentialService {
 async fn cred_helpers_creds_store_and_inline_auths_each_serve_their_registries() {
     let dir = tempfile::tempdir().unwrap();
     let bin = dir.path().join("bin");
-    let service = start(dir.path()).await;
+    let service = start(dir.path(), true).await;
     assert_eq!(
         calls(&bin, "imtest-store"),
         vec!["list"],
@@ -138,10 +138,31 @@ async fn cred_helpers_creds_store_and_inline_auths_each_serve_their_registries()
 }
 
 #[tokio::test]
+async fn without_the_opt_in_docker_config_secrets_never_leave_and_helpers_are_not_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    let service = start(dir.path(), false).await;
+    for registry in ["helper.example:5000", "store.example", "static.example"] {
+        let refused = service.mint(registry, "team/app", &["pull"]).await;
+        let rejection = refused.expect_err("a long-term secret handed out without the opt-in");
+        assert_eq!(rejection.code, ErrorCode::Forbidden, "{rejection}");
+        assert!(
+            rejection.message.contains("share_long_term_secret"),
+            "{rejection}"
+        );
+    }
+    assert!(
+        calls(&bin, "imtest-helper").is_empty(),
+        "the helper was asked"
+    );
+    service.assert_no_secret_in_logs(&[HELPER_SECRET, STORE_SECRET, INLINE_PASSWORD]);
+}
+
+#[tokio::test]
 async fn helpers_are_never_asked_about_registries_they_do_not_serve() {
     let dir = tempfile::tempdir().unwrap();
     let bin = dir.path().join("bin");
-    let service = start(dir.path()).await;
+    let service = start(dir.path(), true).await;
     for host in [
         "unknown.example",
         "helper.example:5000.attacker.net",
