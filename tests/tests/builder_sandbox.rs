@@ -292,6 +292,10 @@ async fn run_steps_are_sandboxed_and_ordinary_builds_still_work() {
         format!("{ARG_VALUE}\n"),
         "the build arg reached the step"
     );
+    // ...but not the image's history, which anyone who may pull the image reads.
+    let history = image.config["history"].to_string();
+    assert!(!history.contains(ARG_VALUE), "{history}");
+    assert!(history.contains("TOKEN=<redacted>"), "{history}");
 
     let events = m.mesh.wait_terminal("sbx-ld", WAIT).await;
     let refused = assert_failed(&events, "builder", ErrorCode::MalformedRequest);

@@ -18,7 +18,7 @@ use crate::failure::Failure;
 use crate::log::BuildLog;
 use crate::sandbox::{BuildSandbox, Sandbox};
 use crate::workdir::WorkDir;
-use crate::{auth, base_pull, build_args, context, layout_push};
+use crate::{auth, base_pull, build_args, context, history, layout_push};
 
 /// One Dockerfile build of one request.
 pub struct DockerfileBuild<'a> {
@@ -99,7 +99,7 @@ impl DockerfileBuild<'_> {
             dockerfile: &dockerfile,
             context: &dir.context(),
             tag: &tag,
-            build_args,
+            build_args: build_args.clone(),
         };
         self.status
             .report(id, Step::running("building", "buildah bud"))
@@ -112,20 +112,19 @@ impl DockerfileBuild<'_> {
             .report(id, Step::running("built", "image built"))
             .await;
 
-        if self.build_credential()?.scheme() != AuthScheme::Bearer {
-            let destination = format!("docker://{}", self.request.build_image_ref);
-            return buildah
-                .push(&tag, &destination, self.log, deadline.at)
-                .await
-                .map_err(|e| self.push_failure(e, deadline.limit));
-        }
-        // A bearer token cannot go to buildah: it writes an OCI layout, pushed from here.
+        // buildah writes an OCI layout, pushed from here: a bearer token cannot go to buildah,
+        // and the history must lose the build arguments' values first (`history.rs`).
         let layout = dir.private().join("layout");
         let destination = format!("oci:{}:latest", layout.display());
         buildah
             .push(&tag, &destination, self.log, deadline.at)
             .await
             .map_err(|e| self.build_failure(e, deadline.limit))?;
+        if history::redact_layout(&layout, &build_args)? {
+            self.log
+                .line("build argument values removed from the image history")
+                .await;
+        }
         let push = layout_push::push_layout(&layout, self.target_client, self.target, self.log);
         self.within(deadline, push).await
     }
@@ -272,28 +271,6 @@ impl DockerfileBuild<'_> {
                     sandbox.describe(),
                     self.log.tail().join("\n")
                 ))
-            }
-            other => self.build_failure(other, timeout),
-        }
-    }
-
-    fn push_failure(&self, err: BuildahError, timeout: Duration) -> Failure {
-        let registry = &self
-            .build_credential()
-            .map(|c| c.registry.clone())
-            .unwrap_or_default();
-        match err {
-            BuildahError::Failed { error_line, .. } => {
-                let lower = error_line.to_ascii_lowercase();
-                let message = format!("push to {registry} failed: {error_line}");
-                if ["unauthorized", "authentication required", "denied"]
-                    .iter()
-                    .any(|w| lower.contains(w))
-                {
-                    Failure::reject(ErrorCode::RegistryAuthRejected, message)
-                } else {
-                    Failure::retry(ErrorCode::RegistryUnavailable, message)
-                }
             }
             other => self.build_failure(other, timeout),
         }

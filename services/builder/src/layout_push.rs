@@ -1,9 +1,11 @@
-//! Pushing a built image with a bearer token: buildah writes it to an OCI layout in the build
-//! directory, and this module streams the layout's blobs to the build registry with oci-client.
+//! Pushing a built image: buildah writes it to an OCI layout in the build directory, and this
+//! module streams the layout's blobs to the build registry with oci-client, with whatever the
+//! build token is (Basic or bearer).
 //!
 //! buildah takes registry credentials only as `user:secret` (see `auth.rs`), but the credential
-//! service answers for a distribution token-auth registry with a scoped bearer token. The
-//! manifest is pushed byte for byte, so its digest is the one buildah computed; blobs the
+//! service answers for token-auth and issuer registries with a scoped bearer token; and the
+//! history must lose the build arguments' values before the push (`history.rs`). The manifest
+//! is pushed byte for byte, so its digest is the one the layout holds; blobs the
 //! registry already has are skipped, the others are streamed from their files, never held in
 //! memory.
 

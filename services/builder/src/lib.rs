@@ -27,6 +27,7 @@ mod copy;
 mod dockerfile;
 mod failure;
 mod handler;
+mod history;
 mod layout_push;
 mod log;
 mod records;
