@@ -101,6 +101,7 @@ async fn open(image: &str, args: &RegistryArgs) -> anyhow::Result<Opened> {
         } else {
             Vec::new()
         },
+        ..Default::default()
     };
     let client = Arc::new(RegistryClient::new(
         &registry,

@@ -1,5 +1,7 @@
 //! A registry client for one credential.
 
+use std::time::Duration;
+
 use imagemesh_proto::v1::{AuthScheme, RegistryCredential};
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
@@ -10,11 +12,30 @@ use crate::error::{RegistryError, RegistryErrorKind};
 use crate::host;
 
 /// How to reach registries. Part of each service's configuration.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RegistrySettings {
     /// Registries spoken to over plain HTTP, besides loopback ones (which always are).
     pub insecure: Vec<String>,
+    /// How long connecting to a registry may take.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long a registry may stay silent while answering (before its headers or between two
+    /// reads of a body) before the call fails as unavailable. Without it, a registry that
+    /// accepts connections and never answers hangs a lazy read, and the container reading,
+    /// forever.
+    #[serde(with = "humantime_serde")]
+    pub read_timeout: Duration,
+}
+
+impl Default for RegistrySettings {
+    fn default() -> Self {
+        Self {
+            insecure: Vec::new(),
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 impl RegistrySettings {
@@ -65,6 +86,8 @@ impl RegistryClient {
     ) -> Self {
         let config = ClientConfig {
             protocol: settings.protocol_for(registry),
+            connect_timeout: Some(settings.connect_timeout),
+            read_timeout: Some(settings.read_timeout),
             ..Default::default()
         };
         Self {

@@ -297,6 +297,7 @@ mod tests {
     fn loopback_and_configured_registries_are_insecure() {
         let settings = RegistrySettings {
             insecure: vec!["lab.internal:5000".into()],
+            ..Default::default()
         };
         let found = insecure(&settings, vec!["127.0.0.1:5000".into(), "docker.io".into()]);
         assert_eq!(found, vec!["127.0.0.1:5000", "lab.internal:5000"]);
