@@ -47,6 +47,29 @@ impl Checkpoint {
             span_digest: [0; 32],
         }
     }
+
+    /// sha256 of everything that decides what reading from this checkpoint yields: where it is,
+    /// how to start, its window and the digest its span's bytes must have. Bytes verified and
+    /// decoded through this checkpoint are what any index with an equal identity would produce,
+    /// so a cache may share them under it; an index that names the same layer digest with
+    /// another window or span digest gets another identity, and never another's bytes.
+    pub fn identity(&self) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let kind = match self.kind {
+            CheckpointKind::Plain => 0u8,
+            CheckpointKind::Member => 1,
+            CheckpointKind::Block => 2,
+        };
+        let mut hash = Sha256::new();
+        hash.update([kind, self.bit_offset]);
+        hash.update(self.compressed_offset.to_le_bytes());
+        hash.update(self.uncompressed_offset.to_le_bytes());
+        hash.update(self.window.len.to_le_bytes());
+        hash.update((self.window.compressed.len() as u64).to_le_bytes());
+        hash.update(&self.window.compressed);
+        hash.update(self.span_digest);
+        hash.finalize().into()
+    }
 }
 
 impl Window {

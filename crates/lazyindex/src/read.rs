@@ -32,6 +32,13 @@ pub struct ReadPlan {
     spans: Range<usize>,
 }
 
+impl ReadPlan {
+    /// The checkpoints whose spans the fetched bytes cover, all verified by `decode_read`.
+    pub fn spans(&self) -> Range<usize> {
+        self.spans.clone()
+    }
+}
+
 impl LayerIndex {
     /// Plans a read of the uncompressed range `want`: from the last checkpoint at or before its
     /// start to the first checkpoint at or after its end (or the end of the blob).

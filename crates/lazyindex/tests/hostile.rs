@@ -316,3 +316,49 @@ fn empty_blob_is_an_empty_layer() {
     assert_eq!(decode_layer(&encode_layer(&layer)).unwrap(), layer);
     assert_eq!(read_range(&layer, &[], 0..0), b"");
 }
+
+#[test]
+fn a_doctored_window_passes_span_verification_but_changes_the_checkpoint_identity() {
+    // Why caches key decoded bytes by checkpoint identity, not (layer digest, range): an index
+    // that copies a layer's offsets and span digests but swaps a window decodes other bytes
+    // from the same verified span.
+    let mut rng = Rng::new(7);
+    let mut t = TarBuilder::default();
+    t.file("big.txt", &rng.text(512 << 10));
+    let blob = gzip(&t.finish());
+    let honest = index(&blob, 64 << 10);
+    let k = (1..honest.checkpoints.len())
+        .find(|&i| honest.checkpoints[i].window.len > 0)
+        .expect("a block checkpoint with a window");
+    let mut doctored = honest.clone();
+    let other = (1..honest.checkpoints.len())
+        .find(|&i| i != k && honest.checkpoints[i].window.len > 0)
+        .expect("another window");
+    doctored.checkpoints[k].window = honest.checkpoints[other].window.clone();
+
+    let start = honest.checkpoints[k].uncompressed_offset;
+    let want = start..start + 4096;
+    let plan = honest.plan_read(want.clone()).unwrap();
+    let fetched = &blob[plan.fetch.start as usize..plan.fetch.end as usize];
+    let good = honest.decode_read(&plan, fetched).unwrap();
+    let plan = doctored.plan_read(want).unwrap();
+    match doctored.decode_read(&plan, fetched) {
+        Ok(bad) => assert_ne!(bad, good, "the doctored window changed nothing"),
+        Err(Error::DigestMismatch { .. }) => panic!("span verification does not cover windows"),
+        Err(_) => {} // Inflating with the wrong history may also fail outright.
+    }
+
+    let identities = |layer: &LayerIndex| -> Vec<[u8; 32]> {
+        layer.checkpoints.iter().map(|c| c.identity()).collect()
+    };
+    let (h, d) = (identities(&honest), identities(&doctored));
+    assert_ne!(h[k], d[k]);
+    assert_eq!(
+        h.iter().zip(&d).filter(|(a, b)| a != b).count(),
+        1,
+        "only the doctored checkpoint's identity changes"
+    );
+    // The same index, decoded again (another image sharing the layer), shares every identity.
+    let again = decode_layer(&encode_layer(&honest)).unwrap();
+    assert_eq!(identities(&again), h);
+}

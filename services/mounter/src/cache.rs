@@ -1,9 +1,12 @@
 //! Byte-bounded LRU caches of blob bytes, shared by every mount of the instance.
 //!
-//! Keys name a layer blob by digest and a byte range of it, never an index's checkpoint numbers:
-//! the bytes of a blob range are the same whichever index (span size) pointed at them, so two
-//! images sharing a layer share its cached bytes. Compressed spans are inserted only after their
-//! span digest verified, so a cached entry is always good.
+//! Keys name a layer blob by digest, a byte range of it, and what verified the bytes: the
+//! identity of the checkpoint(s) they were verified and decoded through (span digest, window,
+//! offsets; `Checkpoint::identity`). Two images whose indexes agree on a layer share its cached
+//! bytes; an image whose manifest names a popular layer digest with a self-consistent index of
+//! its own (another registry serving other bytes under that digest, or a doctored window) gets
+//! other keys, so it can never put its bytes in front of another image's reads. Compressed spans
+//! are inserted only after their span digests verified, so a cached entry is always good.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
@@ -14,12 +17,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 use serde::Serialize;
 
-/// A byte range of one layer blob: compressed offsets for spans, uncompressed for pieces.
+/// A byte range of one layer blob (compressed offsets for spans, uncompressed for pieces) and
+/// what verified its bytes.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RangeKey {
     pub digest: Arc<str>,
     pub start: u64,
     pub end: u64,
+    /// The checkpoint identity the bytes were verified through; for a fetch covering several
+    /// spans, the sha256 of their identities in order.
+    pub verifier: [u8; 32],
 }
 
 /// A least-recently-used map whose entries weigh their length in bytes.

@@ -75,6 +75,8 @@ impl Shared {
 pub struct ImageReader {
     image: Arc<ImageIndex>,
     digests: Vec<Arc<str>>,
+    /// `Checkpoint::identity` of every checkpoint of every layer: the cache keys' verifiers.
+    verifiers: Vec<Vec<[u8; 32]>>,
     source: Arc<MountSource>,
     shared: Arc<Shared>,
     reads: AtomicU64,
@@ -101,9 +103,15 @@ impl ImageReader {
             .iter()
             .map(|l| l.digest.as_str().into())
             .collect();
+        let verifiers = image
+            .layers
+            .iter()
+            .map(|l| l.checkpoints.iter().map(|c| c.identity()).collect())
+            .collect();
         Self {
             image,
             digests,
+            verifiers,
             source,
             shared,
             reads: AtomicU64::new(0),
@@ -178,28 +186,33 @@ impl ImageReader {
             .get(span + 1)
             .map_or(index.uncompressed_size, |c| c.uncompressed_offset);
         let start = span_start + (pos - span_start) / PIECE * PIECE;
-        let key = self.key(layer, start, (start + PIECE).min(span_end));
+        let verifier = self.verifiers[layer][span];
+        let key = self.key(layer, start, (start + PIECE).min(span_end), verifier);
         if let Some(bytes) = self.shared.caches.decoded.get(&key) {
             return Ok((start, bytes));
         }
         let compressed = index.span_range(span);
         let _flight = self
             .shared
-            .flight(self.key(layer, compressed.start, compressed.end))
+            .flight(self.key(layer, compressed.start, compressed.end, verifier))
             .await;
         if let Some(bytes) = self.shared.caches.decoded.peek(&key) {
             return Ok((start, bytes));
         }
         let run_end = (start + MAX_RUN).min(span_end);
         let run = self.inflate(layer, start, run_end).await?;
-        Ok((start, self.cache_pieces(layer, start, span_end, &run)))
+        Ok((
+            start,
+            self.cache_pieces(layer, start, span_end, verifier, &run),
+        ))
     }
 
     /// Fetches (or takes from the cache) and inflates the uncompressed range `[start, end)`,
     /// which lies inside one span.
     async fn inflate(&self, layer: usize, start: u64, end: u64) -> Result<Vec<u8>, ReadError> {
         let plan = self.image.layers[layer].plan_read(start..end)?;
-        let span_key = self.key(layer, plan.fetch.start, plan.fetch.end);
+        let verifier = spans_verifier(&self.verifiers[layer][plan.spans()]);
+        let span_key = self.key(layer, plan.fetch.start, plan.fetch.end, verifier);
         let cached = self.shared.caches.compressed.get(&span_key);
         let compressed = match &cached {
             Some(bytes) => bytes.clone(),
@@ -229,8 +242,16 @@ impl ImageReader {
         Ok(decoded)
     }
 
-    /// Caches `run` (uncompressed bytes from `start`) piece by piece; returns the first piece.
-    fn cache_pieces(&self, layer: usize, start: u64, span_end: u64, run: &[u8]) -> Bytes {
+    /// Caches `run` (uncompressed bytes from `start`, decoded through the checkpoint with
+    /// identity `verifier`) piece by piece; returns the first piece.
+    fn cache_pieces(
+        &self,
+        layer: usize,
+        start: u64,
+        span_end: u64,
+        verifier: [u8; 32],
+        run: &[u8],
+    ) -> Bytes {
         let mut first = None;
         for (i, chunk) in run.chunks(PIECE as usize).enumerate() {
             let piece_start = start + i as u64 * PIECE;
@@ -241,20 +262,37 @@ impl ImageReader {
             }
             // Copies, so every cached piece owns exactly its bytes and the budget is honest.
             let bytes = Bytes::copy_from_slice(chunk);
-            self.shared
-                .caches
-                .decoded
-                .insert(self.key(layer, piece_start, piece_end), bytes.clone());
+            self.shared.caches.decoded.insert(
+                self.key(layer, piece_start, piece_end, verifier),
+                bytes.clone(),
+            );
             first.get_or_insert(bytes);
         }
         first.unwrap_or_else(|| Bytes::copy_from_slice(&run[..run.len().min(PIECE as usize)]))
     }
 
-    fn key(&self, layer: usize, start: u64, end: u64) -> RangeKey {
+    fn key(&self, layer: usize, start: u64, end: u64, verifier: [u8; 32]) -> RangeKey {
         RangeKey {
             digest: self.digests[layer].clone(),
             start,
             end,
+            verifier,
+        }
+    }
+}
+
+/// The verifier of bytes covering several spans: the one span's identity, or the sha256 of the
+/// identities in order.
+fn spans_verifier(identities: &[[u8; 32]]) -> [u8; 32] {
+    match identities {
+        [one] => *one,
+        many => {
+            use sha2::{Digest, Sha256};
+            let mut hash = Sha256::new();
+            for identity in many {
+                hash.update(identity);
+            }
+            hash.finalize().into()
         }
     }
 }
