@@ -131,6 +131,8 @@ cat >"$stack/config/mounter.toml" <<TOML
 url = "$nats_url"
 [mounter]
 mount_root = "$stack/mounts"
+[mounter.cache]
+disk_dir = "$stack/cache"
 TOML
 
 # Each instance with its own identity (builder and mounter: bound to their worker ids).

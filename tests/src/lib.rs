@@ -158,6 +158,8 @@ pub struct Mesh {
     issuer: Option<IssuerSetup>,
     /// Where mounters of this mesh mount images; emptied of mounts on drop.
     mount_root: tempfile::TempDir,
+    /// The mounters' node cache on disk; kept across mounter restarts within the mesh.
+    node_cache: tempfile::TempDir,
     /// Identities and TLS material of a secured mesh.
     access: Option<Access>,
 }
@@ -259,6 +261,10 @@ impl Mesh {
                 .prefix("imagemesh-mounts-")
                 .tempdir()
                 .expect("mount root"),
+            node_cache: tempfile::Builder::new()
+                .prefix("imagemesh-node-cache-")
+                .tempdir()
+                .expect("node cache"),
             access,
         };
         for service in options.start {
@@ -451,8 +457,9 @@ impl Mesh {
                 self.options.shared_repositories
             ),
             "mounter" => format!(
-                "[mounter]\nmount_root = \"{}\"\n[mounter.worker]\n{worker}[mounter.placement]\n{heartbeat}",
-                self.mount_root.path().display()
+                "[mounter]\nmount_root = \"{}\"\n[mounter.worker]\n{worker}[mounter.placement]\n{heartbeat}[mounter.cache]\ndisk_dir = \"{}\"\n",
+                self.mount_root.path().display(),
+                self.node_cache.path().display()
             ),
             "builder" => {
                 format!("[{service}.worker]\n{worker}[{service}.placement]\n{heartbeat}")
@@ -659,6 +666,11 @@ impl Mesh {
             out.extend(self.read_all(&name, ">").await);
         }
         out
+    }
+
+    /// The mounters' node cache directory (a temp dir of this mesh).
+    pub fn node_cache(&self) -> &Path {
+        self.node_cache.path()
     }
 
     /// The mounters' mount root (a temp dir of this mesh).

@@ -210,3 +210,88 @@ async fn wait_until_serving(mesh: &Mesh) {
     })
     .await;
 }
+
+/// The node cache as the `mounts` endpoint reports it.
+async fn disk_cache(mesh: &Mesh) -> serde_json::Value {
+    let listing = control(mesh, &format!("imagemesh.mounter.{WORKER_ID}.mounts"), "")
+        .await
+        .expect("mounts listing");
+    listing["disk_cache"].clone()
+}
+
+/// Every file of the node cache directory.
+fn cache_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flat_map(|shard| std::fs::read_dir(shard.unwrap().path()).unwrap())
+        .map(|file| file.unwrap().path())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_cache_on_disk_serves_a_restarted_mounter_and_a_damaged_entry_is_refetched() {
+    let (mut mesh, image, layout) = mesh_with_indexed_image().await;
+    let root = mesh.mount_root().canonicalize().unwrap();
+    let file = "big/random.bin";
+    let expected = std::fs::read(
+        layout
+            .unpack("full", &layout.scratch("cache-test").join("bundle"))
+            .join(file),
+    )
+    .expect("the file in umoci's unpack");
+
+    mounted(&run(&mesh, &runtime_request("cache-1", "ctr-1", &image)).await);
+    assert_eq!(read_file(root.join("ctr-1").join(file)).await, expected);
+    let first = mount_stats(&mesh, "ctr-1").await["reads"].clone();
+    assert!(first["range_requests"].as_u64().unwrap() > 0, "{first}");
+    // Written in the background: wait until the spans are on disk.
+    let written = imagemesh_testkit::eventually(mounter_support::WAIT, "spans on disk", || async {
+        let disk = disk_cache(&mesh).await;
+        (disk["entries"].as_u64() > Some(0)).then_some(disk)
+    })
+    .await;
+    assert_eq!(written["write_failures"], 0, "{written}");
+    assert_eq!(
+        cache_files(mesh.node_cache()).len() as u64,
+        written["entries"].as_u64().unwrap()
+    );
+
+    // A new mounter process (memory caches empty) reads the same file without the registry.
+    assert!(
+        mesh.service("mounter").terminate(),
+        "the mounter exits cleanly"
+    );
+    mesh.service("mounter").restart();
+    wait_until_serving(&mesh).await;
+    let reopened = disk_cache(&mesh).await;
+    assert_eq!(reopened["entries"], written["entries"], "{reopened}");
+    mounted(&run(&mesh, &runtime_request("cache-2", "ctr-2", &image)).await);
+    assert_eq!(read_file(root.join("ctr-2").join(file)).await, expected);
+    let warm = mount_stats(&mesh, "ctr-2").await["reads"].clone();
+    assert_eq!(
+        warm["range_requests"], 0,
+        "served from the disk cache: {warm}"
+    );
+    assert!(disk_cache(&mesh).await["hits"].as_u64().unwrap() > 0);
+
+    // Damage every entry on disk: the next process drops each one it uses, refetches, and
+    // still reads the right bytes.
+    assert!(
+        mesh.service("mounter").terminate(),
+        "the mounter exits cleanly"
+    );
+    for path in cache_files(mesh.node_cache()) {
+        let mut bytes = std::fs::read(&path).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+    }
+    mesh.service("mounter").restart();
+    wait_until_serving(&mesh).await;
+    mounted(&run(&mesh, &runtime_request("cache-3", "ctr-3", &image)).await);
+    assert_eq!(read_file(root.join("ctr-3").join(file)).await, expected);
+    let cold = mount_stats(&mesh, "ctr-3").await["reads"].clone();
+    assert!(cold["range_requests"].as_u64().unwrap() > 0, "{cold}");
+    let disk = disk_cache(&mesh).await;
+    assert!(disk["dropped"].as_u64().unwrap() > 0, "{disk}");
+}

@@ -165,13 +165,31 @@ pub struct Caches {
     pub compressed: Cache,
     /// Inflated pieces of layer data.
     pub decoded: Cache,
+    /// The node cache on disk, below `compressed` (`None`: not configured or not usable).
+    pub disk: Option<std::sync::Arc<crate::disk_cache::DiskCache>>,
 }
 
 impl Caches {
+    /// Opens the disk cache too. A disk cache that cannot be opened is logged and left out:
+    /// mounts still work, from the registry.
     pub fn new(config: &crate::config::CacheConfig) -> Self {
+        let disk = config.disk_dir.as_ref().and_then(|dir| {
+            match crate::disk_cache::DiskCache::open(dir, config.disk_bytes) {
+                Ok(cache) => {
+                    let stats = cache.stats();
+                    tracing::info!(dir = %dir.display(), entries = stats.entries, bytes = stats.bytes, "disk cache open");
+                    Some(std::sync::Arc::new(cache))
+                }
+                Err(err) => {
+                    tracing::warn!(dir = %dir.display(), error = %err, "disk cache unusable; running without it");
+                    None
+                }
+            }
+        });
         Self {
             compressed: Cache::new(config.compressed_bytes),
             decoded: Cache::new(config.decoded_bytes),
+            disk,
         }
     }
 }

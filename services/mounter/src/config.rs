@@ -71,8 +71,9 @@ impl Default for MounterConfig {
     }
 }
 
-/// In-memory caches shared by every mount of this instance (keyed by layer digest and byte
-/// range, so images sharing a base layer share its cached bytes).
+/// Caches shared by every mount of this instance: two in memory, and the node cache on disk
+/// (keyed by layer digest, byte range and the checkpoints that verified the bytes, so images
+/// whose indexes agree on a base layer share its cached bytes).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CacheConfig {
@@ -82,6 +83,11 @@ pub struct CacheConfig {
     /// Budget for inflated file data, so consecutive small reads (the kernel reads 128 KiB at a
     /// time) do not inflate the same span over and over.
     pub decoded_bytes: u64,
+    /// The node cache on disk: verified compressed spans, kept across restarts (`disk_cache.rs`).
+    /// Unset: no disk cache.
+    pub disk_dir: Option<PathBuf>,
+    /// Budget of the disk cache; least recently used spans go first.
+    pub disk_bytes: u64,
 }
 
 impl Default for CacheConfig {
@@ -89,6 +95,8 @@ impl Default for CacheConfig {
         Self {
             compressed_bytes: 256 << 20,
             decoded_bytes: 128 << 20,
+            disk_dir: Some(PathBuf::from("/var/cache/imagemesh/mounter")),
+            disk_bytes: 10 << 30,
         }
     }
 }

@@ -80,6 +80,8 @@ struct Listing {
     mounts: Vec<MountReport>,
     compressed_cache: CacheStats,
     decoded_cache: CacheStats,
+    /// The node cache on disk; null when not configured or not usable.
+    disk_cache: Option<crate::disk_cache::DiskCacheStats>,
 }
 
 /// What the endpoints need.
@@ -160,6 +162,7 @@ impl Control {
                 .collect(),
             compressed_cache: self.shared.caches.compressed.stats(),
             decoded_cache: self.shared.caches.decoded.stats(),
+            disk_cache: self.shared.caches.disk.as_ref().map(|disk| disk.stats()),
         };
         let body = serde_json::to_vec(&listing).expect("listing serialises");
         self.respond(&request, Ok(body.into())).await;

@@ -17,6 +17,7 @@
 mod cache;
 pub mod config;
 mod control;
+mod disk_cache;
 mod fs;
 mod handler;
 mod mounts;

@@ -207,20 +207,60 @@ impl ImageReader {
         ))
     }
 
-    /// Fetches (or takes from the cache) and inflates the uncompressed range `[start, end)`,
-    /// which lies inside one span.
+    /// Fetches (or takes from a cache) and inflates the uncompressed range `[start, end)`,
+    /// which lies inside one span. Memory first, then the node's disk cache, then the registry.
     async fn inflate(&self, layer: usize, start: u64, end: u64) -> Result<Vec<u8>, ReadError> {
         let plan = self.image.layers[layer].plan_read(start..end)?;
         let verifier = spans_verifier(&self.verifiers[layer][plan.spans()]);
         let span_key = self.key(layer, plan.fetch.start, plan.fetch.end, verifier);
-        let cached = self.shared.caches.compressed.get(&span_key);
-        let compressed = match &cached {
-            Some(bytes) => bytes.clone(),
-            None => {
-                let digest = &self.digests[layer];
-                self.source.fetch(digest, plan.fetch.clone()).await?
+        if let Some(bytes) = self.shared.caches.compressed.get(&span_key) {
+            return self.decode(layer, &plan, bytes).await;
+        }
+        if let Some(disk) = &self.shared.caches.disk {
+            let (cache, key) = (disk.clone(), span_key.clone());
+            let found = tokio::task::spawn_blocking(move || cache.get(&key))
+                .await
+                .map_err(|e| ReadError::Task(e.to_string()))?;
+            if let Some(bytes) = found {
+                match self.decode(layer, &plan, bytes.clone()).await {
+                    Ok(decoded) => {
+                        self.shared.caches.compressed.insert(span_key, bytes);
+                        return Ok(decoded);
+                    }
+                    // A file that no longer matches its span digests: dropped, fetched anew.
+                    Err(ReadError::Index(imagemesh_lazyindex::Error::DigestMismatch {
+                        ..
+                    })) => {
+                        tracing::warn!(layer = %self.digests[layer], "disk cache entry failed verification; dropped");
+                        disk.drop_entry(&span_key);
+                    }
+                    Err(other) => return Err(other),
+                }
             }
-        };
+        }
+        let compressed = self
+            .source
+            .fetch(&self.digests[layer], plan.fetch.clone())
+            .await?;
+        let decoded = self.decode(layer, &plan, compressed.clone()).await?;
+        // Only verified spans enter the caches: decode checked their digests.
+        if let Some(disk) = &self.shared.caches.disk {
+            let (cache, key, bytes) = (disk.clone(), span_key.clone(), compressed.clone());
+            // Written in the background: the read does not wait for the disk.
+            tokio::task::spawn_blocking(move || cache.insert(&key, &bytes));
+        }
+        self.shared.caches.compressed.insert(span_key, compressed);
+        Ok(decoded)
+    }
+
+    /// Verifies `compressed` (the bytes of `plan.fetch`) and inflates what `plan` wants, on a
+    /// blocking thread, at most one per core at a time.
+    async fn decode(
+        &self,
+        layer: usize,
+        plan: &imagemesh_lazyindex::ReadPlan,
+        compressed: Bytes,
+    ) -> Result<Vec<u8>, ReadError> {
         let _slot = self
             .shared
             .inflate_slots
@@ -228,15 +268,12 @@ impl ImageReader {
             .await
             .expect("never closed");
         let image = self.image.clone();
-        let fetched = compressed.clone();
-        let decoded =
-            tokio::task::spawn_blocking(move || image.layers[layer].decode_read(&plan, &fetched))
-                .await
-                .map_err(|e| ReadError::Task(e.to_string()))??;
-        // Only verified spans enter the cache: decode_read checked their digests.
-        if cached.is_none() {
-            self.shared.caches.compressed.insert(span_key, compressed);
-        }
+        let plan = plan.clone();
+        let decoded = tokio::task::spawn_blocking(move || {
+            image.layers[layer].decode_read(&plan, &compressed)
+        })
+        .await
+        .map_err(|e| ReadError::Task(e.to_string()))??;
         self.inflated
             .fetch_add(decoded.len() as u64, Ordering::Relaxed);
         Ok(decoded)
