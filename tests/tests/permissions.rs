@@ -484,3 +484,70 @@ async fn mutual_tls_requires_a_client_certificate() {
         .await
         .expect("the identity with its certificate connects");
 }
+
+/// Ending a poison message (`imagemesh_runtime::poison`) is the schedulers': hearing that a
+/// consumer gave up on a message, reading a work message by its sequence, deleting it. Not the
+/// workers' (a builder reading by sequence would read the requests placed on other builders),
+/// not a client's.
+#[tokio::test]
+async fn only_schedulers_end_poison_messages() {
+    let mut mesh = Mesh::start(secured_mesh()).await;
+    let cast = cast(&mut mesh).await;
+    let js = async_nats::jetstream::new(cast.operator.clone());
+    let sequence = js
+        .publish(subjects::BUILD, "work".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .sequence;
+    let by_sequence = format!("{{\"seq\":{sequence}}}");
+    let advisory = imagemesh_runtime::poison::advisory_subject(streams::BUILD, "builder");
+    let get = format!("$JS.API.STREAM.MSG.GET.{}", streams::BUILD);
+    let delete = format!("$JS.API.STREAM.MSG.DELETE.{}", streams::BUILD);
+    for (name, client) in [
+        ("builder-w1", &cast.builder),
+        ("mounter-m1", &cast.mounter),
+        ("indexer-1", &cast.indexer),
+        ("client-a", &cast.client_a),
+    ] {
+        let _ = client.subscribe(advisory.clone()).await;
+        assert_refused(&mesh, name, &advisory).await;
+        for api in [&get, &delete] {
+            publish(client, api, by_sequence.as_bytes()).await;
+            assert_refused(&mesh, name, api).await;
+        }
+    }
+    // Not even from the queue a worker consumes, and the scheduler only from the work streams.
+    let index_delete = format!("$JS.API.STREAM.MSG.DELETE.{}", streams::INDEX);
+    publish(&cast.indexer, &index_delete, b"{\"seq\":1}").await;
+    assert_refused(&mesh, "indexer-1", &index_delete).await;
+    let status_delete = format!("$JS.API.STREAM.MSG.DELETE.{}", streams::STATUS);
+    publish(&cast.scheduler, &status_delete, b"{\"seq\":1}").await;
+    assert_refused(&mesh, "scheduler-1", &status_delete).await;
+    let stream = js.get_stream_no_info(streams::BUILD).await.unwrap();
+    stream
+        .get_raw_message(sequence)
+        .await
+        .expect("the message is still there");
+
+    // The scheduler hears the advisory, reads the message and deletes it.
+    let mut heard = cast.scheduler.subscribe(advisory.clone()).await.unwrap();
+    assert_reaches(&cast.operator, &advisory, &mut heard).await;
+    let scheduler = async_nats::jetstream::new(cast.scheduler.clone())
+        .get_stream_no_info(streams::BUILD)
+        .await
+        .unwrap();
+    let message = scheduler
+        .get_raw_message(sequence)
+        .await
+        .expect("the scheduler reads it by sequence");
+    assert_eq!(message.payload.as_ref(), b"work");
+    assert!(
+        scheduler
+            .delete_message(sequence)
+            .await
+            .expect("the scheduler deletes it")
+    );
+    assert!(stream.get_raw_message(sequence).await.is_err());
+}

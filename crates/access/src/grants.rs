@@ -65,6 +65,16 @@ impl Grants {
             .publish(format!("$JS.ACK.{stream}.{durable}.>"))
     }
 
+    /// Ends the poison messages of `stream`: hears the max-deliveries advisories of
+    /// `consumers` (a durable name or `*`), reads a message by its sequence, deletes it.
+    pub fn poison_messages(&mut self, stream: &str, consumers: &str) -> &mut Self {
+        self.subscribe(imagemesh_runtime::poison::advisory_subject(
+            stream, consumers,
+        ))
+        .js_api(format!("STREAM.MSG.GET.{stream}"))
+        .js_api(format!("STREAM.MSG.DELETE.{stream}"))
+    }
+
     /// Publishes into a JetStream stream (the PubAck comes back to the inbox).
     pub fn stream_publish(&mut self, subject: impl Into<String>) -> &mut Self {
         self.publish(subject)

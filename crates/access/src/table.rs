@@ -54,6 +54,18 @@ fn scheduler(grants: &mut Grants) {
         .kv_read(IMAGE_REFS_BUCKET, ">")
         .kv_read(IMAGE_SECRETS_BUCKET, ">")
         .kv_watch(WORKERS_BUCKET);
+    // Poison messages (`imagemesh_runtime::poison`): hear that a consumer gave up on a message,
+    // read the message by its sequence, delete it once failed and dead-lettered. Of the intake
+    // (the scheduler's own consumer), the build and mount queues (every consumer: the shared
+    // queue and each worker's) and the index queue (the indexers' consumer); no other stream.
+    for (stream, consumers) in [
+        (streams::INTAKE, "scheduler"),
+        (streams::BUILD, "*"),
+        (streams::MOUNT, "*"),
+        (streams::INDEX, "indexer"),
+    ] {
+        grants.poison_messages(stream, consumers);
+    }
     for kind in [placement::BUILD, placement::MOUNT] {
         // The shared queue and `<subject>.<worker id>`: the scheduler derives the worker's
         // subject from the advertisement's key, which only that worker may write.

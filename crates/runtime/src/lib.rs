@@ -8,6 +8,7 @@
 //! - [`worker`]: the durable pull-consumer loop that decodes, dispatches to a handler, acks,
 //!   retries with backoff, terminates, reports status and dead-letters.
 //! - [`status`]: status events and dead letters.
+//! - [`poison`]: ending work that exhausted `max_deliver` because its handler crashed or hung.
 //! - [`telemetry`]: structured logs, OpenTelemetry export and W3C trace context in NATS headers.
 //! - [`shutdown`]: SIGTERM/SIGINT handling.
 //! - [`app`]: the `main` of every service binary.
@@ -19,6 +20,7 @@ pub mod credentials;
 pub mod error;
 pub mod nats;
 pub mod placement;
+pub mod poison;
 pub mod service;
 pub mod shutdown;
 pub mod status;

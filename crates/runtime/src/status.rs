@@ -106,11 +106,39 @@ impl StatusReporter {
     }
 
     /// Publishes one status event for `request`, on its tenant's status subject.
-    pub async fn report(&self, request: RequestKey<'_>, mut step: Step) {
+    pub async fn report(&self, request: RequestKey<'_>, step: Step) {
+        let state = step.state;
+        let subject = subjects::status(request);
+        let payload = self.event(request, step).encode_to_vec().into();
+        let published = match state {
+            RequestState::Succeeded | RequestState::Failed => self.publish(subject, payload).await,
+            _ => self.publish_progress(subject, payload).await,
+        };
+        if let Err(err) = published {
+            // A lost status event must not fail the work itself; say so loudly instead.
+            tracing::error!(%request, error = %err, "could not publish status event");
+        }
+    }
+
+    /// Publishes a status event with message id `once` and waits until the stream stored it:
+    /// whoever publishes the same event under the same id within the stream's duplicate window
+    /// stores it once.
+    pub async fn report_once(
+        &self,
+        request: RequestKey<'_>,
+        step: Step,
+        once: &str,
+    ) -> Result<(), async_nats::Error> {
+        let subject = subjects::status(request);
+        let payload = self.event(request, step).encode_to_vec().into();
+        self.publish_confirmed(subject, payload, once).await
+    }
+
+    fn event(&self, request: RequestKey<'_>, mut step: Step) -> StatusEvent {
         if let Some(instance) = &self.instance {
             step.details.insert("worker".into(), instance.clone());
         }
-        let event = StatusEvent {
+        StatusEvent {
             request_id: request.id.to_string(),
             tenant: request.tenant.to_string(),
             service: self.service.to_string(),
@@ -120,16 +148,6 @@ impl StatusReporter {
             error_code: step.error_code as i32,
             at: Some(now()),
             details: step.details,
-        };
-        let subject = subjects::status(request);
-        let payload = event.encode_to_vec().into();
-        let published = match step.state {
-            RequestState::Succeeded | RequestState::Failed => self.publish(subject, payload).await,
-            _ => self.publish_progress(subject, payload).await,
-        };
-        if let Err(err) = published {
-            // A lost status event must not fail the work itself; say so loudly instead.
-            tracing::error!(%request, error = %err, "could not publish status event");
         }
     }
 
@@ -140,7 +158,36 @@ impl StatusReporter {
         rejection: &Rejection,
         payload: Bytes,
     ) {
-        let letter = DeadLetter {
+        let request = info.request;
+        let letter = self.letter(info, rejection, payload);
+        let subject = subjects::dead_letter(self.service);
+        if let Err(err) = self.publish(subject, letter.encode_to_vec().into()).await {
+            tracing::error!(%request, error = %err, "could not publish dead letter");
+        }
+    }
+
+    /// Like [`StatusReporter::dead_letter`], with message id `once`, waiting until the stream
+    /// stored it (see [`StatusReporter::report_once`]).
+    pub async fn dead_letter_once(
+        &self,
+        info: DeadLetterInfo<'_>,
+        rejection: &Rejection,
+        payload: Bytes,
+        once: &str,
+    ) -> Result<(), async_nats::Error> {
+        let letter = self.letter(info, rejection, payload);
+        let subject = subjects::dead_letter(self.service);
+        self.publish_confirmed(subject, letter.encode_to_vec().into(), once)
+            .await
+    }
+
+    fn letter(
+        &self,
+        info: DeadLetterInfo<'_>,
+        rejection: &Rejection,
+        payload: Bytes,
+    ) -> DeadLetter {
+        DeadLetter {
             service: self.service.to_string(),
             subject: info.subject.to_string(),
             request_id: info.request.id.to_string(),
@@ -151,10 +198,6 @@ impl StatusReporter {
             at: Some(now()),
             payload: payload.to_vec(),
             content_type: info.content_type.to_string(),
-        };
-        let subject = subjects::dead_letter(self.service);
-        if let Err(err) = self.publish(subject, letter.encode_to_vec().into()).await {
-            tracing::error!(request = %info.request, error = %err, "could not publish dead letter");
         }
     }
 
@@ -177,15 +220,38 @@ impl StatusReporter {
     /// Publishes an event that must not be lost (a final state, a dead letter) and confirms the
     /// store in the background, so the work path does not wait a round trip.
     async fn publish(&self, subject: String, payload: Bytes) -> Result<(), async_nats::Error> {
-        let mut headers = HeaderMap::new();
-        telemetry::inject(&mut headers);
-        let publish = PublishMessage::build().payload(payload).headers(headers);
-        let ack = self.js.send_publish(subject.clone(), publish).await?;
+        let ack = self.send(subject.clone(), payload, None).await?;
         tokio::spawn(async move {
             if let Err(err) = ack.await {
                 tracing::error!(subject, error = %err, "status event not stored");
             }
         });
         Ok(())
+    }
+
+    /// Publishes with message id `once` and waits for the stream's acknowledgement.
+    async fn publish_confirmed(
+        &self,
+        subject: String,
+        payload: Bytes,
+        once: &str,
+    ) -> Result<(), async_nats::Error> {
+        self.send(subject, payload, Some(once)).await?.await?;
+        Ok(())
+    }
+
+    async fn send(
+        &self,
+        subject: String,
+        payload: Bytes,
+        once: Option<&str>,
+    ) -> Result<jetstream::context::PublishAckFuture, async_nats::Error> {
+        let mut headers = HeaderMap::new();
+        telemetry::inject(&mut headers);
+        let mut publish = PublishMessage::build().payload(payload).headers(headers);
+        if let Some(id) = once {
+            publish = publish.message_id(id);
+        }
+        Ok(self.js.send_publish(subject, publish).await?)
     }
 }

@@ -6,7 +6,9 @@
 //! delay (retry), or terminate + failed status + dead letter. A retry on the last allowed delivery
 //! becomes a termination, so nothing is redelivered forever. Long handlers keep their message
 //! with progress acks. On shutdown the loop stops pulling, lets in-flight work finish within a
-//! grace period, and naks what is left so another instance picks it up at once.
+//! grace period, and naks what is left so another instance picks it up at once. A delivery
+//! whose handler never returns (the process crashed or hung) is settled by no one; once
+//! JetStream has given up on it after `max_deliver`, the schedulers end it ([`crate::poison`]).
 
 use std::future::Future;
 use std::sync::Arc;

@@ -15,6 +15,9 @@
 //! - `token_cache`: tokens reused for a few seconds, per tenant.
 //! - `dispatch`: placement and the one publish downstream; `reroute`: moving the queued work of
 //!   workers that stopped heartbeating.
+//! - poison messages: work of any stage (intake, build, mount, index) that exhausted
+//!   `max_deliver` because its handler crashed or hung is failed, dead-lettered and deleted
+//!   ([`imagemesh_runtime::poison`]).
 #![forbid(unsafe_code)]
 
 pub mod config;
@@ -26,6 +29,7 @@ mod tenancy;
 mod token_cache;
 
 use async_nats::Client;
+use async_nats::jetstream::Context as JetStream;
 pub use config::Config;
 use imagemesh_runtime::credentials::CredentialClient;
 use imagemesh_runtime::placement::{self, Directory};
@@ -52,6 +56,7 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
         streams::INTAKE,
         streams::BUILD,
         streams::MOUNT,
+        streams::INDEX,
         streams::STATUS,
         streams::DEAD_LETTER,
     ];
@@ -69,6 +74,11 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
         directory.clone(),
         status.clone(),
         settings.heartbeat,
+        shutdown.clone(),
+    ));
+    tokio::spawn(end_poison_messages(
+        js.clone(),
+        status.clone(),
         shutdown.clone(),
     ));
     let handler = Scheduler {
@@ -103,4 +113,28 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
         shutdown,
     )
     .await
+}
+
+/// Ends the poison messages of every stage: the scheduler is the one service that outlives a
+/// worker crashing on a message over and over (the crashing process is the least likely to
+/// hear the advisory), and it already reads every work stream it dispatches to.
+async fn end_poison_messages(js: JetStream, status: StatusReporter, shutdown: Shutdown) {
+    use imagemesh_proto::v1::{ContainerRequest, IndexRequest};
+    use imagemesh_runtime::poison::{self, PoisonQueue};
+    let scrub = ContainerRequest::without_secrets;
+    let queues = vec![
+        PoisonQueue::of(streams::INTAKE, "scheduler", "scheduler", scrub).keeping_undecodable(),
+        // The shared queue and every worker's own consumer.
+        PoisonQueue::of(streams::BUILD, "*", "builder", scrub),
+        PoisonQueue::of(streams::MOUNT, "*", "mounter", scrub),
+        PoisonQueue::of(
+            streams::INDEX,
+            "indexer",
+            "indexer",
+            IndexRequest::without_secrets,
+        ),
+    ];
+    if let Err(err) = poison::watch(js, status, queues, shutdown).await {
+        tracing::error!(error = %err, "not watching for poison messages");
+    }
 }
