@@ -294,4 +294,32 @@ async fn the_node_cache_on_disk_serves_a_restarted_mounter_and_a_damaged_entry_i
     assert!(cold["range_requests"].as_u64().unwrap() > 0, "{cold}");
     let disk = disk_cache(&mesh).await;
     assert!(disk["dropped"].as_u64().unwrap() > 0, "{disk}");
+
+    // The operator's view of the same numbers.
+    let mut command = std::process::Command::new(imagemesh_testkit::bin_path("imagemesh"));
+    command
+        .args(["mounts", WORKER_ID])
+        .envs(mesh.cli_env_as("operator"));
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .unwrap()
+        .expect("run imagemesh mounts");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        text.contains(&format!("mounter {WORKER_ID}: 1 mount(s)")),
+        "{text}"
+    );
+    let line = text
+        .lines()
+        .find(|l| l.contains("disk (node cache)"))
+        .unwrap_or_else(|| panic!("no disk cache line: {text}"));
+    assert!(
+        line.contains(&format!("dropped {}", disk["dropped"])),
+        "{line}"
+    );
 }

@@ -9,6 +9,7 @@
 //! - `imagemesh nats-config`: identities, TLS material and the nats-server authorization
 //!   config rendered from the permission table (`imagemesh-access`).
 //! - `imagemesh provision`: the operator creates every stream and bucket of a secured mesh.
+//! - `imagemesh mounts WORKER`: a mounter's mounts and caches (memory and disk), as the operator.
 //! - `imagemesh registry login|issuer-key`: one-time logins for tools that talk to an issuer
 //!   registry themselves, and the issuer's signing key.
 //!
@@ -23,6 +24,7 @@
 mod build;
 mod image_secret;
 mod index;
+mod mounts;
 mod nats_config;
 mod provision;
 mod registry;
@@ -97,6 +99,8 @@ pub enum Command {
     /// Create every stream, bucket and object store of the mesh (the operator's job on a mesh
     /// with permissions).
     Provision(provision::ProvisionArgs),
+    /// What a mounter holds: its mounts and its caches (operator identity).
+    Mounts(mounts::MountsArgs),
     /// One-time logins for a registry whose tokens the credential service issues, and the
     /// issuer's signing key.
     Registry(registry::RegistryArgs),
@@ -165,6 +169,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::NatsConfig(args) => nats_config::run(args),
         Command::Provision(args) => provision::run(&nats().await?, args).await,
         Command::Registry(args) => registry::run(args, nats).await,
+        Command::Mounts(args) => mounts::run(&nats().await?, args).await,
     }
 }
 
