@@ -93,10 +93,16 @@ impl Grants {
     }
 
     /// Watches every key of KV bucket `bucket` (an ordered push consumer into the inbox).
+    /// An ordered consumer that lost its server (a NATS restart, a failover) deletes its old
+    /// consumer and creates a new one by name (`CONSUMER.CREATE.<stream>.<name>.<filter>`); the
+    /// names are random, so both grants are for any consumer of the bucket: a watcher reads
+    /// every key anyway, and at worst makes another watcher of the same bucket recreate itself.
     pub fn kv_watch(&mut self, bucket: &str) -> &mut Self {
         let stream = format!("KV_{bucket}");
         self.stream_info(&stream)
             .js_api(format!("CONSUMER.CREATE.{stream}"))
+            .js_api(format!("CONSUMER.CREATE.{stream}.>"))
+            .js_api(format!("CONSUMER.DELETE.{stream}.*"))
             .publish(format!("$JS.FC.{stream}.>"))
     }
 

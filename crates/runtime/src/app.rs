@@ -9,6 +9,7 @@ use async_nats::Client;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::health::Health;
 use crate::nats::NatsConfig;
 use crate::{Shutdown, config, telemetry};
 
@@ -23,6 +24,10 @@ pub struct ServiceArgs {
     /// Secrets written inline are never printed.
     #[arg(long)]
     pub print_config: bool,
+    /// Serve `/livez` and `/readyz` over HTTP on this address (e.g. `0.0.0.0:8080`) for
+    /// orchestrators' probes (`health.rs`).
+    #[arg(long, env = "IMAGEMESH_HEALTH_LISTEN", value_name = "ADDR")]
+    pub health_listen: Option<std::net::SocketAddr>,
 }
 
 /// A service configuration: it must say how to reach NATS.
@@ -66,10 +71,15 @@ where
     Fut: Future<Output = anyhow::Result<()>>,
 {
     let config: C = config::load(args.config.as_deref())?;
+    let shutdown = Shutdown::new();
+    let health = Health::new(shutdown.clone());
+    if let Some(addr) = args.health_listen {
+        health.clone().serve(addr).await?;
+    }
     let client = config.nats().connect(&format!("imagemesh-{name}")).await?;
     tracing::info!(url = %config.nats().url, "connected to NATS");
-    let shutdown = Shutdown::new();
     shutdown.trigger_on_signals()?;
+    health.serving(client.clone());
     run(config, client.clone(), shutdown).await?;
     // Deliver what is still buffered (acks, status events) before exiting. With NATS
     // unreachable a flush waits for a reconnect forever; a SIGTERM must still end the process.

@@ -18,6 +18,7 @@ pub mod app;
 pub mod config;
 pub mod credentials;
 pub mod error;
+pub mod health;
 pub mod nats;
 pub mod placement;
 pub mod poison;
