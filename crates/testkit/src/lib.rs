@@ -7,12 +7,15 @@
 //! - [`NatsServer`]: `nats-server` with JetStream.
 //! - [`Registry`]: Debian's `docker-registry` (distribution 2.8), open or htpasswd-protected.
 //! - [`ServiceProcess`]: an imagemesh service binary with its config file and captured log.
+//! - [`fault_proxy`]: a TCP proxy in front of a registry that injects 503s, dropped
+//!   connections and stalls on command.
 //! - [`eventually`]: poll a condition until it holds or a deadline passes.
 //! - [`issuer_keys`]: signing keys and certificate bundles for the credential service as issuer.
 //! - [`images`]: a busybox base image for build tests, and pulling built images back.
 //! - [`oci_images`]: OCI test images built with umoci and pushed with skopeo.
 #![forbid(unsafe_code)]
 
+pub mod fault_proxy;
 pub mod images;
 pub mod issuer_keys;
 pub mod moto;
