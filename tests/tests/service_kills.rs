@@ -1,0 +1,186 @@
+//! kill -9 of a service in the middle of a stream of requests, then a restart: every request
+//! ends (completed, or failed with a reason), none is lost, and no effect happens twice
+//! (counted at the effect: `pushed` and `mounted` events, and terminal events, per request).
+//! The scheduler's own kill test is in `scheduler.rs`.
+
+mod mounter_support;
+
+use std::collections::BTreeMap;
+
+use imagemesh_proto::v1::{RequestState, StatusEvent};
+use imagemesh_testkit::eventually;
+use imagemesh_tests::{Mesh, MeshOptions, build_request, is_terminal};
+use mounter_support::{WAIT, runtime_request, start_mounter};
+
+/// Counts a stream's outcomes and prints the scenario's line; panics on a loss or a duplicate.
+async fn tally(mesh: &Mesh, scenario: &str, sent: &[String], effect: &str) {
+    let mut outcomes: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut duplicated = 0;
+    let mut reasons = Vec::new();
+    for id in sent {
+        let events: Vec<StatusEvent> = mesh.wait_terminal(id, WAIT).await;
+        let effects = events.iter().filter(|e| e.phase == effect).count();
+        let terminals = events.iter().filter(|e| is_terminal(e)).count();
+        duplicated += effects.saturating_sub(1) + terminals.saturating_sub(1);
+        let last = events.iter().rfind(|e| is_terminal(e)).unwrap();
+        if last.state() == RequestState::Succeeded {
+            *outcomes.entry("completed").or_default() += 1;
+            assert_eq!(effects, 1, "{id} succeeded without its {effect} event");
+        } else {
+            *outcomes.entry("failed").or_default() += 1;
+            assert!(!last.message.is_empty(), "{id} failed without a reason");
+            reasons.push(format!("{id}: {}", last.message));
+        }
+    }
+    let completed = outcomes.get("completed").copied().unwrap_or(0);
+    let failed = outcomes.get("failed").copied().unwrap_or(0);
+    let lost = sent.len() - completed - failed;
+    eprintln!(
+        "{scenario}: sent {} / completed {completed} / failed with a reason {failed} / lost {lost} / duplicated {duplicated}",
+        sent.len()
+    );
+    for reason in &reasons {
+        eprintln!("  {reason}");
+    }
+    assert_eq!(lost, 0, "{scenario}");
+    assert_eq!(duplicated, 0, "{scenario}");
+}
+
+/// Waits until any of `ids` reports `phase` from `service`: the moment to kill it.
+async fn until_working(mesh: &Mesh, ids: &[String], service: &str, phase: &str) {
+    eventually(
+        WAIT,
+        &format!("the {service} at work ({phase})"),
+        || async {
+            for id in ids {
+                if mesh
+                    .events(id)
+                    .await
+                    .iter()
+                    .any(|e| e.service == service && e.phase == phase)
+                {
+                    return Some(());
+                }
+            }
+            None
+        },
+    )
+    .await;
+}
+
+fn builds(prefix: &str, n: usize) -> Vec<(String, imagemesh_proto::v1::ContainerRequest)> {
+    (0..n)
+        .map(|i| {
+            let id = format!("{prefix}-{i}");
+            let dockerfile = format!("FROM scratch\nENV N={i}\n");
+            (id.clone(), build_request(&id, &dockerfile, ""))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builder_killed_mid_build() {
+    let mut mesh = Mesh::start(MeshOptions {
+        start: vec!["credential", "scheduler", "builder", "indexer"],
+        max_deliver: 10,
+        ..Default::default()
+    })
+    .await;
+    let requests = builds("kb", 6);
+    let sent: Vec<String> = requests.iter().map(|(id, _)| id.clone()).collect();
+    for (_, request) in &requests {
+        mesh.submit(request).await;
+    }
+    until_working(&mesh, &sent, "builder", "building").await;
+    mesh.service("builder").kill();
+    mesh.service("builder").restart();
+    tally(&mesh, "builder killed mid-build", &sent, "pushed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credential_service_killed_mid_mint() {
+    let mut mesh = Mesh::start(MeshOptions {
+        start: vec!["credential", "scheduler", "builder", "indexer"],
+        max_deliver: 50,
+        ..Default::default()
+    })
+    .await;
+    let requests = builds("kc", 6);
+    let sent: Vec<String> = requests.iter().map(|(id, _)| id.clone()).collect();
+    for (_, request) in &requests[..3] {
+        mesh.submit(request).await;
+    }
+    mesh.service("credential").kill();
+    for (_, request) in &requests[3..] {
+        mesh.submit(request).await;
+    }
+    // The scheduler retries while the credential service is away.
+    until_working(&mesh, &sent[3..], "scheduler", "retrying").await;
+    mesh.service("credential").restart();
+    tally(&mesh, "credential killed mid-mint", &sent, "pushed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mounter_killed_mid_mount() {
+    let options = MeshOptions {
+        start: vec!["credential", "scheduler", "indexer"],
+        max_deliver: 10,
+        ..Default::default()
+    };
+    let mut mesh = start_mounter(Mesh::start(options).await, &[]).await;
+    let image = mesh.push_indexed_image("killed").await;
+    let sent: Vec<String> = (0..6).map(|i| format!("km-{i}")).collect();
+    for (i, id) in sent.iter().enumerate() {
+        mesh.submit(&runtime_request(id, &format!("ctr-km-{i}"), &image))
+            .await;
+    }
+    until_working(&mesh, &sent, "mounter", "authenticated").await;
+    mesh.service("mounter").kill();
+    // A killed mounter's FUSE mounts are dead; the next one detaches them before serving.
+    mesh.service("mounter").restart();
+    tally(&mesh, "mounter killed mid-mount", &sent, "mounted").await;
+    // Mounts the killed process had made went with it (its FUSE sessions): only those made by
+    // the restarted one remain. Surviving a restart is the mounter-as-node-infrastructure work.
+    let remaining = mesh.mounted().len();
+    eprintln!(
+        "  {remaining} of {} mounts remain after the kill",
+        sent.len()
+    );
+    assert!(remaining > 0, "the restarted mounter mounted nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn indexer_killed_mid_layer() {
+    let mut mesh = Mesh::start(MeshOptions {
+        start: vec!["credential", "scheduler", "indexer"],
+        max_deliver: 10,
+        ..Default::default()
+    })
+    .await;
+    let registry = mesh.registry.addr().to_string();
+    let repository = "imagemesh/builds/default";
+    let mut sent = Vec::new();
+    for i in 0..4 {
+        let (user, password) = mesh.registry_login(repository, true).await;
+        let (at, tag) = (registry.clone(), format!("{repository}:ki-{i}"));
+        tokio::task::spawn_blocking(move || {
+            imagemesh_testkit::images::push_busybox(&at, &tag, &user, &password)
+        })
+        .await
+        .unwrap();
+        let request = imagemesh_proto::v1::IndexRequest {
+            request_id: format!("ki-{i}"),
+            tenant: imagemesh_proto::DEFAULT_TENANT.into(),
+            image_ref: format!("{registry}/{repository}:ki-{i}"),
+            credential: Some(mesh.registry_credential(repository, true).await),
+            ..Default::default()
+        };
+        mesh.publish_work(imagemesh_runtime::subjects::INDEX, &request)
+            .await;
+        sent.push(request.request_id);
+    }
+    until_working(&mesh, &sent, "indexer", "resolved").await;
+    mesh.service("indexer").kill();
+    mesh.service("indexer").restart();
+    tally(&mesh, "indexer killed mid-layer", &sent, "stored").await;
+}
