@@ -9,14 +9,12 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures::StreamExt;
-use imagemesh_proto::v1::{
-    BuildOptions, ContainerRequest, ErrorCode, RegistryCredential, RequestKind,
-};
+use imagemesh_proto::v1::{ContainerRequest, ErrorCode, RegistryCredential, RequestKind};
 use imagemesh_testkit::otlp::OtlpReceiver;
 use imagemesh_testkit::{Registry, RegistryAuth, eventually};
 use imagemesh_tests::{
     Mesh, MeshOptions, PASSWORD_ENV, REGISTRY_ISSUER, REGISTRY_SERVICE, assert_failed,
-    assert_succeeded, describe, find,
+    assert_succeeded, build_request, describe, find,
 };
 use prost::Message;
 
@@ -24,19 +22,6 @@ const WAIT: Duration = Duration::from_secs(120);
 /// The Basic registry's password: distinctive, so a leak is found by a substring search.
 const PRIVATE_PASSWORD: &str = "lt-Pw-9fQ2vX7kLm";
 const PRIVATE_USER: &str = "team";
-
-fn build(id: &str, dockerfile: &str) -> ContainerRequest {
-    ContainerRequest {
-        request_id: id.into(),
-        image_id: format!("img-{id}"),
-        kind: RequestKind::Build as i32,
-        build_options: Some(BuildOptions {
-            dockerfile: dockerfile.into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
 
 fn runtime(id: &str, image_ref: String) -> ContainerRequest {
     ContainerRequest {
@@ -117,7 +102,8 @@ async fn requests_carry_tokens_for_their_repository_only_and_a_long_term_passwor
         })
     };
 
-    mesh.submit(&build("b1", "FROM scratch\n")).await;
+    mesh.submit(&build_request("b1", "FROM scratch\n", ""))
+        .await;
     assert_succeeded(&mesh.wait_terminal("b1", WAIT).await);
     let own = format!("{registry}/imagemesh/builds/default:img-b1");
     mesh.submit(&runtime("r1", own)).await;
@@ -129,7 +115,7 @@ async fn requests_carry_tokens_for_their_repository_only_and_a_long_term_passwor
     // The long-term password is not handed out: both requests that need it are refused, saying
     // how an operator would opt in.
     mesh.submit(&runtime("r2", private_base.clone())).await;
-    mesh.submit(&build("b2", &format!("FROM {private_base}\n")))
+    mesh.submit(&build_request("b2", &format!("FROM {private_base}\n"), ""))
         .await;
     for id in ["r2", "b2"] {
         let events = mesh.wait_terminal(id, WAIT).await;
