@@ -323,3 +323,55 @@ async fn the_node_cache_on_disk_serves_a_restarted_mounter_and_a_damaged_entry_i
         "{line}"
     );
 }
+
+/// The mounter's listing (mounts, caches, index memory).
+async fn index_memory(mesh: &Mesh) -> serde_json::Value {
+    control(mesh, &format!("imagemesh.mounter.{WORKER_ID}.mounts"), "")
+        .await
+        .expect("mounts listing")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mount_beyond_the_index_memory_budget_is_refused_at_capacity() {
+    let options = MeshOptions {
+        start: vec!["credential", "scheduler", "indexer"],
+        max_deliver: 2,
+        ..Default::default()
+    };
+    let mesh = Mesh::start(options).await;
+    let image = mesh.push_indexed_image("budget").await;
+    // What one mount of the image holds, under the default budget.
+    let mut mesh = start_mounter(mesh, &[]).await;
+    mounted(&run(&mesh, &runtime_request("budget-0", "ctr-b0", &image)).await);
+    let one = index_memory(&mesh).await["index_memory"]["bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(one > 0);
+    assert!(
+        mesh.service("mounter").terminate(),
+        "the mounter exits cleanly"
+    );
+
+    // A mounter with room for one such mount and a half.
+    let budget = (one + one / 2).to_string();
+    let env = [
+        ("IMAGEMESH_MOUNTER__PLACEMENT__WORKER_ID", WORKER_ID),
+        ("IMAGEMESH_MOUNTER__INDEX_MEMORY_BYTES", budget.as_str()),
+    ];
+    mesh.start_instance("mounter", "mounter-budget", &env).await;
+    mounted(&run(&mesh, &runtime_request("budget-1", "ctr-b1", &image)).await);
+    let held = index_memory(&mesh).await;
+    assert_eq!(held["index_memory"]["bytes"], one, "{held}");
+    assert_eq!(held["index_memory"]["budget"].to_string(), budget, "{held}");
+    assert_eq!(held["mounts"][0]["index_bytes"], one, "{held}");
+
+    let events = run(&mesh, &runtime_request("budget-2", "ctr-b2", &image)).await;
+    let failed = imagemesh_tests::assert_gave_up(&events, "mounter", ErrorCode::AtCapacity, 2);
+    assert!(
+        failed.message.contains("index memory budget"),
+        "{}",
+        failed.message
+    );
+    assert_eq!(mesh.mounted().len(), 1, "the refused mount left nothing");
+    assert_eq!(index_memory(&mesh).await["index_memory"]["bytes"], one);
+}

@@ -36,6 +36,10 @@ pub struct MounterConfig {
     /// instance advertises, so schedulers place requests on instances with room; a request
     /// beyond it is handed back (`AT_CAPACITY`, retried) for another instance to take.
     pub max_mounts: usize,
+    /// Bytes the loaded indexes and file tables of all mounts may hold together; a mount that
+    /// would exceed it is refused with AT_CAPACITY (another instance may take it) instead of
+    /// growing the mounter towards an OOM that would take every mount with it.
+    pub index_memory_bytes: u64,
     /// How this instance advertises itself to schedulers.
     pub placement: PlacementOptions,
     pub registry: RegistrySettings,
@@ -59,6 +63,7 @@ impl Default for MounterConfig {
         Self {
             worker: WorkerOptions::default(),
             max_mounts: 256,
+            index_memory_bytes: 1 << 30,
             placement: PlacementOptions::default(),
             registry: RegistrySettings::default(),
             mount_root: PathBuf::from("/run/imagemesh/mounts"),

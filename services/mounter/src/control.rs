@@ -49,6 +49,8 @@ pub struct MountReport {
     pub index_digest: String,
     pub entries: usize,
     pub files: usize,
+    /// What its loaded index and file table hold in memory (estimated).
+    pub index_bytes: u64,
     pub mounted_for_seconds: u64,
     pub reads: ReadStats,
     pub credential: RefreshStats,
@@ -67,6 +69,7 @@ impl MountReport {
             index_digest: info.index_digest.clone(),
             entries: info.entries,
             files: info.files,
+            index_bytes: info.index_bytes,
             mounted_for_seconds: info.mounted_at.elapsed().map_or(0, |d| d.as_secs()),
             reads: mount.reader.stats(),
             credential: mount.refresh.stats(),
@@ -82,6 +85,14 @@ struct Listing {
     decoded_cache: CacheStats,
     /// The node cache on disk; null when not configured or not usable.
     disk_cache: Option<crate::disk_cache::DiskCacheStats>,
+    /// Memory the mounts' loaded indexes and file tables hold, against its budget.
+    index_memory: IndexMemory,
+}
+
+#[derive(Serialize)]
+struct IndexMemory {
+    bytes: u64,
+    budget: u64,
 }
 
 /// What the endpoints need.
@@ -163,6 +174,10 @@ impl Control {
             compressed_cache: self.shared.caches.compressed.stats(),
             decoded_cache: self.shared.caches.decoded.stats(),
             disk_cache: self.shared.caches.disk.as_ref().map(|disk| disk.stats()),
+            index_memory: {
+                let (bytes, budget) = self.mounts.index_memory();
+                IndexMemory { bytes, budget }
+            },
         };
         let body = serde_json::to_vec(&listing).expect("listing serialises");
         self.respond(&request, Ok(body.into())).await;

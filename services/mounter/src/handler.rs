@@ -162,6 +162,17 @@ impl Mounter {
         })
         .await
         .map_err(|e| reject(ErrorCode::Internal, format!("building the file table: {e}")))?;
+        let index_bytes = crate::footprint::of_mount(&opened.index, &inodes);
+        if let Err((held, budget)) = self.mounts.charge(id, index_bytes) {
+            return Err(Outcome::Retry(Rejection::new(
+                ErrorCode::AtCapacity,
+                format!(
+                    "mounter {} cannot hold this image's index ({index_bytes} bytes) within its \
+                     index memory budget ({held} of {budget} bytes held)",
+                    self.worker_id
+                ),
+            )));
+        }
         let info = MountInfo {
             id: id.to_string(),
             tenant: request.tenant.clone(),
@@ -172,6 +183,7 @@ impl Mounter {
             mountpoint: self.mounts.mountpoint(id),
             entries: inodes.len(),
             files: inodes.files(),
+            index_bytes,
             mounted_at: SystemTime::now(),
         };
         let fs = ImageFs {

@@ -18,6 +18,7 @@ mod cache;
 pub mod config;
 mod control;
 mod disk_cache;
+mod footprint;
 mod fs;
 mod handler;
 mod mounts;
@@ -64,6 +65,7 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
         threads: settings.fuse_threads,
         allow_other: settings.allow_other,
         max_mounts: settings.max_mounts.max(1),
+        index_memory_budget: settings.index_memory_bytes,
     };
     let fuse_max_mounts = fuse.max_mounts;
     let mounts = Arc::new(

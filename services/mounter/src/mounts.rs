@@ -25,6 +25,8 @@ pub struct FuseOptions {
     pub allow_other: bool,
     /// Mounts held at once, live or being prepared.
     pub max_mounts: usize,
+    /// Bytes all mounts' loaded indexes and file tables may hold together (`footprint.rs`).
+    pub index_memory_budget: u64,
 }
 
 /// What a mount is, for status events and the stats endpoint.
@@ -39,6 +41,8 @@ pub struct MountInfo {
     pub mountpoint: PathBuf,
     pub entries: usize,
     pub files: usize,
+    /// What its loaded index and file table hold in memory (estimated, `footprint.rs`).
+    pub index_bytes: u64,
     pub mounted_at: SystemTime,
 }
 
@@ -57,6 +61,8 @@ enum Slot {
     Mounting {
         tenant: String,
         image_ref: String,
+        /// Index memory charged to it once its index is loaded.
+        index_bytes: u64,
     },
     Mounted(Arc<Mount>),
 }
@@ -84,6 +90,17 @@ pub enum Reserved {
     Busy,
     /// This instance holds `max_mounts` already.
     Full(usize),
+}
+
+/// Index memory charged to every slot.
+fn index_bytes(slots: &HashMap<String, Slot>) -> u64 {
+    slots
+        .values()
+        .map(|slot| match slot {
+            Slot::Mounting { index_bytes, .. } => *index_bytes,
+            Slot::Mounted(mount) => mount.info.index_bytes,
+        })
+        .sum()
 }
 
 /// Every mount of this instance, by mount id.
@@ -124,6 +141,7 @@ impl MountTable {
                 let slot = Slot::Mounting {
                     tenant: tenant.to_string(),
                     image_ref: image_ref.to_string(),
+                    index_bytes: 0,
                 };
                 slots.insert(id.to_string(), slot);
                 Reserved::New
@@ -138,6 +156,27 @@ impl MountTable {
             }) if other != image_ref => Reserved::Conflict(other.clone()),
             Some(Slot::Mounting { .. }) => Reserved::Busy,
         }
+    }
+
+    /// Charges `bytes` of index memory to the reserved mount `id`, unless every mount's
+    /// together would then exceed the budget: `Err((held, budget))`.
+    pub fn charge(&self, id: &str, bytes: u64) -> Result<(), (u64, u64)> {
+        let mut slots = self.slots.lock().expect("mount table lock");
+        let held = index_bytes(&slots);
+        let budget = self.fuse.index_memory_budget;
+        if held.saturating_add(bytes) > budget {
+            return Err((held, budget));
+        }
+        if let Some(Slot::Mounting { index_bytes, .. }) = slots.get_mut(id) {
+            *index_bytes = bytes;
+        }
+        Ok(())
+    }
+
+    /// Index memory held by every mount, live or being prepared, and the budget.
+    pub fn index_memory(&self) -> (u64, u64) {
+        let slots = self.slots.lock().expect("mount table lock");
+        (index_bytes(&slots), self.fuse.index_memory_budget)
     }
 
     /// Mounts held, live or being prepared (what placement counts against `max_mounts`).

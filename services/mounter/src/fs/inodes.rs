@@ -91,6 +91,11 @@ impl Inodes {
         self.nodes.len()
     }
 
+    /// Every node, inode 1 first (what the mount's memory footprint is counted over).
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
     /// Regular files (a hardlinked file counts once).
     pub fn files(&self) -> usize {
         self.nodes
