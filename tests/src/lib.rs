@@ -83,6 +83,10 @@ pub struct MeshOptions {
     pub start: Vec<&'static str>,
     /// Deliveries before a request is given up (scheduler intake and workers).
     pub max_deliver: u32,
+    /// Deliveries of the scheduler's intake when they differ from `max_deliver`. The workers'
+    /// `max_deliver` × `ack_wait` must fit in the work streams' `max_age` (their services refuse
+    /// to start otherwise); the intake has no such bound.
+    pub intake_max_deliver: Option<u32>,
     /// How long JetStream waits for an ack before redelivering.
     pub ack_wait: Duration,
     /// Worker heartbeat period (and the scheduler's re-routing sweep).
@@ -134,6 +138,7 @@ impl Default for MeshOptions {
             credential_password: REGISTRY_PASSWORD.into(),
             start: SERVICES.to_vec(),
             max_deliver: 5,
+            intake_max_deliver: None,
             ack_wait: Duration::from_secs(10),
             heartbeat: Duration::from_millis(500),
             env: Vec::new(),
@@ -452,10 +457,19 @@ impl Mesh {
                     ),
                 }) + &self.options.credential_extra
             }
-            "scheduler" => format!(
-                "[scheduler]\nbuild_registry = \"{registry}\"\nbuild_repository = \"imagemesh/builds\"\nshared_repositories = {:?}\ncredential_timeout = \"500ms\"\n{heartbeat}[scheduler.intake]\n{worker}",
-                self.options.shared_repositories
-            ),
+            "scheduler" => {
+                let intake = match self.options.intake_max_deliver {
+                    Some(deliveries) => worker.replace(
+                        &format!("max_deliver = {}\n", self.options.max_deliver),
+                        &format!("max_deliver = {deliveries}\n"),
+                    ),
+                    None => worker.clone(),
+                };
+                format!(
+                    "[scheduler]\nbuild_registry = \"{registry}\"\nbuild_repository = \"imagemesh/builds\"\nshared_repositories = {:?}\ncredential_timeout = \"500ms\"\n{heartbeat}[scheduler.intake]\n{intake}",
+                    self.options.shared_repositories
+                )
+            }
             "mounter" => format!(
                 "[mounter]\nmount_root = \"{}\"\n[mounter.worker]\n{worker}[mounter.placement]\n{heartbeat}[mounter.cache]\ndisk_dir = \"{}\"\n",
                 self.mount_root.path().display(),
@@ -503,6 +517,31 @@ impl Mesh {
     pub async fn submit_as(&self, tenant: &str, request: &ContainerRequest) {
         self.publish_raw_as(tenant, request.encode_to_vec(), None, &request.request_id)
             .await;
+    }
+
+    /// Publishes a request to the default tenant's intake like [`Mesh::submit`], returning the
+    /// intake's refusal (full, or the request too large) as the message a client shows, instead
+    /// of panicking.
+    pub async fn try_submit(&self, request: &ContainerRequest) -> Result<(), String> {
+        let subject = subjects::intake(DEFAULT_TENANT, &request.request_id);
+        let js = async_nats::jetstream::new(self.client.clone());
+        let mut headers = HeaderMap::new();
+        headers.insert(subjects::CONTENT_TYPE_HEADER, CONTENT_TYPE_PROTOBUF);
+        let message = PublishMessage::build()
+            .payload(request.encode_to_vec().into())
+            .headers(headers);
+        let confirmed = match js.send_publish(subject.clone(), message).await {
+            Ok(ack) => ack.await,
+            Err(err) => Err(err),
+        };
+        confirmed
+            .map(|_| ())
+            .map_err(|err| match streams::intake_refusal(&err) {
+                Some(refusal) => {
+                    format!("{refusal}: request {} was not accepted", request.request_id)
+                }
+                None => format!("{subject} not stored: {err}"),
+            })
     }
 
     /// Publishes raw bytes to the default tenant's intake subject of `request_id` with an
@@ -565,11 +604,17 @@ impl Mesh {
         if let Some(id) = id {
             message = message.message_id(id);
         }
-        js.send_publish(subject.to_string(), message)
-            .await
-            .unwrap_or_else(|e| panic!("publish to {subject}: {e}"))
-            .await
-            .unwrap_or_else(|e| panic!("{subject} not stored: {e}"));
+        let confirmed = match js.send_publish(subject.to_string(), message).await {
+            Ok(ack) => ack.await,
+            Err(err) => Err(err),
+        };
+        if let Err(err) = confirmed {
+            // A refusal of the stream's limits says so (the intake full, a request too large).
+            match streams::intake_refusal(&err) {
+                Some(refusal) => panic!("{subject} not stored: {refusal}"),
+                None => panic!("{subject} not stored: {err}"),
+            }
+        }
     }
 
     /// Every status event of a request of the default tenant so far, in order.

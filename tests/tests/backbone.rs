@@ -138,7 +138,7 @@ async fn a_credential_the_registry_rejects_fails_naming_the_registry_without_the
 async fn without_the_credential_service_nothing_is_dispatched_until_it_returns() {
     let options = MeshOptions {
         start: vec!["scheduler", "builder", "indexer", "mounter"],
-        max_deliver: 1000,
+        intake_max_deliver: Some(1000),
         ..Default::default()
     };
     let mut mesh = Mesh::start(options).await;

@@ -167,7 +167,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Index(args) => index::run(args).await,
         // Writes files only.
         Command::NatsConfig(args) => nats_config::run(args),
-        Command::Provision(args) => provision::run(&nats().await?, args).await,
+        Command::Provision(args) => {
+            let options = provision::options(&args)?;
+            provision::run(&nats().await?, args, options).await
+        }
         Command::Registry(args) => registry::run(args, nats).await,
         Command::Mounts(args) => mounts::run(&nats().await?, args).await,
     }

@@ -180,6 +180,9 @@ pub async fn publish(
             request.request_id
         ),
         Err(err) => {
+            if let Some(refusal) = imagemesh_runtime::streams::intake_refusal(&err) {
+                anyhow::bail!("{refusal}: request {} was not accepted", request.request_id);
+            }
             return Err(err).context(
                 "the intake did not confirm (is the scheduler running? it creates the stream)",
             );

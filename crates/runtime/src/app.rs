@@ -33,6 +33,13 @@ pub struct ServiceArgs {
 /// A service configuration: it must say how to reach NATS.
 pub trait ServiceConfig: Serialize + DeserializeOwned + Default {
     fn nats(&self) -> &NatsConfig;
+
+    /// Refuses a configuration the service must not run with (checked at load, before
+    /// connecting): e.g. unbounded streams, or a work stream that expires requests its workers
+    /// still retry.
+    fn validate(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
 }
 
 /// Runs `service` as a process: `run(config, client, shutdown)` until a signal arrives.
@@ -71,6 +78,9 @@ where
     Fut: Future<Output = anyhow::Result<()>>,
 {
     let config: C = config::load(args.config.as_deref())?;
+    config
+        .validate()
+        .map_err(|err| err.context("invalid configuration"))?;
     let shutdown = Shutdown::new();
     let health = Health::new(shutdown.clone());
     if let Some(addr) = args.health_listen {

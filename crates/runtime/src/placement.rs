@@ -110,6 +110,11 @@ impl PlacementOptions {
 /// A worker is considered gone once it missed this many heartbeats.
 pub const MISSED_HEARTBEATS: u32 = 3;
 
+/// How long a worker's advertisement is kept: a few missed heartbeats.
+pub fn workers_max_age(heartbeat: Duration) -> Duration {
+    heartbeat * (MISSED_HEARTBEATS + 2)
+}
+
 /// Opens (creating if needed) the workers bucket; entries expire after a few missed heartbeats.
 pub async fn workers_bucket(
     js: &jetstream::Context,
@@ -120,7 +125,9 @@ pub async fn workers_bucket(
         bucket: WORKERS_BUCKET.into(),
         description: "live builder and mounter instances".into(),
         history: 1,
-        max_age: heartbeat * (MISSED_HEARTBEATS + 2),
+        max_age: workers_max_age(heartbeat),
+        max_bytes: options.records_max_bytes,
+        max_value_size: options.max_msg_size,
         num_replicas: options.replicas,
         storage: jetstream::stream::StorageType::Memory,
         ..Default::default()

@@ -66,6 +66,15 @@ impl Default for WorkerOptions {
 }
 
 impl WorkerOptions {
+    /// How long a request may keep being delivered before it is given up: `max_deliver`
+    /// deliveries, each waiting at most the longer of `ack_wait` (a silent handler) and
+    /// `retry_max` (the backoff before a retry). Its work stream keeps it at least this long
+    /// ([`crate::streams::StreamOptions::validate_workers`]).
+    pub fn retry_window(&self) -> Duration {
+        let deliveries = u32::try_from(self.max_deliver.max(1)).unwrap_or(u32::MAX);
+        self.ack_wait.max(self.retry_max).saturating_mul(deliveries)
+    }
+
     /// Delay before delivery `attempt + 1`: exponential from `retry_initial`, capped.
     pub fn retry_delay(&self, attempt: u64) -> Duration {
         let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(16) as u32);
@@ -658,7 +667,7 @@ pub enum Work {
         kind: crate::placement::WorkKind,
         placement: crate::placement::PlacementOptions,
         /// Where the advertisement bucket comes from (replicas, provisioned or not).
-        streams: crate::streams::StreamOptions,
+        streams: Box<crate::streams::StreamOptions>,
         /// What it advertises when that is not its work loop's concurrency: the capacity and
         /// a count of what it holds (a mounter's mounts outlive the requests that made them).
         holds: Option<(u32, crate::placement::Load)>,

@@ -80,7 +80,7 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
     let work = Work::Placed {
         kind: placement::BUILD,
         placement: settings.placement.clone(),
-        streams: config.streams.clone(),
+        streams: Box::new(config.streams.clone()),
         holds: None,
     };
     worker::serve(&client, IDENTITY, work, settings.worker, handler, shutdown).await

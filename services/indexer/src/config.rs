@@ -21,6 +21,11 @@ impl ServiceConfig for Config {
     fn nats(&self) -> &NatsConfig {
         &self.nats
     }
+    fn validate(&self) -> anyhow::Result<()> {
+        self.streams.validate()?;
+        self.streams
+            .validate_workers("indexer.worker", &self.indexer.worker)
+    }
 }
 
 /// How indexing runs.
@@ -71,6 +76,8 @@ mod sample_tests {
     /// The sample in deploy/config stays loadable as the configuration changes.
     #[test]
     fn the_deploy_sample_loads() {
-        imagemesh_runtime::config::load_deploy_sample::<super::Config>("indexer").unwrap();
+        let config =
+            imagemesh_runtime::config::load_deploy_sample::<super::Config>("indexer").unwrap();
+        imagemesh_runtime::app::ServiceConfig::validate(&config).unwrap();
     }
 }

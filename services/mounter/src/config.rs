@@ -24,6 +24,11 @@ impl ServiceConfig for Config {
     fn nats(&self) -> &NatsConfig {
         &self.nats
     }
+    fn validate(&self) -> anyhow::Result<()> {
+        self.streams.validate()?;
+        self.streams
+            .validate_workers("mounter.worker", &self.mounter.worker)
+    }
 }
 
 /// How mounts are made.
@@ -137,6 +142,8 @@ mod sample_tests {
     /// The sample in deploy/config stays loadable as the configuration changes.
     #[test]
     fn the_deploy_sample_loads() {
-        imagemesh_runtime::config::load_deploy_sample::<super::Config>("mounter").unwrap();
+        let config =
+            imagemesh_runtime::config::load_deploy_sample::<super::Config>("mounter").unwrap();
+        imagemesh_runtime::app::ServiceConfig::validate(&config).unwrap();
     }
 }

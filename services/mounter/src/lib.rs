@@ -99,7 +99,7 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
     let work = Work::Placed {
         kind: placement::MOUNT,
         placement: settings.placement.clone(),
-        streams: config.streams.clone(),
+        streams: Box::new(config.streams.clone()),
         holds: Some((
             fuse_max_mounts as u32,
             placement::Load::Held(Arc::new(move || held.held() as u32)),

@@ -22,6 +22,9 @@ impl ServiceConfig for Config {
     fn nats(&self) -> &NatsConfig {
         &self.nats
     }
+    fn validate(&self) -> anyhow::Result<()> {
+        self.streams.validate()
+    }
 }
 
 /// What the scheduler needs to enrich and route requests.
@@ -116,6 +119,8 @@ mod sample_tests {
     /// The sample in deploy/config stays loadable as the configuration changes.
     #[test]
     fn the_deploy_sample_loads() {
-        imagemesh_runtime::config::load_deploy_sample::<super::Config>("scheduler").unwrap();
+        let config =
+            imagemesh_runtime::config::load_deploy_sample::<super::Config>("scheduler").unwrap();
+        imagemesh_runtime::app::ServiceConfig::validate(&config).unwrap();
     }
 }
