@@ -92,11 +92,15 @@ impl Grants {
             .publish(format!("$KV.{bucket}.{key}"))
     }
 
-    /// Watches every key of KV bucket `bucket` (an ordered push consumer into the inbox).
+    /// Watches every key of KV bucket `bucket` (an ordered push consumer into the inbox). When
+    /// the watch breaks (its server restarted, a node of a cluster died) the client deletes the
+    /// old ephemeral consumer and makes a new one by name.
     pub fn kv_watch(&mut self, bucket: &str) -> &mut Self {
         let stream = format!("KV_{bucket}");
         self.stream_info(&stream)
             .js_api(format!("CONSUMER.CREATE.{stream}"))
+            .js_api(format!("CONSUMER.CREATE.{stream}.*.$KV.{bucket}.>"))
+            .js_api(format!("CONSUMER.DELETE.{stream}.*"))
             .publish(format!("$JS.FC.{stream}.>"))
     }
 
