@@ -330,6 +330,7 @@ async fn a_node_killed_mid_stream_and_restarted_loses_nothing_and_duplicates_not
 
     // The last node: not necessarily a leader of anything (the next test kills one).
     let victim = mesh.nats_node_count() - 1;
+    let at_fault = dispatches.distinct();
     mesh.nats_node(victim).kill();
     progress(&dispatches, COUNT / 2, "requests with a node down").await;
     mesh.nats_node(victim).restart();
@@ -338,7 +339,7 @@ async fn a_node_killed_mid_stream_and_restarted_loses_nothing_and_duplicates_not
     account(
         &mesh,
         &dispatches,
-        "(a) one node killed -9",
+        &format!("(a) one node killed -9 at {at_fault}/{COUNT} dispatched"),
         sent,
         Duplicates::Forbidden,
     )
@@ -355,6 +356,7 @@ async fn the_intake_leader_killed_mid_stream_loses_nothing_and_duplicates_nothin
     let victim = mesh
         .nats_node_named(&leader)
         .unwrap_or_else(|| panic!("no node named {leader}"));
+    let at_fault = dispatches.distinct();
     mesh.nats_node(victim).kill();
     // Another node takes over the stream, and requests flow again.
     let successor = leader_of(&mesh, streams::INTAKE).await;
@@ -366,7 +368,10 @@ async fn the_intake_leader_killed_mid_stream_loses_nothing_and_duplicates_nothin
     account(
         &mesh,
         &dispatches,
-        &format!("(b) intake leader {leader} killed -9 ({successor} took over)"),
+        &format!(
+            "(b) intake leader {leader} killed -9 at {at_fault}/{COUNT} dispatched \
+             ({successor} took over)"
+        ),
         sent,
         Duplicates::Forbidden,
     )
@@ -379,6 +384,7 @@ async fn the_whole_cluster_restarted_mid_stream_loses_nothing_and_duplicates_not
     let submitter = submit_paced(mesh.client.clone(), mesh.registry.addr().to_string());
     progress(&dispatches, COUNT / 4, "the first requests").await;
 
+    let at_fault = dispatches.distinct();
     for node in 0..mesh.nats_node_count() {
         mesh.nats_node(node).kill();
     }
@@ -390,7 +396,7 @@ async fn the_whole_cluster_restarted_mid_stream_loses_nothing_and_duplicates_not
     account(
         &mesh,
         &dispatches,
-        "(c) whole cluster killed -9, restarted",
+        &format!("(c) whole cluster killed -9 at {at_fault}/{COUNT} dispatched, restarted"),
         sent,
         Duplicates::Forbidden,
     )
@@ -403,6 +409,7 @@ async fn a_single_server_restarted_mid_stream_loses_nothing_and_duplicates_nothi
     let submitter = submit_paced(mesh.client.clone(), mesh.registry.addr().to_string());
     progress(&dispatches, COUNT / 4, "the first requests").await;
 
+    let at_fault = dispatches.distinct();
     mesh.nats.stop();
     mesh.nats.restart();
 
@@ -410,7 +417,7 @@ async fn a_single_server_restarted_mid_stream_loses_nothing_and_duplicates_nothi
     account(
         &mesh,
         &dispatches,
-        "(d) single server stopped (SIGTERM), restarted",
+        &format!("(d) single server stopped (SIGTERM) at {at_fault}/{COUNT} dispatched, restarted"),
         sent,
         Duplicates::Forbidden,
     )
@@ -427,6 +434,7 @@ async fn a_single_server_killed_mid_stream_loses_nothing() {
     let submitter = submit_paced(mesh.client.clone(), mesh.registry.addr().to_string());
     progress(&dispatches, COUNT / 4, "the first requests").await;
 
+    let at_fault = dispatches.distinct();
     mesh.nats.kill();
     mesh.nats.restart();
 
@@ -434,7 +442,7 @@ async fn a_single_server_killed_mid_stream_loses_nothing() {
     account(
         &mesh,
         &dispatches,
-        "(d') single server killed -9, restarted",
+        &format!("(d') single server killed -9 at {at_fault}/{COUNT} dispatched, restarted"),
         sent,
         Duplicates::Reported,
     )
