@@ -37,7 +37,9 @@ use imagemesh_runtime::nats::NatsConfig;
 use imagemesh_runtime::streams::{self, StreamOptions};
 use imagemesh_runtime::subjects;
 use imagemesh_testkit::token_server::TokenServer;
-use imagemesh_testkit::{NatsServer, Registry, RegistryAuth, ServiceProcess, eventually};
+use imagemesh_testkit::{
+    NatsCluster, NatsServer, Registry, RegistryAuth, ServiceProcess, eventually,
+};
 use prost::Message;
 
 /// The five services, in start order.
@@ -105,7 +107,14 @@ pub struct MeshOptions {
     /// `<service>`), known to the server from its start. One added later makes the server
     /// reload its configuration.
     pub identities: Vec<(String, Role)>,
+    /// Run the mesh on a 3-node JetStream cluster instead of one server: every stream and
+    /// bucket with 3 replicas (`streams.replicas = 3`), and every service given all three
+    /// server URLs so it reconnects to a surviving node.
+    pub cluster: bool,
 }
+
+/// Nodes of a [`MeshOptions::cluster`] mesh.
+pub const CLUSTER_SIZE: usize = 3;
 
 /// The identities every secured test mesh knows from the start: one per service, plus the
 /// extra instances the tests start (a second scheduler, placed mounters).
@@ -146,13 +155,27 @@ impl Default for MeshOptions {
             secured: true,
             credential_extra: String::new(),
             identities: standard_identities(),
+            cluster: false,
+        }
+    }
+}
+
+impl MeshOptions {
+    /// The stream settings the mesh is provisioned with (replicas 3 on a cluster).
+    pub fn stream_options(&self) -> StreamOptions {
+        StreamOptions {
+            replicas: if self.cluster { CLUSTER_SIZE } else { 1 },
+            ..StreamOptions::default()
         }
     }
 }
 
 /// A running mesh.
 pub struct Mesh {
+    /// The server (on a cluster: its first node, `n1`).
     pub nats: NatsServer,
+    /// The other nodes of a cluster (`n2`, `n3`); empty on a single server.
+    pub nats_peers: Vec<NatsServer>,
     pub registry: Registry,
     pub client: async_nats::Client,
     pub options: MeshOptions,
@@ -240,22 +263,49 @@ impl Mesh {
         credential_config: Option<String>,
         issuer: Option<IssuerSetup>,
     ) -> Mesh {
-        let (nats, client, access) = if options.secured {
-            let (nats, access) = secured_server(&options.identities);
-            let client = connect_as(&nats, &access.bundle, "operator").await;
+        let stream_options = options.stream_options();
+        let (mut nodes, client, access) = if options.secured {
+            let (nodes, access) = secured_server(&options.identities, options.cluster);
+            let client = connect_as(&urls_of(&nodes), &access.bundle, "operator").await;
             let js = async_nats::jetstream::new(client.clone());
             let tenants = access.bundle.spec().tenants.clone();
-            streams::provision_all(&js, &StreamOptions::default(), &tenants, options.heartbeat)
-                .await
-                .expect("provision the mesh as the operator");
-            (nats, client, Some(access))
+            // A cluster may still be electing its JetStream meta leader.
+            eventually(
+                Duration::from_secs(30),
+                "the operator to provision the mesh",
+                || async {
+                    streams::provision_all(&js, &stream_options, &tenants, options.heartbeat)
+                        .await
+                        .map_err(|e| eprintln!("provisioning: {e}"))
+                        .ok()
+                },
+            )
+            .await;
+            (nodes, client, Some(access))
         } else {
-            let nats = NatsServer::start();
-            let client = nats.client().await;
-            (nats, client, None)
+            let nodes = if options.cluster {
+                NatsCluster::start(CLUSTER_SIZE).nodes
+            } else {
+                vec![NatsServer::start()]
+            };
+            let urls = urls_of(&nodes);
+            let client = async_nats::connect(urls.split(',').collect::<Vec<_>>())
+                .await
+                .expect("connect to test nats-server");
+            if options.cluster {
+                // Services provision themselves on an open mesh; wait until JetStream is up.
+                let js = async_nats::jetstream::new(client.clone());
+                eventually(Duration::from_secs(30), "JetStream to be ready", || async {
+                    js.query_account().await.ok().map(|_| ())
+                })
+                .await;
+            }
+            (nodes, client, None)
         };
+        let nats = nodes.remove(0);
         let mut mesh = Mesh {
             nats,
+            nats_peers: nodes,
             registry,
             client,
             options: options.clone(),
@@ -303,6 +353,8 @@ impl Mesh {
         );
         all_env.extend_from_slice(env);
         all_env.extend(identity_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let replicas = self.replicas_env(service);
+        all_env.extend(replicas.iter().map(|(k, v)| (*k, v.as_str())));
         let before = count_instances(&self.client, service).await;
         let process = ServiceProcess::spawn(&binary, &config, &all_env);
         self.services.insert(instance, process);
@@ -349,7 +401,10 @@ impl Mesh {
             "indexer" => (instance_name(service, instance), Role::Indexer),
             other => panic!("unknown service {other}"),
         };
-        ensure_identity(&self.nats, &mut access.bundle, &name, role).await;
+        let nodes: Vec<&NatsServer> = std::iter::once(&self.nats)
+            .chain(&self.nats_peers)
+            .collect();
+        ensure_identity(&nodes, &mut access.bundle, &name, role).await;
         let key = access
             .bundle
             .identity(&name)
@@ -377,7 +432,19 @@ impl Mesh {
         let mut all_env = self.password_env(service);
         all_env.extend_from_slice(env);
         all_env.extend(identity.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let replicas = self.replicas_env(service);
+        all_env.extend(replicas.iter().map(|(k, v)| (*k, v.as_str())));
         ServiceProcess::spawn(&format!("imagemesh-{service}"), config, &all_env)
+    }
+
+    /// On a cluster, `streams.replicas` for every service that uses streams (the credential
+    /// service uses none).
+    fn replicas_env(&self, service: &str) -> Vec<(&'static str, String)> {
+        if !self.options.cluster || service == "credential" {
+            return Vec::new();
+        }
+        let replicas = self.options.stream_options().replicas.to_string();
+        vec![("IMAGEMESH_STREAMS__REPLICAS", replicas)]
     }
 
     /// The registry password, for the credential service only: no other service may hold it.
@@ -399,9 +466,48 @@ impl Mesh {
 
     /// A connection as identity `name` with `role` (added when new), over TLS.
     pub async fn client_as(&mut self, name: &str, role: Role) -> async_nats::Client {
+        let urls = self.nats_urls();
         let access = self.access.as_mut().expect("a secured mesh");
-        ensure_identity(&self.nats, &mut access.bundle, name, role).await;
-        connect_as(&self.nats, &access.bundle, name).await
+        let nodes: Vec<&NatsServer> = std::iter::once(&self.nats)
+            .chain(&self.nats_peers)
+            .collect();
+        ensure_identity(&nodes, &mut access.bundle, name, role).await;
+        connect_as(&urls, &access.bundle, name).await
+    }
+
+    /// Every server URL of the mesh, comma-separated (one on a single server, each node's on a
+    /// cluster): what services get as `nats.url`.
+    pub fn nats_urls(&self) -> String {
+        urls_of(std::iter::once(&self.nats).chain(&self.nats_peers))
+    }
+
+    /// Node `index` of the mesh's servers (0: [`Mesh::nats`]).
+    pub fn nats_node(&mut self, index: usize) -> &mut NatsServer {
+        match index {
+            0 => &mut self.nats,
+            other => &mut self.nats_peers[other - 1],
+        }
+    }
+
+    /// How many servers the mesh runs on.
+    pub fn nats_node_count(&self) -> usize {
+        1 + self.nats_peers.len()
+    }
+
+    /// The node of a cluster whose `server_name` is `name` (as JetStream names leaders).
+    pub fn nats_node_named(&self, name: &str) -> Option<usize> {
+        std::iter::once(&self.nats)
+            .chain(&self.nats_peers)
+            .position(|n| n.server_name() == Some(name))
+    }
+
+    /// What every server of the mesh logged.
+    pub fn nats_log(&self) -> String {
+        std::iter::once(&self.nats)
+            .chain(&self.nats_peers)
+            .map(NatsServer::log)
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// The security bundle of a secured mesh.
@@ -417,7 +523,7 @@ impl Mesh {
 
     /// Environment for the `imagemesh` CLI (or nats-py) connecting as identity `name`.
     pub fn cli_env_as(&self, name: &str) -> Vec<(String, String)> {
-        let mut env = vec![("NATS_URL".to_string(), self.nats.url())];
+        let mut env = vec![("NATS_URL".to_string(), self.nats_urls())];
         if let Some(access) = &self.access {
             env.extend(access.bundle.cli_env(name));
         }
@@ -431,7 +537,7 @@ impl Mesh {
 
     /// The TOML config of `service` in this mesh.
     pub fn config(&self, service: &str) -> String {
-        let nats = format!("[nats]\nurl = \"{}\"\n", self.nats.url());
+        let nats = format!("[nats]\nurl = \"{}\"\n", self.nats_urls());
         let worker = format!(
             "concurrency = 8\nmax_deliver = {}\nack_wait = \"{}ms\"\nretry_initial = \"100ms\"\nretry_max = \"400ms\"\nshutdown_grace = \"5s\"\n",
             self.options.max_deliver,
@@ -873,15 +979,14 @@ impl Mesh {
 impl Drop for Mesh {
     fn drop(&mut self) {
         let refused = match &self.access {
-            Some(access) => access.refused_to_services(&self.nats.log()),
+            Some(access) => access.refused_to_services(&self.nats_log()),
             None => Vec::new(),
         };
         if std::thread::panicking() {
             // What a failed test most needs to explain itself: what the server refused, and
             // what each service said.
             let violations: Vec<_> = self
-                .nats
-                .log()
+                .nats_log()
                 .lines()
                 .filter(|l| l.contains("Violation") || l.contains("Authorization"))
                 .map(str::to_string)
@@ -906,8 +1011,19 @@ impl Drop for Mesh {
     }
 }
 
-/// A nats-server configured from a new bundle (operator and the default tenant's client).
-fn secured_server(identities: &[(String, Role)]) -> (NatsServer, Access) {
+/// The client URLs of `nodes`, comma-separated.
+fn urls_of<'a>(nodes: impl IntoIterator<Item = &'a NatsServer>) -> String {
+    nodes
+        .into_iter()
+        .map(NatsServer::url)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A nats-server (or, with `cluster`, a 3-node cluster whose nodes share the authorization,
+/// TLS and JetStream encryption key) configured from a new bundle (operator and the default
+/// tenant's client).
+fn secured_server(identities: &[(String, Role)], cluster: bool) -> (Vec<NatsServer>, Access) {
     let dir = tempfile::Builder::new()
         .prefix("imagemesh-access-")
         .tempdir()
@@ -926,36 +1042,44 @@ fn secured_server(identities: &[(String, Role)]) -> (NatsServer, Access) {
             .add_identity(name, role.clone())
             .expect("add identity");
     }
-    let nats = NatsServer::start_configured(|store| {
+    let render = |store: &Path| {
         bundle
             .server_config("127.0.0.1:4222", store)
             .expect("server config")
-    });
+    };
+    let nodes = if cluster {
+        NatsCluster::start_configured(CLUSTER_SIZE, render).nodes
+    } else {
+        vec![NatsServer::start_configured(render)]
+    };
     let access = Access {
         bundle,
         services: Vec::new(),
         _dir: dir,
     };
-    (nats, access)
+    (nodes, access)
 }
 
-/// Adds identity `name` to the bundle when it is new, has the server reload its authorization
-/// config, and waits until the identity is known.
-async fn ensure_identity(nats: &NatsServer, bundle: &mut Bundle, name: &str, role: Role) {
+/// Adds identity `name` to the bundle when it is new, has every running server reload its
+/// authorization config, and waits until the identity is known.
+async fn ensure_identity(nodes: &[&NatsServer], bundle: &mut Bundle, name: &str, role: Role) {
     let known = bundle.identities().iter().any(|i| i.name == name);
     bundle.add_identity(name, role).expect("add identity");
     if known {
         return;
     }
-    let config = bundle
-        .server_config("127.0.0.1:4222", &nats.store_dir())
-        .expect("server config");
-    nats.reconfigure(&config);
+    for nats in nodes.iter().filter(|n| n.is_running()) {
+        let config = bundle
+            .server_config("127.0.0.1:4222", &nats.store_dir())
+            .expect("server config");
+        nats.reconfigure(&config);
+    }
+    let urls = urls_of(nodes.iter().copied());
     eventually(
         Duration::from_secs(10),
         &format!("the server to know identity {name}"),
         || async {
-            nats_config(nats, bundle, name)
+            nats_config(&urls, bundle, name)
                 .connect("imagemesh-tests")
                 .await
                 .ok()
@@ -965,10 +1089,10 @@ async fn ensure_identity(nats: &NatsServer, bundle: &mut Bundle, name: &str, rol
     .await;
 }
 
-/// How identity `name` of `bundle` connects to `nats`.
-fn nats_config(nats: &NatsServer, bundle: &Bundle, name: &str) -> NatsConfig {
+/// How identity `name` of `bundle` connects to the servers at `urls` (comma-separated).
+fn nats_config(urls: &str, bundle: &Bundle, name: &str) -> NatsConfig {
     NatsConfig {
-        url: nats.url(),
+        url: urls.to_string(),
         nkey_file: Some(bundle.seed_file(name)),
         tls_ca_file: Some(bundle.ca_file()),
         tls_required: true,
@@ -977,11 +1101,11 @@ fn nats_config(nats: &NatsServer, bundle: &Bundle, name: &str) -> NatsConfig {
     }
 }
 
-/// Connects as identity `name` of `bundle`.
-pub async fn connect_as(nats: &NatsServer, bundle: &Bundle, name: &str) -> async_nats::Client {
+/// Connects as identity `name` of `bundle` to the servers at `urls` (comma-separated).
+pub async fn connect_as(urls: &str, bundle: &Bundle, name: &str) -> async_nats::Client {
     NatsConfig {
         connect_wait: Duration::from_secs(10),
-        ..nats_config(nats, bundle, name)
+        ..nats_config(urls, bundle, name)
     }
     .connect("imagemesh-tests")
     .await

@@ -101,7 +101,7 @@ impl Grants {
         let stream = format!("KV_{bucket}");
         self.stream_info(&stream)
             .js_api(format!("CONSUMER.CREATE.{stream}"))
-            .js_api(format!("CONSUMER.CREATE.{stream}.>"))
+            .js_api(format!("CONSUMER.CREATE.{stream}.*.$KV.{bucket}.>"))
             .js_api(format!("CONSUMER.DELETE.{stream}.*"))
             .publish(format!("$JS.FC.{stream}.>"))
     }

@@ -110,13 +110,23 @@ impl NatsConfig {
         Ok(options)
     }
 
+    /// The server URLs of [`NatsConfig::url`]: every node of a cluster, so the connection
+    /// starts on any that is up and fails over to the others.
+    pub fn urls(&self) -> Vec<&str> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .collect()
+    }
+
     /// Connects, retrying until `connect_wait` has passed so services may start before NATS.
     pub async fn connect(&self, client_name: &str) -> Result<Client, ConnectError> {
         let deadline = tokio::time::Instant::now() + self.connect_wait;
         let mut delay = Duration::from_millis(50);
         loop {
             let options = self.options(client_name).await?;
-            match options.connect(self.url.as_str()).await {
+            match options.connect(self.urls()).await {
                 Ok(client) => return Ok(client),
                 Err(source) if tokio::time::Instant::now() + delay >= deadline => {
                     return Err(ConnectError::Unreachable {
@@ -155,4 +165,26 @@ fn read_seed(path: &std::path::Path) -> Result<String, ConnectError> {
 /// the key, so neither side can be configured into another's inbox.
 pub fn inbox_prefix(public_key: &str) -> String {
     format!("_INBOX_{public_key}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_node_of_a_cluster_is_a_server_url() {
+        let config = NatsConfig {
+            url: "nats://127.0.0.1:4222, nats://127.0.0.1:4223,,nats://127.0.0.1:4224".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            config.urls(),
+            [
+                "nats://127.0.0.1:4222",
+                "nats://127.0.0.1:4223",
+                "nats://127.0.0.1:4224"
+            ]
+        );
+        assert_eq!(NatsConfig::default().urls(), ["nats://127.0.0.1:4222"]);
+    }
 }

@@ -4,7 +4,8 @@
 //! dropped, so a failing test cleans up too. Readiness is waited for by connecting with a
 //! deadline, never by sleeping.
 //!
-//! - [`NatsServer`]: `nats-server` with JetStream.
+//! - [`NatsServer`]: `nats-server` with JetStream; [`NatsCluster`]: three of them routed into a
+//!   JetStream cluster, each node killable and restartable.
 //! - [`Registry`]: Debian's `docker-registry` (distribution 2.8), open or htpasswd-protected.
 //! - [`ServiceProcess`]: an imagemesh service binary with its config file and captured log.
 //! - [`fault_proxy`]: a TCP proxy in front of a registry that injects 503s, dropped
@@ -27,7 +28,7 @@ mod registry;
 pub mod token_server;
 mod wait;
 
-pub use nats::NatsServer;
+pub use nats::{NatsCluster, NatsServer};
 pub use process::{ServiceProcess, bin_path};
 pub use registry::{Registry, RegistryAuth};
 pub use wait::{eventually, free_port, wait_for_service};
