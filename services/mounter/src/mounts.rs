@@ -357,9 +357,23 @@ mod tests {
             threads: 1,
             allow_other: false,
             max_mounts: 4,
+            index_memory_budget: 100,
         };
         let table = MountTable::open(root.path(), fuse).unwrap();
         (root, table)
+    }
+
+    #[test]
+    fn index_memory_is_charged_within_the_budget_and_given_back_with_the_reservation() {
+        let (_root, table) = table();
+        assert!(matches!(table.reserve("a", "t", "r/x:1"), Reserved::New));
+        assert!(matches!(table.reserve("b", "t", "r/x:1"), Reserved::New));
+        assert_eq!(table.charge("a", 60), Ok(()));
+        assert_eq!(table.charge("b", 60), Err((60, 100)), "160 would pass 100");
+        assert_eq!(table.charge("b", 40), Ok(()));
+        assert_eq!(table.index_memory(), (100, 100));
+        table.release("a");
+        assert_eq!(table.index_memory(), (40, 100));
     }
 
     #[test]
