@@ -229,7 +229,7 @@ async fn wait_intake_drained(mesh: &Mesh) {
 enum Duplicates {
     Forbidden,
     /// Counted and printed only: a single server killed with SIGKILL loses its most recent
-    /// consumer acks and forgets the message ids of work already consumed (docs/faults.md).
+    /// consumer acks and forgets the message ids of work already consumed (docs/reliability.md).
     Reported,
 }
 
