@@ -101,7 +101,9 @@ async fn builder_killed_mid_build() {
 async fn credential_service_killed_mid_mint() {
     let mut mesh = Mesh::start(MeshOptions {
         start: vec!["credential", "scheduler", "builder", "indexer"],
-        max_deliver: 50,
+        max_deliver: 10,
+        // The scheduler retries minting while the credential service is away.
+        intake_max_deliver: Some(50),
         ..Default::default()
     })
     .await;
