@@ -363,6 +363,11 @@ impl Mesh {
             (count_instances(&self.client, service).await > before).then_some(())
         })
         .await;
+        if service == "credential" {
+            let endpoints = ["mint", "refresh"];
+            let timeout = Duration::from_secs(20);
+            imagemesh_testkit::wait_for_endpoints(&self.client, service, &endpoints, timeout).await;
+        }
     }
 
     /// On a secured mesh, the environment that makes instance `instance` of `service` connect

@@ -31,4 +31,4 @@ mod wait;
 pub use nats::{NatsCluster, NatsServer};
 pub use process::{ServiceProcess, bin_path};
 pub use registry::{Registry, RegistryAuth};
-pub use wait::{eventually, free_port, wait_for_service};
+pub use wait::{eventually, free_port, wait_for_endpoints, wait_for_service};

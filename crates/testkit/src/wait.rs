@@ -50,3 +50,37 @@ pub async fn wait_for_service(client: &Client, name: &str, timeout: Duration) {
     })
     .await
 }
+
+/// Waits until the micro service `name` lists every endpoint of `endpoints` in
+/// `$SRV.INFO.<name>`. PING is answered as soon as a service exists, a moment before its
+/// endpoints are added: a request sent in that moment finds no responder.
+pub async fn wait_for_endpoints(
+    client: &Client,
+    name: &str,
+    endpoints: &[&str],
+    timeout: Duration,
+) {
+    let subject = format!("$SRV.INFO.{name}");
+    let what = format!("service {name} to serve {endpoints:?}");
+    eventually(timeout, &what, || {
+        let client = client.clone();
+        let subject = subject.clone();
+        async move {
+            let reply = tokio::time::timeout(
+                Duration::from_millis(500),
+                client.request(subject, "".into()),
+            )
+            .await
+            .ok()?
+            .ok()?;
+            let info: serde_json::Value = serde_json::from_slice(&reply.payload).ok()?;
+            let served: Vec<&str> = info["endpoints"]
+                .as_array()?
+                .iter()
+                .filter_map(|e| e["name"].as_str())
+                .collect();
+            endpoints.iter().all(|e| served.contains(e)).then_some(())
+        }
+    })
+    .await
+}

@@ -45,6 +45,22 @@ pub async fn push_index(
     image: &ResolvedImage,
     encoded: Vec<u8>,
 ) -> Result<Stored, RegistryError> {
+    store(client, image, encoded).await.map_err(|mut err| {
+        // Everything pushed here is well-formed: a 400 is the registry losing a race between
+        // writers of the same repository (identical images indexed at once update one
+        // referrers tag and upload the same blobs), which the next delivery wins.
+        if err.kind == RegistryErrorKind::Invalid {
+            err.kind = RegistryErrorKind::Unavailable;
+        }
+        err
+    })
+}
+
+async fn store(
+    client: &RegistryClient,
+    image: &ResolvedImage,
+    encoded: Vec<u8>,
+) -> Result<Stored, RegistryError> {
     let repo = &image.reference;
     let fail = |e: oci_client::errors::OciDistributionError| {
         RegistryError::from_oci(client.registry(), repo.repository(), &e)

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use imagemesh_proto::v1::{Scope, TokenRequest, TokenResponse};
 use imagemesh_runtime::credentials::{CredentialClient, CredentialError};
 use imagemesh_runtime::{ErrorCode, Rejection};
-use imagemesh_testkit::{NatsServer, ServiceProcess, wait_for_service};
+use imagemesh_testkit::{NatsServer, ServiceProcess, wait_for_endpoints, wait_for_service};
 
 pub const STARTUP: Duration = Duration::from_secs(30);
 
@@ -27,6 +27,7 @@ impl CredentialService {
         let process = ServiceProcess::spawn("imagemesh-credential", &config, env);
         let client = nats.client().await;
         wait_for_service(&client, "credential", STARTUP).await;
+        wait_for_endpoints(&client, "credential", &["mint", "refresh"], STARTUP).await;
         let credentials = CredentialClient::new(client.clone(), Duration::from_secs(20));
         Self {
             process,
