@@ -1157,6 +1157,23 @@ pub fn build_request(id: &str, dockerfile: &str, context: &str) -> ContainerRequ
     }
 }
 
+/// Request `index` of a mixed stream: builds (`FROM scratch`) at even indexes, runtime requests
+/// of the default tenant's image `img-<index>` in `registry` at odd ones. For the stream tests
+/// that count what a fault loses or doubles.
+pub fn mixed_request(index: usize, registry: &str) -> ContainerRequest {
+    let id = format!("req-{index:04}");
+    if index.is_multiple_of(2) {
+        build_request(&id, "FROM scratch\n", "")
+    } else {
+        ContainerRequest {
+            request_id: id,
+            kind: RequestKind::Runtime as i32,
+            image_ref: format!("{registry}/imagemesh/builds/{DEFAULT_TENANT}:img-{index}"),
+            ..Default::default()
+        }
+    }
+}
+
 /// A token server that knows the mesh's account, for `service`, and a docker-registry with
 /// distribution token auth that trusts it.
 pub fn token_registry(service: &str) -> (TokenServer, Registry) {

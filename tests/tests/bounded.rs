@@ -6,7 +6,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use imagemesh_proto::v1::{BuildOptions, ContainerRequest, RequestKind};
+use imagemesh_proto::v1::ContainerRequest;
 use imagemesh_runtime::streams::{self, StreamOptions};
 use imagemesh_testkit::{bin_path, eventually};
 use imagemesh_tests::{Mesh, MeshOptions, assert_succeeded};
@@ -47,16 +47,7 @@ async fn submit_build(mesh: &Mesh, id: &str, dockerfile: &std::path::Path) -> (b
 }
 
 fn build_request(id: &str) -> ContainerRequest {
-    ContainerRequest {
-        request_id: id.into(),
-        image_id: format!("img-{id}"),
-        kind: RequestKind::Build as i32,
-        build_options: Some(BuildOptions {
-            dockerfile: "FROM scratch\n".into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    imagemesh_tests::build_request(id, "FROM scratch\n", "")
 }
 
 #[tokio::test]

@@ -17,10 +17,11 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::{AckPolicy, pull};
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
-use imagemesh_proto::v1::{BuildOptions, ContainerRequest, RequestKind, RequestState};
+use imagemesh_proto::v1::{ContainerRequest, RequestState};
 use imagemesh_proto::{DEFAULT_TENANT, TenantRequest};
 use imagemesh_runtime::{placement, streams, subjects};
 use imagemesh_testkit::eventually;
+use imagemesh_tests::mixed_request as request;
 use imagemesh_tests::{Mesh, MeshOptions, is_terminal};
 use prost::Message;
 
@@ -30,29 +31,6 @@ const COUNT: usize = 30;
 const PACE: Duration = Duration::from_millis(60);
 /// How long anything may take to come back after a fault.
 const WAIT: Duration = Duration::from_secs(60);
-
-fn request(index: usize, registry: &str) -> ContainerRequest {
-    let id = format!("req-{index:04}");
-    if index.is_multiple_of(2) {
-        ContainerRequest {
-            request_id: id.clone(),
-            image_id: format!("img-{id}"),
-            kind: RequestKind::Build as i32,
-            build_options: Some(BuildOptions {
-                dockerfile: "FROM scratch\n".into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    } else {
-        ContainerRequest {
-            request_id: id,
-            kind: RequestKind::Runtime as i32,
-            image_ref: format!("{registry}/imagemesh/builds/{DEFAULT_TENANT}:img-{index}"),
-            ..Default::default()
-        }
-    }
-}
 
 /// Where a request was stored: (work stream, stream sequence).
 type Stored = BTreeSet<(String, u64)>;

@@ -7,37 +7,15 @@ use async_nats::jetstream;
 mod mounter_support;
 
 use imagemesh_proto::DEFAULT_TENANT;
-use imagemesh_proto::v1::{BuildOptions, ContainerRequest, ErrorCode, RequestKind, StatusEvent};
+use imagemesh_proto::v1::{ContainerRequest, ErrorCode, RequestKind, StatusEvent};
 use imagemesh_runtime::{streams, subjects};
 use imagemesh_testkit::eventually;
+use imagemesh_tests::mixed_request as request;
 use imagemesh_tests::probe::Probe;
 use imagemesh_tests::{Mesh, MeshOptions, assert_gave_up, assert_succeeded, describe, find};
 use mounter_support::{control, run, runtime_request};
 
 const WAIT: Duration = Duration::from_secs(120);
-
-fn request(index: usize, registry: &str) -> ContainerRequest {
-    let id = format!("req-{index:04}");
-    if index.is_multiple_of(2) {
-        ContainerRequest {
-            request_id: id.clone(),
-            image_id: format!("img-{id}"),
-            kind: RequestKind::Build as i32,
-            build_options: Some(BuildOptions {
-                dockerfile: "FROM scratch\n".into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    } else {
-        ContainerRequest {
-            request_id: id,
-            kind: RequestKind::Runtime as i32,
-            image_ref: format!("{registry}/imagemesh/builds/{DEFAULT_TENANT}:img-{index}"),
-            ..Default::default()
-        }
-    }
-}
 
 async fn submit_many(mesh: &Mesh, count: usize) {
     let registry = mesh.registry.addr().to_string();
