@@ -11,7 +11,6 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
@@ -25,8 +24,8 @@ use crate::Shutdown;
 /// during a slow first connect sees "starting" rather than a refused connection.
 #[derive(Clone)]
 pub struct Health {
+    /// Set once the service is connected and about to serve.
     client: Arc<OnceLock<async_nats::Client>>,
-    serving: Arc<AtomicBool>,
     shutdown: Shutdown,
 }
 
@@ -34,7 +33,6 @@ impl Health {
     pub fn new(shutdown: Shutdown) -> Self {
         Self {
             client: Arc::new(OnceLock::new()),
-            serving: Arc::new(AtomicBool::new(false)),
             shutdown,
         }
     }
@@ -42,7 +40,6 @@ impl Health {
     /// The service is connected and about to serve with `client`.
     pub fn serving(&self, client: async_nats::Client) {
         let _ = self.client.set(client);
-        self.serving.store(true, Ordering::Relaxed);
     }
 
     /// `Ok` when ready, else why not.
@@ -50,11 +47,9 @@ impl Health {
         if self.shutdown.is_triggered() {
             return Err("shutting down");
         }
-        if !self.serving.load(Ordering::Relaxed) {
-            return Err("starting");
-        }
-        match self.client.get().map(|c| c.connection_state()) {
-            Some(async_nats::connection::State::Connected) => Ok(()),
+        let client = self.client.get().ok_or("starting")?;
+        match client.connection_state() {
+            async_nats::connection::State::Connected => Ok(()),
             _ => Err("not connected to NATS"),
         }
     }

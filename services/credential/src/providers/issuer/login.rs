@@ -81,17 +81,11 @@ impl Issuer {
 
     /// The grant of a login this issuer signed, if it has not expired at `now`.
     pub fn verify_login(&self, login: &str, now: SystemTime) -> Result<Grant, LoginError> {
-        let grant = unverified_grant(login)?;
-        let (payload, signature) = login.split_once('.').ok_or(LoginError::Malformed)?;
-        let payload = URL_SAFE_NO_PAD
-            .decode(payload)
-            .map_err(|_| LoginError::Malformed)?;
-        let signature = URL_SAFE_NO_PAD
-            .decode(signature)
-            .map_err(|_| LoginError::Malformed)?;
+        let (payload, signature) = split(login)?;
         UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, self.key.public_key().as_ref())
             .verify(&signed_input(&payload), &signature)
             .map_err(|_| LoginError::BadSignature)?;
+        let grant: Grant = serde_json::from_slice(&payload).map_err(|_| LoginError::Malformed)?;
         if grant.exp <= unix_seconds(now) {
             return Err(LoginError::Expired);
         }
@@ -107,11 +101,19 @@ impl Issuer {
 /// The grant a login claims, before its signature is checked: only to find the issuer that
 /// must check it.
 pub fn unverified_grant(login: &str) -> Result<Grant, LoginError> {
-    let (payload, _) = login.split_once('.').ok_or(LoginError::Malformed)?;
-    let payload = URL_SAFE_NO_PAD
-        .decode(payload)
-        .map_err(|_| LoginError::Malformed)?;
+    let (payload, _) = split(login)?;
     serde_json::from_slice(&payload).map_err(|_| LoginError::Malformed)
+}
+
+/// The decoded payload and signature of a login.
+fn split(login: &str) -> Result<(Vec<u8>, Vec<u8>), LoginError> {
+    let (payload, signature) = login.split_once('.').ok_or(LoginError::Malformed)?;
+    let decode = |part: &str| {
+        URL_SAFE_NO_PAD
+            .decode(part)
+            .map_err(|_| LoginError::Malformed)
+    };
+    Ok((decode(payload)?, decode(signature)?))
 }
 
 fn signed_input(payload: &[u8]) -> Vec<u8> {
