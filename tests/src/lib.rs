@@ -809,6 +809,50 @@ impl Mesh {
         }
     }
 
+    /// Waits until the schedulers' intake consumer has every message acked, then one more ack
+    /// wait, so a late redelivery (and a duplicate dispatch it would make) would show.
+    pub async fn wait_intake_drained(&self) {
+        let js = async_nats::jetstream::new(self.client.clone());
+        eventually(Duration::from_secs(120), "the intake to drain", || async {
+            let stream = js.get_stream(streams::INTAKE).await.ok()?;
+            let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+                stream.get_consumer("scheduler").await.ok()?;
+            let info = consumer.info().await.ok()?;
+            (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
+        })
+        .await;
+        tokio::time::sleep(self.options.ack_wait + Duration::from_millis(500)).await;
+    }
+
+    /// Waits until every request of `sent` (default tenant) has ended and counts the stream at
+    /// the effect: `effect` is the status phase of the request's effect (`pushed`, `stored`,
+    /// `mounted`), which a success must show exactly once. A failure must carry its reason.
+    pub async fn tally(&self, sent: &[String], effect: &str) -> Tally {
+        let mut tally = Tally {
+            sent: sent.len(),
+            ..Default::default()
+        };
+        for id in sent {
+            let events = self.wait_terminal(id, Duration::from_secs(120)).await;
+            tally.retries += events.iter().filter(|e| e.phase == "retrying").count();
+            let effects = events.iter().filter(|e| e.phase == effect).count();
+            let terminals = events.iter().filter(|e| is_terminal(e)).count();
+            tally.duplicated += effects.saturating_sub(1) + terminals.saturating_sub(1);
+            let last = events
+                .iter()
+                .rfind(|e| is_terminal(e))
+                .expect("a terminal event");
+            if last.state() == RequestState::Succeeded {
+                assert_eq!(effects, 1, "{id} succeeded without its {effect} event");
+                tally.completed += 1;
+            } else {
+                assert!(!last.message.is_empty(), "{id} failed without a reason");
+                tally.failed.push((id.clone(), last.message.clone()));
+            }
+        }
+        tally
+    }
+
     /// Every message still stored in any stream, bucket or object store of the mesh.
     pub async fn everything_stored(&self) -> Vec<Vec<u8>> {
         let js = async_nats::jetstream::new(self.client.clone());
@@ -1154,6 +1198,49 @@ pub fn build_request(id: &str, dockerfile: &str, context: &str) -> ContainerRequ
             ..Default::default()
         }),
         ..Default::default()
+    }
+}
+
+/// How a stream of requests ended ([`Mesh::tally`]).
+#[derive(Debug, Default)]
+pub struct Tally {
+    pub sent: usize,
+    pub completed: usize,
+    /// (request id, reason) of each request that failed.
+    pub failed: Vec<(String, String)>,
+    /// Requests with their effect, or their end, reported more than once.
+    pub duplicated: usize,
+    /// `retrying` events over all requests.
+    pub retries: usize,
+}
+
+impl Tally {
+    /// Requests that neither completed nor failed with a reason.
+    pub fn lost(&self) -> usize {
+        self.sent - self.completed - self.failed.len()
+    }
+
+    pub fn has_failed(&self, id: &str) -> bool {
+        self.failed.iter().any(|(failed, _)| failed == id)
+    }
+
+    /// Prints the scenario's line (and each failure's reason), then asserts nothing was lost
+    /// or duplicated.
+    pub fn report(&self, scenario: &str) {
+        eprintln!(
+            "{scenario}: sent {} / completed {} / failed with a reason {} / lost {} / duplicated {} ({} retries)",
+            self.sent,
+            self.completed,
+            self.failed.len(),
+            self.lost(),
+            self.duplicated,
+            self.retries
+        );
+        for (id, reason) in &self.failed {
+            eprintln!("  {id}: {reason}");
+        }
+        assert_eq!(self.lost(), 0, "{scenario}: requests lost");
+        assert_eq!(self.duplicated, 0, "{scenario}: effects duplicated");
     }
 }
 

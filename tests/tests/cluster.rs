@@ -187,21 +187,6 @@ async fn progress(dispatches: &Dispatches, expected: usize, what: &str) {
     .await;
 }
 
-/// Waits until the schedulers' consumer has every intake message acked, then one more ack
-/// wait, so a late redelivery (and a duplicate it would make) would show.
-async fn wait_intake_drained(mesh: &Mesh) {
-    let js = jetstream::new(mesh.client.clone());
-    eventually(WAIT, "the intake to drain", || async {
-        let stream = js.get_stream(streams::INTAKE).await.ok()?;
-        let mut consumer: jetstream::consumer::PullConsumer =
-            stream.get_consumer("scheduler").await.ok()?;
-        let info = consumer.info().await.ok()?;
-        (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
-    })
-    .await;
-    tokio::time::sleep(mesh.options.ack_wait + Duration::from_millis(500)).await;
-}
-
 /// Whether a scenario must also dispatch nothing twice.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Duplicates {
@@ -254,7 +239,7 @@ async fn account(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    wait_intake_drained(mesh).await;
+    mesh.wait_intake_drained().await;
     let completed = keys.iter().filter(|(key, _)| dispatches.has(key)).count();
     let lost: Vec<&str> = keys
         .iter()

@@ -3,9 +3,6 @@
 //! secrets and is deleted from its work stream, instead of staying there, tokens and all, with
 //! no one told (`imagemesh_runtime::poison`, run by the scheduler).
 
-use std::net::TcpListener;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use imagemesh_proto::DEFAULT_TENANT;
@@ -17,6 +14,7 @@ use imagemesh_runtime::poison::{self, MaxDeliveries, PoisonQueue};
 use imagemesh_runtime::status::StatusReporter;
 use imagemesh_runtime::{streams, subjects};
 use imagemesh_testkit::eventually;
+use imagemesh_testkit::fault_proxy::FaultProxy;
 use imagemesh_tests::{Mesh, MeshOptions, assert_failed, describe};
 use prost::Message;
 
@@ -28,35 +26,6 @@ const IMAGE_TOKEN: &str = "poison-image-Vq7tZ";
 const BASE_TOKEN: &str = "poison-base-Lm4pX";
 const BUILD_ARG: &str = "poison-arg-Rx9cJ";
 const SECRETS: [&str; 4] = [BUILD_TOKEN, IMAGE_TOKEN, BASE_TOKEN, BUILD_ARG];
-
-/// A "registry" that accepts connections and never answers: a handler that reaches it hangs
-/// there until its process dies. Counts the connections, so the test knows when a delivery is
-/// being handled.
-struct BlackHole {
-    addr: String,
-    connections: Arc<AtomicUsize>,
-}
-
-impl BlackHole {
-    fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().unwrap().to_string();
-        let connections = Arc::new(AtomicUsize::new(0));
-        let counted = connections.clone();
-        std::thread::spawn(move || {
-            let mut held = Vec::new();
-            for stream in listener.incoming().flatten() {
-                held.push(stream);
-                counted.fetch_add(1, Ordering::SeqCst);
-            }
-        });
-        Self { addr, connections }
-    }
-
-    fn connections(&self) -> usize {
-        self.connections.load(Ordering::SeqCst)
-    }
-}
 
 fn credential(registry: &str, secret: &str) -> Option<RegistryCredential> {
     Some(RegistryCredential {
@@ -107,8 +76,9 @@ async fn a_build_whose_builder_crashes_every_time_fails_is_dead_lettered_and_lea
     .await;
     // Two schedulers hear the advisories; the request still ends once.
     mesh.start_instance("scheduler", "scheduler-2", &[]).await;
-    let hole = BlackHole::start();
-    let request = poisoned_build("poisoned", &hole.addr);
+    // Counts the connections, so the test knows when a delivery is being handled.
+    let hole = FaultProxy::black_hole();
+    let request = poisoned_build("poisoned", hole.addr());
     mesh.publish_work(subjects::BUILD, &request).await;
 
     // Each delivery: the builder takes the request, hangs on the registry, and is killed (-9)
@@ -165,7 +135,7 @@ async fn a_build_whose_builder_crashes_every_time_fails_is_dead_lettered_and_lea
     assert_eq!(letter.error_code(), ErrorCode::Internal);
     let kept = ContainerRequest::decode(letter.payload.as_slice()).expect("the request");
     assert_eq!(kept, request.without_secrets());
-    assert_eq!(kept.build_registry_creds.unwrap().registry, hole.addr);
+    assert_eq!(kept.build_registry_creds.unwrap().registry, hole.addr());
     assert_eq!(kept.build_options.unwrap().build_args["TOKEN"], "");
 
     // One terminal event, however many schedulers heard the advisory.

@@ -5,14 +5,13 @@
 
 mod mounter_support;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use imagemesh_proto::v1::{AuthScheme, IndexRequest, RegistryCredential, RequestState};
 use imagemesh_runtime::subjects;
 use imagemesh_testkit::fault_proxy::{Fault, FaultProxy};
 use imagemesh_testkit::{Registry, RegistryAuth};
-use imagemesh_tests::{Mesh, MeshOptions, describe, is_terminal};
+use imagemesh_tests::{Mesh, MeshOptions, describe};
 use mounter_support::{WAIT, read_file, runtime_request, start_mounter};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,61 +83,24 @@ async fn runtime_requests_through_registry_faults_all_end_and_none_is_lost_or_do
     }
     proxy.set(Fault::None);
 
-    let mut outcomes: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut failures = Vec::new();
-    let mut duplicated = 0;
-    let mut retries = 0;
-    for id in &sent {
-        let events = mesh.wait_terminal(id, WAIT).await;
-        retries += events.iter().filter(|e| e.phase == "retrying").count();
-        let mounted = events
-            .iter()
-            .filter(|e| e.service == "mounter" && e.phase == "mounted")
-            .count();
-        duplicated += mounted.saturating_sub(1);
-        let terminal = events.iter().filter(|e| is_terminal(e)).count();
-        duplicated += terminal.saturating_sub(1);
-        let last = events.iter().rfind(|e| is_terminal(e)).unwrap();
-        match last.state() {
-            RequestState::Succeeded => *outcomes.entry("completed").or_default() += 1,
-            _ => {
-                *outcomes.entry("failed").or_default() += 1;
-                assert!(!last.message.is_empty(), "a failure without a reason");
-                failures.push(format!("{id}: {}", last.message));
-            }
-        }
-    }
-    let completed = outcomes.get("completed").copied().unwrap_or(0);
-    let failed = outcomes.get("failed").copied().unwrap_or(0);
-    let lost = sent.len() - completed - failed;
-    eprintln!(
-        "registry faults: sent {} / completed {completed} / failed with a reason {failed} / lost {lost} / duplicated {duplicated} ({retries} retries)",
-        sent.len()
-    );
-    for failure in &failures {
-        eprintln!("  {failure}");
-    }
-    assert_eq!(lost, 0);
-    assert_eq!(duplicated, 0);
+    let tally = mesh.tally(&sent, "mounted").await;
+    tally.report("registry faults");
     assert!(
-        retries > 0,
+        tally.retries > 0,
         "no request met a fault: the proxy injected nothing"
     );
     // The requests sent while the registry was healthy, and after it recovered, all mounted.
     for id in [
         "run-0-0", "run-0-1", "run-0-2", "run-4-0", "run-4-1", "run-4-2",
     ] {
-        assert!(
-            !failures.iter().any(|f| f.starts_with(&format!("{id}:"))),
-            "{id} failed: {failures:?}"
-        );
+        assert!(!tally.has_failed(id), "{id} failed: {:?}", tally.failed);
     }
 
     // Every mount reads the right bytes now that the registry is back.
     let busybox = std::fs::read("/bin/busybox").unwrap();
     let root = mesh.mount_root().canonicalize().unwrap();
     for id in &sent {
-        if failures.iter().any(|f| f.starts_with(&format!("{id}:"))) {
+        if tally.has_failed(id) {
             continue;
         }
         let container = id.replacen("run-", "ctr-", 1);

@@ -39,17 +39,6 @@ fn claims(token: &str) -> serde_json::Value {
     serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).unwrap()).unwrap()
 }
 
-/// What the build registry answers `method url` with this bearer token.
-async fn answer(method: reqwest::Method, url: String, token: &str) -> reqwest::StatusCode {
-    reqwest::Client::new()
-        .request(method, url)
-        .bearer_auth(token)
-        .send()
-        .await
-        .expect("registry answers")
-        .status()
-}
-
 #[tokio::test]
 async fn requests_carry_tokens_for_their_repository_only_and_a_long_term_password_goes_nowhere() {
     let receiver = OtlpReceiver::start();
@@ -165,23 +154,39 @@ async fn requests_carry_tokens_for_their_repository_only_and_a_long_term_passwor
         assert!(!claims["jti"].as_str().unwrap().is_empty());
     }
     assert_ne!(claims(&pull.secret)["jti"], claims(&push.secret)["jti"]);
-    let v2 = format!("http://{registry}/v2");
-    let get = reqwest::Method::GET;
-    let post = reqwest::Method::POST;
-    let own_tags = format!("{v2}/imagemesh/builds/default/tags/list");
-    let other_tags = format!("{v2}/imagemesh/builds/other/tags/list");
-    let upload = format!("{v2}/imagemesh/builds/default/blobs/uploads/");
-    assert_eq!(answer(get.clone(), own_tags, &pull.secret).await, 200);
+    let registry = &mesh.registry;
+    let (get, post) = (reqwest::Method::GET, reqwest::Method::POST);
+    let own_tags = "imagemesh/builds/default/tags/list";
+    let other_tags = "imagemesh/builds/other/tags/list";
+    let upload = "imagemesh/builds/default/blobs/uploads/";
     assert_eq!(
-        answer(get.clone(), other_tags.clone(), &pull.secret).await,
+        registry
+            .answer_with_token(get.clone(), own_tags, &pull.secret)
+            .await,
+        200
+    );
+    assert_eq!(
+        registry
+            .answer_with_token(get.clone(), other_tags, &pull.secret)
+            .await,
         401
     );
     assert_eq!(
-        answer(post.clone(), upload.clone(), &pull.secret).await,
+        registry
+            .answer_with_token(post.clone(), upload, &pull.secret)
+            .await,
         401
     );
-    assert_eq!(answer(get, other_tags, &push.secret).await, 401);
-    assert_eq!(answer(post, upload, &push.secret).await, 202);
+    assert_eq!(
+        registry
+            .answer_with_token(get, other_tags, &push.secret)
+            .await,
+        401
+    );
+    assert_eq!(
+        registry.answer_with_token(post, upload, &push.secret).await,
+        202
+    );
 
     // Nowhere: work messages in flight, every stream and bucket, logs, status, dead letters,
     // spans.

@@ -8,7 +8,7 @@ mod mounter_support;
 
 use imagemesh_proto::DEFAULT_TENANT;
 use imagemesh_proto::v1::{ContainerRequest, ErrorCode, RequestKind, StatusEvent};
-use imagemesh_runtime::{streams, subjects};
+use imagemesh_runtime::subjects;
 use imagemesh_testkit::eventually;
 use imagemesh_tests::mixed_request as request;
 use imagemesh_tests::probe::Probe;
@@ -22,22 +22,6 @@ async fn submit_many(mesh: &Mesh, count: usize) {
     for index in 0..count {
         mesh.submit(&request(index, &registry)).await;
     }
-}
-
-/// Waits until the schedulers' consumer has every intake message acked, so late duplicates
-/// would show.
-async fn wait_intake_drained(mesh: &Mesh) {
-    let js = jetstream::new(mesh.client.clone());
-    eventually(WAIT, "the intake to drain", || async {
-        let stream = js.get_stream(streams::INTAKE).await.ok()?;
-        let mut consumer: jetstream::consumer::PullConsumer =
-            stream.get_consumer("scheduler").await.ok()?;
-        let info = consumer.info().await.ok()?;
-        (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
-    })
-    .await;
-    // One more ack-wait for anything redelivered to land at the probe.
-    tokio::time::sleep(mesh.options.ack_wait + Duration::from_millis(500)).await;
 }
 
 fn assert_every_request_once(probe: &Probe, count: usize) {
@@ -91,7 +75,7 @@ async fn a_scheduler_killed_mid_stream_loses_nothing_and_dispatches_nothing_twic
     mesh.service("scheduler").restart();
 
     probe.wait_for(1000, WAIT).await;
-    wait_intake_drained(&mesh).await;
+    mesh.wait_intake_drained().await;
     assert_every_request_once(&probe, 1000);
     assert!(mesh.service("scheduler").logs().contains("scheduling"));
 }
@@ -104,7 +88,7 @@ async fn two_schedulers_share_the_intake_without_duplicates() {
     submit_many(&mesh, 1000).await;
 
     probe.wait_for(1000, WAIT).await;
-    wait_intake_drained(&mesh).await;
+    mesh.wait_intake_drained().await;
     assert_every_request_once(&probe, 1000);
     for instance in ["scheduler", "scheduler-2"] {
         let dispatched = mesh.service(instance).logs().matches("dispatched").count();
@@ -287,7 +271,7 @@ async fn public_images_get_no_image_credentials_and_a_resubmitted_request_is_not
         stderr.contains("request public-1 was already submitted; not submitted again"),
         "{stderr}"
     );
-    wait_intake_drained(&mesh).await;
+    mesh.wait_intake_drained().await;
     assert_eq!(probe.duplicates(), Vec::<(String, usize)>::new());
     let events = mesh.events("public-1").await;
     assert_eq!(

@@ -5,46 +5,9 @@
 
 mod mounter_support;
 
-use std::collections::BTreeMap;
-
-use imagemesh_proto::v1::{RequestState, StatusEvent};
 use imagemesh_testkit::eventually;
-use imagemesh_tests::{Mesh, MeshOptions, build_request, is_terminal};
+use imagemesh_tests::{Mesh, MeshOptions, build_request};
 use mounter_support::{WAIT, runtime_request, start_mounter};
-
-/// Counts a stream's outcomes and prints the scenario's line; panics on a loss or a duplicate.
-async fn tally(mesh: &Mesh, scenario: &str, sent: &[String], effect: &str) {
-    let mut outcomes: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut duplicated = 0;
-    let mut reasons = Vec::new();
-    for id in sent {
-        let events: Vec<StatusEvent> = mesh.wait_terminal(id, WAIT).await;
-        let effects = events.iter().filter(|e| e.phase == effect).count();
-        let terminals = events.iter().filter(|e| is_terminal(e)).count();
-        duplicated += effects.saturating_sub(1) + terminals.saturating_sub(1);
-        let last = events.iter().rfind(|e| is_terminal(e)).unwrap();
-        if last.state() == RequestState::Succeeded {
-            *outcomes.entry("completed").or_default() += 1;
-            assert_eq!(effects, 1, "{id} succeeded without its {effect} event");
-        } else {
-            *outcomes.entry("failed").or_default() += 1;
-            assert!(!last.message.is_empty(), "{id} failed without a reason");
-            reasons.push(format!("{id}: {}", last.message));
-        }
-    }
-    let completed = outcomes.get("completed").copied().unwrap_or(0);
-    let failed = outcomes.get("failed").copied().unwrap_or(0);
-    let lost = sent.len() - completed - failed;
-    eprintln!(
-        "{scenario}: sent {} / completed {completed} / failed with a reason {failed} / lost {lost} / duplicated {duplicated}",
-        sent.len()
-    );
-    for reason in &reasons {
-        eprintln!("  {reason}");
-    }
-    assert_eq!(lost, 0, "{scenario}");
-    assert_eq!(duplicated, 0, "{scenario}");
-}
 
 /// Waits until any of `ids` reports `phase` from `service`: the moment to kill it.
 async fn until_working(mesh: &Mesh, ids: &[String], service: &str, phase: &str) {
@@ -94,7 +57,9 @@ async fn builder_killed_mid_build() {
     until_working(&mesh, &sent, "builder", "building").await;
     mesh.service("builder").kill();
     mesh.service("builder").restart();
-    tally(&mesh, "builder killed mid-build", &sent, "pushed").await;
+    mesh.tally(&sent, "pushed")
+        .await
+        .report("builder killed mid-build");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,7 +84,9 @@ async fn credential_service_killed_mid_mint() {
     // The scheduler retries while the credential service is away.
     until_working(&mesh, &sent[3..], "scheduler", "retrying").await;
     mesh.service("credential").restart();
-    tally(&mesh, "credential killed mid-mint", &sent, "pushed").await;
+    mesh.tally(&sent, "pushed")
+        .await
+        .report("credential killed mid-mint");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -140,7 +107,9 @@ async fn mounter_killed_mid_mount() {
     mesh.service("mounter").kill();
     // A killed mounter's FUSE mounts are dead; the next one detaches them before serving.
     mesh.service("mounter").restart();
-    tally(&mesh, "mounter killed mid-mount", &sent, "mounted").await;
+    mesh.tally(&sent, "mounted")
+        .await
+        .report("mounter killed mid-mount");
     // Mounts the killed process had made went with it (its FUSE sessions): only those made by
     // the restarted one remain. Surviving a restart is the mounter-as-node-infrastructure work.
     let remaining = mesh.mounted().len();
@@ -184,5 +153,7 @@ async fn indexer_killed_mid_layer() {
     until_working(&mesh, &sent, "indexer", "resolved").await;
     mesh.service("indexer").kill();
     mesh.service("indexer").restart();
-    tally(&mesh, "indexer killed mid-layer", &sent, "stored").await;
+    mesh.tally(&sent, "stored")
+        .await
+        .report("indexer killed mid-layer");
 }

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use imagemesh_registry::{RegistryBlobSource, RegistryClient, RegistrySettings};
 
-/// A registry impostor on loopback: each connection is read from, then answered with `reply`
-/// (possibly nothing) and held open until the test ends.
+/// A registry impostor on loopback: each connection is read from, then answered with the start
+/// of `reply` and held open until the test ends.
 fn stalling_server(reply: &'static [u8]) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
@@ -53,7 +53,8 @@ const DIGEST: &str = "sha256:000000000000000000000000000000000000000000000000000
 
 #[tokio::test]
 async fn a_registry_that_never_answers_fails_the_read_as_unavailable() {
-    let addr = stalling_server(b"");
+    let silent = imagemesh_testkit::fault_proxy::FaultProxy::black_hole();
+    let addr = silent.addr().to_string();
     let source = source(&addr).await;
     let err = guarded(source.fetch(DIGEST, 0..100))
         .await

@@ -86,6 +86,15 @@ impl FaultProxy {
         Self { addr, state }
     }
 
+    /// A "registry" that accepts connections, reads what is sent and never answers: a client
+    /// without a read deadline hangs there until its process dies.
+    pub fn black_hole() -> Self {
+        // Port 9 (discard) on loopback: nothing is ever forwarded while the fault holds.
+        let proxy = Self::start("127.0.0.1:9");
+        proxy.set(Fault::Stall);
+        proxy
+    }
+
     /// `127.0.0.1:<port>`: use it where the upstream's address would go.
     pub fn addr(&self) -> &str {
         &self.addr
@@ -95,10 +104,6 @@ impl FaultProxy {
     pub fn set(&self, fault: Fault) {
         self.state.fault.store(fault.code(), Ordering::SeqCst);
         self.state.generation.fetch_add(1, Ordering::SeqCst);
-    }
-
-    pub fn fault(&self) -> Fault {
-        Fault::from_code(self.state.fault.load(Ordering::SeqCst))
     }
 
     /// Connections accepted so far.

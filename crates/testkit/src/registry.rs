@@ -79,6 +79,23 @@ impl Registry {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// What the registry answers `method` on `/v2/<path>` with this bearer token (200, 401,
+    /// 404 for an empty repository one may read, 202 for a blob upload one may start).
+    pub async fn answer_with_token(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+    ) -> reqwest::StatusCode {
+        reqwest::Client::new()
+            .request(method, format!("http://{}/v2/{path}", self.addr))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("registry answers")
+            .status()
+    }
+
     /// Stops the registry (for tests of an unreachable registry).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -37,18 +37,20 @@ pub fn free_port() -> u16 {
 pub async fn wait_for_service(client: &Client, name: &str, timeout: Duration) {
     let subject = format!("$SRV.PING.{name}");
     eventually(timeout, &format!("service {name} to answer PING"), || {
-        let client = client.clone();
-        let subject = subject.clone();
-        async move {
-            let reply = tokio::time::timeout(
-                Duration::from_millis(500),
-                client.request(subject, "".into()),
-            )
-            .await;
-            matches!(reply, Ok(Ok(_))).then_some(())
-        }
+        ask(client, subject.clone())
     })
+    .await;
+}
+
+/// The answer to one request on `subject`, if one comes within half a second.
+async fn ask(client: &Client, subject: String) -> Option<async_nats::Message> {
+    tokio::time::timeout(
+        Duration::from_millis(500),
+        client.request(subject, "".into()),
+    )
     .await
+    .ok()?
+    .ok()
 }
 
 /// Waits until the micro service `name` lists every endpoint of `endpoints` in
@@ -62,25 +64,15 @@ pub async fn wait_for_endpoints(
 ) {
     let subject = format!("$SRV.INFO.{name}");
     let what = format!("service {name} to serve {endpoints:?}");
-    eventually(timeout, &what, || {
-        let client = client.clone();
-        let subject = subject.clone();
-        async move {
-            let reply = tokio::time::timeout(
-                Duration::from_millis(500),
-                client.request(subject, "".into()),
-            )
-            .await
-            .ok()?
-            .ok()?;
-            let info: serde_json::Value = serde_json::from_slice(&reply.payload).ok()?;
-            let served: Vec<&str> = info["endpoints"]
-                .as_array()?
-                .iter()
-                .filter_map(|e| e["name"].as_str())
-                .collect();
-            endpoints.iter().all(|e| served.contains(e)).then_some(())
-        }
+    eventually(timeout, &what, || async {
+        let reply = ask(client, subject.clone()).await?;
+        let info: serde_json::Value = serde_json::from_slice(&reply.payload).ok()?;
+        let served: Vec<&str> = info["endpoints"]
+            .as_array()?
+            .iter()
+            .filter_map(|e| e["name"].as_str())
+            .collect();
+        endpoints.iter().all(|e| served.contains(e)).then_some(())
     })
     .await
 }

@@ -313,9 +313,10 @@ async fn skopeo_pushes_with_a_one_time_login_at_the_token_endpoint_and_nothing_e
         .unwrap();
     let token = answer["token"].as_str().expect("a token");
     assert!(!can_pull(&registry, "other/app", token).await);
-    let tags = format!("http://{addr}/v2/team/app/tags/list");
     assert_eq!(
-        common::status(reqwest::Method::GET, tags, token).await,
+        registry
+            .answer_with_token(reqwest::Method::GET, "team/app/tags/list", token)
+            .await,
         reqwest::StatusCode::OK
     );
     assert!(!can_push(&registry, "team/app", token).await);

@@ -136,26 +136,16 @@ pub fn secret(response: &TokenResponse) -> &str {
     &response.credential.as_ref().expect("credential").secret
 }
 
-/// What the registry answers a request with this bearer token.
-pub async fn status(method: reqwest::Method, url: String, token: &str) -> reqwest::StatusCode {
-    reqwest::Client::new()
-        .request(method, url)
-        .bearer_auth(token)
-        .send()
-        .await
-        .expect("registry answers")
-        .status()
-}
-
 /// Whether `token` may pull `repository` at `registry`.
 pub async fn can_pull(
     registry: &imagemesh_testkit::Registry,
     repository: &str,
     token: &str,
 ) -> bool {
-    let url = format!("http://{}/v2/{repository}/tags/list", registry.addr());
+    let path = format!("{repository}/tags/list");
     // 404 NAME_UNKNOWN: authorized, the repository is empty. 401: not authorized.
-    status(reqwest::Method::GET, url, token).await == reqwest::StatusCode::NOT_FOUND
+    let answer = registry.answer_with_token(reqwest::Method::GET, &path, token);
+    answer.await == reqwest::StatusCode::NOT_FOUND
 }
 
 /// Whether `token` may push to `repository` at `registry` (starts a blob upload).
@@ -164,6 +154,7 @@ pub async fn can_push(
     repository: &str,
     token: &str,
 ) -> bool {
-    let url = format!("http://{}/v2/{repository}/blobs/uploads/", registry.addr());
-    status(reqwest::Method::POST, url, token).await == reqwest::StatusCode::ACCEPTED
+    let path = format!("{repository}/blobs/uploads/");
+    let answer = registry.answer_with_token(reqwest::Method::POST, &path, token);
+    answer.await == reqwest::StatusCode::ACCEPTED
 }
