@@ -16,7 +16,7 @@ use indexer_support::{images, index, request};
 use mounter_support::tree::assert_same_tree;
 use mounter_support::{
     WORKER_ID, control, detail, mount_stats, mounted, read_file, run, runtime_request,
-    start_mounter,
+    start_mounter, wait_until_serving,
 };
 
 /// A mesh (credential, scheduler, indexer, mounter) with the `full` test image pushed and
@@ -194,21 +194,6 @@ async fn sigterm_unmounts_every_mount_even_a_busy_one_and_a_restart_detaches_wha
 
     mesh.assert_no_secret_leaked(&["run-a", "run-b", "run-c"], &[REGISTRY_PASSWORD])
         .await;
-}
-
-/// Waits until a restarted mounter answers its control endpoint (it detaches stale mounts
-/// before it registers).
-async fn wait_until_serving(mesh: &Mesh) {
-    let subject = format!("imagemesh.mounter.{WORKER_ID}.mounts");
-    imagemesh_testkit::eventually(mounter_support::WAIT, "the mounter to serve", || async {
-        let reply = tokio::time::timeout(
-            std::time::Duration::from_millis(500),
-            mesh.client.request(subject.clone(), "".into()),
-        )
-        .await;
-        matches!(reply, Ok(Ok(r)) if r.status.is_none()).then_some(())
-    })
-    .await;
 }
 
 /// The node cache as the `mounts` endpoint reports it.

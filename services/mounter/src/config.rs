@@ -61,6 +61,11 @@ pub struct MounterConfig {
     pub allow_other: bool,
     pub cache: CacheConfig,
     pub refresh: RefreshConfig,
+    /// The mount keeper's socket (`imagemesh-mount-keeper --socket`). Set: every mount's FUSE
+    /// descriptor is handed to the keeper, stopping the mounter (SIGTERM) leaves the mounts
+    /// mounted, and the next mounter takes them over, as after a crash. Unset: mounts end with
+    /// the process that made them.
+    pub keeper_socket: Option<PathBuf>,
 }
 
 impl Default for MounterConfig {
@@ -77,6 +82,7 @@ impl Default for MounterConfig {
             allow_other: true,
             cache: CacheConfig::default(),
             refresh: RefreshConfig::default(),
+            keeper_socket: None,
         }
     }
 }

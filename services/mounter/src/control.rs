@@ -52,6 +52,8 @@ pub struct MountReport {
     /// What its loaded index and file table hold in memory (estimated).
     pub index_bytes: u64,
     pub mounted_for_seconds: u64,
+    /// Taken over from an earlier mounter process (through the mount keeper).
+    pub resumed: bool,
     pub reads: ReadStats,
     pub credential: RefreshStats,
 }
@@ -71,6 +73,7 @@ impl MountReport {
             files: info.files,
             index_bytes: info.index_bytes,
             mounted_for_seconds: info.mounted_at.elapsed().map_or(0, |d| d.as_secs()),
+            resumed: info.resumed_at.is_some(),
             reads: mount.reader.stats(),
             credential: mount.refresh.stats(),
         }

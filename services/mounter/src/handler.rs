@@ -25,13 +25,22 @@ use crate::config::RefreshConfig;
 use crate::control;
 use crate::fs::ImageFs;
 use crate::fs::inodes::Inodes;
+use crate::keeper::KeptMount;
 use crate::mounts::{Mount, MountInfo, MountTable, Reserved};
 use crate::open::{OpenedImage, load_index, resolve};
 use crate::reader::{ImageReader, Shared};
 use crate::refresh::{Refresh, RefreshCounters};
 use crate::source::MountSource;
 
+/// A mount's file system, ready to be served.
+pub(crate) struct Prepared {
+    pub fs: ImageFs,
+    pub source: Arc<MountSource>,
+    pub index_bytes: u64,
+}
+
 /// The mounter's work handler.
+#[derive(Clone)]
 pub struct Mounter {
     pub status: StatusReporter,
     pub registry: RegistrySettings,
@@ -149,6 +158,53 @@ impl Mounter {
             .await
             .map_err(|e| e.into_outcome())?;
         self.report_resolved(request, &opened).await;
+        let prepared = self.prepare(id, client, &opened).await?;
+        let info = MountInfo {
+            id: id.to_string(),
+            tenant: request.tenant.clone(),
+            request_id: request.request_id.clone(),
+            image_ref: request.image_ref.clone(),
+            image_digest: opened.resolved.digest().to_string(),
+            index_digest: opened.index_digest.clone(),
+            mountpoint: self.mounts.mountpoint(id),
+            entries: prepared.fs.inodes.len(),
+            files: prepared.fs.inodes.files(),
+            index_bytes: prepared.index_bytes,
+            mounted_at: SystemTime::now(),
+            resumed_at: None,
+        };
+        let kept = KeptMount::of(&info, &opened.resolved.reference, credential);
+        let Prepared { fs, source, .. } = prepared;
+        let counters = Arc::new(RefreshCounters::new(credential));
+        let stop_refresh = Shutdown::new();
+        let mounts = self.mounts.clone();
+        let (c, s) = (counters.clone(), stop_refresh.clone());
+        let mount =
+            tokio::task::spawn_blocking(move || mounts.mount_blocking(fs, info, c, s, &kept))
+                .await
+                .map_err(|e| reject(ErrorCode::Internal, format!("mount task failed: {e}")))?
+                .map_err(|e| {
+                    // A mount point in a bad state or /dev/fuse busy may clear up: retry.
+                    Outcome::Retry(Rejection::new(
+                        ErrorCode::Internal,
+                        format!("mounting {id} failed: {e}"),
+                    ))
+                })?;
+        self.start_refresh(&mount, source, credential.cloned());
+        let seconds = started.elapsed().as_secs_f64();
+        tracing::info!(mount_id = id, mountpoint = %mount.info.mountpoint.display(), seconds, "mounted");
+        let step = self.mounted_step(&mount, seconds).detail("existing", false);
+        self.status.report(request.key(), step).await;
+        Ok(())
+    }
+
+    /// The file system of an opened image, its index memory charged to the reserved `id`.
+    pub(crate) async fn prepare(
+        &self,
+        id: &str,
+        client: Arc<RegistryClient>,
+        opened: &OpenedImage,
+    ) -> Result<Prepared, Outcome> {
         let reference = opened.resolved.reference.clone();
         let source = Arc::new(MountSource::new(client, &reference, self.registry.clone()).await);
         let reader = Arc::new(ImageReader::new(
@@ -173,56 +229,39 @@ impl Mounter {
                 ),
             )));
         }
-        let info = MountInfo {
-            id: id.to_string(),
-            tenant: request.tenant.clone(),
-            request_id: request.request_id.clone(),
-            image_ref: request.image_ref.clone(),
-            image_digest: opened.resolved.digest().to_string(),
-            index_digest: opened.index_digest.clone(),
-            mountpoint: self.mounts.mountpoint(id),
-            entries: inodes.len(),
-            files: inodes.files(),
-            index_bytes,
-            mounted_at: SystemTime::now(),
-        };
         let fs = ImageFs {
             inodes,
             reader,
             runtime: self.runtime.clone(),
             mount_id: id.to_string(),
         };
-        let counters = Arc::new(RefreshCounters::new(credential));
-        let stop_refresh = Shutdown::new();
-        let mounts = self.mounts.clone();
-        let (c, s) = (counters.clone(), stop_refresh.clone());
-        let mount = tokio::task::spawn_blocking(move || mounts.mount_blocking(fs, info, c, s))
-            .await
-            .map_err(|e| reject(ErrorCode::Internal, format!("mount task failed: {e}")))?
-            .map_err(|e| {
-                // A mount point in a bad state or /dev/fuse busy may clear up: retry.
-                Outcome::Retry(Rejection::new(
-                    ErrorCode::Internal,
-                    format!("mounting {id} failed: {e}"),
-                ))
-            })?;
-        if let Some(credential) = credential {
-            let refresh = Refresh {
-                credentials: self.credentials.clone(),
-                config: self.refresh.clone(),
-                source,
-                counters,
-                mount_id: id.to_string(),
-                request_id: request.request_id.clone(),
-                tenant: request.tenant.clone(),
-            };
-            tokio::spawn(refresh.run(credential.clone(), stop_refresh));
-        }
-        let seconds = started.elapsed().as_secs_f64();
-        tracing::info!(mount_id = id, mountpoint = %mount.info.mountpoint.display(), seconds, "mounted");
-        let step = self.mounted_step(&mount, seconds).detail("existing", false);
-        self.status.report(request.key(), step).await;
-        Ok(())
+        Ok(Prepared {
+            fs,
+            source,
+            index_bytes,
+        })
+    }
+
+    /// Keeps the mount's credential fresh until it is unmounted (static ones need nothing).
+    pub(crate) fn start_refresh(
+        &self,
+        mount: &Mount,
+        source: Arc<MountSource>,
+        credential: Option<RegistryCredential>,
+    ) {
+        let Some(credential) = credential else {
+            return;
+        };
+        let refresh = Refresh {
+            credentials: self.credentials.clone(),
+            config: self.refresh.clone(),
+            source,
+            counters: mount.refresh.clone(),
+            mount_id: mount.info.id.clone(),
+            request_id: mount.info.request_id.clone(),
+            tenant: mount.info.tenant.clone(),
+        };
+        tokio::spawn(refresh.run(credential, mount.stop_refresh.clone()));
     }
 
     /// The registry accepted the request's credential (it served the manifest).

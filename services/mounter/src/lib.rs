@@ -9,6 +9,8 @@
 //! - [`source`]: the registry blob source whose credential can be swapped under live reads.
 //! - [`refresh`]: one task per mount renewing its token through `imagemesh.credential.refresh`.
 //! - [`mounts`]: the mount table; unmount, detach of busy and stale mounts.
+//! - [`keeper`] + [`handover`]: mounts that outlive this process (the mount keeper holds their
+//!   FUSE descriptors; the next process resumes them).
 //! - [`control`]: the `imagemesh.mounter.<worker>.unmount` / `.mounts` request subjects.
 //!
 //! `docs/mounter.md` describes the whole.
@@ -21,6 +23,8 @@ mod disk_cache;
 mod footprint;
 mod fs;
 mod handler;
+mod handover;
+pub mod keeper;
 mod mounts;
 mod open;
 mod reader;
@@ -43,6 +47,7 @@ use imagemesh_runtime::{Shutdown, streams};
 use crate::control::{Control, MountReport};
 pub use crate::control::{stats_subject, unmount_subject};
 use crate::handler::Mounter;
+use crate::keeper::KeeperClient;
 use crate::mounts::{FuseOptions, MountTable};
 use crate::reader::Shared;
 
@@ -68,8 +73,9 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
         index_memory_budget: settings.index_memory_bytes,
     };
     let fuse_max_mounts = fuse.max_mounts;
+    let keeper = settings.keeper_socket.as_deref().map(KeeperClient::new);
     let mounts = Arc::new(
-        MountTable::open(&settings.mount_root, fuse)
+        MountTable::open(&settings.mount_root, fuse, keeper.clone())
             .map_err(|e| anyhow::anyhow!("mount root {}: {e}", settings.mount_root.display()))?,
     );
     let shared = Arc::new(Shared::new(cache::Caches::new(&settings.cache)));
@@ -82,7 +88,7 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
         status: status.clone(),
     };
     control::serve(control.clone(), shutdown.clone()).await?;
-    let handler = Mounter {
+    let handler = Arc::new(Mounter {
         status,
         registry: settings.registry.clone(),
         platform,
@@ -92,7 +98,14 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
         refresh: settings.refresh.clone(),
         runtime: tokio::runtime::Handle::current(),
         worker_id,
+    });
+    // Mounts an earlier process left with the keeper are served again; anything else left
+    // mounted under the root is stale.
+    let resuming = match &keeper {
+        Some(keeper) => handler.take_over(keeper, &shutdown).await,
+        None => Default::default(),
     };
+    mounts.detach_stale(&resuming);
     // Mounts outlive the requests that made them, so placement counts mounts held, not
     // requests in progress.
     let held = mounts.clone();
@@ -105,10 +118,33 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
             placement::Load::Held(Arc::new(move || held.held() as u32)),
         )),
     };
+    let handler = Mounter::clone(&handler);
     let served = worker::serve(&client, IDENTITY, work, settings.worker, handler, shutdown).await;
+    if let Some(keeper) = &keeper {
+        hand_over(&client, keeper, &mounts, &served).await;
+    }
     // Whatever ended the work loop, leave no mount behind.
     unmount_all(&control).await;
     served
+}
+
+/// Ends the process with every mount left mounted, for the next mounter to take from the
+/// keeper. It exits here rather than returning: unwinding would drop the reads still waiting
+/// for the registry, and fuser answers a dropped read with EIO. The kernel instead resends
+/// them to the next process.
+async fn hand_over(
+    client: &Client,
+    keeper: &KeeperClient,
+    mounts: &MountTable,
+    served: &anyhow::Result<()>,
+) -> ! {
+    let held = mounts.all().len();
+    tracing::info!(mounts = held, socket = %keeper.socket().display(), "stopping without unmounting: the mount keeper holds the mounts for the next mounter");
+    if let Err(err) = served {
+        tracing::error!(error = format!("{err:#}"), "mounter stopped with an error");
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
+    std::process::exit(if served.is_ok() { 0 } else { 1 })
 }
 
 async fn unmount_all(control: &Control) {

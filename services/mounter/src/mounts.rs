@@ -6,15 +6,17 @@
 //! file closes. Mounts left behind by a killed instance ("transport endpoint is not connected")
 //! are detached when the next instance starts.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use fuser::{BackgroundSession, MountOption, SessionACL};
+use fuser::{BackgroundSession, MountOption, Session, SessionACL};
 use imagemesh_runtime::Shutdown;
 
 use crate::fs::ImageFs;
+use crate::keeper::{KeeperClient, KeptMount};
 use crate::reader::ImageReader;
 use crate::refresh::RefreshCounters;
 
@@ -44,6 +46,8 @@ pub struct MountInfo {
     /// What its loaded index and file table hold in memory (estimated, `footprint.rs`).
     pub index_bytes: u64,
     pub mounted_at: SystemTime,
+    /// When this process took the mount over from an earlier one (`None`: it made it).
+    pub resumed_at: Option<SystemTime>,
 }
 
 /// One live mount.
@@ -54,6 +58,14 @@ pub struct Mount {
     /// Stops the credential refresh task.
     pub stop_refresh: Shutdown,
     session: Mutex<Option<BackgroundSession>>,
+}
+
+impl Mount {
+    /// Taken over from an earlier process: fuser does not own the kernel mount, so unmounting
+    /// is ours to do.
+    fn resumed(&self) -> bool {
+        self.info.resumed_at.is_some()
+    }
 }
 
 enum Slot {
@@ -108,23 +120,44 @@ pub struct MountTable {
     root: PathBuf,
     fuse: FuseOptions,
     slots: Mutex<HashMap<String, Slot>>,
+    /// Holds every live mount's FUSE descriptor for the next process; `None`: mounts end with
+    /// this process.
+    keeper: Option<KeeperClient>,
 }
 
 impl MountTable {
-    /// Creates `root` and detaches whatever an earlier instance left mounted under it.
-    pub fn open(root: &Path, fuse: FuseOptions) -> std::io::Result<Self> {
+    /// Creates `root` (an empty table: [`MountTable::detach_stale`] clears what an earlier
+    /// instance left).
+    pub fn open(
+        root: &Path,
+        fuse: FuseOptions,
+        keeper: Option<KeeperClient>,
+    ) -> std::io::Result<Self> {
         std::fs::create_dir_all(root)?;
         let root = root.canonicalize()?;
-        for stale in mounts_under(&root) {
-            tracing::warn!(mountpoint = %stale.display(), "detaching a mount left by an earlier instance");
-            detach(&stale);
-            let _ = std::fs::remove_dir(&stale);
-        }
         Ok(Self {
             root,
             fuse,
             slots: Mutex::new(HashMap::new()),
+            keeper,
         })
+    }
+
+    /// Detaches every mount under the root an earlier instance left, except those in `keep`
+    /// (handed over through the keeper, being resumed).
+    pub fn detach_stale(&self, keep: &HashSet<PathBuf>) {
+        for stale in mounts_under(&self.root) {
+            if keep.contains(&stale) {
+                continue;
+            }
+            tracing::warn!(mountpoint = %stale.display(), "detaching a mount left by an earlier instance");
+            detach(&stale);
+            let _ = std::fs::remove_dir(&stale);
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     pub fn mountpoint(&self, id: &str) -> PathBuf {
@@ -192,13 +225,15 @@ impl MountTable {
         }
     }
 
-    /// Mounts `fs` at the reserved id's mount point (blocking: run it off the async threads).
+    /// Mounts `fs` at the reserved id's mount point (blocking: run it off the async threads),
+    /// and hands the keeper, if any, a duplicate of its descriptor with `kept`.
     pub fn mount_blocking(
         &self,
         fs: ImageFs,
         info: MountInfo,
         refresh: Arc<RefreshCounters>,
         stop_refresh: Shutdown,
+        kept: &KeptMount,
     ) -> std::io::Result<Arc<Mount>> {
         let reader = fs.reader.clone();
         let mountpoint = info.mountpoint.clone();
@@ -206,7 +241,42 @@ impl MountTable {
             detach(&mountpoint);
         }
         std::fs::create_dir_all(&mountpoint)?;
-        let session = fuser::spawn_mount(fs, &mountpoint, &self.fuse_config())?;
+        let session = Session::new(fs, &mountpoint, &self.fuse_config())?;
+        if let Some(keeper) = &self.keeper
+            && let Err(err) = keeper.keep(kept, session.as_fd())
+        {
+            // The mount works; it just ends with this process, as without a keeper.
+            tracing::warn!(mount_id = %info.id, socket = %keeper.socket().display(), error = %err, "the mount keeper did not take the mount; it will not survive a restart");
+        }
+        Ok(self.insert(info, reader, refresh, stop_refresh, session.spawn()?))
+    }
+
+    /// Serves again a mount an earlier process made: `fuse` is its live FUSE connection, from
+    /// the keeper. The kernel then resends what the earlier process took and never answered.
+    pub fn resume_blocking(
+        &self,
+        fs: ImageFs,
+        info: MountInfo,
+        refresh: Arc<RefreshCounters>,
+        stop_refresh: Shutdown,
+        fuse: OwnedFd,
+    ) -> std::io::Result<Arc<Mount>> {
+        let reader = fs.reader.clone();
+        let resend = fuse.try_clone()?;
+        let session = Session::resume(fs, fuse, self.acl(), self.fuse_config()).spawn()?;
+        let mount = self.insert(info, reader, refresh, stop_refresh, session);
+        crate::handover::resend_unanswered(&resend, &mount.info.id);
+        Ok(mount)
+    }
+
+    fn insert(
+        &self,
+        info: MountInfo,
+        reader: Arc<ImageReader>,
+        refresh: Arc<RefreshCounters>,
+        stop_refresh: Shutdown,
+        session: BackgroundSession,
+    ) -> Arc<Mount> {
         let mount = Arc::new(Mount {
             info,
             reader,
@@ -216,7 +286,15 @@ impl MountTable {
         });
         let mut slots = self.slots.lock().expect("mount table lock");
         slots.insert(mount.info.id.clone(), Slot::Mounted(mount.clone()));
-        Ok(mount)
+        mount
+    }
+
+    fn acl(&self) -> SessionACL {
+        if self.fuse.allow_other {
+            SessionACL::All
+        } else {
+            SessionACL::Owner
+        }
     }
 
     fn fuse_config(&self) -> fuser::Config {
@@ -231,11 +309,7 @@ impl MountTable {
             // With allow_other, the kernel checks modes and owners as for any file system.
             MountOption::DefaultPermissions,
         ];
-        config.acl = if self.fuse.allow_other {
-            SessionACL::All
-        } else {
-            SessionACL::Owner
-        };
+        config.acl = self.acl();
         config.n_threads = Some(self.fuse.threads.max(1));
         config
     }
@@ -269,7 +343,18 @@ impl MountTable {
         mount.stop_refresh.trigger();
         let session = mount.session.lock().expect("session lock").take();
         let mountpoint = mount.info.mountpoint.clone();
-        let done = tokio::task::spawn_blocking(move || end_session(session, &mountpoint)).await;
+        let resumed = mount.resumed();
+        let keeper = self.keeper.clone();
+        let mount_id = id.to_string();
+        let done = tokio::task::spawn_blocking(move || {
+            end_session(session, &mountpoint, resumed);
+            if let Some(keeper) = keeper
+                && let Err(err) = keeper.drop_mount(&mount_id)
+            {
+                tracing::warn!(mount_id, error = %err, "the mount keeper did not drop the mount");
+            }
+        })
+        .await;
         if let Err(err) = done {
             tracing::error!(mount_id = id, error = %err, "unmount task failed");
         }
@@ -288,8 +373,16 @@ impl MountTable {
 }
 
 /// Unmounts and waits for the session's threads; detaches instead when the mount is busy.
-fn end_session(session: Option<BackgroundSession>, mountpoint: &Path) {
-    if let Some(session) = session
+/// A resumed session does not own its kernel mount: it is unmounted here, and its threads end
+/// on their own once the kernel ends the connection (at once, or when a busy mount is let go).
+fn end_session(session: Option<BackgroundSession>, mountpoint: &Path, resumed: bool) {
+    if resumed {
+        if let Err(err) = nix::mount::umount2(mountpoint, nix::mount::MntFlags::empty()) {
+            tracing::warn!(mountpoint = %mountpoint.display(), error = %err, "unmount failed; detaching");
+            detach(mountpoint);
+        }
+        drop(session);
+    } else if let Some(session) = session
         && let Err(err) = session.umount_and_join()
     {
         tracing::warn!(mountpoint = %mountpoint.display(), error = %err, "unmount failed; detaching");
@@ -359,7 +452,7 @@ mod tests {
             max_mounts: 4,
             index_memory_budget: 100,
         };
-        let table = MountTable::open(root.path(), fuse).unwrap();
+        let table = MountTable::open(root.path(), fuse, None).unwrap();
         (root, table)
     }
 

@@ -1,0 +1,222 @@
+//! Taking over the mounts an earlier mounter process left with the keeper (`keeper.rs`).
+//!
+//! At start, before it takes any work, the mounter asks the keeper for every mount it holds.
+//! A mount whose mount point is gone (unmounted while no mounter ran) is dropped. Every other
+//! one is reserved in the mount table at once (no request can take its id) and resumed in the
+//! background: its image is resolved again by digest with the kept credential, the index
+//! loaded and checked against the kept digest, the same file table built (inode numbers follow
+//! from the index alone, so the kernel's cached inodes stay right), and a fuser session
+//! resumed on the kept descriptor. Then the kernel is told to resend the requests the earlier
+//! process had read and not answered (`FUSE_NOTIFY_RESEND`, Linux 6.9), so a read in flight
+//! during the switch blocks and then completes. Until a mount is resumed its reads wait in the
+//! kernel's queue; resuming is retried until it succeeds or the mounter stops.
+
+use std::collections::HashSet;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use imagemesh_proto::v1::{RegistryCredential, Scope, TokenRequest};
+use imagemesh_registry::{Reference, RegistryClient};
+use imagemesh_runtime::{Rejection, Shutdown};
+
+use crate::handler::{Mounter, Prepared};
+use crate::keeper::{KeeperClient, KeptMount};
+use crate::mounts::{MountInfo, Reserved, mounts_under};
+use crate::open::{load_index, resolve};
+use crate::refresh::{RefreshCounters, expiry};
+
+/// `FUSE_NOTIFY_RESEND` (protocol 7.40): requeue every request sent to a server and not yet
+/// answered.
+const FUSE_NOTIFY_RESEND: i32 = 7;
+/// Waits between attempts to resume a mount (its registry or credential service may be away).
+const RETRY: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(15);
+
+/// Asks the kernel to resend what the earlier server took and never answered. Kernels before
+/// 6.9 refuse it: those requests then stay unanswered (logged).
+pub fn resend_unanswered(fuse: &OwnedFd, mount_id: &str) {
+    // A notification is a bare `fuse_out_header`: len, error = the notification code, unique 0.
+    let mut header = [0u8; 16];
+    header[..4].copy_from_slice(&16u32.to_ne_bytes());
+    header[4..8].copy_from_slice(&FUSE_NOTIFY_RESEND.to_ne_bytes());
+    match rustix::io::write(fuse.as_fd(), &header) {
+        Ok(_) => tracing::debug!(mount_id, "asked the kernel to resend unanswered requests"),
+        Err(err) => {
+            tracing::warn!(mount_id, error = %err, "the kernel cannot resend requests an earlier process left unanswered (Linux 6.9 or later can)")
+        }
+    }
+}
+
+impl Mounter {
+    /// Takes every mount the keeper holds: reserves them now, resumes them in the background.
+    /// Returns the mount points being resumed (not stale: the caller leaves them mounted).
+    pub async fn take_over(
+        self: &Arc<Self>,
+        keeper: &KeeperClient,
+        stop: &Shutdown,
+    ) -> HashSet<PathBuf> {
+        let listing = {
+            let keeper = keeper.clone();
+            tokio::task::spawn_blocking(move || keeper.list()).await
+        };
+        let kept = match listing {
+            Ok(Ok(kept)) => kept,
+            Ok(Err(err)) => {
+                tracing::warn!(socket = %keeper.socket().display(), error = %err, "no mounts to take over from the mount keeper");
+                return HashSet::new();
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "asking the mount keeper failed");
+                return HashSet::new();
+            }
+        };
+        let live: HashSet<PathBuf> = mounts_under(self.mounts.root()).into_iter().collect();
+        let mut resuming = HashSet::new();
+        for (mount, fuse) in kept {
+            if !live.contains(&mount.mountpoint) {
+                tracing::info!(mount_id = %mount.id, "a kept mount is no longer mounted; dropping it");
+                let _ = keeper.drop_mount(&mount.id);
+                continue;
+            }
+            if !matches!(
+                self.mounts
+                    .reserve(&mount.id, &mount.tenant, &mount.image_ref),
+                Reserved::New
+            ) {
+                continue;
+            }
+            resuming.insert(mount.mountpoint.clone());
+            let (mounter, stop) = (self.clone(), stop.clone());
+            tokio::spawn(async move { mounter.resume_until_done(mount, fuse, stop).await });
+        }
+        resuming
+    }
+
+    async fn resume_until_done(&self, kept: KeptMount, fuse: OwnedFd, stop: Shutdown) {
+        let started = std::time::Instant::now();
+        let mut wait = RETRY;
+        loop {
+            let attempt = match fuse.try_clone() {
+                Ok(fd) => self.resume(&kept, fd).await,
+                Err(err) => Err(err.to_string()),
+            };
+            match attempt {
+                Ok(()) => {
+                    let seconds = started.elapsed().as_secs_f64();
+                    tracing::info!(mount_id = %kept.id, mountpoint = %kept.mountpoint.display(), seconds, "mount taken over from the earlier process");
+                    return;
+                }
+                Err(err) => {
+                    tracing::warn!(mount_id = %kept.id, error = %err, "resuming a kept mount failed; its reads wait until it succeeds")
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => {
+                    self.mounts.release(&kept.id);
+                    return;
+                }
+                _ = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(RETRY_MAX);
+        }
+    }
+
+    /// One attempt; errors are messages without secrets (registry errors name no credential).
+    async fn resume(&self, kept: &KeptMount, fuse: OwnedFd) -> Result<(), String> {
+        let pinned: Reference = kept
+            .pinned_ref
+            .parse()
+            .map_err(|e| format!("kept reference {}: {e}", kept.pinned_ref))?;
+        let credential = self.fresh_credential(kept).await?;
+        let registry = pinned.registry().to_string();
+        let client = Arc::new(RegistryClient::new(
+            &registry,
+            credential.as_ref(),
+            &self.registry,
+        ));
+        let resolved = resolve(&client, &pinned, &self.platform)
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        let opened = load_index(&client, resolved)
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        if opened.index_digest != kept.index_digest {
+            // Another index could number the inodes differently from what the kernel holds.
+            return Err(format!(
+                "the image's index is now {}, the mount was made from {}",
+                opened.index_digest, kept.index_digest
+            ));
+        }
+        let Prepared {
+            fs,
+            source,
+            index_bytes,
+        } = self
+            .prepare(&kept.id, client, &opened)
+            .await
+            .map_err(|o| format!("{o:?}"))?;
+        let info = MountInfo {
+            id: kept.id.clone(),
+            tenant: kept.tenant.clone(),
+            request_id: kept.request_id.clone(),
+            image_ref: kept.image_ref.clone(),
+            image_digest: kept.image_digest.clone(),
+            index_digest: kept.index_digest.clone(),
+            mountpoint: kept.mountpoint.clone(),
+            entries: fs.inodes.len(),
+            files: fs.inodes.files(),
+            index_bytes,
+            mounted_at: kept.mounted_at(),
+            resumed_at: Some(SystemTime::now()),
+        };
+        let counters = Arc::new(RefreshCounters::new(credential.as_ref()));
+        let stop_refresh = Shutdown::new();
+        let mounts = self.mounts.clone();
+        let (c, s) = (counters, stop_refresh);
+        let mount =
+            tokio::task::spawn_blocking(move || mounts.resume_blocking(fs, info, c, s, fuse))
+                .await
+                .map_err(|e| format!("resume task failed: {e}"))?
+                .map_err(|e| format!("resuming the FUSE session: {e}"))?;
+        self.start_refresh(&mount, source, credential);
+        Ok(())
+    }
+
+    /// The kept credential, or a new one when it has expired or is about to (the keeper keeps
+    /// what the mount was made with; the earlier process may have refreshed it since).
+    async fn fresh_credential(
+        &self,
+        kept: &KeptMount,
+    ) -> Result<Option<RegistryCredential>, String> {
+        let Some(credential) = kept.credential().map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        let soon = SystemTime::now() + self.refresh.margin.min(Duration::from_secs(30));
+        if expiry(&credential).is_none_or(|at| at > soon) {
+            return Ok(Some(credential));
+        }
+        let pinned: Reference = kept.pinned_ref.parse().map_err(|e| format!("{e}"))?;
+        let request = TokenRequest {
+            registry: credential.registry.clone(),
+            scope: Some(Scope {
+                repository: pinned.repository().to_string(),
+                actions: vec!["pull".to_string()],
+            }),
+            request_id: kept.request_id.clone(),
+            credential_ref: String::new(),
+            tenant: kept.tenant.clone(),
+            login: false,
+        };
+        let response = self
+            .credentials
+            .refresh(&request)
+            .await
+            .map_err(|e| Rejection::to_string(&e.to_rejection()))?;
+        response
+            .credential
+            .map(Some)
+            .ok_or_else(|| "the credential service returned no credential".to_string())
+    }
+}
