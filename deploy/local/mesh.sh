@@ -31,11 +31,13 @@ stop_all() {
   echo "stopping the mesh"
   for ((i=${#pids[@]}-1; i>=0; i--)); do kill "${pids[$i]}" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  # A stopped mounter leaves its mounts to the mount keeper (stopped too): detach them.
+  awk -v dir="$stack/" 'index($2, dir) == 1 {print $2}' /proc/mounts | xargs -r -n1 fusermount3 -uz 2>/dev/null || true
 }
 trap stop_all EXIT
 trap 'exit 130' INT TERM
 
-for b in credential scheduler builder indexer mounter; do
+for b in credential scheduler builder indexer mounter mount-keeper; do
   [ -x "$bin/imagemesh-$b" ] || { echo "missing $bin/imagemesh-$b: run 'make build'" >&2; exit 1; }
 done
 # A previous run killed hard may have left FUSE mounts under the stack: detach them first.
@@ -131,9 +133,16 @@ cat >"$stack/config/mounter.toml" <<TOML
 url = "$nats_url"
 [mounter]
 mount_root = "$stack/mounts"
+keeper_socket = "$stack/keeper/keeper.sock"
 [mounter.cache]
 disk_dir = "$stack/cache"
 TOML
+
+# The mount keeper first: it holds the mounter's FUSE connections, so mounts outlive a mounter
+# restart (docs/mounter.md, "Mounts survive the mounter"). It needs no NATS identity.
+"$bin/imagemesh-mount-keeper" --socket "$stack/keeper/keeper.sock" >"$stack/logs/mount-keeper.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 200); do [ -S "$stack/keeper/keeper.sock" ] && break; sleep 0.05; done
 
 # Each instance with its own identity (builder and mounter: bound to their worker ids).
 declare -A identity=([credential]=credential-1 [scheduler]=scheduler-1 [indexer]=indexer-1
