@@ -2,17 +2,40 @@
 //! mounted for a stream of runtime requests while the proxy answers 503, closes connections
 //! without answering and stalls, and then recovers. Every request ends (mounted, or failed with
 //! a reason), none is lost, none is mounted twice, and every mount reads the right bytes.
+//! A registry that stops answering fails reads on a live mount with EIO and new mounts with
+//! REGISTRY_UNAVAILABLE, each at its deadline; the mount stays and reads again once it answers.
 
+mod indexer_support;
 mod mounter_support;
 
 use std::time::Duration;
 
+use imagemesh_proto::v1::ErrorCode;
 use imagemesh_proto::v1::{AuthScheme, IndexRequest, RegistryCredential, RequestState};
 use imagemesh_runtime::subjects;
 use imagemesh_testkit::fault_proxy::{Fault, FaultProxy};
+use imagemesh_testkit::oci_images::OciLayout;
 use imagemesh_testkit::{Registry, RegistryAuth};
-use imagemesh_tests::{Mesh, MeshOptions, describe};
-use mounter_support::{WAIT, read_file, runtime_request, start_mounter};
+use imagemesh_tests::{Mesh, MeshOptions, assert_gave_up, describe};
+use mounter_support::{WAIT, mounted, read_file, run, runtime_request, start_mounter};
+
+/// An index request for `image_ref` on the open registry behind the proxy.
+fn index_request(id: &str, proxy: &FaultProxy, image_ref: &str) -> IndexRequest {
+    IndexRequest {
+        request_id: id.into(),
+        tenant: imagemesh_proto::DEFAULT_TENANT.into(),
+        image_ref: image_ref.into(),
+        // The registry is open; the indexer still wants a credential to store with.
+        credential: Some(RegistryCredential {
+            registry: proxy.addr().to_string(),
+            scheme: AuthScheme::Basic as i32,
+            username: "anyone".into(),
+            secret: "unused".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_requests_through_registry_faults_all_end_and_none_is_lost_or_doubled() {
@@ -38,20 +61,7 @@ async fn runtime_requests_through_registry_faults_all_end_and_none_is_lost_or_do
     .unwrap();
     // Indexed through the proxy (the index is stored next to the image, there too).
     let image_ref = format!("{}/test/app:1", proxy.addr());
-    let index = IndexRequest {
-        request_id: "index-app".into(),
-        tenant: imagemesh_proto::DEFAULT_TENANT.into(),
-        image_ref: image_ref.clone(),
-        // The registry is open; the indexer still wants a credential to store with.
-        credential: Some(RegistryCredential {
-            registry: proxy.addr().to_string(),
-            scheme: AuthScheme::Basic as i32,
-            username: "anyone".into(),
-            secret: "unused".into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let index = index_request("index-app", &proxy, &image_ref);
     mesh.publish_work(subjects::INDEX, &index).await;
     let events = mesh.wait_terminal("index-app", WAIT).await;
     assert_eq!(
@@ -107,4 +117,94 @@ async fn runtime_requests_through_registry_faults_all_end_and_none_is_lost_or_do
         let read = read_file(root.join(container).join("bin/busybox")).await;
         assert!(read == busybox, "{id}: wrong bytes through the mount");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_that_stops_answering_fails_reads_and_mounts_at_their_deadlines() {
+    let upstream = Registry::start(RegistryAuth::Open);
+    let proxy = FaultProxy::start(upstream.addr());
+    let options = MeshOptions {
+        start: vec!["credential", "scheduler", "indexer"],
+        max_deliver: 2,
+        ..Default::default()
+    };
+    // Each registry request may wait 20 s; the deadlines cut a stall much sooner.
+    let deadlines = [
+        ("IMAGEMESH_MOUNTER__REGISTRY__READ_TIMEOUT", "20s"),
+        ("IMAGEMESH_MOUNTER__READS__DEADLINE", "2s"),
+        ("IMAGEMESH_MOUNTER__READS__RETRY_INITIAL", "100ms"),
+        ("IMAGEMESH_MOUNTER__PREPARE_DEADLINE", "2s"),
+    ];
+    let mut mesh = start_mounter(Mesh::start(options).await, &deadlines).await;
+    let layout = OciLayout::new();
+    indexer_support::images::build_full(&layout, "full");
+    layout.push(
+        "full",
+        &format!("{}/test/full:v1", upstream.addr()),
+        "anyone",
+        "unused",
+    );
+    let image_ref = format!("{}/test/full:v1", proxy.addr());
+    let index = index_request("index-full", &proxy, &image_ref);
+    mesh.publish_work(subjects::INDEX, &index).await;
+    let events = mesh.wait_terminal("index-full", WAIT).await;
+    assert_eq!(
+        events.last().unwrap().state(),
+        RequestState::Succeeded,
+        "{}",
+        describe(&events)
+    );
+    mounted(&run(&mesh, &runtime_request("live", "ctr-live", &image_ref)).await);
+    let rootfs = layout.unpack("full", &layout.scratch("unpacked").join("bundle"));
+    let mount = mesh.mount_root().canonicalize().unwrap().join("ctr-live");
+    let small = "small/d1/f1.txt";
+    assert_eq!(
+        read_file(mount.join(small)).await,
+        std::fs::read(rootfs.join(small)).unwrap()
+    );
+
+    // The registry accepts connections and never answers. A read of data not fetched yet fails
+    // with EIO (reads.deadline), not hanging; the guard below only catches a hang.
+    proxy.set(Fault::Stall);
+    let big = mount.join("big/random.bin");
+    let path = big.clone();
+    let stalled = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || std::fs::read(path)),
+    )
+    .await
+    .expect("a read during a stall ends")
+    .unwrap();
+    let err = stalled.expect_err("a read with no registry fails");
+    assert_eq!(err.raw_os_error(), Some(5), "EIO: {err}");
+    let logs = mesh.service("mounter").logs();
+    assert!(
+        logs.contains("read failed") && logs.contains("ctr-live") && logs.contains("longer than"),
+        "the failed read is logged with its mount and the deadline"
+    );
+
+    // A new mount during the stall is handed back at prepare_deadline and given up.
+    let events = run(
+        &mesh,
+        &runtime_request("stalled", "ctr-stalled", &image_ref),
+    )
+    .await;
+    let last = assert_gave_up(&events, "mounter", ErrorCode::RegistryUnavailable, 2);
+    assert!(
+        last.message.contains("took longer than"),
+        "{}",
+        last.message
+    );
+
+    // The registry answers again: the same mount reads the file, byte for byte.
+    proxy.set(Fault::None);
+    assert!(
+        read_file(big).await == std::fs::read(rootfs.join("big/random.bin")).unwrap(),
+        "the mount reads again after the registry recovers"
+    );
+    assert_eq!(
+        mesh.mounted(),
+        vec![mount],
+        "the live mount stayed, the stalled one never came"
+    );
 }

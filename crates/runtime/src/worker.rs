@@ -187,6 +187,30 @@ pub struct Worker<H: Handler> {
     counters: Arc<WorkCounters>,
 }
 
+/// Runs `attempt` until it succeeds or `shutdown`: a NATS outage or a JetStream failover while
+/// reopening the work consumers must not end the work loop (a mounter would take its mounts
+/// down with it). `None` when shut down first.
+async fn until_done<T, F, Fut>(shutdown: &Shutdown, what: &str, mut attempt: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    let mut wait = Duration::from_millis(250);
+    loop {
+        match attempt().await {
+            Ok(done) => return Some(done),
+            Err(err) => {
+                tracing::warn!(error = format!("{err:#}"), retry_in = ?wait, "{what} failed; retrying")
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(Duration::from_secs(10));
+    }
+}
+
 /// Creates the durable consumer on `stream` (the one `spec` names), or updates it to `options`.
 pub async fn ensure_consumer(
     stream: &jetstream::stream::Stream,
@@ -282,13 +306,23 @@ impl<H: Handler> Worker<H> {
                     // A scheduler re-routed our queue while we were unreachable; make the
                     // consumer anew so work addressed to us flows again.
                     tracing::warn!("a consumer was deleted; recreating");
-                    (messages, sources) = self.open_stream().await?;
+                    match until_done(&shutdown, "recreating the consumer", || self.open_stream())
+                        .await
+                    {
+                        Some(opened) => (messages, sources) = opened,
+                        None => break,
+                    }
                 }
                 Some((_, Err(err))) => tracing::warn!(error = %err, "pull consumer hiccup"),
                 None => {
                     tracing::warn!("pull consumer streams ended; reopening");
                     tokio::time::sleep(Duration::from_millis(250)).await;
-                    (messages, sources) = self.open_stream().await?;
+                    match until_done(&shutdown, "reopening the consumers", || self.open_stream())
+                        .await
+                    {
+                        Some(opened) => (messages, sources) = opened,
+                        None => break,
+                    }
                 }
             }
             while tasks.try_join_next().is_some() {}

@@ -162,6 +162,7 @@ impl Broker {
         );
         let mut credential = credential(registry, scope, minted);
         credential.long_term = long_term;
+        credential.credential_ref = request.credential_ref.clone();
         Ok(TokenResponse {
             credential: Some(credential),
             cached,
@@ -291,6 +292,7 @@ fn credential(registry: String, scope: Scope, minted: Minted) -> RegistryCredent
         expires_at: minted.expires_at.map(prost_types::Timestamp::from),
         scope: Some(scope),
         long_term: false,
+        credential_ref: String::new(),
     }
 }
 
@@ -478,7 +480,20 @@ mod tests {
             )
             .await
             .unwrap();
-        assert_eq!(ok.credential.unwrap().username, "team-user");
+        let ok = ok.credential.unwrap();
+        assert_eq!(ok.username, "team-user");
+        assert_eq!(ok.credential_ref, "team-hub", "a refresh can name it again");
+        let pull = named("team-a", "registry.team.example", "team/app/web");
+        let refreshed = broker.mint(&pull, ScopePolicy::PullOnly).await.unwrap();
+        let refreshed = refreshed.credential.unwrap();
+        assert_eq!(
+            (
+                refreshed.username.as_str(),
+                refreshed.credential_ref.as_str()
+            ),
+            ("team-user", "team-hub"),
+            "the refresh endpoint serves the same named credential"
+        );
         for (request, says) in [
             (
                 named("team-b", "registry.team.example", "team/app"),

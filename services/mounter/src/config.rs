@@ -61,6 +61,12 @@ pub struct MounterConfig {
     pub allow_other: bool,
     pub cache: CacheConfig,
     pub refresh: RefreshConfig,
+    pub reads: ReadConfig,
+    /// How long preparing a mount may take (manifest, index, file table: all registry work
+    /// before the kernel mount). Past it the request is handed back `REGISTRY_UNAVAILABLE`
+    /// and retried like any registry outage, instead of holding a worker slot.
+    #[serde(with = "humantime_serde")]
+    pub prepare_deadline: Duration,
     /// The mount keeper's socket (`imagemesh-mount-keeper --socket`). Set: every mount's FUSE
     /// descriptor is handed to the keeper, stopping the mounter (SIGTERM) leaves the mounts
     /// mounted, and the next mounter takes them over, as after a crash. Unset: mounts end with
@@ -82,6 +88,8 @@ impl Default for MounterConfig {
             allow_other: true,
             cache: CacheConfig::default(),
             refresh: RefreshConfig::default(),
+            reads: ReadConfig::default(),
+            prepare_deadline: Duration::from_secs(120),
             keeper_socket: None,
         }
     }
@@ -113,6 +121,31 @@ impl Default for CacheConfig {
             decoded_bytes: 128 << 20,
             disk_dir: Some(PathBuf::from("/var/cache/imagemesh/mounter")),
             disk_bytes: 10 << 30,
+        }
+    }
+}
+
+/// Range requests behind file reads. Each attempt is bounded by `registry.read_timeout`; a
+/// failed one (unavailable, timed out, reset) is retried with backoff, and the read fails with
+/// `EIO` once `retries` are spent or `deadline` has passed. The mount stays either way.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReadConfig {
+    pub retries: u32,
+    /// First wait between attempts; doubled after each.
+    #[serde(with = "humantime_serde")]
+    pub retry_initial: Duration,
+    /// Longest one range read may take, attempts and waits included.
+    #[serde(with = "humantime_serde")]
+    pub deadline: Duration,
+}
+
+impl Default for ReadConfig {
+    fn default() -> Self {
+        Self {
+            retries: 3,
+            retry_initial: Duration::from_millis(250),
+            deadline: Duration::from_secs(60),
         }
     }
 }

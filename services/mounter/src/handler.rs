@@ -7,7 +7,7 @@
 //! mount is only ever found again by its own tenant.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use imagemesh_lazyindex::{EntryKind, MergedTree};
 use imagemesh_proto::TenantRequest;
@@ -21,7 +21,7 @@ use imagemesh_runtime::worker::{Delivery, Handler, Outcome};
 use imagemesh_runtime::{ErrorCode, Rejection, Shutdown};
 use tokio::runtime::Handle;
 
-use crate::config::RefreshConfig;
+use crate::config::{ReadConfig, RefreshConfig};
 use crate::control;
 use crate::fs::ImageFs;
 use crate::fs::inodes::Inodes;
@@ -49,6 +49,9 @@ pub struct Mounter {
     pub shared: Arc<Shared>,
     pub credentials: CredentialClient,
     pub refresh: RefreshConfig,
+    pub reads: ReadConfig,
+    /// Longest the registry work of one mount may take (`mounter.prepare_deadline`).
+    pub prepare_deadline: Duration,
     pub runtime: Handle,
     pub worker_id: String,
 }
@@ -149,16 +152,31 @@ impl Mounter {
         // The build-registry token when the image lives there (the token that pushed it).
         let credential = credential_for(request, &registry);
         let client = Arc::new(RegistryClient::new(&registry, credential, &self.registry));
-        let resolved = resolve(&client, image, &self.platform)
+        // The registry work is bounded; the kernel mount after it is local and quick.
+        let preparing = async {
+            let resolved = resolve(&client, image, &self.platform)
+                .await
+                .map_err(|e| e.into_outcome())?;
+            self.report_authenticated(request, &registry, credential)
+                .await;
+            let opened = load_index(&client, resolved)
+                .await
+                .map_err(|e| e.into_outcome())?;
+            self.report_resolved(request, &opened).await;
+            let prepared = self.prepare(id, client.clone(), &opened).await?;
+            Ok::<_, Outcome>((opened, prepared))
+        };
+        let (opened, prepared) = tokio::time::timeout(self.prepare_deadline, preparing)
             .await
-            .map_err(|e| e.into_outcome())?;
-        self.report_authenticated(request, &registry, credential)
-            .await;
-        let opened = load_index(&client, resolved)
-            .await
-            .map_err(|e| e.into_outcome())?;
-        self.report_resolved(request, &opened).await;
-        let prepared = self.prepare(id, client, &opened).await?;
+            .map_err(|_| {
+                Outcome::Retry(Rejection::new(
+                    ErrorCode::RegistryUnavailable,
+                    format!(
+                        "preparing the mount of {} took longer than {:?}",
+                        request.image_ref, self.prepare_deadline
+                    ),
+                ))
+            })??;
         let info = MountInfo {
             id: id.to_string(),
             tenant: request.tenant.clone(),
@@ -206,7 +224,15 @@ impl Mounter {
         opened: &OpenedImage,
     ) -> Result<Prepared, Outcome> {
         let reference = opened.resolved.reference.clone();
-        let source = Arc::new(MountSource::new(client, &reference, self.registry.clone()).await);
+        let source = Arc::new(
+            MountSource::new(
+                client,
+                &reference,
+                self.registry.clone(),
+                self.reads.clone(),
+            )
+            .await,
+        );
         let reader = Arc::new(ImageReader::new(
             opened.index.clone(),
             source.clone(),

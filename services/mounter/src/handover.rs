@@ -205,7 +205,7 @@ impl Mounter {
                 actions: vec!["pull".to_string()],
             }),
             request_id: kept.request_id.clone(),
-            credential_ref: String::new(),
+            credential_ref: credential.credential_ref.clone(),
             tenant: kept.tenant.clone(),
             login: false,
         };

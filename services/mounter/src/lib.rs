@@ -96,6 +96,8 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
         shared,
         credentials: CredentialClient::new(client.clone(), settings.refresh.timeout),
         refresh: settings.refresh.clone(),
+        reads: settings.reads.clone(),
+        prepare_deadline: settings.prepare_deadline,
         runtime: tokio::runtime::Handle::current(),
         worker_id,
     });

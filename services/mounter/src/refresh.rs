@@ -112,7 +112,8 @@ impl Refresh {
                 actions: vec!["pull".to_string()],
             }),
             request_id: self.request_id.clone(),
-            credential_ref: String::new(),
+            // A mount made with a named credential is refreshed with that same credential.
+            credential_ref: current.credential_ref.clone(),
             tenant: self.tenant.clone(),
             login: false,
         };

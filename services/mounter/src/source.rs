@@ -11,13 +11,17 @@ use std::sync::{Arc, RwLock};
 use bytes::Bytes;
 use imagemesh_proto::v1::RegistryCredential;
 use imagemesh_registry::{
-    Reference, RegistryBlobSource, RegistryClient, RegistryError, RegistrySettings,
+    Reference, RegistryBlobSource, RegistryClient, RegistryError, RegistryErrorKind,
+    RegistrySettings,
 };
+
+use crate::config::ReadConfig;
 
 /// Blob ranges of one image's repository, read with the mount's current credential.
 pub struct MountSource {
     image: Reference,
     settings: RegistrySettings,
+    reads: ReadConfig,
     current: RwLock<Arc<RegistryBlobSource>>,
     requests: AtomicU64,
     fetched: AtomicU64,
@@ -29,11 +33,13 @@ impl MountSource {
         client: Arc<RegistryClient>,
         image: &Reference,
         settings: RegistrySettings,
+        reads: ReadConfig,
     ) -> Self {
         let source = RegistryBlobSource::new(client, image).await;
         Self {
             image: image.clone(),
             settings,
+            reads,
             current: RwLock::new(Arc::new(source)),
             requests: AtomicU64::new(0),
             fetched: AtomicU64::new(0),
@@ -51,15 +57,50 @@ impl MountSource {
         *self.current.write().expect("source lock") = source;
     }
 
-    /// Fetches exactly `range` of blob `digest` with one range request.
+    /// Fetches exactly `range` of blob `digest`: one range request, retried while the registry
+    /// is unavailable, within `reads.retries` and `reads.deadline`.
     pub async fn fetch(&self, digest: &str, range: Range<u64>) -> Result<Bytes, RegistryError> {
-        // Clone the Arc and drop the lock before awaiting: a swap must never wait for a read.
-        let source = self.current.read().expect("source lock").clone();
-        let bytes = source.fetch(digest, range).await?;
+        let deadline = self.reads.deadline;
+        match tokio::time::timeout(deadline, self.fetch_retrying(digest, range)).await {
+            Ok(fetched) => fetched,
+            Err(_) => Err(RegistryError::new(
+                RegistryErrorKind::Unavailable,
+                self.image.registry(),
+                self.image.repository(),
+                format!("a range read of {digest} took longer than {deadline:?}"),
+            )),
+        }
+    }
+
+    async fn fetch_retrying(
+        &self,
+        digest: &str,
+        range: Range<u64>,
+    ) -> Result<Bytes, RegistryError> {
+        let mut wait = self.reads.retry_initial;
+        let mut attempt = 0;
+        loop {
+            // Clone the Arc and drop the lock before awaiting: a swap never waits for a read,
+            // and a retry uses a credential refreshed meanwhile.
+            let source = self.current.read().expect("source lock").clone();
+            match source.fetch(digest, range.clone()).await {
+                Ok(bytes) => return Ok(self.count(bytes)),
+                Err(err) if err.is_retryable() && attempt < self.reads.retries => {
+                    attempt += 1;
+                    tracing::debug!(%digest, attempt, error = %err, "range read failed; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = wait.saturating_mul(2);
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    fn count(&self, bytes: Bytes) -> Bytes {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.fetched
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        Ok(bytes)
+        bytes
     }
 
     /// Range requests made so far.
