@@ -2,18 +2,20 @@
 //!
 //! Both find the index the way a mounter does: resolve the image to its platform manifest,
 //! look up the index artifact that refers to it (referrers API, or the `sha256-<hex>` referrers
-//! tag on registries without one), and decode it. `cat` then reads one file with one HTTP range
-//! request per chunk, inflating from the nearest checkpoint. No NATS connection is needed.
+//! tag on registries without one), and decode it. `cat` then reads one file through the same
+//! caching reader the mounter uses (`imagemesh_lazyimage::ImageReader`): one HTTP range request
+//! per span of the file, inflated from the span's checkpoint. No NATS connection is needed.
 
 use std::io::{BufRead, Write};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context as _, anyhow, bail};
-use imagemesh_lazyindex::{EntryKind, ImageIndex, LazyReader, MergedEntry, MergedTree};
+use imagemesh_lazyimage::{ImageReader, RegistryBlobSource, Shared};
+use imagemesh_lazyindex::{EntryKind, ImageIndex, MergedEntry, MergedTree};
 use imagemesh_proto::v1::{AuthScheme, RegistryCredential};
 use imagemesh_registry::{
-    PlatformSpec, Reference, RegistryBlobSource, RegistryClient, RegistrySettings, ResolvedImage,
+    PlatformSpec, Reference, RegistryClient, RegistrySettings, ResolvedImage,
 };
 use serde::Serialize;
 
@@ -110,7 +112,9 @@ async fn open(image: &str, args: &RegistryArgs) -> anyhow::Result<Opened> {
     ));
     let platform = PlatformSpec::parse(&args.platform).map_err(|e| anyhow!(e))?;
     let resolved = client.resolve_image(&reference, &platform).await?;
-    let index = client.load_index(&resolved).await?.index;
+    let index = imagemesh_lazyimage::load_index(&client, &resolved)
+        .await?
+        .index;
     Ok(Opened {
         client,
         image: resolved,
@@ -209,16 +213,24 @@ async fn cat(
         index,
     } = open(image, args).await?;
     let source = RegistryBlobSource::new(client, &image.reference).await;
-    let reader = LazyReader::new(index, source);
-    let resolved = resolve(reader.tree(), path)?;
-    let entry = reader.tree().get(&resolved).expect("resolved paths exist");
+    let tree = MergedTree::from_layers(&index.layers);
+    // Caches sized for one chunk: every byte is read once.
+    let reader = ImageReader::new(
+        Arc::new(index),
+        source,
+        Arc::new(Shared::in_memory(CAT_CHUNK)),
+    );
+    let resolved = resolve(&tree, path)?;
+    let entry = tree.get(&resolved).expect("resolved paths exist");
     if entry.kind != EntryKind::File {
         bail!("{path} is a {}, not a regular file", entry.kind);
     }
     let mut out = std::io::stdout().lock();
     let mut offset = 0;
     while offset < entry.size {
-        let chunk = reader.read(&resolved, offset, CAT_CHUNK).await?;
+        let chunk = reader
+            .read_path(&tree, &resolved, offset, CAT_CHUNK)
+            .await?;
         if chunk.is_empty() {
             bail!(
                 "{path}: the index promises {} bytes, read {offset}",
@@ -235,8 +247,8 @@ async fn cat(
         let report = serde_json::json!({
             "path": absolute(&resolved),
             "file_size": entry.size,
-            "requests": s.requests,
-            "compressed_bytes_fetched": s.compressed_bytes_fetched,
+            "requests": s.range_requests,
+            "compressed_bytes_fetched": s.bytes_fetched,
             "bytes_returned": s.bytes_returned,
             "layer_digest": layer.map(|l| l.digest.as_str()),
             "layer_compressed_size": layer.map(|l| l.compressed_size),

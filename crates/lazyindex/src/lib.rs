@@ -14,11 +14,12 @@
 //! - [`encode_layer`] / [`encode_image`] and their `decode_*` twins: the versioned, compact binary
 //!   format described in `docs/index-format.md`, validated strictly on decode.
 //! - [`LayerIndex::plan_read`] + [`LayerIndex::decode_read`]: the synchronous core of a lazy read
-//!   (which compressed range to fetch, then verify and inflate it), and [`LazyReader`], which
-//!   serves `read(path, offset, len)` over any [`BlobSource`] with one range request per read.
+//!   (which compressed range to fetch, then verify and inflate it), and the [`BlobSource`] trait
+//!   the compressed bytes come from.
 //!
 //! Nothing here knows about NATS or registries: the indexer service feeds [`index_layer`] from a
-//! registry blob stream, and the mounter implements [`BlobSource`] with HTTP range requests.
+//! registry blob stream; `imagemesh-lazyimage` stores the index next to its image and reads
+//! files through it (one caching reader over any [`BlobSource`]).
 //!
 //! Fuzz targets for [`decode_layer`]/[`decode_image`] and [`index_layer`] live in `fuzz/`
 //! (cargo-fuzz, nightly); `tests/fuzz_seeds.rs` runs their seed corpus on stable. The
@@ -29,11 +30,11 @@ mod checkpoint;
 mod error;
 mod format;
 mod ingest;
-mod lazy;
 mod merge;
 mod model;
 mod path;
 mod read;
+mod source;
 mod zran;
 
 pub use checkpoint::{Checkpoint, CheckpointKind};
@@ -43,10 +44,10 @@ pub use format::{
     decode_layer_with, encode_image, encode_layer,
 };
 pub use ingest::{IndexOptions, Limits, MIN_SPAN_SIZE, index_layer};
-pub use lazy::{BlobSource, LazyReader, MemorySource, OciLayoutSource, ReadStats};
 pub use merge::{DataRef, MergedEntry, MergedTree};
 pub use model::{Compression, Entry, EntryKind, ImageIndex, LayerIndex, Window};
 pub use read::ReadPlan;
+pub use source::{BlobSource, MemorySource, OciLayoutSource};
 
 /// Formats a sha256 as an OCI digest string, `sha256:<64 hex>`.
 pub(crate) fn digest_string(d: &[u8; 32]) -> String {

@@ -7,32 +7,27 @@
 //! - [`error`]: registry failures classified into what a request status must say, with the
 //!   registry named and no secret.
 //! - [`manifest`]: a reference resolved to one platform's image manifest.
-//! - [`index_artifact`]: finding an image's lazy-mount index artifact (referrers API, or the
-//!   referrers tag schema on registries without it), and loading the index checked against the
-//!   image it must describe (the mounter and `imagemesh index` share this).
-//! - [`blob_source`]: blob byte ranges over HTTP, the `BlobSource` of lazy reads.
 //! - [`dockerfile`]: the images a Dockerfile starts from.
 //! - [`select`]: which of a request's credentials goes to which registry and repository.
 //! - [`repository`]: which repositories a prefix covers (tenant prefixes, shared repositories,
 //!   credentials bound to a prefix).
 //!
+//! The lazy index stored next to an image, and reading files through it, are
+//! `imagemesh-lazyimage`'s: this crate knows registries, not the index format.
+//!
 //! [`RegistryCredential`]: imagemesh_proto::v1::RegistryCredential
 #![forbid(unsafe_code)]
 
-pub mod blob_source;
 pub mod client;
 pub mod dockerfile;
 pub mod error;
 pub mod host;
-pub mod index_artifact;
 pub mod manifest;
 pub mod repository;
 pub mod select;
 
-pub use blob_source::RegistryBlobSource;
 pub use client::{Access, RegistryClient, RegistrySettings};
 pub use error::{RegistryError, RegistryErrorKind};
-pub use index_artifact::{IndexArtifact, IndexLoadError, LoadedIndex, referrers_tag};
 pub use manifest::{MANIFEST_MEDIA_TYPES, PlatformSpec, ResolvedImage};
 pub use oci_client::Reference;
 pub use select::{credential_for, credential_for_image};

@@ -8,12 +8,11 @@
 use std::time::Instant;
 
 use async_nats::jetstream::kv;
+use imagemesh_lazyimage::{IndexArtifact, find_index_artifact, push_index};
 use imagemesh_lazyindex::{FORMAT_VERSION, ImageIndex, IndexOptions, encode_image};
 use imagemesh_proto::v1::IndexRequest;
 use imagemesh_proto::{RequestKey, TenantRequest};
-use imagemesh_registry::{
-    IndexArtifact, PlatformSpec, Reference, RegistryClient, RegistrySettings,
-};
+use imagemesh_registry::{PlatformSpec, Reference, RegistryClient, RegistrySettings};
 use imagemesh_runtime::status::{StatusReporter, Step};
 use imagemesh_runtime::worker::{Delivery, Handler, Outcome};
 use imagemesh_runtime::{ErrorCode, Rejection};
@@ -24,7 +23,6 @@ use crate::failure::Failure;
 use crate::fetch::{self, Image};
 use crate::layers::{Layer, LayerJob};
 use crate::record::{self, Indexed, Recorded};
-use crate::store;
 
 /// The indexer's work handler.
 pub struct Indexer {
@@ -99,9 +97,13 @@ impl Indexer {
         let image = fetch::fetch(&client, &reference, &platform).await?;
         self.report_resolved(id, &image).await;
         let resolved = &image.resolved;
-        if let Some(existing) = client
-            .find_index_artifact(&resolved.reference, resolved.digest(), FORMAT_VERSION)
-            .await?
+        if let Some(existing) = find_index_artifact(
+            &client,
+            &resolved.reference,
+            resolved.digest(),
+            FORMAT_VERSION,
+        )
+        .await?
         {
             return self.reuse(request, &image, existing).await;
         }
@@ -124,7 +126,7 @@ impl Indexer {
         };
         let encoded = encode_image(&index);
         let index_bytes = encoded.len();
-        let stored = store::push_index(&client, resolved, encoded).await?;
+        let stored = push_index(&client, resolved, encoded).await?;
         let step = Step::running("stored", "index stored next to the image")
             .detail("index_digest", &stored.digest)
             .detail("referrers_tag", &stored.tag)

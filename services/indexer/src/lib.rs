@@ -6,8 +6,8 @@
 //!   (registry body stream → `SyncIoBridge` → `index_layer` on the blocking pool);
 //!   `layers`: every layer of an image, from the layer cache when it has it.
 //! - `cache`: encoded layer indexes in a JetStream object store, keyed by layer digest.
-//! - `store`: the OCI artifact (`subject` = the image) plus the referrers-tag-schema index;
-//!   `record`: the index digest in the image-refs KV.
+//! - storing: `imagemesh_lazyimage::push_index` pushes the OCI artifact (`subject` = the image)
+//!   plus the referrers-tag-schema index; `record`: the index digest in the image-refs KV.
 //! - `failure`: which failures are rejected (bad image, bad request) and which retried.
 //!
 //! `docs/indexer.md` describes the service; `docs/index-format.md` the index and its storage.
@@ -21,7 +21,6 @@ mod handler;
 mod ingest;
 mod layers;
 mod record;
-mod store;
 
 use async_nats::Client;
 pub use config::Config;

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use imagemesh_lazyimage::CacheConfig;
 use imagemesh_registry::RegistrySettings;
 use imagemesh_runtime::app::ServiceConfig;
 use imagemesh_runtime::nats::NatsConfig;
@@ -59,6 +60,9 @@ pub struct MounterConfig {
     /// Let every user (containers run as any uid) use the mounts; the kernel still checks file
     /// modes (`default_permissions`).
     pub allow_other: bool,
+    /// Caches shared by every mount of this instance: two in memory, and the node cache on
+    /// disk (keyed by layer digest, byte range and the checkpoints that verified the bytes, so
+    /// images whose indexes agree on a base layer share its cached bytes).
     pub cache: CacheConfig,
     pub refresh: RefreshConfig,
     pub reads: ReadConfig,
@@ -91,36 +95,6 @@ impl Default for MounterConfig {
             reads: ReadConfig::default(),
             prepare_deadline: Duration::from_secs(120),
             keeper_socket: None,
-        }
-    }
-}
-
-/// Caches shared by every mount of this instance: two in memory, and the node cache on disk
-/// (keyed by layer digest, byte range and the checkpoints that verified the bytes, so images
-/// whose indexes agree on a base layer share its cached bytes).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct CacheConfig {
-    /// Budget for compressed spans fetched from registries (a small layer is one span): a span
-    /// read again is not fetched again while it is here.
-    pub compressed_bytes: u64,
-    /// Budget for inflated file data, so consecutive small reads (the kernel reads 128 KiB at a
-    /// time) do not inflate the same span over and over.
-    pub decoded_bytes: u64,
-    /// The node cache on disk: verified compressed spans, kept across restarts (`disk_cache.rs`).
-    /// Unset: no disk cache.
-    pub disk_dir: Option<PathBuf>,
-    /// Budget of the disk cache; least recently used spans go first.
-    pub disk_bytes: u64,
-}
-
-impl Default for CacheConfig {
-    fn default() -> Self {
-        Self {
-            compressed_bytes: 256 << 20,
-            decoded_bytes: 128 << 20,
-            disk_dir: Some(PathBuf::from("/var/cache/imagemesh/mounter")),
-            disk_bytes: 10 << 30,
         }
     }
 }

@@ -24,10 +24,10 @@ use imagemesh_runtime::status::{StatusReporter, Step};
 use imagemesh_runtime::{ErrorCode, Rejection, Shutdown, subjects};
 use serde::Serialize;
 
-use crate::cache::CacheStats;
 use crate::mounts::{Mount, MountTable};
-use crate::reader::{ReadStats, Shared};
 use crate::refresh::RefreshStats;
+use imagemesh_lazyimage::cache::CacheStats;
+use imagemesh_lazyimage::{ReadStats, Shared};
 
 pub fn unmount_subject(worker_id: &str) -> String {
     format!("{}.unmount", subjects::mounter_control_prefix(worker_id))
@@ -87,7 +87,7 @@ struct Listing {
     compressed_cache: CacheStats,
     decoded_cache: CacheStats,
     /// The node cache on disk; null when not configured or not usable.
-    disk_cache: Option<crate::disk_cache::DiskCacheStats>,
+    disk_cache: Option<imagemesh_lazyimage::disk_cache::DiskCacheStats>,
     /// Memory the mounts' loaded indexes and file tables hold, against its budget.
     index_memory: IndexMemory,
 }

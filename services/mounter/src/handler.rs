@@ -28,9 +28,9 @@ use crate::fs::inodes::Inodes;
 use crate::keeper::KeptMount;
 use crate::mounts::{Mount, MountInfo, MountTable, Reserved};
 use crate::open::{OpenedImage, load_index, resolve};
-use crate::reader::{ImageReader, Shared};
 use crate::refresh::{Refresh, RefreshCounters};
 use crate::source::MountSource;
+use imagemesh_lazyimage::{ImageReader, Shared};
 
 /// A mount's file system, ready to be served.
 pub(crate) struct Prepared {

@@ -5,8 +5,9 @@
 //! - [`handler`]: one runtime request → a mount (idempotent per mount id).
 //! - [`open`](mod@open): the platform's image manifest and its lazy-mount index from the registry.
 //! - [`fs`]: the FUSE filesystem (metadata from an inode table; reads answered from tokio).
-//! - [`reader`] + [`cache`]: cached, single-flight range reads inflated in the blocking pool.
-//! - [`source`]: the registry blob source whose credential can be swapped under live reads.
+//! - reads: `imagemesh_lazyimage`'s caching reader (single-flight range reads inflated in the
+//!   blocking pool, caches in memory and on disk) over [`source`]: the registry blob source
+//!   whose credential can be swapped under live reads, with retries and a deadline.
 //! - [`refresh`]: one task per mount renewing its token through `imagemesh.credential.refresh`.
 //! - [`mounts`]: the mount table; unmount, detach of busy and stale mounts.
 //! - [`keeper`] + [`handover`]: mounts that outlive this process (the mount keeper holds their
@@ -16,10 +17,8 @@
 //! `docs/mounter.md` describes the whole.
 #![forbid(unsafe_code)]
 
-mod cache;
 pub mod config;
 mod control;
-mod disk_cache;
 mod footprint;
 mod fs;
 mod handler;
@@ -27,7 +26,6 @@ mod handover;
 pub mod keeper;
 mod mounts;
 mod open;
-mod reader;
 mod refresh;
 mod source;
 
@@ -49,7 +47,7 @@ pub use crate::control::{stats_subject, unmount_subject};
 use crate::handler::Mounter;
 use crate::keeper::KeeperClient;
 use crate::mounts::{FuseOptions, MountTable};
-use crate::reader::Shared;
+use imagemesh_lazyimage::{Caches, Shared};
 
 /// How the mounter presents itself to `$SRV.INFO`.
 pub const IDENTITY: Identity = Identity {
@@ -78,7 +76,7 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
         MountTable::open(&settings.mount_root, fuse, keeper.clone())
             .map_err(|e| anyhow::anyhow!("mount root {}: {e}", settings.mount_root.display()))?,
     );
-    let shared = Arc::new(Shared::new(cache::Caches::new(&settings.cache)));
+    let shared = Arc::new(Shared::new(Caches::new(&settings.cache)));
     let status = StatusReporter::new(js, IDENTITY.name).with_instance(&worker_id);
     let control = Control {
         client: client.clone(),

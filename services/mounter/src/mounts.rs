@@ -15,9 +15,8 @@ use std::time::SystemTime;
 use fuser::{BackgroundSession, MountOption, Session, SessionACL};
 use imagemesh_runtime::Shutdown;
 
-use crate::fs::ImageFs;
+use crate::fs::{ImageFs, MountReader};
 use crate::keeper::{KeeperClient, KeptMount};
-use crate::reader::ImageReader;
 use crate::refresh::RefreshCounters;
 
 /// How sessions are mounted.
@@ -53,7 +52,7 @@ pub struct MountInfo {
 /// One live mount.
 pub struct Mount {
     pub info: MountInfo,
-    pub reader: Arc<ImageReader>,
+    pub reader: Arc<MountReader>,
     pub refresh: Arc<RefreshCounters>,
     /// Stops the credential refresh task.
     pub stop_refresh: Shutdown,
@@ -272,7 +271,7 @@ impl MountTable {
     fn insert(
         &self,
         info: MountInfo,
-        reader: Arc<ImageReader>,
+        reader: Arc<MountReader>,
         refresh: Arc<RefreshCounters>,
         stop_refresh: Shutdown,
         session: BackgroundSession,

@@ -3,10 +3,9 @@
 
 use std::sync::Arc;
 
+use imagemesh_lazyimage::IndexLoadError;
 use imagemesh_lazyindex::ImageIndex;
-use imagemesh_registry::{
-    IndexLoadError, PlatformSpec, Reference, RegistryClient, RegistryError, ResolvedImage,
-};
+use imagemesh_registry::{PlatformSpec, Reference, RegistryClient, RegistryError, ResolvedImage};
 use imagemesh_runtime::worker::Outcome;
 use imagemesh_runtime::{ErrorCode, Rejection};
 
@@ -74,7 +73,7 @@ pub async fn load_index(
     client: &RegistryClient,
     resolved: ResolvedImage,
 ) -> Result<OpenedImage, OpenError> {
-    let loaded = client.load_index(&resolved).await?;
+    let loaded = imagemesh_lazyimage::load_index(client, &resolved).await?;
     Ok(OpenedImage {
         resolved,
         index: Arc::new(loaded.index),

@@ -5,14 +5,13 @@
 //! reads already in flight finish with the old one.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
+use imagemesh_lazyimage::{BlobSource, RegistryBlobSource, SourceError};
 use imagemesh_proto::v1::RegistryCredential;
 use imagemesh_registry::{
-    Reference, RegistryBlobSource, RegistryClient, RegistryError, RegistryErrorKind,
-    RegistrySettings,
+    Reference, RegistryClient, RegistryError, RegistryErrorKind, RegistrySettings,
 };
 
 use crate::config::ReadConfig;
@@ -23,8 +22,6 @@ pub struct MountSource {
     settings: RegistrySettings,
     reads: ReadConfig,
     current: RwLock<Arc<RegistryBlobSource>>,
-    requests: AtomicU64,
-    fetched: AtomicU64,
 }
 
 impl MountSource {
@@ -41,8 +38,6 @@ impl MountSource {
             settings,
             reads,
             current: RwLock::new(Arc::new(source)),
-            requests: AtomicU64::new(0),
-            fetched: AtomicU64::new(0),
         }
     }
 
@@ -84,7 +79,7 @@ impl MountSource {
             // and a retry uses a credential refreshed meanwhile.
             let source = self.current.read().expect("source lock").clone();
             match source.fetch(digest, range.clone()).await {
-                Ok(bytes) => return Ok(self.count(bytes)),
+                Ok(bytes) => return Ok(bytes),
                 Err(err) if err.is_retryable() && attempt < self.reads.retries => {
                     attempt += 1;
                     tracing::debug!(%digest, attempt, error = %err, "range read failed; retrying");
@@ -96,24 +91,13 @@ impl MountSource {
         }
     }
 
-    fn count(&self, bytes: Bytes) -> Bytes {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        self.fetched
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        bytes
-    }
-
-    /// Range requests made so far.
-    pub fn requests(&self) -> u64 {
-        self.requests.load(Ordering::Relaxed)
-    }
-
-    /// Compressed bytes fetched so far.
-    pub fn bytes_fetched(&self) -> u64 {
-        self.fetched.load(Ordering::Relaxed)
-    }
-
     pub fn image(&self) -> &Reference {
         &self.image
+    }
+}
+
+impl BlobSource for MountSource {
+    async fn read_range(&self, digest: &str, range: Range<u64>) -> Result<Bytes, SourceError> {
+        Ok(self.fetch(digest, range).await?)
     }
 }

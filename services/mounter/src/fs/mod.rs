@@ -21,16 +21,20 @@ use fuser::{
 use imagemesh_lazyindex::EntryKind;
 use tokio::runtime::Handle;
 
-use crate::reader::ImageReader;
+use crate::source::MountSource;
+use imagemesh_lazyimage::ImageReader;
 use inodes::{Inodes, file_type};
 
 /// How long the kernel may trust what it was told: the image is immutable.
 const TTL: Duration = Duration::from_secs(3600);
 
+/// The reader of a mount: the shared caching reader over the mount's registry source.
+pub type MountReader = ImageReader<Arc<MountSource>>;
+
 /// One mounted image.
 pub struct ImageFs {
     pub inodes: Arc<Inodes>,
-    pub reader: Arc<ImageReader>,
+    pub reader: Arc<MountReader>,
     pub runtime: Handle,
     /// For logs: which mount a failed read belongs to.
     pub mount_id: String,

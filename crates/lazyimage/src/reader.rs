@@ -1,4 +1,6 @@
-//! File reads of one mounted image: cached, single-flight, inflated off the async threads.
+//! File reads of one image: cached, single-flight, inflated off the async threads. The one
+//! reader of lazily read images, over any [`BlobSource`]: the mounter's FUSE reads, `imagemesh
+//! index cat` and the tests all go through it.
 //!
 //! A layer's uncompressed stream is cut into *spans* by the index's checkpoints (4 MiB by
 //! default; a small layer is one span) and each span into [`PIECE`]-sized pieces counted from
@@ -14,11 +16,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use bytes::{Bytes, BytesMut};
-use imagemesh_lazyindex::{DataRef, ImageIndex};
+use imagemesh_lazyindex::{BlobSource, DataRef, EntryKind, ImageIndex, MergedTree, SourceError};
 use tokio::sync::{OwnedMutexGuard, Semaphore};
 
-use crate::cache::{Caches, RangeKey};
-use crate::source::MountSource;
+use crate::cache::{CacheConfig, Caches, RangeKey};
 
 /// Decoded cache granularity.
 pub const PIECE: u64 = 1 << 20;
@@ -28,8 +29,9 @@ pub const MAX_RUN: u64 = 4 << 20;
 /// Why a read failed (the kernel sees EIO; the log sees this).
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
+    /// The blob source failed (for a registry: a `RegistryError`, which names no secret).
     #[error(transparent)]
-    Registry(#[from] imagemesh_registry::RegistryError),
+    Source(SourceError),
     #[error(transparent)]
     Index(#[from] imagemesh_lazyindex::Error),
     #[error("inflate task failed: {0}")]
@@ -45,6 +47,16 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Caches in memory only, within `bytes` each (tools and tests).
+    pub fn in_memory(bytes: u64) -> Self {
+        Self::new(Caches::new(&CacheConfig {
+            compressed_bytes: bytes,
+            decoded_bytes: bytes,
+            disk_dir: None,
+            disk_bytes: 0,
+        }))
+    }
+
     pub fn new(caches: Caches) -> Self {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Self {
@@ -71,33 +83,38 @@ impl Shared {
     }
 }
 
-/// Reads files of one image.
-pub struct ImageReader {
+/// Reads files of one image from `S`.
+pub struct ImageReader<S> {
     image: Arc<ImageIndex>,
     digests: Vec<Arc<str>>,
     /// `Checkpoint::identity` of every checkpoint of every layer: the cache keys' verifiers.
     verifiers: Vec<Vec<[u8; 32]>>,
-    source: Arc<MountSource>,
+    source: S,
     shared: Arc<Shared>,
     reads: AtomicU64,
+    range_requests: AtomicU64,
+    fetched: AtomicU64,
     returned: AtomicU64,
     inflated: AtomicU64,
     errors: AtomicU64,
 }
 
-/// A mount's read counters.
-#[derive(Debug, Clone, serde::Serialize)]
+/// A reader's counters since it was made.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ReadStats {
     pub reads: u64,
+    /// Uncompressed bytes handed back to callers.
     pub bytes_returned: u64,
+    /// Range requests made to the source (cache misses).
     pub range_requests: u64,
+    /// Compressed bytes fetched from the source.
     pub bytes_fetched: u64,
     pub bytes_inflated: u64,
     pub read_errors: u64,
 }
 
-impl ImageReader {
-    pub fn new(image: Arc<ImageIndex>, source: Arc<MountSource>, shared: Arc<Shared>) -> Self {
+impl<S: BlobSource> ImageReader<S> {
+    pub fn new(image: Arc<ImageIndex>, source: S, shared: Arc<Shared>) -> Self {
         let digests = image
             .layers
             .iter()
@@ -115,6 +132,8 @@ impl ImageReader {
             source,
             shared,
             reads: AtomicU64::new(0),
+            range_requests: AtomicU64::new(0),
+            fetched: AtomicU64::new(0),
             returned: AtomicU64::new(0),
             inflated: AtomicU64::new(0),
             errors: AtomicU64::new(0),
@@ -125,10 +144,38 @@ impl ImageReader {
         ReadStats {
             reads: self.reads.load(Ordering::Relaxed),
             bytes_returned: self.returned.load(Ordering::Relaxed),
-            range_requests: self.source.requests(),
-            bytes_fetched: self.source.bytes_fetched(),
+            range_requests: self.range_requests.load(Ordering::Relaxed),
+            bytes_fetched: self.fetched.load(Ordering::Relaxed),
             bytes_inflated: self.inflated.load(Ordering::Relaxed),
             read_errors: self.errors.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn image(&self) -> &ImageIndex {
+        &self.image
+    }
+
+    pub fn source(&self) -> &S {
+        &self.source
+    }
+
+    /// Up to `len` bytes of the file at `path` of `tree` (this image's merged tree), from
+    /// `offset`: short at the end of the file, like `pread`.
+    pub async fn read_path(
+        &self,
+        tree: &MergedTree,
+        path: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes, ReadError> {
+        use imagemesh_lazyindex::Error;
+        let entry = tree
+            .get(path)
+            .ok_or_else(|| Error::NotFound(path.to_string()))?;
+        match entry.data {
+            Some(data) => self.read(data, entry.size, offset, len).await,
+            None if entry.kind == EntryKind::File => Ok(Bytes::new()),
+            None => Err(Error::NotAFile(path.to_string()).into()),
         }
     }
 
@@ -240,8 +287,12 @@ impl ImageReader {
         }
         let compressed = self
             .source
-            .fetch(&self.digests[layer], plan.fetch.clone())
-            .await?;
+            .read_range(&self.digests[layer], plan.fetch.clone())
+            .await
+            .map_err(ReadError::Source)?;
+        self.range_requests.fetch_add(1, Ordering::Relaxed);
+        self.fetched
+            .fetch_add(compressed.len() as u64, Ordering::Relaxed);
         let decoded = self.decode(layer, &plan, compressed.clone()).await?;
         // Only verified spans enter the caches: decode checked their digests.
         if let Some(disk) = &self.shared.caches.disk {

@@ -14,8 +14,7 @@ use imagemesh_lazyindex::{BlobSource, SourceError};
 use oci_client::Reference;
 use oci_client::client::{BlobResponse, SizedStream};
 
-use crate::client::RegistryClient;
-use crate::error::{RegistryError, RegistryErrorKind};
+use imagemesh_registry::{RegistryClient, RegistryError, RegistryErrorKind};
 
 /// Blobs of one repository, read with one client (and so one credential).
 #[derive(Clone)]

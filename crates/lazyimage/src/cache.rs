@@ -14,8 +14,10 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::path::PathBuf;
+
 use bytes::Bytes;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A byte range of one layer blob (compressed offsets for spans, uncompressed for pieces) and
 /// what verified its bytes.
@@ -94,6 +96,10 @@ impl<K: Clone + Eq + Hash> Lru<K> {
     pub fn len(&self) -> usize {
         self.map.len()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
 }
 
 /// One cache with its counters.
@@ -169,10 +175,38 @@ pub struct Caches {
     pub disk: Option<std::sync::Arc<crate::disk_cache::DiskCache>>,
 }
 
+/// Budgets of the caches a process's readers share (the mounter's `[mounter.cache]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Budget for compressed spans fetched from registries (a small layer is one span): a span
+    /// read again is not fetched again while it is here.
+    pub compressed_bytes: u64,
+    /// Budget for inflated file data, so consecutive small reads (the kernel reads 128 KiB at a
+    /// time) do not inflate the same span over and over.
+    pub decoded_bytes: u64,
+    /// The node cache on disk: verified compressed spans, kept across restarts (`disk_cache.rs`).
+    /// Unset: no disk cache.
+    pub disk_dir: Option<PathBuf>,
+    /// Budget of the disk cache; least recently used spans go first.
+    pub disk_bytes: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            compressed_bytes: 256 << 20,
+            decoded_bytes: 128 << 20,
+            disk_dir: Some(PathBuf::from("/var/cache/imagemesh/mounter")),
+            disk_bytes: 10 << 30,
+        }
+    }
+}
+
 impl Caches {
     /// Opens the disk cache too. A disk cache that cannot be opened is logged and left out:
     /// mounts still work, from the registry.
-    pub fn new(config: &crate::config::CacheConfig) -> Self {
+    pub fn new(config: &CacheConfig) -> Self {
         let disk = config.disk_dir.as_ref().and_then(|dir| {
             match crate::disk_cache::DiskCache::open(dir, config.disk_bytes) {
                 Ok(cache) => {

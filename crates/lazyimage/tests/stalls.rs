@@ -7,7 +7,8 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
-use imagemesh_registry::{RegistryBlobSource, RegistryClient, RegistrySettings};
+use imagemesh_lazyimage::RegistryBlobSource;
+use imagemesh_registry::{RegistryClient, RegistrySettings};
 
 /// A registry impostor on loopback: each connection is read from, then answered with the start
 /// of `reply` and held open until the test ends.

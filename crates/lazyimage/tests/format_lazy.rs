@@ -1,12 +1,17 @@
-//! The encoded index round-trips exactly, stays small, and a `LazyReader` over it serves file
-//! reads with one range request each, fetching only the spans it needs.
+//! The encoded index round-trips exactly, stays small, and the caching `ImageReader` over it
+//! serves file reads with one range request each, fetching only the spans it needs.
 
+// The index builders of the format crate's own tests.
+#[path = "../../lazyindex/tests/common/mod.rs"]
 mod common;
 
+use std::sync::Arc;
+
 use common::{Rng, TarBuilder, gzip, index, index_plain};
+use imagemesh_lazyimage::{ImageReader, ReadError, Shared};
 use imagemesh_lazyindex::{
-    Error, ImageIndex, LazyReader, MAGIC, MemorySource, decode_image, decode_layer, encode_image,
-    encode_layer,
+    BlobSource, Error, ImageIndex, MAGIC, MemorySource, MergedTree, decode_image, decode_layer,
+    encode_image, encode_layer,
 };
 
 fn image() -> (ImageIndex, MemorySource, Vec<Vec<u8>>) {
@@ -73,43 +78,67 @@ fn index_is_a_small_fraction_of_the_image() {
     );
 }
 
-#[test]
-fn lazy_reads_fetch_one_range_and_only_nearby_spans() {
+fn reader<S: BlobSource>(image: ImageIndex, source: S) -> ImageReader<S> {
+    ImageReader::new(
+        Arc::new(image),
+        source,
+        Arc::new(Shared::in_memory(64 << 20)),
+    )
+}
+
+#[tokio::test]
+async fn lazy_reads_fetch_one_range_and_only_nearby_spans() {
     let (image, source, raws) = image();
-    let reader = LazyReader::new(image, source);
-    let big = reader.tree().get("usr/big.txt").unwrap().clone();
+    let tree = MergedTree::from_layers(&image.layers);
+    let reader = reader(image, source);
+    let big = tree.get("usr/big.txt").unwrap().clone();
     let off = big.data.unwrap().offset as usize;
     let want = &raws[0][off + 3_000_000..off + 3_000_100];
-    let got = futures::executor::block_on(reader.read("/usr/big.txt", 3_000_000, 100)).unwrap();
+    let got = reader
+        .read_path(&tree, "/usr/big.txt", 3_000_000, 100)
+        .await
+        .unwrap();
     assert_eq!(&got[..], want);
     let stats = reader.stats();
-    assert_eq!(stats.requests, 1);
-    assert!(stats.compressed_bytes_fetched < 600 << 10, "{stats:?}");
+    assert_eq!(stats.range_requests, 1);
+    assert!(stats.bytes_fetched < 600 << 10, "{stats:?}");
 
     // The hardlink in the plain top layer reads the base layer's bytes.
-    let via_link = futures::executor::block_on(reader.read("etc/big", 0, 10)).unwrap();
+    let via_link = reader.read_path(&tree, "etc/big", 0, 10).await.unwrap();
     assert_eq!(&via_link[..], &raws[0][off..off + 10]);
-    let conf = futures::executor::block_on(reader.read("etc/conf", 0, 1 << 20)).unwrap();
+    let conf = reader
+        .read_path(&tree, "etc/conf", 0, 1 << 20)
+        .await
+        .unwrap();
     assert_eq!(&conf[..], b"top layer");
-    let past_end = futures::executor::block_on(reader.read("etc/conf", 100, 10)).unwrap();
+    let past_end = reader.read_path(&tree, "etc/conf", 100, 10).await.unwrap();
     assert!(past_end.is_empty());
     assert!(matches!(
-        futures::executor::block_on(reader.read("usr", 0, 1)),
-        Err(Error::NotAFile(_))
+        reader.read_path(&tree, "usr", 0, 1).await,
+        Err(ReadError::Index(Error::NotAFile(_)))
     ));
     assert!(matches!(
-        futures::executor::block_on(reader.read("nope", 0, 1)),
-        Err(Error::NotFound(_))
+        reader.read_path(&tree, "nope", 0, 1).await,
+        Err(ReadError::Index(Error::NotFound(_)))
     ));
+    // Read again: served from the caches.
+    let fetches = reader.stats().range_requests;
+    let again = reader
+        .read_path(&tree, "/usr/big.txt", 3_000_000, 100)
+        .await
+        .unwrap();
+    assert_eq!(&again[..], want);
+    assert_eq!(reader.stats().range_requests, fetches);
 }
 
 /// The mounter spawns reads on a multi-threaded runtime: the futures must be `Send`.
-#[test]
-fn read_futures_are_send() {
+#[tokio::test]
+async fn read_futures_are_send() {
     fn assert_send<T: Send>(_: &T) {}
     let (image, source, _) = image();
-    let reader = LazyReader::new(image, std::sync::Arc::new(source));
-    let read = reader.read("etc/conf", 0, 4);
+    let tree = MergedTree::from_layers(&image.layers);
+    let reader = reader(image, Arc::new(source));
+    let read = reader.read_path(&tree, "etc/conf", 0, 4);
     assert_send(&read);
-    assert_eq!(&futures::executor::block_on(read).unwrap()[..], b"top ");
+    assert_eq!(&read.await.unwrap()[..], b"top ");
 }

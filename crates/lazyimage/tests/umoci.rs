@@ -3,6 +3,7 @@
 //! merged tree — paths, types, modes, owners, link targets, hardlinks, and every regular file's
 //! bytes read back lazily through checkpoints — with `umoci unpack` of the same image.
 
+#[path = "../../lazyindex/tests/common/mod.rs"]
 mod common;
 
 use std::collections::BTreeMap;
@@ -12,8 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::Rng;
+use imagemesh_lazyimage::{ImageReader, Shared};
 use imagemesh_lazyindex::{
-    EntryKind, ImageIndex, IndexOptions, LazyReader, MergedEntry, OciLayoutSource, index_layer,
+    EntryKind, ImageIndex, IndexOptions, MergedEntry, MergedTree, OciLayoutSource, index_layer,
 };
 
 fn umoci(args: &[&str]) {
@@ -206,8 +208,8 @@ fn compare(path: &str, ours: &MergedEntry, meta: &fs::Metadata, disk: &Path) {
     }
 }
 
-#[test]
-fn merged_tree_matches_umoci_unpack() {
+#[tokio::test]
+async fn merged_tree_matches_umoci_unpack() {
     if !have_umoci() {
         eprintln!("SKIP: umoci is not installed (apt-get install umoci)");
         return;
@@ -215,12 +217,16 @@ fn merged_tree_matches_umoci_unpack() {
     let image = build_image();
     let index = index_image(&image.layout);
     assert_eq!(index.layers.len(), 4);
-    let reader = LazyReader::new(index, OciLayoutSource::new(&image.layout));
+    let tree = MergedTree::from_layers(&index.layers);
+    let reader = ImageReader::new(
+        std::sync::Arc::new(index),
+        OciLayoutSource::new(&image.layout),
+        std::sync::Arc::new(Shared::in_memory(64 << 20)),
+    );
 
     let mut disk = BTreeMap::new();
     walk(&image.rootfs, &image.rootfs, &mut disk);
-    let ours: Vec<&str> = reader
-        .tree()
+    let ours: Vec<&str> = tree
         .iter()
         .map(|(p, _)| p)
         .filter(|p| !p.is_empty())
@@ -229,7 +235,7 @@ fn merged_tree_matches_umoci_unpack() {
     assert_eq!(ours, theirs, "merged paths differ from umoci unpack");
 
     for (path, (meta, on_disk)) in &disk {
-        let entry = reader.tree().get(path).unwrap();
+        let entry = tree.get(path).unwrap();
         compare(path, entry, meta, on_disk);
         if let Some(target) = &entry.hardlink_to {
             let target_meta = &disk[target].0;
@@ -240,14 +246,14 @@ fn merged_tree_matches_umoci_unpack() {
             );
         }
         if entry.kind == EntryKind::File {
-            let got = futures::executor::block_on(reader.read(path, 0, entry.size)).unwrap();
+            let got = reader.read_path(&tree, path, 0, entry.size).await.unwrap();
             assert!(
                 got[..] == fs::read(on_disk).unwrap()[..],
                 "{path}: bytes differ"
             );
         }
     }
-    assert!(reader.tree().get("gone").is_none() && reader.tree().get("opq/old-a").is_none());
+    assert!(tree.get("gone").is_none() && tree.get("opq/old-a").is_none());
     let stats = reader.stats();
     eprintln!("read {} files: {stats:?}", disk.len());
 }

@@ -10,17 +10,19 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use imagemesh_lazyindex::FORMAT_VERSION;
-use imagemesh_registry::index_artifact::{
-    EMPTY_CONFIG_MEDIA_TYPE, FORMAT_VERSION_ANNOTATION, INDEX_ARTIFACT_TYPE, INDEX_MEDIA_TYPE,
-};
 use imagemesh_registry::{
-    Reference, RegistryClient, RegistryError, RegistryErrorKind, ResolvedImage, referrers_tag,
+    Reference, RegistryClient, RegistryError, RegistryErrorKind, ResolvedImage,
 };
 use oci_client::manifest::{
     ImageIndexEntry, OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE, OciDescriptor,
     OciImageIndex, OciImageManifest, OciManifest,
 };
 use sha2::{Digest, Sha256};
+
+use crate::artifact::{
+    EMPTY_CONFIG_MEDIA_TYPE, FORMAT_VERSION_ANNOTATION, INDEX_ARTIFACT_TYPE, INDEX_MEDIA_TYPE,
+    referrers_tag,
+};
 
 /// The OCI empty descriptor's content.
 const EMPTY_CONFIG: &[u8] = b"{}";

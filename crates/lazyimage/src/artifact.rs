@@ -1,0 +1,232 @@
+//! The lazy-mount index of an image, stored next to it as an OCI artifact.
+//!
+//! The artifact is an image manifest with `artifactType` [`INDEX_ARTIFACT_TYPE`], an empty
+//! config, one layer (the encoded index, [`INDEX_MEDIA_TYPE`]) and `subject` = the image
+//! manifest. Registries with the referrers API list it under the image; for those without it
+//! (distribution 2.8) the indexer also maintains the referrers tag schema: an image index tagged
+//! `sha256-<hex>` (the subject digest) listing every referrer. [`find_index_artifact`] tries
+//! the API and falls back to the tag, so readers work with either.
+
+use imagemesh_lazyindex::{FORMAT_VERSION, ImageIndex, decode_image};
+use imagemesh_registry::{RegistryClient, RegistryError, RegistryErrorKind, ResolvedImage};
+use oci_client::Reference;
+use oci_client::manifest::{OciDescriptor, OciImageManifest, OciManifest};
+
+/// `artifactType` of the index artifact manifest.
+pub const INDEX_ARTIFACT_TYPE: &str = "application/vnd.imagemesh.index.v1";
+/// Media type of the artifact's one layer: the encoded index (`docs/index-format.md`).
+pub const INDEX_MEDIA_TYPE: &str = "application/vnd.imagemesh.index.v1.imlzidx";
+/// Annotation carrying the index format version, so readers skip versions they cannot decode
+/// and the indexer re-indexes after a format change.
+pub const FORMAT_VERSION_ANNOTATION: &str = "dev.imagemesh.index.format-version";
+/// Media type of the empty config the OCI 1.1 artifact guidance prescribes.
+pub const EMPTY_CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.empty.v1+json";
+/// Largest index blob a reader downloads (an index is ~1 % of its image).
+pub const MAX_INDEX_SIZE: i64 = 1 << 30;
+
+/// The referrers-tag-schema tag of a subject: `sha256:abc…` → `sha256-abc…`.
+pub fn referrers_tag(subject_digest: &str) -> String {
+    subject_digest.replace(':', "-")
+}
+
+/// An index artifact found for an image manifest.
+#[derive(Debug, Clone)]
+pub struct IndexArtifact {
+    /// Digest of the artifact manifest (what the image-refs KV records).
+    pub digest: String,
+    pub manifest: OciImageManifest,
+}
+
+impl IndexArtifact {
+    /// The descriptor of the encoded index blob.
+    pub fn blob(&self) -> Option<&OciDescriptor> {
+        self.manifest
+            .layers
+            .iter()
+            .find(|l| l.media_type == INDEX_MEDIA_TYPE)
+    }
+}
+
+/// An image's decoded lazy-mount index, checked to describe exactly that image.
+#[derive(Debug)]
+pub struct LoadedIndex {
+    pub index: ImageIndex,
+    /// Digest of the index artifact manifest.
+    pub digest: String,
+    /// Size of the encoded index.
+    pub bytes: u64,
+}
+
+/// Why an image's index cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexLoadError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The image has no index of this format (yet).
+    #[error("{0}")]
+    NotIndexed(String),
+    /// The index is unreadable or describes another image.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Finds the index artifact of the image manifest `subject_digest` in `image`'s repository
+/// whose format version is `format_version`; `None` when the image is not indexed (yet).
+pub async fn find_index_artifact(
+    client: &RegistryClient,
+    image: &Reference,
+    subject_digest: &str,
+    format_version: u16,
+) -> Result<Option<IndexArtifact>, RegistryError> {
+    let subject = image.clone_with_digest(subject_digest.to_string());
+    client
+        .oci()
+        .store_auth_if_needed(subject.resolve_registry(), client.auth())
+        .await;
+    let referrers = client
+        .oci()
+        .pull_referrers(&subject, Some(INDEX_ARTIFACT_TYPE))
+        .await
+        .map_err(|e| RegistryError::from_oci(client.registry(), image.repository(), &e))?;
+    let version = format_version.to_string();
+    // Newest last: the indexer appends; a registry's API lists in its own order, any will do.
+    let Some(entry) = referrers.manifests.iter().rev().find(|e| {
+        e.annotations
+            .as_ref()
+            .and_then(|a| a.get(FORMAT_VERSION_ANNOTATION))
+            == Some(&version)
+    }) else {
+        return Ok(None);
+    };
+    let reference = image.clone_with_digest(entry.digest.clone());
+    let (manifest, digest) = client
+        .oci()
+        .pull_manifest(&reference, client.auth())
+        .await
+        .map_err(|e| RegistryError::from_oci(client.registry(), image.repository(), &e))?;
+    match manifest {
+        OciManifest::Image(manifest) if is_index_of(&manifest, subject_digest) => {
+            Ok(Some(IndexArtifact { digest, manifest }))
+        }
+        _ => Err(unusable(
+            client,
+            image,
+            "a listed index artifact is not one",
+        )),
+    }
+}
+
+/// Downloads the encoded index of `artifact` (digest-verified by oci-client).
+pub async fn pull_index_blob(
+    client: &RegistryClient,
+    image: &Reference,
+    artifact: &IndexArtifact,
+) -> Result<Vec<u8>, RegistryError> {
+    let blob = artifact
+        .blob()
+        .ok_or_else(|| unusable(client, image, "the index artifact has no index layer"))?;
+    if !(0..=MAX_INDEX_SIZE).contains(&blob.size) {
+        return Err(unusable(
+            client,
+            image,
+            format!("index blob of {} bytes", blob.size),
+        ));
+    }
+    let mut out = Vec::with_capacity(blob.size as usize);
+    client
+        .oci()
+        .pull_blob(image, blob, &mut out)
+        .await
+        .map_err(|e| RegistryError::from_oci(client.registry(), image.repository(), &e))?;
+    Ok(out)
+}
+
+/// Finds, downloads and decodes the index of `resolved` (format [`FORMAT_VERSION`]) and
+/// checks that it describes that manifest and its layers, blob for blob: reads fetch by the
+/// index's layer digests.
+pub async fn load_index(
+    client: &RegistryClient,
+    resolved: &ResolvedImage,
+) -> Result<LoadedIndex, IndexLoadError> {
+    let digest = resolved.digest();
+    let artifact = find_index_artifact(client, &resolved.reference, digest, FORMAT_VERSION)
+        .await?
+        .ok_or_else(|| {
+            IndexLoadError::NotIndexed(format!(
+                "image is not indexed: {} has no imagemesh index (format {FORMAT_VERSION}) in the registry",
+                resolved.reference.whole()
+            ))
+        })?;
+    let blob = pull_index_blob(client, &resolved.reference, &artifact).await?;
+    let bytes = blob.len() as u64;
+    // Decoding validates every count and offset: CPU work proportional to the index.
+    let index = tokio::task::spawn_blocking(move || decode_image(&blob))
+        .await
+        .map_err(|e| IndexLoadError::Invalid(format!("decoding the index failed: {e}")))?
+        .map_err(|e| IndexLoadError::Invalid(format!("index {}: {e}", artifact.digest)))?;
+    if index.manifest_digest.as_deref() != Some(digest) {
+        return Err(IndexLoadError::Invalid(format!(
+            "index {} describes manifest {}, not {digest}",
+            artifact.digest,
+            index.manifest_digest.as_deref().unwrap_or("(none)")
+        )));
+    }
+    let manifest_layers: Vec<(&str, u64)> = resolved
+        .manifest
+        .layers
+        .iter()
+        .map(|l| (l.digest.as_str(), l.size.max(0) as u64))
+        .collect();
+    let indexed_layers: Vec<(&str, u64)> = index
+        .layers
+        .iter()
+        .map(|l| (l.digest.as_str(), l.compressed_size))
+        .collect();
+    if manifest_layers != indexed_layers {
+        return Err(IndexLoadError::Invalid(format!(
+            "index {} lists other layers than the image manifest",
+            artifact.digest
+        )));
+    }
+    Ok(LoadedIndex {
+        index,
+        digest: artifact.digest,
+        bytes,
+    })
+}
+
+fn unusable(
+    client: &RegistryClient,
+    image: &Reference,
+    detail: impl Into<String>,
+) -> RegistryError {
+    RegistryError::new(
+        RegistryErrorKind::Invalid,
+        client.registry(),
+        image.repository(),
+        detail,
+    )
+}
+
+/// True when `manifest` is an imagemesh index artifact whose subject is `subject_digest`.
+pub fn is_index_of(manifest: &OciImageManifest, subject_digest: &str) -> bool {
+    manifest.artifact_type.as_deref() == Some(INDEX_ARTIFACT_TYPE)
+        && manifest
+            .subject
+            .as_ref()
+            .is_some_and(|s| s.digest == subject_digest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fallback_tag_follows_the_referrers_tag_schema() {
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        assert_eq!(
+            referrers_tag(&digest),
+            format!("sha256-{}", "ab".repeat(32))
+        );
+    }
+}
