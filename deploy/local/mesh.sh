@@ -31,7 +31,9 @@ stop_all() {
   echo "stopping the mesh"
   for ((i=${#pids[@]}-1; i>=0; i--)); do kill "${pids[$i]}" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  # A stopped mounter leaves its mounts to the mount keeper (stopped too): detach them.
+  # A stopped mounter leaves its mounts to the mount keeper (stopped too): detach them, the
+  # bundles' overlays first.
+  awk -v dir="$stack/bundles/" 'index($2, dir) == 1 {print $2}' /proc/mounts | xargs -r -n1 umount -l 2>/dev/null || true
   awk -v dir="$stack/" 'index($2, dir) == 1 {print $2}' /proc/mounts | xargs -r -n1 fusermount3 -uz 2>/dev/null || true
 }
 trap stop_all EXIT
@@ -41,6 +43,7 @@ for b in credential scheduler builder indexer mounter mount-keeper; do
   [ -x "$bin/imagemesh-$b" ] || { echo "missing $bin/imagemesh-$b: run 'make build'" >&2; exit 1; }
 done
 # A previous run killed hard may have left FUSE mounts under the stack: detach them first.
+awk -v dir="$stack/bundles/" 'index($2, dir) == 1 {print $2}' /proc/mounts | xargs -r -n1 umount -l 2>/dev/null || true
 awk -v dir="$stack/" 'index($2, dir) == 1 {print $2}' /proc/mounts | xargs -r -n1 fusermount3 -uz 2>/dev/null || true
 rm -rf "$stack" && mkdir -p "$stack"/{nats,registry,config,logs,base,builder,mounts,access,issuer}
 # Private to root, but for the way to builder/: RUN steps run as unprivileged mapped users, which
@@ -133,6 +136,7 @@ cat >"$stack/config/mounter.toml" <<TOML
 url = "$nats_url"
 [mounter]
 mount_root = "$stack/mounts"
+bundle_root = "$stack/bundles"
 keeper_socket = "$stack/keeper/keeper.sock"
 [mounter.cache]
 disk_dir = "$stack/cache"

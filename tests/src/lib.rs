@@ -188,6 +188,8 @@ pub struct Mesh {
     mount_root: tempfile::TempDir,
     /// The mounters' node cache on disk; kept across mounter restarts within the mesh.
     node_cache: tempfile::TempDir,
+    /// Where mounters put runtime bundles (overlays over their mounts); emptied on drop.
+    bundle_root: tempfile::TempDir,
     /// Identities and TLS material of a secured mesh.
     access: Option<Access>,
 }
@@ -320,6 +322,10 @@ impl Mesh {
                 .prefix("imagemesh-node-cache-")
                 .tempdir()
                 .expect("node cache"),
+            bundle_root: tempfile::Builder::new()
+                .prefix("imagemesh-bundles-")
+                .tempdir()
+                .expect("bundle root"),
             access,
         };
         for service in options.start {
@@ -582,8 +588,9 @@ impl Mesh {
                 )
             }
             "mounter" => format!(
-                "[mounter]\nmount_root = \"{}\"\n[mounter.worker]\n{worker}[mounter.placement]\n{heartbeat}[mounter.cache]\ndisk_dir = \"{}\"\n",
+                "[mounter]\nmount_root = \"{}\"\nbundle_root = \"{}\"\n[mounter.worker]\n{worker}[mounter.placement]\n{heartbeat}[mounter.cache]\ndisk_dir = \"{}\"\n",
                 self.mount_root.path().display(),
+                self.bundle_root.path().display(),
                 self.node_cache.path().display()
             ),
             "builder" => {
@@ -878,16 +885,19 @@ impl Mesh {
         self.mount_root.path()
     }
 
+    /// The mounters' bundle root (a temp dir of this mesh).
+    pub fn bundle_root(&self) -> &Path {
+        self.bundle_root.path()
+    }
+
+    /// The bundles' overlay root filesystems mounted under the bundle root.
+    pub fn bundles_mounted(&self) -> Vec<PathBuf> {
+        mounts_below(self.bundle_root.path())
+    }
+
     /// Mount points under the mount root, as `/proc/mounts` lists them now.
     pub fn mounted(&self) -> Vec<PathBuf> {
-        let root = self.mount_root.path();
-        let table = std::fs::read_to_string("/proc/mounts").expect("/proc/mounts");
-        table
-            .lines()
-            .filter_map(|line| line.split(' ').nth(1))
-            .map(|field| PathBuf::from(field.replace("\\040", " ")))
-            .filter(|path| path.starts_with(root) && path != root)
-            .collect()
+        mounts_below(self.mount_root.path())
     }
 
     /// Pushes a small busybox image to the default tenant's repository
@@ -1046,7 +1056,8 @@ impl Drop for Mesh {
         // Services first (a killed mounter leaves dead FUSE mounts), then detach whatever is
         // still mounted: a stale mount would break later tests that walk /tmp.
         self.services.clear();
-        for mountpoint in self.mounted() {
+        // Overlays first: they sit on the FUSE mounts.
+        for mountpoint in self.bundles_mounted().into_iter().chain(self.mounted()) {
             let _ = std::process::Command::new("umount")
                 .arg("-l")
                 .arg(&mountpoint)
@@ -1058,6 +1069,21 @@ impl Drop for Mesh {
             refused.join("\n")
         );
     }
+}
+
+/// Mount points strictly below `root`, from /proc/mounts.
+fn mounts_below(root: &Path) -> Vec<PathBuf> {
+    let canonical = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
+    let table = std::fs::read_to_string("/proc/mounts").expect("/proc/mounts");
+    table
+        .lines()
+        .filter_map(|line| line.split(' ').nth(1))
+        .map(|field| PathBuf::from(field.replace("\\040", " ")))
+        .filter(|path| {
+            (path.starts_with(root) && path != root)
+                || (path.starts_with(&canonical) && *path != canonical)
+        })
+        .collect()
 }
 
 /// The client URLs of `nodes`, comma-separated.

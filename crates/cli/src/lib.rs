@@ -28,6 +28,7 @@ mod mounts;
 mod nats_config;
 mod provision;
 mod registry;
+mod run;
 mod submit;
 mod watch;
 
@@ -86,6 +87,9 @@ pub enum Command {
     Submit(submit::SubmitArgs),
     /// Follow a request's status until it succeeds or fails.
     Watch(watch::WatchArgs),
+    /// Run a container from an image on this node: a runtime request, then the OCI bundle the
+    /// mounter prepared started with runc or crun; its output and exit code are this command's.
+    Run(run::RunArgs),
     /// Build an image from a Dockerfile and a context directory; prints the image id.
     Build(build::BuildArgs),
     /// Inspect an image's lazy-mount index in the registry (needs no NATS).
@@ -154,6 +158,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 .await
         }
         Command::Watch(args) => watch::run(&nats().await?, &tenant, args).await,
+        Command::Run(args) => {
+            let span = tracing::info_span!("imagemesh run", tenant);
+            run::run(&nats().await?, &tenant, args)
+                .instrument(span)
+                .await
+        }
         Command::ImageSecret(args) => {
             image_secret::run(&nats().await?, &tenant, &stored, args).await
         }

@@ -68,6 +68,19 @@ pub async fn follow(
     request: RequestKey<'_>,
     timeout: Duration,
 ) -> anyhow::Result<ExitCode> {
+    Ok(match follow_to_end(client, request, timeout).await? {
+        Some(event) if event.state() == RequestState::Succeeded => ExitCode::SUCCESS,
+        Some(_) => ExitCode::FAILURE,
+        None => ExitCode::from(3),
+    })
+}
+
+/// Like [`follow`], returning the event that ended the request (`None`: `timeout` passed).
+pub async fn follow_to_end(
+    client: &async_nats::Client,
+    request: RequestKey<'_>,
+    timeout: Duration,
+) -> anyhow::Result<Option<StatusEvent>> {
     let request_id = request.id;
     validate_request_id(request_id)?;
     let mut events = status_events(client, request).await?;
@@ -81,7 +94,7 @@ pub async fn follow(
                 progress.finish(&format!(
                     "gave up waiting for request {request_id} after {timeout:?}"
                 ));
-                return Ok(ExitCode::from(3));
+                return Ok(None);
             }
             Ok(None) => anyhow::bail!("status stream closed"),
             Ok(Some(message)) => message?,
@@ -96,7 +109,7 @@ pub async fn follow(
                     "✔ request {request_id} succeeded: {}",
                     event.message
                 ));
-                return Ok(ExitCode::SUCCESS);
+                return Ok(Some(event));
             }
             RequestState::Failed => {
                 let code = code_name(event.error_code());
@@ -104,7 +117,7 @@ pub async fn follow(
                     "✘ request {request_id} failed ({code}): {}",
                     event.message
                 ));
-                return Ok(ExitCode::FAILURE);
+                return Ok(Some(event));
             }
             _ => {}
         }

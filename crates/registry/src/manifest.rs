@@ -101,7 +101,36 @@ impl ResolvedImage {
     }
 }
 
+/// Largest image config a client reads (configs are a few KiB; history can grow them).
+pub const MAX_CONFIG_SIZE: i64 = 4 << 20;
+
 impl RegistryClient {
+    /// The image configuration blob of `resolved` (entrypoint, env, user, ...), as JSON bytes,
+    /// digest-verified by oci-client.
+    pub async fn pull_image_config(
+        &self,
+        resolved: &ResolvedImage,
+    ) -> Result<Vec<u8>, RegistryError> {
+        let config = &resolved.manifest.config;
+        if !(0..=MAX_CONFIG_SIZE).contains(&config.size) {
+            return Err(self.invalid(
+                &resolved.reference,
+                format!("image config of {} bytes", config.size),
+            ));
+        }
+        self.oci()
+            .store_auth_if_needed(resolved.reference.resolve_registry(), self.auth())
+            .await;
+        let mut out = Vec::with_capacity(config.size as usize);
+        self.oci()
+            .pull_blob(&resolved.reference, config, &mut out)
+            .await
+            .map_err(|e| {
+                RegistryError::from_oci(self.registry(), resolved.reference.repository(), &e)
+            })?;
+        Ok(out)
+    }
+
     /// Pulls the manifest `reference` names and, for a multi-platform index, the manifest of
     /// `platform`. Digests are verified by oci-client.
     pub async fn resolve_image(

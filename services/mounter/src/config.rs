@@ -52,6 +52,9 @@ pub struct MounterConfig {
     /// Directory holding one mount point per container: `<mount_root>/<container id>` (or the
     /// request id when the request names no container). Created when missing.
     pub mount_root: PathBuf,
+    /// Directory holding one OCI runtime bundle per container: `<bundle_root>/<container id>`
+    /// with `config.json` and an overlay `rootfs` over the lazy mount (`bundle.rs`).
+    pub bundle_root: PathBuf,
     /// Platform picked from multi-platform images (`os/arch[/variant]`).
     pub platform: String,
     /// Threads reading FUSE requests per mount. Reads are answered from the async runtime, so
@@ -87,6 +90,7 @@ impl Default for MounterConfig {
             placement: PlacementOptions::default(),
             registry: RegistrySettings::default(),
             mount_root: PathBuf::from("/run/imagemesh/mounts"),
+            bundle_root: PathBuf::from("/run/imagemesh/bundles"),
             platform: imagemesh_registry::manifest::DEFAULT_PLATFORM.to_string(),
             fuse_threads: 2,
             allow_other: true,

@@ -21,12 +21,13 @@ use imagemesh_runtime::worker::{Delivery, Handler, Outcome};
 use imagemesh_runtime::{ErrorCode, Rejection, Shutdown};
 use tokio::runtime::Handle;
 
+use crate::bundle::Process;
 use crate::config::{ReadConfig, RefreshConfig};
 use crate::control;
 use crate::fs::ImageFs;
 use crate::fs::inodes::Inodes;
 use crate::keeper::KeptMount;
-use crate::mounts::{Mount, MountInfo, MountTable, Reserved};
+use crate::mounts::{Mount, MountError, MountInfo, MountTable, Reserved};
 use crate::open::{OpenedImage, load_index, resolve};
 use crate::refresh::{Refresh, RefreshCounters};
 use crate::source::MountSource;
@@ -163,10 +164,11 @@ impl Mounter {
                 .await
                 .map_err(|e| e.into_outcome())?;
             self.report_resolved(request, &opened).await;
+            let process = self.process(request, &client, &opened).await?;
             let prepared = self.prepare(id, client.clone(), &opened).await?;
-            Ok::<_, Outcome>((opened, prepared))
+            Ok::<_, Outcome>((opened, process, prepared))
         };
-        let (opened, prepared) = tokio::time::timeout(self.prepare_deadline, preparing)
+        let (opened, process, prepared) = tokio::time::timeout(self.prepare_deadline, preparing)
             .await
             .map_err(|_| {
                 Outcome::Retry(Rejection::new(
@@ -185,6 +187,8 @@ impl Mounter {
             image_digest: opened.resolved.digest().to_string(),
             index_digest: opened.index_digest.clone(),
             mountpoint: self.mounts.mountpoint(id),
+            // Nothing to run (no Cmd, no args): a mount without a bundle.
+            bundle: process.runnable().then(|| self.mounts.bundle_dir(id)),
             entries: prepared.fs.inodes.len(),
             files: prepared.fs.inodes.files(),
             index_bytes: prepared.index_bytes,
@@ -197,17 +201,20 @@ impl Mounter {
         let stop_refresh = Shutdown::new();
         let mounts = self.mounts.clone();
         let (c, s) = (counters.clone(), stop_refresh.clone());
-        let mount =
-            tokio::task::spawn_blocking(move || mounts.mount_blocking(fs, info, c, s, &kept))
-                .await
-                .map_err(|e| reject(ErrorCode::Internal, format!("mount task failed: {e}")))?
-                .map_err(|e| {
-                    // A mount point in a bad state or /dev/fuse busy may clear up: retry.
-                    Outcome::Retry(Rejection::new(
-                        ErrorCode::Internal,
-                        format!("mounting {id} failed: {e}"),
-                    ))
-                })?;
+        let mount = tokio::task::spawn_blocking(move || {
+            mounts.mount_blocking(fs, info, c, s, &kept, Some(&process))
+        })
+        .await
+        .map_err(|e| reject(ErrorCode::Internal, format!("mount task failed: {e}")))?
+        .map_err(|e| match e {
+            // A mount point in a bad state or /dev/fuse busy may clear up: retry.
+            MountError::Fuse(e) => Outcome::Retry(Rejection::new(
+                ErrorCode::Internal,
+                format!("mounting {id} failed: {e}"),
+            )),
+            // The lazy mount is undone; an overlay or a user the image lacks will not change.
+            bundle @ MountError::Bundle(_) => reject(ErrorCode::Internal, bundle.to_string()),
+        })?;
         self.start_refresh(&mount, source, credential.cloned());
         let seconds = started.elapsed().as_secs_f64();
         tracing::info!(mount_id = id, mountpoint = %mount.info.mountpoint.display(), seconds, "mounted");
@@ -265,6 +272,28 @@ impl Mounter {
             fs,
             source,
             index_bytes,
+        })
+    }
+
+    /// What the container runs: the image config (pulled with the mount's client) with the
+    /// request's args and env over it.
+    async fn process(
+        &self,
+        request: &ContainerRequest,
+        client: &RegistryClient,
+        opened: &OpenedImage,
+    ) -> Result<Process, Outcome> {
+        let config = client
+            .pull_image_config(&opened.resolved)
+            .await
+            .map_err(|e| crate::open::OpenError::Registry(e).into_outcome())?;
+        Process::from_image(&config, &request.args, &request.env).map_err(|(image, why)| {
+            let code = if image {
+                ErrorCode::InvalidImage
+            } else {
+                ErrorCode::MalformedRequest
+            };
+            reject(code, why)
         })
     }
 
@@ -346,6 +375,13 @@ impl Mounter {
         )
         .detail("mount_id", &info.id)
         .detail("mountpoint", info.mountpoint.display())
+        .detail(
+            "bundle",
+            info.bundle
+                .as_ref()
+                .map(|b| b.display().to_string())
+                .unwrap_or_default(),
+        )
         .detail("image_ref", &info.image_ref)
         .detail("image_digest", &info.image_digest)
         .detail("index_digest", &info.index_digest)

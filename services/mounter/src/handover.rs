@@ -88,6 +88,9 @@ impl Mounter {
                 continue;
             }
             resuming.insert(mount.mountpoint.clone());
+            if let Some(bundle) = &mount.bundle {
+                resuming.insert(bundle.join("rootfs"));
+            }
             let (mounter, stop) = (self.clone(), stop.clone());
             tokio::spawn(async move { mounter.resume_until_done(mount, fuse, stop).await });
         }
@@ -165,6 +168,7 @@ impl Mounter {
             image_digest: kept.image_digest.clone(),
             index_digest: kept.index_digest.clone(),
             mountpoint: kept.mountpoint.clone(),
+            bundle: kept.bundle.clone(),
             entries: fs.inodes.len(),
             files: fs.inodes.files(),
             index_bytes,

@@ -59,6 +59,9 @@ pub struct KeptMount {
     pub image_digest: String,
     pub index_digest: String,
     pub mountpoint: PathBuf,
+    /// The runtime bundle over the mount (its overlay outlives the process on its own).
+    #[serde(default)]
+    pub bundle: Option<PathBuf>,
     pub mounted_at_unix_ms: u64,
     pub credential: Option<String>,
 }
@@ -83,6 +86,7 @@ impl KeptMount {
             image_digest: info.image_digest.clone(),
             index_digest: info.index_digest.clone(),
             mountpoint: info.mountpoint.clone(),
+            bundle: info.bundle.clone(),
             mounted_at_unix_ms: u64::try_from(mounted_at.as_millis()).unwrap_or(u64::MAX),
             credential: credential.map(|c| BASE64.encode(c.encode_to_vec())),
         }
@@ -386,6 +390,7 @@ mod tests {
             image_digest: "sha256:00".into(),
             index_digest: "sha256:11".into(),
             mountpoint: PathBuf::from("/m").join(id),
+            bundle: None,
             mounted_at_unix_ms: 1,
             credential: Some("c2VjcmV0".into()),
         }

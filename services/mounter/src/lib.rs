@@ -10,6 +10,7 @@
 //!   whose credential can be swapped under live reads, with retries and a deadline.
 //! - [`refresh`]: one task per mount renewing its token through `imagemesh.credential.refresh`.
 //! - [`mounts`]: the mount table; unmount, detach of busy and stale mounts.
+//! - [`bundle`]: the OCI runtime bundle of each mount (overlay rootfs + `config.json`).
 //! - [`keeper`] + [`handover`]: mounts that outlive this process (the mount keeper holds their
 //!   FUSE descriptors; the next process resumes them).
 //! - [`control`]: the `imagemesh.mounter.<worker>.unmount` / `.mounts` request subjects.
@@ -17,6 +18,7 @@
 //! `docs/mounter.md` describes the whole.
 #![forbid(unsafe_code)]
 
+mod bundle;
 pub mod config;
 mod control;
 mod footprint;
@@ -73,8 +75,13 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
     let fuse_max_mounts = fuse.max_mounts;
     let keeper = settings.keeper_socket.as_deref().map(KeeperClient::new);
     let mounts = Arc::new(
-        MountTable::open(&settings.mount_root, fuse, keeper.clone())
-            .map_err(|e| anyhow::anyhow!("mount root {}: {e}", settings.mount_root.display()))?,
+        MountTable::open(
+            &settings.mount_root,
+            &settings.bundle_root,
+            fuse,
+            keeper.clone(),
+        )
+        .map_err(|e| anyhow::anyhow!("mount root {}: {e}", settings.mount_root.display()))?,
     );
     let shared = Arc::new(Shared::new(Caches::new(&settings.cache)));
     let status = StatusReporter::new(js, IDENTITY.name).with_instance(&worker_id);

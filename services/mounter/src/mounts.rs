@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -40,6 +41,8 @@ pub struct MountInfo {
     pub image_digest: String,
     pub index_digest: String,
     pub mountpoint: PathBuf,
+    /// The OCI runtime bundle over this mount (`bundle.rs`), when one was made.
+    pub bundle: Option<PathBuf>,
     pub entries: usize,
     pub files: usize,
     /// What its loaded index and file table hold in memory (estimated, `footprint.rs`).
@@ -87,6 +90,17 @@ impl Slot {
     }
 }
 
+/// Why [`MountTable::mount_blocking`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    /// The FUSE mount itself (a mount point in a bad state, /dev/fuse busy): may clear up.
+    #[error("{0}")]
+    Fuse(#[from] std::io::Error),
+    /// The runtime bundle over it (the overlay, the image's user): the mount is undone.
+    #[error("preparing the runtime bundle: {0}")]
+    Bundle(String),
+}
+
 /// What [`MountTable::reserve`] found.
 pub enum Reserved {
     /// The id is ours to mount.
@@ -117,6 +131,7 @@ fn index_bytes(slots: &HashMap<String, Slot>) -> u64 {
 /// Every mount of this instance, by mount id.
 pub struct MountTable {
     root: PathBuf,
+    bundle_root: PathBuf,
     fuse: FuseOptions,
     slots: Mutex<HashMap<String, Slot>>,
     /// Holds every live mount's FUSE descriptor for the next process; `None`: mounts end with
@@ -129,13 +144,20 @@ impl MountTable {
     /// instance left).
     pub fn open(
         root: &Path,
+        bundle_root: &Path,
         fuse: FuseOptions,
         keeper: Option<KeeperClient>,
     ) -> std::io::Result<Self> {
         std::fs::create_dir_all(root)?;
         let root = root.canonicalize()?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(bundle_root)?;
+        let bundle_root = bundle_root.canonicalize()?;
         Ok(Self {
             root,
+            bundle_root,
             fuse,
             slots: Mutex::new(HashMap::new()),
             keeper,
@@ -145,6 +167,18 @@ impl MountTable {
     /// Detaches every mount under the root an earlier instance left, except those in `keep`
     /// (handed over through the keeper, being resumed).
     pub fn detach_stale(&self, keep: &HashSet<PathBuf>) {
+        // Bundles first: their overlays sit on the lazy mounts.
+        let bundles = std::fs::read_dir(&self.bundle_root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| entry.path());
+        for bundle in bundles {
+            if !keep.contains(&bundle.join("rootfs")) {
+                tracing::warn!(bundle = %bundle.display(), "removing a bundle left by an earlier instance");
+                crate::bundle::remove(&bundle);
+            }
+        }
         for stale in mounts_under(&self.root) {
             if keep.contains(&stale) {
                 continue;
@@ -153,6 +187,11 @@ impl MountTable {
             detach(&stale);
             let _ = std::fs::remove_dir(&stale);
         }
+    }
+
+    /// Where the OCI runtime bundle of mount `id` goes.
+    pub fn bundle_dir(&self, id: &str) -> PathBuf {
+        self.bundle_root.join(id)
     }
 
     pub fn root(&self) -> &Path {
@@ -225,7 +264,8 @@ impl MountTable {
     }
 
     /// Mounts `fs` at the reserved id's mount point (blocking: run it off the async threads),
-    /// and hands the keeper, if any, a duplicate of its descriptor with `kept`.
+    /// makes the OCI runtime bundle over it for `process` (at `info.bundle`), and hands the
+    /// keeper, if any, a duplicate of the FUSE descriptor with `kept`.
     pub fn mount_blocking(
         &self,
         fs: ImageFs,
@@ -233,7 +273,8 @@ impl MountTable {
         refresh: Arc<RefreshCounters>,
         stop_refresh: Shutdown,
         kept: &KeptMount,
-    ) -> std::io::Result<Arc<Mount>> {
+        process: Option<&crate::bundle::Process>,
+    ) -> Result<Arc<Mount>, MountError> {
         let reader = fs.reader.clone();
         let mountpoint = info.mountpoint.clone();
         if mounts_under(&self.root).contains(&mountpoint) {
@@ -241,13 +282,23 @@ impl MountTable {
         }
         std::fs::create_dir_all(&mountpoint)?;
         let session = Session::new(fs, &mountpoint, &self.fuse_config())?;
+        // For the keeper: a duplicate of the connection's descriptor (the session keeps its own).
+        let fuse = session.as_fd().try_clone_to_owned()?;
+        // The FUSE session must be served for the overlay to mount over it.
+        let session = session.spawn()?;
+        if let (Some(bundle), Some(process)) = (&info.bundle, process)
+            && let Err(err) = crate::bundle::create(bundle, &mountpoint, process, &info.id)
+        {
+            end_session(Some(session), &mountpoint, false);
+            return Err(MountError::Bundle(err));
+        }
         if let Some(keeper) = &self.keeper
-            && let Err(err) = keeper.keep(kept, session.as_fd())
+            && let Err(err) = keeper.keep(kept, fuse.as_fd())
         {
             // The mount works; it just ends with this process, as without a keeper.
             tracing::warn!(mount_id = %info.id, socket = %keeper.socket().display(), error = %err, "the mount keeper did not take the mount; it will not survive a restart");
         }
-        Ok(self.insert(info, reader, refresh, stop_refresh, session.spawn()?))
+        Ok(self.insert(info, reader, refresh, stop_refresh, session))
     }
 
     /// Serves again a mount an earlier process made: `fuse` is its live FUSE connection, from
@@ -343,9 +394,14 @@ impl MountTable {
         let session = mount.session.lock().expect("session lock").take();
         let mountpoint = mount.info.mountpoint.clone();
         let resumed = mount.resumed();
+        let bundle = mount.info.bundle.clone();
         let keeper = self.keeper.clone();
         let mount_id = id.to_string();
         let done = tokio::task::spawn_blocking(move || {
+            // The overlay first: it sits on the lazy mount.
+            if let Some(bundle) = bundle {
+                crate::bundle::remove(&bundle);
+            }
             end_session(session, &mountpoint, resumed);
             if let Some(keeper) = keeper
                 && let Err(err) = keeper.drop_mount(&mount_id)
@@ -451,7 +507,8 @@ mod tests {
             max_mounts: 4,
             index_memory_budget: 100,
         };
-        let table = MountTable::open(root.path(), fuse, None).unwrap();
+        let bundles = root.path().join("bundles");
+        let table = MountTable::open(&root.path().join("mounts"), &bundles, fuse, None).unwrap();
         (root, table)
     }
 

@@ -1,0 +1,157 @@
+//! A runtime request ends with a container: the mounter prepares an OCI runtime bundle over the
+//! lazy mount (overlay root filesystem + config.json from the image config) and runc starts it
+//! unchanged. A container writes to its own upper layer only; another container of the same
+//! image does not see it; `imagemesh run` does it all from the command line; unmounting leaves no
+//! overlay, upper directory or mount behind.
+
+mod mounter_support;
+
+use std::path::Path;
+use std::process::Command;
+
+use imagemesh_proto::v1::{IndexRequest, RegistryCredential, RequestState};
+use imagemesh_runtime::subjects;
+use imagemesh_tests::{
+    BuildRegistryAuth, Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, describe,
+};
+use mounter_support::{
+    WAIT, WORKER_ID, control, detail, mounted, run, runtime_request, start_mounter,
+};
+
+/// Runs `bundle` with runc as container `id`; returns (success, stdout).
+fn runc(bundle: &str, id: &str) -> (bool, String) {
+    let output = Command::new("runc")
+        .args(["run", "--bundle", bundle, id])
+        .output()
+        .expect("runc (make deps installs it)");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    eprintln!(
+        "runc {id}: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), stdout)
+}
+
+async fn unmount(mesh: &Mesh, id: &str) {
+    let subject = format!("imagemesh.mounter.{WORKER_ID}.unmount");
+    control(mesh, &subject, id).await.expect("unmounted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_request_ends_with_a_bundle_runc_starts_and_each_container_writes_alone() {
+    let options = MeshOptions {
+        build_registry_auth: BuildRegistryAuth::Basic,
+        start: vec!["credential", "scheduler", "indexer"],
+        max_deliver: 3,
+        ..Default::default()
+    };
+    let mesh = start_mounter(Mesh::start(options).await, &[]).await;
+    let registry = mesh.registry.addr().to_string();
+    let addr = registry.clone();
+    tokio::task::spawn_blocking(move || {
+        imagemesh_testkit::images::push_busybox(
+            &addr,
+            "test/box:1",
+            REGISTRY_USER,
+            REGISTRY_PASSWORD,
+        )
+    })
+    .await
+    .unwrap();
+    let image = format!("{registry}/test/box:1");
+    let index = IndexRequest {
+        request_id: "index-box".into(),
+        tenant: imagemesh_proto::DEFAULT_TENANT.into(),
+        image_ref: image.clone(),
+        credential: Some(RegistryCredential {
+            registry: registry.clone(),
+            scheme: imagemesh_proto::v1::AuthScheme::Basic as i32,
+            username: REGISTRY_USER.into(),
+            secret: REGISTRY_PASSWORD.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    mesh.publish_work(subjects::INDEX, &index).await;
+    let events = mesh.wait_terminal("index-box", WAIT).await;
+    assert_eq!(
+        events.last().unwrap().state(),
+        RequestState::Succeeded,
+        "{}",
+        describe(&events)
+    );
+
+    // Container A writes a file and reads it back; its args replace the image's Cmd.
+    let mut writes = runtime_request("run-a", "ctr-a", &image);
+    writes.args = vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        "echo \"$GREETING\" > /note && cat /note && hostname".into(),
+    ];
+    writes.env = vec!["GREETING=written by a".into()];
+    let done = mounted(&run(&mesh, &writes).await).clone();
+    let bundle_a = detail(&done, "bundle").to_string();
+    let bundles = mesh.bundle_root().canonicalize().unwrap();
+    assert_eq!(Path::new(&bundle_a), bundles.join("ctr-a"));
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(Path::new(&bundle_a).join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["process"]["args"][2], writes.args[2], "{config}");
+    assert_eq!(config["root"]["path"], "rootfs");
+    let (ok, out) = runc(&bundle_a, "ctr-a");
+    assert!(ok, "runc ran the bundle unchanged");
+    assert_eq!(out, "written by a\nctr-a\n");
+    let upper = Path::new(&bundle_a).join("upper/note");
+    assert_eq!(std::fs::read_to_string(&upper).unwrap(), "written by a\n");
+    let lazy = mesh.mount_root().canonicalize().unwrap().join("ctr-a");
+    assert!(!lazy.join("note").exists(), "the image stays untouched");
+
+    // Container B of the same image does not see A's file.
+    let mut looks = runtime_request("run-b", "ctr-b", &image);
+    looks.args = vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        "test -e /note && echo sees-a || echo clean".into(),
+    ];
+    let done = mounted(&run(&mesh, &looks).await).clone();
+    let (ok, out) = runc(detail(&done, "bundle"), "ctr-b");
+    assert!(ok);
+    assert_eq!(out, "clean\n");
+    assert_eq!(mesh.bundles_mounted().len(), 2, "one overlay per container");
+
+    // Unmounting leaves no overlay, upper directory or mount behind.
+    unmount(&mesh, "ctr-a").await;
+    unmount(&mesh, "ctr-b").await;
+    assert!(
+        mesh.bundles_mounted().is_empty(),
+        "{:?}",
+        mesh.bundles_mounted()
+    );
+    assert!(mesh.mounted().is_empty(), "{:?}", mesh.mounted());
+    assert!(
+        !Path::new(&bundle_a).exists(),
+        "the bundle and its upper are gone"
+    );
+
+    // The same from the command line: `imagemesh run IMAGE -- ARGS`, the container's exit code
+    // and output are the command's.
+    let mut command = Command::new(imagemesh_testkit::bin_path("imagemesh"));
+    command
+        .args(["run", "--keep", "--container-id", "ctr-cli", &image])
+        .args(["--", "/bin/sh", "-c", "echo from the cli; exit 7"])
+        .envs(mesh.cli_env());
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .unwrap()
+        .expect("run imagemesh run");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        output.status.code(),
+        Some(7),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("from the cli\n"), "{stdout}");
+    unmount(&mesh, "ctr-cli").await;
+    assert!(mesh.bundles_mounted().is_empty() && mesh.mounted().is_empty());
+}
