@@ -121,7 +121,6 @@ fn resolve_user(user: &str, rootfs: &Path) -> Result<(u32, u32), String> {
         // Not in /etc/passwd: group 0, as container engines do.
         Ok(uid) => (uid, lookup(&passwd, |f| f[2] == name).map_or(0, |f| f.1)),
         Err(_) => lookup(&passwd, |f| f[0] == name)
-            .map(|(uid, gid)| (uid, gid))
             .ok_or_else(|| format!("user {name:?} is not in the image's /etc/passwd"))?,
     };
     let gid = match group {

@@ -126,7 +126,7 @@ impl std::fmt::Debug for KeptMount {
 #[serde(rename_all = "snake_case")]
 enum Request {
     /// Keep the descriptor sent along, under `id` (replacing what was kept under it).
-    Keep { mount: KeptMount },
+    Keep { mount: Box<KeptMount> },
     /// Close what is kept under `id` (the mount was unmounted).
     Drop { id: String },
     /// Send back everything kept.
@@ -138,7 +138,7 @@ enum Request {
 enum Reply {
     Ok,
     Error { message: String },
-    Kept { mount: KeptMount },
+    Kept { mount: Box<KeptMount> },
     End,
 }
 
@@ -164,7 +164,7 @@ impl KeeperClient {
     pub fn keep(&self, mount: &KeptMount, fuse: BorrowedFd<'_>) -> std::io::Result<()> {
         let conn = self.connect()?;
         let request = Request::Keep {
-            mount: mount.clone(),
+            mount: Box::new(mount.clone()),
         };
         send(&conn, &request, Some(fuse))?;
         expect_ok(recv::<Reply>(&conn)?.0)
@@ -184,7 +184,7 @@ impl KeeperClient {
         let mut kept = Vec::new();
         loop {
             match recv::<Reply>(&conn)? {
-                (Reply::Kept { mount }, Some(fd)) => kept.push((mount, fd)),
+                (Reply::Kept { mount }, Some(fd)) => kept.push((*mount, fd)),
                 (Reply::Kept { mount }, None) => {
                     return Err(protocol(format!(
                         "{} came without its descriptor",
@@ -346,7 +346,7 @@ fn exchange(conn: &OwnedFd, kept: &Kept) -> std::io::Result<()> {
                 };
                 tracing::info!(mount_id = %mount.id, mountpoint = %mount.mountpoint.display(), "keeping");
                 let id = mount.id.clone();
-                kept.lock().expect("kept lock").insert(id, (mount, fd));
+                kept.lock().expect("kept lock").insert(id, (*mount, fd));
                 send(conn, &Reply::Ok, None)?;
             }
             Request::Drop { id } => {
@@ -365,7 +365,7 @@ fn exchange(conn: &OwnedFd, kept: &Kept) -> std::io::Result<()> {
                 };
                 for (mount, fd) in &listed {
                     let reply = Reply::Kept {
-                        mount: mount.clone(),
+                        mount: Box::new(mount.clone()),
                     };
                     send(conn, &reply, Some(fd.as_fd()))?;
                 }
