@@ -451,3 +451,58 @@ async fn the_cli_builds_a_context_shows_the_log_and_prints_the_image_id() {
     assert!(stderr.contains("RUN echo cli-broken && false"), "{stderr}");
     m.assert_cleaned_up().await;
 }
+
+/// Build output is bytes: a RUN step printing invalid UTF-8 and a 1 MB line without a newline
+/// neither stops the log (which would leave buildah blocked on a full pipe) nor fails the build.
+#[tokio::test]
+async fn build_output_with_invalid_utf8_and_a_megabyte_line_does_not_break_the_build() {
+    let m = BuildMesh::start(&[]).await;
+    let id = "noisy";
+    let mut log = m
+        .mesh
+        .client
+        .subscribe(subjects::build_log(RequestKey::new(DEFAULT_TENANT, id)))
+        .await
+        .unwrap();
+    let dockerfile = format!(
+        "FROM {}\nRUN printf '\\377\\376 bad\\n' && head -c 1000000 /dev/zero | tr '\\0' a && \
+         echo && echo after-the-long-line\n",
+        m.base()
+    );
+    let mut request = build_request(id, &dockerfile, "");
+    request.build_options.as_mut().unwrap().timeout_seconds = 90;
+    m.mesh.submit(&request).await;
+    let events = m.mesh.wait_terminal(id, WAIT).await;
+    assert_succeeded(&events);
+    assert!(
+        find(&events, "builder", "pushed").is_some(),
+        "{}",
+        describe(&events)
+    );
+
+    let mut lines = Vec::new();
+    while let Ok(Some(message)) = tokio::time::timeout(Duration::from_millis(500), log.next()).await
+    {
+        lines.push(String::from_utf8_lossy(&message.payload).into_owned());
+    }
+    assert!(
+        lines.iter().any(|l| l == "\u{fffd}\u{fffd} bad"),
+        "invalid UTF-8 replaced: {:?}",
+        lines
+            .iter()
+            .map(|l| &l[..l.len().min(80)])
+            .collect::<Vec<_>>()
+    );
+    let long: Vec<_> = lines
+        .iter()
+        .filter(|l| !l.is_empty() && l.bytes().all(|b| b == b'a'))
+        .collect();
+    let total: usize = long.iter().map(|l| l.len()).sum();
+    assert_eq!(total, 1_000_000, "the long line arrived whole, in pieces");
+    assert!(
+        long.iter().all(|l| l.len() <= 16 * 1024),
+        "pieces are bounded"
+    );
+    assert!(lines.iter().any(|l| l == "after-the-long-line"));
+    m.assert_cleaned_up().await;
+}
