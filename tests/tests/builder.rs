@@ -1,6 +1,7 @@
 //! The builder end to end, against real buildah, skopeo, registry and NATS: Dockerfile builds
 //! from a busybox base in the build registry, pushed with the request's token and pulled back;
-//! source-image copies; idempotent rebuilds; failures of every kind with the builder's error
+//! source-image copies; idempotent rebuilds (by content: the same image id from another
+//! Dockerfile, context or build args is built again); failures of every kind with the builder's error
 //! text; cleanup of every build directory; the `imagemesh build` CLI.
 
 use std::path::Path;
@@ -143,6 +144,7 @@ async fn dockerfile_builds_run_at_once_are_pushed_with_the_token_recorded_and_in
         .await
         .unwrap();
     let ids = ["df-a", "df-b", "df-c"];
+    let mut requests = Vec::new();
     for id in ids {
         m.upload(
             &format!("ctx-{id}"),
@@ -160,6 +162,7 @@ async fn dockerfile_builds_run_at_once_are_pushed_with_the_token_recorded_and_in
             .build_args
             .insert("FLAVOUR".into(), format!("flavour-{id}"));
         m.mesh.submit(&request).await;
+        requests.push(request);
     }
     let mut digests = Vec::new();
     for id in ids {
@@ -246,9 +249,10 @@ async fn dockerfile_builds_run_at_once_are_pushed_with_the_token_recorded_and_in
     assert!(lines.iter().any(|l| l.starts_with("STEP 1/")), "{lines:?}");
     assert!(lines.iter().any(|l| l == "hello from df-a"), "{lines:?}");
 
-    // The same image id again: recorded with the digest the registry serves, so not rebuilt.
-    let mut again = build_request("df-a-again", "FROM scratch\n", "");
-    again.image_id = "img-df-a".into();
+    // The same build of the same image id again: recorded from the same content with the digest
+    // the registry serves, so not rebuilt.
+    let mut again = requests[0].clone();
+    again.request_id = "df-a-again".into();
     m.mesh.submit(&again).await;
     let events = m.wait_builder("df-a-again").await;
     let skipped = find(&events, "builder", "already-built")
@@ -504,5 +508,97 @@ async fn build_output_with_invalid_utf8_and_a_megabyte_line_does_not_break_the_b
         "pieces are bounded"
     );
     assert!(lines.iter().any(|l| l == "after-the-long-line"));
+    m.assert_cleaned_up().await;
+}
+
+/// Idempotency is by content: the same image id from another context, Dockerfile or build arg
+/// is built again (and the record replaced); the identical request is not.
+#[tokio::test]
+async fn a_rebuild_of_an_image_id_from_other_content_builds_again_and_the_same_does_not() {
+    let m = BuildMesh::start(&[]).await;
+    let dockerfile = |word: &str| {
+        format!(
+            "FROM {}\nARG FLAVOUR\nCOPY note.txt /note.txt\nRUN echo {word}-$FLAVOUR > /word.txt\n",
+            m.base()
+        )
+    };
+    let request = |id: &str, dockerfile: &str, flavour: &str| {
+        let mut request = build_request(id, dockerfile, "ctx-rebuild");
+        request.image_id = "img-rebuild".into();
+        let options = request.build_options.as_mut().unwrap();
+        options.build_args.insert("FLAVOUR".into(), flavour.into());
+        request
+    };
+    // (request, note.txt uploaded before it, built again?, /word.txt, /note.txt)
+    let steps = [
+        (
+            request("rb-1", &dockerfile("one"), "x"),
+            "note 1\n",
+            true,
+            "one-x\n",
+        ),
+        (
+            request("rb-same", &dockerfile("one"), "x"),
+            "note 1\n",
+            false,
+            "one-x\n",
+        ),
+        // The context object replaced with other content under the same name.
+        (
+            request("rb-ctx", &dockerfile("one"), "x"),
+            "note 2\n",
+            true,
+            "one-x\n",
+        ),
+        (
+            request("rb-df", &dockerfile("two"), "x"),
+            "note 2\n",
+            true,
+            "two-x\n",
+        ),
+        (
+            request("rb-arg", &dockerfile("two"), "y"),
+            "note 2\n",
+            true,
+            "two-y\n",
+        ),
+        (
+            request("rb-same-2", &dockerfile("two"), "y"),
+            "note 2\n",
+            false,
+            "two-y\n",
+        ),
+    ];
+    let mut digests = Vec::new();
+    for (request, note, rebuilt, word) in &steps {
+        let id = request.request_id.as_str();
+        m.upload("ctx-rebuild", &[("note.txt", note.as_bytes())])
+            .await;
+        m.mesh.submit(request).await;
+        let events = m.mesh.wait_terminal(id, WAIT).await;
+        assert_succeeded(&events);
+        let built = find(&events, "builder", "building").is_some();
+        let skipped = find(&events, "builder", "already-built");
+        assert_eq!(built, *rebuilt, "{id}: {}", describe(&events));
+        assert_eq!(skipped.is_some(), !rebuilt, "{id}: {}", describe(&events));
+        let digest = match skipped {
+            Some(skipped) => skipped.details["digest"].clone(),
+            None => find(&events, "builder", "pushed").unwrap().details["digest"].clone(),
+        };
+        let image = m.pull("img-rebuild");
+        let root = image.rootfs();
+        assert_eq!(read(&root, "word.txt"), *word, "{id}");
+        assert_eq!(read(&root, "note.txt"), *note, "{id}");
+        digests.push(digest);
+    }
+    assert_eq!(
+        digests[0], digests[1],
+        "the identical request is the same image"
+    );
+    assert_eq!(digests[4], digests[5]);
+    let mut built: Vec<_> = [0, 2, 3, 4].iter().map(|&i| digests[i].clone()).collect();
+    built.sort();
+    built.dedup();
+    assert_eq!(built.len(), 4, "each change made a new image: {digests:?}");
     m.assert_cleaned_up().await;
 }
