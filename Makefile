@@ -17,7 +17,7 @@ TEST_THREADS ?= 4
 # /etc/subuid and /etc/subgid reserves them, so no account on the host is given them.
 SANDBOX_IDS := containers:2147483647:2147483648
 
-.PHONY: all deps apt-deps pip-deps sandbox-deps build test test-unit test-e2e lint fmt run smoke bench clean
+.PHONY: all deps apt-deps pip-deps sandbox-deps build test test-unit test-e2e lint fmt run smoke bench clean fuzz faults
 
 all: build
 
@@ -69,6 +69,36 @@ smoke:
 	IMAGEMESH_RUN_ONCE=1 IMAGEMESH_STACK_DIR=$(CURDIR)/.stack/smoke \
 	  IMAGEMESH_NATS_PORT=14222 IMAGEMESH_REGISTRY_PORT=15000 IMAGEMESH_TOKEN_PORT=15001 \
 	  deploy/local/mesh.sh
+
+# The fault scenarios (docs/reliability.md), on their own: a JetStream cluster losing nodes,
+# services killed with SIGKILL, a failing registry, poison messages, full streams, stalled
+# registries, the credential service away, mounters restarted and killed under live reads.
+# They are part of `make test` too.
+FAULT_TESTS := cluster service_kills registry_faults poison bounded backbone mounter_handover
+faults: deps build
+	$(CARGO) test -p imagemesh-tests --no-fail-fast $(foreach t,$(FAULT_TESTS),--test $(t)) -- --test-threads=$(TEST_THREADS)
+	$(CARGO) test -p imagemesh-lazyimage --test stalls
+
+# Fuzzing (cargo-fuzz, libFuzzer; nightly). Not part of `make test`. Each target runs for
+# FUZZ_SECONDS from its committed seeds (fuzz/corpus/<target>); what it finds new goes to
+# fuzz/.corpus/<target> (not committed), a crash to fuzz/artifacts/<target>/.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= index_layer decode_index container_request dockerfile_from
+FUZZ_SANITIZER ?= address
+FUZZ_TARGET_DIR ?= $(CURDIR)/fuzz/target
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	@rustup run nightly rustc --version >/dev/null 2>&1 || { \
+	  echo "make fuzz needs a nightly toolchain (rustup toolchain install nightly)"; exit 1; }
+	@set -e; cd fuzz; for t in $(FUZZ_TARGETS); do \
+	  mkdir -p .corpus/$$t artifacts/$$t; \
+	  echo "== fuzz $$t for $(FUZZ_SECONDS)s (log: fuzz/.corpus/$$t.log)"; \
+	  rc=0; cargo +nightly fuzz run --sanitizer $(FUZZ_SANITIZER) --target-dir $(FUZZ_TARGET_DIR) $$t \
+	    .corpus/$$t corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	    -artifact_prefix=artifacts/$$t/ > .corpus/$$t.log 2>&1 || rc=$$?; \
+	  grep -E '^(#[0-9]+[[:space:]]+DONE|stat::number_of_executed_units|stat::average_exec_per_sec|stat::peak_rss_mb|SUMMARY)' .corpus/$$t.log || true; \
+	  if [ $$rc != 0 ]; then tail -40 .corpus/$$t.log; echo "fuzz $$t failed: the input is in fuzz/artifacts/$$t"; exit 1; fi; \
+	done
 
 bench: deps
 	$(CARGO) build --release -p imagemesh-bench

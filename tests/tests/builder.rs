@@ -1,6 +1,7 @@
 //! The builder end to end, against real buildah, skopeo, registry and NATS: Dockerfile builds
 //! from a busybox base in the build registry, pushed with the request's token and pulled back;
-//! source-image copies; idempotent rebuilds; failures of every kind with the builder's error
+//! source-image copies; idempotent rebuilds (by content: the same image id from another
+//! Dockerfile, context or build args is built again); failures of every kind with the builder's error
 //! text; cleanup of every build directory; the `imagemesh build` CLI.
 
 use std::path::Path;
@@ -143,6 +144,7 @@ async fn dockerfile_builds_run_at_once_are_pushed_with_the_token_recorded_and_in
         .await
         .unwrap();
     let ids = ["df-a", "df-b", "df-c"];
+    let mut requests = Vec::new();
     for id in ids {
         m.upload(
             &format!("ctx-{id}"),
@@ -160,6 +162,7 @@ async fn dockerfile_builds_run_at_once_are_pushed_with_the_token_recorded_and_in
             .build_args
             .insert("FLAVOUR".into(), format!("flavour-{id}"));
         m.mesh.submit(&request).await;
+        requests.push(request);
     }
     let mut digests = Vec::new();
     for id in ids {
@@ -246,9 +249,10 @@ async fn dockerfile_builds_run_at_once_are_pushed_with_the_token_recorded_and_in
     assert!(lines.iter().any(|l| l.starts_with("STEP 1/")), "{lines:?}");
     assert!(lines.iter().any(|l| l == "hello from df-a"), "{lines:?}");
 
-    // The same image id again: recorded with the digest the registry serves, so not rebuilt.
-    let mut again = build_request("df-a-again", "FROM scratch\n", "");
-    again.image_id = "img-df-a".into();
+    // The same build of the same image id again: recorded from the same content with the digest
+    // the registry serves, so not rebuilt.
+    let mut again = requests[0].clone();
+    again.request_id = "df-a-again".into();
     m.mesh.submit(&again).await;
     let events = m.wait_builder("df-a-again").await;
     let skipped = find(&events, "builder", "already-built")
@@ -449,5 +453,152 @@ async fn the_cli_builds_a_context_shows_the_log_and_prints_the_image_id() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("error: build"), "{stderr}");
     assert!(stderr.contains("RUN echo cli-broken && false"), "{stderr}");
+    m.assert_cleaned_up().await;
+}
+
+/// Build output is bytes: a RUN step printing invalid UTF-8 and a 1 MB line without a newline
+/// neither stops the log (which would leave buildah blocked on a full pipe) nor fails the build.
+#[tokio::test]
+async fn build_output_with_invalid_utf8_and_a_megabyte_line_does_not_break_the_build() {
+    let m = BuildMesh::start(&[]).await;
+    let id = "noisy";
+    let mut log = m
+        .mesh
+        .client
+        .subscribe(subjects::build_log(RequestKey::new(DEFAULT_TENANT, id)))
+        .await
+        .unwrap();
+    let dockerfile = format!(
+        "FROM {}\nRUN printf '\\377\\376 bad\\n' && head -c 1000000 /dev/zero | tr '\\0' a && \
+         echo && echo after-the-long-line\n",
+        m.base()
+    );
+    let mut request = build_request(id, &dockerfile, "");
+    request.build_options.as_mut().unwrap().timeout_seconds = 90;
+    m.mesh.submit(&request).await;
+    let events = m.mesh.wait_terminal(id, WAIT).await;
+    assert_succeeded(&events);
+    assert!(
+        find(&events, "builder", "pushed").is_some(),
+        "{}",
+        describe(&events)
+    );
+
+    let mut lines = Vec::new();
+    while let Ok(Some(message)) = tokio::time::timeout(Duration::from_millis(500), log.next()).await
+    {
+        lines.push(String::from_utf8_lossy(&message.payload).into_owned());
+    }
+    assert!(
+        lines.iter().any(|l| l == "\u{fffd}\u{fffd} bad"),
+        "invalid UTF-8 replaced: {:?}",
+        lines
+            .iter()
+            .map(|l| &l[..l.len().min(80)])
+            .collect::<Vec<_>>()
+    );
+    let long: Vec<_> = lines
+        .iter()
+        .filter(|l| !l.is_empty() && l.bytes().all(|b| b == b'a'))
+        .collect();
+    let total: usize = long.iter().map(|l| l.len()).sum();
+    assert_eq!(total, 1_000_000, "the long line arrived whole, in pieces");
+    assert!(
+        long.iter().all(|l| l.len() <= 16 * 1024),
+        "pieces are bounded"
+    );
+    assert!(lines.iter().any(|l| l == "after-the-long-line"));
+    m.assert_cleaned_up().await;
+}
+
+/// Idempotency is by content: the same image id from another context, Dockerfile or build arg
+/// is built again (and the record replaced); the identical request is not.
+#[tokio::test]
+async fn a_rebuild_of_an_image_id_from_other_content_builds_again_and_the_same_does_not() {
+    let m = BuildMesh::start(&[]).await;
+    let dockerfile = |word: &str| {
+        format!(
+            "FROM {}\nARG FLAVOUR\nCOPY note.txt /note.txt\nRUN echo {word}-$FLAVOUR > /word.txt\n",
+            m.base()
+        )
+    };
+    let request = |id: &str, dockerfile: &str, flavour: &str| {
+        let mut request = build_request(id, dockerfile, "ctx-rebuild");
+        request.image_id = "img-rebuild".into();
+        let options = request.build_options.as_mut().unwrap();
+        options.build_args.insert("FLAVOUR".into(), flavour.into());
+        request
+    };
+    // (request, note.txt uploaded before it, built again?, /word.txt, /note.txt)
+    let steps = [
+        (
+            request("rb-1", &dockerfile("one"), "x"),
+            "note 1\n",
+            true,
+            "one-x\n",
+        ),
+        (
+            request("rb-same", &dockerfile("one"), "x"),
+            "note 1\n",
+            false,
+            "one-x\n",
+        ),
+        // The context object replaced with other content under the same name.
+        (
+            request("rb-ctx", &dockerfile("one"), "x"),
+            "note 2\n",
+            true,
+            "one-x\n",
+        ),
+        (
+            request("rb-df", &dockerfile("two"), "x"),
+            "note 2\n",
+            true,
+            "two-x\n",
+        ),
+        (
+            request("rb-arg", &dockerfile("two"), "y"),
+            "note 2\n",
+            true,
+            "two-y\n",
+        ),
+        (
+            request("rb-same-2", &dockerfile("two"), "y"),
+            "note 2\n",
+            false,
+            "two-y\n",
+        ),
+    ];
+    let mut digests = Vec::new();
+    for (request, note, rebuilt, word) in &steps {
+        let id = request.request_id.as_str();
+        m.upload("ctx-rebuild", &[("note.txt", note.as_bytes())])
+            .await;
+        m.mesh.submit(request).await;
+        let events = m.mesh.wait_terminal(id, WAIT).await;
+        assert_succeeded(&events);
+        let built = find(&events, "builder", "building").is_some();
+        let skipped = find(&events, "builder", "already-built");
+        assert_eq!(built, *rebuilt, "{id}: {}", describe(&events));
+        assert_eq!(skipped.is_some(), !rebuilt, "{id}: {}", describe(&events));
+        let digest = match skipped {
+            Some(skipped) => skipped.details["digest"].clone(),
+            None => find(&events, "builder", "pushed").unwrap().details["digest"].clone(),
+        };
+        let image = m.pull("img-rebuild");
+        let root = image.rootfs();
+        assert_eq!(read(&root, "word.txt"), *word, "{id}");
+        assert_eq!(read(&root, "note.txt"), *note, "{id}");
+        digests.push(digest);
+    }
+    assert_eq!(
+        digests[0], digests[1],
+        "the identical request is the same image"
+    );
+    assert_eq!(digests[4], digests[5]);
+    let mut built: Vec<_> = [0, 2, 3, 4].iter().map(|&i| digests[i].clone()).collect();
+    built.sort();
+    built.dedup();
+    assert_eq!(built.len(), 4, "each change made a new image: {digests:?}");
     m.assert_cleaned_up().await;
 }

@@ -1,7 +1,8 @@
 //! The indexer refuses what it cannot index, clearly and once: corrupt layers (stored under
 //! their correct digest) fail with INVALID_IMAGE and a dead letter without the secret; a wrong
 //! credential and a missing image fail with their own codes; an unreachable registry is retried
-//! and then given up on.
+//! and then given up on. A gzip bomb is stopped by the indexer's size limits, and the indexer
+//! goes on indexing.
 
 mod indexer_support;
 
@@ -37,6 +38,12 @@ fn sha256(bytes: &[u8]) -> String {
 /// Pushes a one-layer image whose layer is `layer` (labelled tar+gzip), with a config whose
 /// diff-id is the layer's own digest (nothing checks it before the layer is read).
 async fn push_image(registry: &str, repo: &str, layer: Vec<u8>) -> String {
+    let diff_id = sha256(&layer);
+    push_image_with(registry, repo, layer, &diff_id).await
+}
+
+/// Pushes a one-layer image (tar+gzip) whose config names `diff_id`.
+async fn push_image_with(registry: &str, repo: &str, layer: Vec<u8>, diff_id: &str) -> String {
     let client = Client::new(ClientConfig {
         protocol: ClientProtocol::Http,
         ..Default::default()
@@ -45,7 +52,7 @@ async fn push_image(registry: &str, repo: &str, layer: Vec<u8>) -> String {
     let config = serde_json::json!({
         "architecture": "amd64",
         "os": "linux",
-        "rootfs": {"type": "layers", "diff_ids": [sha256(&layer)]},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
     });
     let config = Config::oci_v1(serde_json::to_vec(&config).unwrap(), None);
     let layers = [ImageLayer::new(
@@ -140,5 +147,68 @@ async fn a_wrong_credential_a_missing_image_and_a_dead_registry_each_fail_clearl
 
     let ids = ["bad-cred", "missing", "no-cred", "down"];
     mesh.assert_no_secret_leaked(&ids, &[REGISTRY_PASSWORD, wrong])
+        .await;
+}
+
+/// A tar of one `size`-byte file of zeros, gzipped by streaming the zeros through flate2: about
+/// 1 MB of gzip per GiB.
+fn gzip_bomb(size: u64) -> Vec<u8> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    let mut header = tar::Header::new_gnu();
+    header.set_path("zeros").unwrap();
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_mode(0o644);
+    header.set_size(size);
+    header.set_cksum();
+    gz.write_all(header.as_bytes()).unwrap();
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..size >> 20 {
+        gz.write_all(&zeros).unwrap();
+    }
+    gz.write_all(&[0u8; 1024]).unwrap();
+    gz.finish().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gzip_bomb_is_an_invalid_image_and_the_indexer_goes_on() {
+    let mesh = indexer_mesh().await;
+    let registry = mesh.registry.addr().to_string();
+    // 1 GiB of zeros in ~1 MB: with the default limits the ratio check stops it at 64 MiB.
+    let bomb = gzip_bomb(1 << 30);
+    let bomb_digest = sha256(&bomb);
+    let compressed = bomb.len();
+    push_image(&registry, "bomb", bomb).await;
+    let started = std::time::Instant::now();
+    let events = index(&mesh, &request(&mesh, "bomb", "bomb:v1")).await;
+    let took = started.elapsed();
+    let last = assert_failed(&events, "indexer", ErrorCode::InvalidImage);
+    eprintln!(
+        "gzip bomb of {compressed} bytes (1 GiB inflated) refused in {took:?}: {}",
+        last.message
+    );
+    assert!(last.message.contains(&bomb_digest), "{}", last.message);
+    assert!(
+        last.message.contains("compression ratio"),
+        "{}",
+        last.message
+    );
+    assert!(took < std::time::Duration::from_secs(30), "{took:?}");
+    assert_dead_letter(&mesh, "bomb", ErrorCode::InvalidImage, 1).await;
+
+    // The same indexer then indexes a well-formed image.
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_mode(0o644);
+    header.set_size(6);
+    tar.append_data(&mut header, "hello", &b"hello\n"[..])
+        .unwrap();
+    let tar = tar.into_inner().unwrap();
+    let diff_id = sha256(&tar);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&tar).unwrap();
+    push_image_with(&registry, "after-bomb", gz.finish().unwrap(), &diff_id).await;
+    let events = index(&mesh, &request(&mesh, "after-bomb", "after-bomb:v1")).await;
+    imagemesh_tests::assert_succeeded(&events);
+    mesh.assert_no_secret_leaked(&["bomb", "after-bomb"], &[REGISTRY_PASSWORD])
         .await;
 }

@@ -43,7 +43,7 @@ pub use format::{
     DecodeLimits, FORMAT_VERSION, MAGIC, decode_image, decode_image_with, decode_layer,
     decode_layer_with, encode_image, encode_layer,
 };
-pub use ingest::{IndexOptions, Limits, MIN_SPAN_SIZE, index_layer};
+pub use ingest::{IndexOptions, Limits, MIN_SPAN_SIZE, RATIO_CHECK_FLOOR, index_layer};
 pub use merge::{DataRef, MergedEntry, MergedTree};
 pub use model::{Compression, Entry, EntryKind, ImageIndex, LayerIndex, Window};
 pub use read::ReadPlan;

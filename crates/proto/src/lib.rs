@@ -12,6 +12,8 @@
 
 pub mod codec;
 mod credential;
+#[doc(hidden)]
+pub mod fuzzing;
 mod request;
 pub mod tenant;
 

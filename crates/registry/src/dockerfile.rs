@@ -48,13 +48,44 @@ pub fn base_images(dockerfile: &str, build_args: &HashMap<String, String>) -> Ve
         else {
             continue;
         };
-        if let Ok(reference) = image.parse::<Reference>()
+        if let Some(reference) = parse_reference(&image)
             && !images.iter().any(|i| i.whole() == reference.whole())
         {
             images.push(reference);
         }
     }
     images
+}
+
+/// The body of the `dockerfile_from` fuzz target (`fuzz/`), here so its seed corpus also runs in
+/// every `cargo test`. `data` is a Dockerfile, optionally followed by a NUL and `NAME=value`
+/// build args, one per line. Every reference found must be one that parses back to itself.
+#[doc(hidden)]
+pub fn fuzz_one(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let (dockerfile, args) = text.split_once('\0').unwrap_or((&text, ""));
+    let build_args: HashMap<String, String> = args
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    for image in base_images(dockerfile, &build_args) {
+        let again: Reference = image
+            .whole()
+            .parse()
+            .expect("a found reference parses again");
+        assert_eq!(again.whole(), image.whole());
+    }
+}
+
+/// `image` as a reference whose full form (`whole()`, what a token is asked for and the
+/// scheduler and builder name) is itself valid. The short form parser accepts some names the
+/// full form refuses, e.g. an upper-case repository (`Fnux/app` gives `docker.io/Fnux/app:latest`,
+/// which no registry serves): found by the `dockerfile_from` fuzz target.
+fn parse_reference(image: &str) -> Option<Reference> {
+    let reference = image.parse::<Reference>().ok()?;
+    reference.whole().parse::<Reference>().ok()?;
+    Some(reference)
 }
 
 fn unquote(value: &str) -> String {
@@ -140,6 +171,22 @@ mod tests {
                 format!("registry.example/x/y@sha256:{digest}"),
                 "docker.io/library/busybox:latest".to_string(),
             ]
+        );
+    }
+
+    /// Found by the `dockerfile_from` fuzz target: `Fnux/axmd3w2` parsed, but its full form
+    /// `docker.io/Fnux/axmd3w2:latest` does not; such a name is no base image to fetch a
+    /// credential for (buildah refuses it).
+    #[test]
+    fn names_whose_full_form_is_invalid_name_nothing() {
+        let dockerfile = "FROM Fnux/axmd3w2\nFROM UPPER/Case:Tag\nFROM busybox:1\n";
+        assert_eq!(
+            whole(base_images(dockerfile, &HashMap::new())),
+            vec!["docker.io/library/busybox:1".to_string()]
+        );
+        assert!(
+            "Fnux/axmd3w2".parse::<Reference>().is_ok(),
+            "still the parser's quirk"
         );
     }
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
@@ -290,10 +290,75 @@ async fn run(mut command: Command, log: &BuildLog, deadline: Instant) -> Result<
     Err(BuildahError::Failed { status, error_line })
 }
 
-async fn forward(stream: impl AsyncRead + Unpin, log: &BuildLog) {
-    let mut lines = BufReader::new(stream).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
+/// Longest line handed to the build log; a longer one is split into pieces of this size.
+const MAX_LINE: usize = 16 * 1024;
+
+/// Streams buildah's output to the log line by line. Output is bytes, not text: a RUN step may
+/// print anything (invalid UTF-8 is replaced, lossily) and lines of any length (split at
+/// [`MAX_LINE`]), and the pipe is read to its end whatever comes through it, so buildah never
+/// blocks on a full pipe.
+async fn forward(mut stream: impl AsyncRead + Unpin, log: &BuildLog) {
+    let mut lines = LineSplitter::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match stream.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(err) => {
+                tracing::debug!(error = %err, "reading buildah output failed");
+                break;
+            }
+        };
+        for line in lines.push(&buf[..n]) {
+            log.line(&line).await;
+        }
+    }
+    if let Some(line) = lines.finish() {
         log.line(&line).await;
+    }
+}
+
+/// Splits a byte stream into lines of at most [`MAX_LINE`] bytes, converted lossily to text.
+#[derive(Default)]
+struct LineSplitter {
+    pending: Vec<u8>,
+}
+
+impl LineSplitter {
+    /// The complete lines (and full-length pieces of long ones) that `bytes` finishes.
+    fn push(&mut self, mut bytes: &[u8]) -> Vec<String> {
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            let room = MAX_LINE - self.pending.len();
+            let window = &bytes[..bytes.len().min(room)];
+            match window.iter().position(|&b| b == b'\n') {
+                Some(at) => {
+                    self.pending.extend_from_slice(&window[..at]);
+                    out.push(self.take());
+                    bytes = &bytes[at + 1..];
+                }
+                None => {
+                    self.pending.extend_from_slice(window);
+                    bytes = &bytes[window.len()..];
+                    if self.pending.len() == MAX_LINE {
+                        out.push(self.take());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The last line, when the stream did not end with a newline.
+    fn finish(mut self) -> Option<String> {
+        (!self.pending.is_empty()).then(|| self.take())
+    }
+
+    fn take(&mut self) -> String {
+        let line = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        line
     }
 }
 
@@ -322,6 +387,28 @@ impl Drop for ProcessGroup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn output_is_split_into_bounded_lossy_lines() {
+        let mut lines = LineSplitter::default();
+        assert!(lines.push(b"par").is_empty());
+        assert_eq!(
+            lines.push(b"tial\n\xff\xfe bad\nnext"),
+            ["partial", "\u{fffd}\u{fffd} bad"]
+        );
+        let long = vec![b'a'; 2 * MAX_LINE + 10];
+        let got = lines.push(&long);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].len(), MAX_LINE);
+        assert!(got[0].starts_with("next"));
+        assert_eq!(got[1], "a".repeat(MAX_LINE));
+        assert_eq!(lines.push(b"\n"), ["a".repeat(14)]);
+        assert!(lines.push(b"").is_empty());
+        assert_eq!(lines.push(b"\n\n"), ["", ""]);
+        lines.push(b"tail");
+        assert_eq!(lines.finish().as_deref(), Some("tail"));
+        assert_eq!(LineSplitter::default().finish(), None);
+    }
 
     #[test]
     fn a_failed_run_step_reads_the_same_under_either_isolation() {

@@ -67,6 +67,41 @@ pub async fn fetch(
     Ok(copied)
 }
 
+/// The content digest NATS keeps for object `name` of `tenant`'s context bucket
+/// (`SHA-256=<base64>`), or `None` when the bucket or the object is missing (the build then
+/// fails with `NOT_FOUND` when it fetches the context).
+pub async fn digest(
+    js: &jetstream::Context,
+    tenant: &str,
+    name: &str,
+) -> Result<Option<String>, Failure> {
+    let bucket = contexts_bucket(tenant);
+    let store = match js.get_object_store(&bucket).await {
+        Ok(store) => store,
+        Err(err) if bucket_missing(&err) => return Ok(None),
+        Err(err) => {
+            return Err(Failure::internal(format!(
+                "cannot open the {bucket} bucket: {err}"
+            )));
+        }
+    };
+    match store.info(name).await {
+        Ok(info) => Ok(Some(info.digest.unwrap_or_else(|| {
+            // Objects always carry a digest; without one, size and modification time stand in.
+            format!("size={} modified={:?}", info.size, info.modified)
+        }))),
+        Err(err) => {
+            use async_nats::jetstream::object_store::InfoErrorKind;
+            match err.kind() {
+                InfoErrorKind::NotFound | InfoErrorKind::InvalidName => Ok(None),
+                _ => Err(Failure::internal(format!(
+                    "cannot read build context {name:?}: {err}"
+                ))),
+            }
+        }
+    }
+}
+
 /// True when the bucket does not exist (as opposed to NATS failing to say).
 fn bucket_missing(err: &jetstream::context::ObjectStoreError) -> bool {
     use jetstream::context::{GetStreamError, GetStreamErrorKind};

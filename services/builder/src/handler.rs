@@ -16,6 +16,7 @@ use oci_client::RegistryOperation;
 use prost::Message;
 
 use crate::config::BuilderConfig;
+use crate::context;
 use crate::copy::ImageCopy;
 use crate::dockerfile::DockerfileBuild;
 use crate::failure::Failure;
@@ -93,17 +94,30 @@ impl Builder {
             Access::Manifest(digest) => Some(digest.as_str()),
             Access::NoManifest => None,
         };
+        let build_key = self.build_key(request).await?;
         let digest = match self.records.get(&request.tenant, &request.image_id).await? {
             Some(record)
-                if records::already_pushed(&record, &request.build_image_ref, existing) =>
+                if records::already_pushed(
+                    &record,
+                    &request.build_image_ref,
+                    &build_key,
+                    existing,
+                ) =>
             {
-                let step = Step::running("already-built", "image already pushed; not rebuilt")
-                    .detail("image_ref", &record.image_ref)
-                    .detail("digest", &record.manifest_digest);
+                let step = Step::running(
+                    "already-built",
+                    "image already pushed from the same content; not rebuilt",
+                )
+                .detail("image_ref", &record.image_ref)
+                .detail("digest", &record.manifest_digest)
+                .detail("build_key", &build_key);
                 self.status.report(id, step).await;
                 record.manifest_digest
             }
-            _ => self.build_and_push(request, &client, &target).await?,
+            _ => {
+                self.build_and_push(request, &client, &target, &build_key)
+                    .await?
+            }
         };
         self.request_index(request, digest).await?;
         let step = Step::running("index-requested", "image handed to the indexer")
@@ -112,12 +126,25 @@ impl Builder {
         Ok(())
     }
 
-    /// Builds or copies, pushes, and records the tenant's image id -> reference + digest.
+    /// What the request builds from ([`records::build_key`]), with its context's content digest.
+    async fn build_key(&self, request: &ContainerRequest) -> Result<String, Failure> {
+        let options = request.build_options.clone().unwrap_or_default();
+        let context = if options.dockerfile.is_empty() || options.context_object.is_empty() {
+            None
+        } else {
+            context::digest(&self.js, &request.tenant, &options.context_object).await?
+        };
+        Ok(records::build_key(request, context.as_deref()))
+    }
+
+    /// Builds or copies, pushes, and records the tenant's image id -> reference + digest +
+    /// build key.
     async fn build_and_push(
         &self,
         request: &ContainerRequest,
         client: &RegistryClient,
         target: &imagemesh_registry::Reference,
+        build_key: &str,
     ) -> Result<String, Failure> {
         let options = request.build_options.clone().unwrap_or_default();
         let log = BuildLog::new(self.client.clone(), request.key(), secrets(request));
@@ -152,9 +179,11 @@ impl Builder {
                 &request.image_id,
                 &request.build_image_ref,
                 &digest,
+                build_key,
             )
             .await?;
-        let step = Step::running("recorded", format!("image {} recorded", request.image_id));
+        let step = Step::running("recorded", format!("image {} recorded", request.image_id))
+            .detail("build_key", build_key);
         self.status.report(request.key(), step).await;
         Ok(digest)
     }

@@ -1,6 +1,6 @@
 //! Indexer configuration.
 
-use imagemesh_lazyindex::IndexOptions;
+use imagemesh_lazyindex::{IndexOptions, Limits};
 use imagemesh_registry::RegistrySettings;
 use imagemesh_runtime::app::ServiceConfig;
 use imagemesh_runtime::nats::NatsConfig;
@@ -44,6 +44,12 @@ pub struct IndexerConfig {
     /// Keep encoded layer indexes in the `imagemesh-layer-indexes` object store, so a layer
     /// shared by many images is indexed once.
     pub layer_cache: bool,
+    /// Most bytes a layer may inflate to; a layer (or one tar entry) past it is `INVALID_IMAGE`,
+    /// and inflating stops as soon as it is crossed.
+    pub max_layer_uncompressed_bytes: u64,
+    /// Most uncompressed bytes per compressed byte of a layer, enforced once a layer has
+    /// inflated past 64 MiB (a gzip bomb stops there as `INVALID_IMAGE`); 0 disables it.
+    pub max_compression_ratio: u64,
 }
 
 impl Default for IndexerConfig {
@@ -56,6 +62,8 @@ impl Default for IndexerConfig {
             span_size: index.span_size,
             checkpoint_threshold: index.checkpoint_threshold,
             layer_cache: true,
+            max_layer_uncompressed_bytes: index.limits.max_uncompressed_size,
+            max_compression_ratio: index.limits.max_compression_ratio,
         }
     }
 }
@@ -63,10 +71,16 @@ impl Default for IndexerConfig {
 impl IndexerConfig {
     /// The ingest options these settings give.
     pub fn index_options(&self) -> IndexOptions {
+        let defaults = IndexOptions::default();
         IndexOptions {
             span_size: self.span_size,
             checkpoint_threshold: self.checkpoint_threshold,
-            ..IndexOptions::default()
+            limits: Limits {
+                max_uncompressed_size: self.max_layer_uncompressed_bytes,
+                max_compression_ratio: self.max_compression_ratio,
+                ..defaults.limits
+            },
+            ..defaults
         }
     }
 }

@@ -23,8 +23,8 @@ impl Image {
             .manifest
             .layers
             .iter()
-            .map(|l| l.size.max(0) as u64)
-            .sum()
+            .map(|l| u64::try_from(l.size).unwrap_or(0))
+            .fold(0u64, u64::saturating_add)
     }
 }
 
@@ -74,7 +74,7 @@ async fn read_diff_ids(
             config.size
         )));
     }
-    let mut bytes = Vec::with_capacity(config.size as usize);
+    let mut bytes = Vec::with_capacity(usize::try_from(config.size).unwrap_or(0));
     client
         .oci()
         .pull_blob(&image.reference, config, &mut bytes)

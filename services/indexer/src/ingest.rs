@@ -97,7 +97,7 @@ pub fn check_matches(index: &LayerIndex, layer: &OciDescriptor) -> Result<(), Fa
             layer.digest, index.digest
         )));
     }
-    if index.compressed_size as i64 != layer.size {
+    if i64::try_from(index.compressed_size).ok() != Some(layer.size) {
         return Err(Failure::invalid(format!(
             "layer {} is {} bytes, the manifest says {}",
             layer.digest, index.compressed_size, layer.size

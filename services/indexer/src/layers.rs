@@ -84,7 +84,7 @@ impl LayerJob<'_> {
             let service = imagemesh_runtime::telemetry::metrics::attr("service", "indexer");
             metrics
                 .bytes_fetched
-                .add(descriptor.size.max(0) as u64, &[service]);
+                .add(u64::try_from(descriptor.size).unwrap_or(0), &[service]);
         }
         let expected = &self.image.diff_ids[i];
         if &layer.index.diff_id != expected {

@@ -69,6 +69,8 @@ pub async fn record(store: &kv::Store, indexed: &Indexed<'_>) -> Result<Recorded
                 index_digest: indexed.index_digest.to_string(),
                 pushed_at: None,
                 indexed_at: Some(status::now()),
+                // Not the indexer's to know: the builder sets it when it records a build.
+                build_key: String::new(),
             };
             match store.create(key, fresh.encode_to_vec().into()).await {
                 Ok(_) => return Ok(Recorded::Created),

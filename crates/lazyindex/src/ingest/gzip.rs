@@ -9,7 +9,7 @@ use std::io::Read;
 
 use sha2::{Digest, Sha256};
 
-use super::{Chunks, Summary, read_some};
+use super::{Chunks, Limits, RATIO_CHECK_FLOOR, Summary, read_some};
 use crate::checkpoint::{Checkpoint, CheckpointKind};
 use crate::model::Window;
 use crate::zran::{Inflater, Stop, Wrap};
@@ -46,10 +46,13 @@ pub(crate) struct GzipStream<R> {
     next_due: u64,
     checkpoints: Vec<Checkpoint>,
     window: Vec<u8>,
+    /// [`Limits::max_uncompressed_size`] and [`Limits::max_compression_ratio`].
+    max_out: u64,
+    max_ratio: u64,
 }
 
 impl<R: Read> GzipStream<R> {
-    pub(crate) fn new(src: R, span_size: u64) -> Result<Self> {
+    pub(crate) fn new(src: R, span_size: u64, limits: &Limits) -> Result<Self> {
         let inf = Inflater::new(Wrap::Gzip).map_err(|e| corrupt(0, e))?;
         Ok(GzipStream {
             src,
@@ -73,6 +76,8 @@ impl<R: Read> GzipStream<R> {
             next_due: span_size,
             checkpoints: vec![Checkpoint::aligned(CheckpointKind::Member, 0, 0)],
             window: Vec::new(),
+            max_out: limits.max_uncompressed_size,
+            max_ratio: limits.max_compression_ratio,
         })
     }
 
@@ -102,7 +107,14 @@ impl<R: Read> GzipStream<R> {
         self.diff_hash.update(produced);
         self.fed += step.consumed;
         self.out_len += step.produced;
-        self.total_out += step.produced as u64;
+        self.total_out =
+            self.total_out
+                .checked_add(step.produced as u64)
+                .ok_or(Error::LimitExceeded {
+                    what: "uncompressed layer size",
+                    limit: u64::MAX,
+                })?;
+        self.check_limits()?;
         match step.stop {
             Stop::More if step.consumed == 0 && step.produced == 0 => {
                 return Err(corrupt(self.pos(), "inflate made no progress"));
@@ -113,6 +125,27 @@ impl<R: Read> GzipStream<R> {
             }
             Stop::Block { .. } => {}
             Stop::End => self.in_member = false,
+        }
+        Ok(())
+    }
+
+    /// Stops a gzip bomb at the step that crosses a limit (at most one output buffer past it),
+    /// before the walker sees the bytes and before the rest of the blob is inflated.
+    fn check_limits(&self) -> Result<()> {
+        if self.total_out > self.max_out {
+            return Err(Error::LimitExceeded {
+                what: "uncompressed layer size",
+                limit: self.max_out,
+            });
+        }
+        if self.max_ratio > 0 && self.total_out > RATIO_CHECK_FLOOR {
+            let compressed = self.pos().max(1);
+            if self.total_out / compressed > self.max_ratio {
+                return Err(Error::LimitExceeded {
+                    what: "compression ratio (uncompressed / compressed bytes)",
+                    limit: self.max_ratio,
+                });
+            }
         }
         Ok(())
     }

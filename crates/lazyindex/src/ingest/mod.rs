@@ -43,7 +43,23 @@ pub struct Limits {
     /// Most bytes of paths, link targets and xattrs kept per layer (default 256 MiB); more is an
     /// error. Bounds index memory where `max_entries × max_path_len` alone would not.
     pub max_metadata_total: u64,
+    /// Most bytes of PAX / GNU long-name / long-link records pending for one entry, summed over
+    /// the consecutive records before it (default 4 MiB); more is an error.
+    pub max_pending_metadata: u64,
+    /// Most consecutive extension records (PAX, PAX global, GNU long name / long link) before a
+    /// real entry (default 64); more is an error.
+    pub max_extension_records: u32,
+    /// Most uncompressed bytes a layer may inflate to (default 64 GiB); decoding stops as soon
+    /// as it is crossed and the layer is an error. Also bounds any one entry's declared size.
+    pub max_uncompressed_size: u64,
+    /// Most uncompressed bytes per compressed byte (default 250), checked as the layer inflates
+    /// once its output passes [`RATIO_CHECK_FLOOR`]; a gzip bomb stops there. 0 disables it.
+    pub max_compression_ratio: u64,
 }
+
+/// Uncompressed bytes after which [`Limits::max_compression_ratio`] is enforced: a small layer
+/// of zeros is harmless whatever its ratio.
+pub const RATIO_CHECK_FLOOR: u64 = 64 << 20;
 
 /// Smallest span accepted; smaller ones would make the window dominate the index.
 pub const MIN_SPAN_SIZE: u64 = 32 * 1024;
@@ -68,6 +84,10 @@ impl Default for Limits {
             max_xattr_value: 64 << 10,
             max_entries: 4 << 20,
             max_metadata_total: 256 << 20,
+            max_pending_metadata: 4 << 20,
+            max_extension_records: 64,
+            max_uncompressed_size: 64 << 30,
+            max_compression_ratio: 250,
         }
     }
 }
@@ -84,8 +104,12 @@ pub fn index_layer(blob: impl Read, options: &IndexOptions) -> Result<LayerIndex
         None => detect(blob)?,
     };
     let mut stream: Box<dyn Chunks + '_> = match compression {
-        Compression::Gzip => Box::new(gzip::GzipStream::new(blob, span)?),
-        Compression::None => Box::new(plain::PlainStream::new(blob, span)),
+        Compression::Gzip => Box::new(gzip::GzipStream::new(blob, span, &options.limits)?),
+        Compression::None => Box::new(plain::PlainStream::new(
+            blob,
+            span,
+            options.limits.max_uncompressed_size,
+        )),
     };
     let entries = tar::walk(&mut *stream, options)?;
     let mut summary = stream.finish()?;
@@ -161,7 +185,7 @@ impl<R> Prefixed<R> {
 impl<R: Read> Read for Prefixed<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.at < self.head.len() {
-            let n = (self.head.len() - self.at).min(buf.len());
+            let n = self.head.len().saturating_sub(self.at).min(buf.len());
             buf[..n].copy_from_slice(&self.head[self.at..self.at + n]);
             self.at += n;
             return Ok(n);

@@ -6,8 +6,8 @@ use std::io::Read;
 use sha2::{Digest, Sha256};
 
 use super::{Chunks, Summary, read_some};
-use crate::Result;
 use crate::checkpoint::{Checkpoint, CheckpointKind};
+use crate::{Error, Result};
 
 const BUF: usize = 256 * 1024;
 
@@ -23,10 +23,12 @@ pub(crate) struct PlainStream<R> {
     span_size: u64,
     next_due: u64,
     checkpoints: Vec<Checkpoint>,
+    /// [`super::Limits::max_uncompressed_size`].
+    max_size: u64,
 }
 
 impl<R: Read> PlainStream<R> {
-    pub(crate) fn new(src: R, span_size: u64) -> Self {
+    pub(crate) fn new(src: R, span_size: u64, max_size: u64) -> Self {
         PlainStream {
             src,
             buf: vec![0; BUF],
@@ -39,6 +41,7 @@ impl<R: Read> PlainStream<R> {
             span_size,
             next_due: span_size,
             checkpoints: vec![Checkpoint::aligned(CheckpointKind::Plain, 0, 0)],
+            max_size,
         }
     }
 
@@ -71,6 +74,12 @@ impl<R: Read> Chunks for PlainStream<R> {
     fn fill(&mut self) -> Result<&[u8]> {
         if self.pos == self.len && !self.eof {
             let n = read_some(&mut self.src, &mut self.buf)?;
+            if self.total.saturating_add(n as u64) > self.max_size {
+                return Err(Error::LimitExceeded {
+                    what: "uncompressed layer size",
+                    limit: self.max_size,
+                });
+            }
             self.eof = n == 0;
             self.absorb(n);
             self.pos = 0;

@@ -24,6 +24,9 @@ pub(super) struct Pending {
     pub pax: HashMap<String, Vec<u8>>,
     pub long_name: Option<Vec<u8>>,
     pub long_link: Option<Vec<u8>>,
+    /// Extension records read since the last real entry, and their summed data size.
+    pub records: u32,
+    pub bytes: u64,
 }
 
 struct Walker<'a> {
@@ -66,15 +69,16 @@ impl Walker<'_> {
         if block.iter().all(|&b| b == 0) {
             return Ok(false);
         }
-        verify_checksum(block).map_err(|r| Error::tar(self.pos - BLOCK, r))?;
+        verify_checksum(block).map_err(|r| Error::tar(self.pos.saturating_sub(BLOCK), r))?;
         Ok(true)
     }
 
     fn one(&mut self, header: &Header, pending: &mut Pending) -> Result<()> {
-        let at = self.pos - BLOCK;
+        let at = self.pos.saturating_sub(BLOCK);
         let ty = header.entry_type();
         let mut size = header.entry_size().map_err(|e| Error::tar(at, e))?;
         if is_extension(ty) {
+            self.check_size(size)?;
             return self.extension(ty, size, pending);
         }
         let pending = std::mem::take(pending);
@@ -84,12 +88,26 @@ impl Walker<'_> {
         if header_only(ty) {
             size = 0;
         }
+        self.check_size(size)?;
         let data_at = self.pos;
         if let Some(entry) = tar_entry::build(header, &pending, data_at, size, self.opts, at)? {
             self.push(entry)?;
         }
         self.skip(size)?;
-        self.skip_padding(padded(size) - size)
+        self.skip_padding(padding(size))
+    }
+
+    /// A declared size (header or PAX) no layer within the limits can hold is refused before
+    /// anything is skipped or allocated for it.
+    fn check_size(&self, size: u64) -> Result<()> {
+        let limit = self.opts.limits.max_uncompressed_size;
+        if size > limit {
+            return Err(Error::LimitExceeded {
+                what: "tar entry size",
+                limit,
+            });
+        }
+        Ok(())
     }
 
     /// Skips the padding after entry data. A stream that ends right after the last entry's data
@@ -117,8 +135,14 @@ impl Walker<'_> {
             });
         }
         let link = entry.link_target.as_ref().map_or(0, String::len);
-        let xattrs: usize = entry.xattrs.iter().map(|(k, v)| k.len() + v.len()).sum();
-        self.metadata += (entry.path.len() + link + xattrs) as u64;
+        let xattrs = entry.xattrs.iter().fold(0u64, |sum, (k, v)| {
+            sum.saturating_add(len64(k.len()).saturating_add(len64(v.len())))
+        });
+        self.metadata = self
+            .metadata
+            .saturating_add(len64(entry.path.len()))
+            .saturating_add(len64(link))
+            .saturating_add(xattrs);
         if self.metadata > limits.max_metadata_total {
             return Err(Error::LimitExceeded {
                 what: "entry metadata per layer",
@@ -130,13 +154,28 @@ impl Walker<'_> {
     }
 
     fn extension(&mut self, ty: EntryType, size: u64, pending: &mut Pending) -> Result<()> {
-        let at = self.pos - BLOCK;
+        let at = self.pos.saturating_sub(BLOCK);
+        let limits = &self.opts.limits;
+        pending.records = pending.records.saturating_add(1);
+        if pending.records > limits.max_extension_records {
+            return Err(Error::LimitExceeded {
+                what: "consecutive PAX/GNU extension records",
+                limit: u64::from(limits.max_extension_records),
+            });
+        }
         if ty == EntryType::XGlobalHeader {
             // Go's reader hands these out as separate headers and containerd ignores them.
-            return self.skip(padded(size));
+            return self.skip(padded(size)?);
+        }
+        pending.bytes = pending.bytes.saturating_add(size);
+        if pending.bytes > limits.max_pending_metadata {
+            return Err(Error::LimitExceeded {
+                what: "pending PAX/GNU extension data for one entry",
+                limit: limits.max_pending_metadata,
+            });
         }
         let data = self.read_meta(size)?;
-        self.skip_padding(padded(size) - size)?;
+        self.skip_padding(padding(size))?;
         match ty {
             EntryType::XHeader => {
                 for ext in tar::PaxExtensions::new(&data) {
@@ -160,7 +199,11 @@ impl Walker<'_> {
                 limit,
             });
         }
-        let mut data = vec![0; size as usize];
+        let len = usize::try_from(size).map_err(|_| Error::LimitExceeded {
+            what: "PAX/GNU extension record",
+            limit,
+        })?;
+        let mut data = vec![0; len];
         if self.read_into(&mut data)? < data.len() {
             return Err(Error::Truncated("tar extension record"));
         }
@@ -179,7 +222,7 @@ impl Walker<'_> {
             self.src.consume(n);
             got += n;
         }
-        self.pos += got as u64;
+        self.advance(got)?;
         Ok(got)
     }
 
@@ -190,11 +233,21 @@ impl Walker<'_> {
             if avail == 0 {
                 return Err(Error::Truncated("tar entry data"));
             }
-            let step = (avail as u64).min(n) as usize;
+            // `step` is at most `avail`, a buffer length, so it fits a usize.
+            let step = usize::try_from(n).map_or(avail, |n| n.min(avail));
             self.src.consume(step);
-            self.pos += step as u64;
-            n -= step as u64;
+            self.advance(step)?;
+            n -= len64(step);
         }
+        Ok(())
+    }
+
+    /// Moves the uncompressed position on by `n` bytes read.
+    fn advance(&mut self, n: usize) -> Result<()> {
+        self.pos = self
+            .pos
+            .checked_add(len64(n))
+            .ok_or_else(|| Error::tar(self.pos, "offset overflows"))?;
         Ok(())
     }
 }
@@ -222,8 +275,23 @@ fn header_only(ty: EntryType) -> bool {
     )
 }
 
-fn padded(size: u64) -> u64 {
-    size.div_ceil(BLOCK) * BLOCK
+/// `size` rounded up to whole blocks; an error where that overflows (a hostile size field).
+fn padded(size: u64) -> Result<u64> {
+    size.checked_next_multiple_of(BLOCK)
+        .ok_or(Error::LimitExceeded {
+            what: "tar entry size",
+            limit: u64::MAX - BLOCK,
+        })
+}
+
+/// The padding after `size` bytes of data (never overflows: at most 511).
+fn padding(size: u64) -> u64 {
+    (BLOCK - size % BLOCK) % BLOCK
+}
+
+/// A buffer length as a u64 (lossless on every supported target).
+fn len64(n: usize) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
 }
 
 fn trim_nul(mut v: Vec<u8>) -> Vec<u8> {

@@ -136,12 +136,18 @@ fn fill_metadata(e: &mut Entry, header: &Header, pending: &Pending, at: u64) -> 
             None => Ok(None),
         }
     };
-    e.mode = num(100..108, header.mode().map(u64::from), "mode")? as u32 & 0o7777;
+    // Only the permission bits are kept; the mask makes the narrowing lossless.
+    e.mode =
+        u32::try_from(num(100..108, header.mode().map(u64::from), "mode")? & 0o7777).unwrap_or(0);
     e.uid = pax("uid")?.map_or_else(|| num(108..116, header.uid(), "uid"), Ok)?;
     e.gid = pax("gid")?.map_or_else(|| num(116..124, header.gid(), "gid"), Ok)?;
     (e.mtime, e.mtime_nsec) = match pending.pax.get("mtime") {
         Some(v) => parse_time(v).ok_or_else(|| Error::tar(at, "bad PAX mtime"))?,
-        None => (num(136..148, header.mtime(), "mtime")? as i64, 0),
+        None => {
+            let secs = num(136..148, header.mtime(), "mtime")?;
+            let secs = i64::try_from(secs).map_err(|_| Error::tar(at, "mtime out of range"))?;
+            (secs, 0)
+        }
     };
     if matches!(e.kind, EntryKind::CharDevice | EntryKind::BlockDevice) {
         let major = num(
@@ -227,7 +233,7 @@ fn parse_time(v: &[u8]) -> Option<(i64, u32)> {
     let digits: String = frac.chars().chain("000000000".chars()).take(9).collect();
     let nsec: u32 = digits.parse().ok()?;
     if s.starts_with('-') && nsec > 0 {
-        return Some((secs - 1, 1_000_000_000 - nsec));
+        return Some((secs.checked_sub(1)?, 1_000_000_000 - nsec));
     }
     Some((secs, nsec))
 }
