@@ -208,3 +208,50 @@ async fn a_registry_that_stops_answering_fails_reads_and_mounts_at_their_deadlin
         "the live mount stayed, the stalled one never came"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_pass_against_a_silent_registry_ends_at_its_deadline() {
+    let upstream = Registry::start(RegistryAuth::Open);
+    let proxy = FaultProxy::start(upstream.addr());
+    let options = MeshOptions {
+        start: vec!["credential", "scheduler"],
+        max_deliver: 2,
+        ..Default::default()
+    };
+    let mut mesh = Mesh::start(options).await;
+    // Each registry request may wait 20 s; the index pass as a whole gets 2 s.
+    let deadline = [
+        ("IMAGEMESH_INDEXER__REGISTRY__READ_TIMEOUT", "20s"),
+        ("IMAGEMESH_INDEXER__INDEX_DEADLINE", "2s"),
+    ];
+    mesh.start_instance("indexer", "indexer", &deadline).await;
+    let addr = upstream.addr().to_string();
+    tokio::task::spawn_blocking(move || {
+        imagemesh_testkit::images::push_busybox(&addr, "test/app:1", "anyone", "unused")
+    })
+    .await
+    .unwrap();
+    proxy.set(Fault::Stall);
+    let image_ref = format!("{}/test/app:1", proxy.addr());
+    let index = index_request("index-stalled", &proxy, &image_ref);
+    mesh.publish_work(subjects::INDEX, &index).await;
+    let events = mesh.wait_terminal("index-stalled", WAIT).await;
+    let last = assert_gave_up(&events, "indexer", ErrorCode::RegistryUnavailable, 2);
+    assert!(
+        last.message.contains("took longer than"),
+        "{}",
+        last.message
+    );
+
+    // Answering again, the same image indexes.
+    proxy.set(Fault::None);
+    let index = index_request("index-recovered", &proxy, &image_ref);
+    mesh.publish_work(subjects::INDEX, &index).await;
+    let events = mesh.wait_terminal("index-recovered", WAIT).await;
+    assert_eq!(
+        events.last().unwrap().state(),
+        RequestState::Succeeded,
+        "{}",
+        describe(&events)
+    );
+}

@@ -53,7 +53,8 @@ pub struct BuilderConfig {
     pub skopeo: Option<PathBuf>,
     /// Where and how `RUN` steps run: isolation, network per tenant, host ids.
     pub sandbox: SandboxConfig,
-    /// Time limit of a build that sets none (`BuildOptions.timeout_seconds = 0`).
+    /// Time limit of a build that sets none (`BuildOptions.timeout_seconds = 0`); a
+    /// source-image copy has the same limit (then `REGISTRY_UNAVAILABLE`, retried).
     #[serde(with = "humantime_serde")]
     pub default_timeout: Duration,
     /// Longest time limit a request may ask for.

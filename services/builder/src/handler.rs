@@ -161,8 +161,18 @@ impl Builder {
             };
             build.run().await?
         } else if !options.source_image.is_empty() {
-            self.copy_source(request, &options.source_image, client, target, &log)
-                .await?
+            // A copy is bounded like a build: a stalled source registry hands the request back.
+            let limit = self.settings.timeout(options.timeout_seconds);
+            let copying = self.copy_source(request, &options.source_image, client, target, &log);
+            tokio::time::timeout(limit, copying).await.map_err(|_| {
+                Failure::retry(
+                    ErrorCode::RegistryUnavailable,
+                    format!(
+                        "copying {} took longer than {limit:?}",
+                        options.source_image
+                    ),
+                )
+            })??
         } else {
             return Err(Failure::reject(
                 ErrorCode::MalformedRequest,

@@ -50,6 +50,11 @@ pub struct IndexerConfig {
     /// Most uncompressed bytes per compressed byte of a layer, enforced once a layer has
     /// inflated past 64 MiB (a gzip bomb stops there as `INVALID_IMAGE`); 0 disables it.
     pub max_compression_ratio: u64,
+    /// Longest one image's index pass may take (manifest, every layer, storing). Past it the
+    /// request is handed back `REGISTRY_UNAVAILABLE` and retried, instead of a stalled
+    /// registry holding a worker slot for good.
+    #[serde(with = "humantime_serde")]
+    pub index_deadline: std::time::Duration,
 }
 
 impl Default for IndexerConfig {
@@ -64,6 +69,7 @@ impl Default for IndexerConfig {
             layer_cache: true,
             max_layer_uncompressed_bytes: index.limits.max_uncompressed_size,
             max_compression_ratio: index.limits.max_compression_ratio,
+            index_deadline: std::time::Duration::from_secs(3600),
         }
     }
 }

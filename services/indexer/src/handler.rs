@@ -32,6 +32,8 @@ pub struct Indexer {
     pub layer_concurrency: usize,
     pub records: kv::Store,
     pub cache: Option<LayerCache>,
+    /// `indexer.index_deadline`.
+    pub deadline: std::time::Duration,
 }
 
 impl Handler for Indexer {
@@ -42,9 +44,16 @@ impl Handler for Indexer {
     }
 
     async fn handle(&self, request: IndexRequest, _delivery: &Delivery) -> Outcome {
-        match self.index(&request).await {
-            Ok(()) => Outcome::Done,
-            Err(failure) => failure.into_outcome(),
+        match tokio::time::timeout(self.deadline, self.index(&request)).await {
+            Ok(Ok(())) => Outcome::Done,
+            Ok(Err(failure)) => failure.into_outcome(),
+            Err(_) => Outcome::Retry(Rejection::new(
+                ErrorCode::RegistryUnavailable,
+                format!(
+                    "indexing {} took longer than {:?}",
+                    request.image_ref, self.deadline
+                ),
+            )),
         }
     }
 }

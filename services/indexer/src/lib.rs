@@ -59,6 +59,7 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
         layer_concurrency: settings.layer_concurrency,
         records,
         cache,
+        deadline: settings.index_deadline,
     };
     let spec = ConsumerSpec {
         stream: streams::INDEX,
