@@ -262,6 +262,45 @@ async fn a_build_and_a_runtime_request_are_each_one_trace_across_the_mesh() {
     );
     assert_no_secret_attribute(&runtime);
 
+    // The container's first read from the registry continues the request's trace, next to
+    // the steps of the mount: one trace answers "why was this start slow".
+    let root = mesh.mount_root().canonicalize().unwrap();
+    let mount = std::fs::read_dir(&root)
+        .unwrap()
+        .next()
+        .expect("the request's mount")
+        .unwrap()
+        .path();
+    let read = tokio::task::spawn_blocking(move || std::fs::read(mount.join("bin/busybox")))
+        .await
+        .unwrap()
+        .expect("a file of the mount");
+    assert!(!read.is_empty());
+    let runtime = eventually(WAIT, "the first registry read in the trace", || async {
+        let spans: Vec<_> = receiver
+            .spans()
+            .into_iter()
+            .filter(|s| s.trace_id == runtime_trace)
+            .collect();
+        spans
+            .iter()
+            .any(|s| s.name == "first registry read")
+            .then_some(spans)
+    })
+    .await;
+    assert_one_connected_trace(&runtime);
+    let first_read = first(&runtime, "mounter", "first registry read");
+    assert_eq!(parent_service(&runtime, first_read), "mounter");
+    for step in [
+        "resolve image",
+        "load index",
+        "image config",
+        "file table",
+        "mount",
+    ] {
+        first(&runtime, "mounter", step);
+    }
+
     // Metrics arrive too.
     eventually(WAIT, "work metrics", || async {
         receiver

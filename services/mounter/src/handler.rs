@@ -20,6 +20,7 @@ use imagemesh_runtime::status::{StatusReporter, Step};
 use imagemesh_runtime::worker::{Delivery, Handler, Outcome};
 use imagemesh_runtime::{ErrorCode, Rejection, Shutdown};
 use tokio::runtime::Handle;
+use tracing::Instrument as _;
 
 use crate::bundle::Process;
 use crate::config::{ReadConfig, RefreshConfig};
@@ -154,18 +155,27 @@ impl Mounter {
         let credential = credential_for(request, &registry);
         let client = Arc::new(RegistryClient::new(&registry, credential, &self.registry));
         // The registry work is bounded; the kernel mount after it is local and quick.
+        // Spans for each step, so the request's trace answers "why was this start slow".
         let preparing = async {
             let resolved = resolve(&client, image, &self.platform)
+                .instrument(tracing::info_span!("resolve image", registry = %registry))
                 .await
                 .map_err(|e| e.into_outcome())?;
             self.report_authenticated(request, &registry, credential)
                 .await;
             let opened = load_index(&client, resolved)
+                .instrument(tracing::info_span!("load index"))
                 .await
                 .map_err(|e| e.into_outcome())?;
             self.report_resolved(request, &opened).await;
-            let process = self.process(request, &client, &opened).await?;
-            let prepared = self.prepare(id, client.clone(), &opened).await?;
+            let process = self
+                .process(request, &client, &opened)
+                .instrument(tracing::info_span!("image config"))
+                .await?;
+            let prepared = self
+                .prepare(id, client.clone(), &opened)
+                .instrument(tracing::info_span!("file table"))
+                .await?;
             Ok::<_, Outcome>((opened, process, prepared))
         };
         let (opened, process, prepared) = tokio::time::timeout(self.prepare_deadline, preparing)
@@ -201,7 +211,11 @@ impl Mounter {
         let stop_refresh = Shutdown::new();
         let mounts = self.mounts.clone();
         let (c, s) = (counters.clone(), stop_refresh.clone());
+        let mounting = tracing::info_span!("mount", mount_id = id);
+        // The mount's first registry read is traced under this request, when it comes.
+        source.trace_first_read(imagemesh_runtime::telemetry::current_context());
         let mount = tokio::task::spawn_blocking(move || {
+            let _in = mounting.enter();
             mounts.mount_blocking(fs, info, c, s, &kept, Some(&process))
         })
         .await

@@ -14,6 +14,8 @@ use imagemesh_registry::{
     Reference, RegistryClient, RegistryError, RegistryErrorKind, RegistrySettings,
 };
 
+use tracing::Instrument as _;
+
 use crate::config::ReadConfig;
 
 /// Blob ranges of one image's repository, read with the mount's current credential.
@@ -22,6 +24,9 @@ pub struct MountSource {
     settings: RegistrySettings,
     reads: ReadConfig,
     current: RwLock<Arc<RegistryBlobSource>>,
+    /// The span of the request that made the mount, until its first registry read (which
+    /// it then parents, so the request's trace shows what the container's start waited for).
+    first_read: std::sync::Mutex<Option<opentelemetry::Context>>,
 }
 
 impl MountSource {
@@ -38,6 +43,7 @@ impl MountSource {
             settings,
             reads,
             current: RwLock::new(Arc::new(source)),
+            first_read: std::sync::Mutex::new(None),
         }
     }
 
@@ -55,6 +61,39 @@ impl MountSource {
     /// Fetches exactly `range` of blob `digest`: one range request, retried while the registry
     /// is unavailable, within `reads.retries` and `reads.deadline`.
     pub async fn fetch(&self, digest: &str, range: Range<u64>) -> Result<Bytes, RegistryError> {
+        let parent = self.first_read.lock().expect("first read lock").take();
+        let Some(parent) = parent else {
+            return self.fetch_within_deadline(digest, range).await;
+        };
+        let span = tracing::info_span!(
+            parent: None,
+            "first registry read",
+            layer = digest,
+            range_start = range.start,
+            range_bytes = range.end - range.start,
+            bytes = tracing::field::Empty,
+        );
+        imagemesh_runtime::telemetry::set_parent(&span, parent);
+        let fetched = self
+            .fetch_within_deadline(digest, range)
+            .instrument(span.clone())
+            .await;
+        if let Ok(bytes) = &fetched {
+            span.record("bytes", bytes.len());
+        }
+        fetched
+    }
+
+    /// Traces the next registry read under `parent` (the request that made the mount).
+    pub fn trace_first_read(&self, parent: opentelemetry::Context) {
+        *self.first_read.lock().expect("first read lock") = Some(parent);
+    }
+
+    async fn fetch_within_deadline(
+        &self,
+        digest: &str,
+        range: Range<u64>,
+    ) -> Result<Bytes, RegistryError> {
         let deadline = self.reads.deadline;
         match tokio::time::timeout(deadline, self.fetch_retrying(digest, range)).await {
             Ok(fetched) => fetched,

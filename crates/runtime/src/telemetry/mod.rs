@@ -20,7 +20,9 @@ use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
-pub use propagation::{continue_trace, current_trace_id, extract, inject};
+pub use propagation::{
+    continue_trace, current_context, current_trace_id, extract, inject, set_parent,
+};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};

@@ -49,6 +49,19 @@ pub fn continue_trace(span: &tracing::Span, headers: Option<&HeaderMap>) {
     }
 }
 
+/// The current span's place in its trace, to parent spans that come later (after the current
+/// span has ended) without keeping the span itself open.
+pub fn current_context() -> opentelemetry::Context {
+    tracing::Span::current().context()
+}
+
+/// Makes `span` a child of `parent` (from [`current_context`]); no-op for an empty context.
+pub fn set_parent(span: &tracing::Span, parent: opentelemetry::Context) {
+    if parent.span().span_context().is_valid() {
+        let _ = span.set_parent(parent);
+    }
+}
+
 /// The trace id of the current span, when it has one.
 pub fn current_trace_id() -> Option<String> {
     let context = tracing::Span::current().context();
