@@ -152,7 +152,7 @@ async fn soak(allocator: &str, settings: &Settings) -> anyhow::Result<Run> {
     mark(&mut marks, "images");
     let registry = mesh.registry.addr().to_string();
     let base = format!("{registry}/base/busybox:1");
-    let pushed = format!("base/busybox:1");
+    let pushed = "base/busybox:1".to_string();
     tokio::task::spawn_blocking(move || {
         imagemesh_testkit::images::push_busybox(
             &registry,
