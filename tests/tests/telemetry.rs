@@ -310,6 +310,60 @@ async fn a_build_and_a_runtime_request_are_each_one_trace_across_the_mesh() {
             .then_some(())
     })
     .await;
+    // Every service exports its footprint as gauges, and the mounter its caches and indexes.
+    let process_gauges = [
+        "process.memory.usage",
+        "process.open_file_descriptor.count",
+        "process.thread.count",
+    ];
+    let mut wanted: Vec<(&str, &str)> =
+        ["credential", "scheduler", "builder", "indexer", "mounter"]
+            .iter()
+            .flat_map(|service| process_gauges.iter().map(move |gauge| (*service, *gauge)))
+            .collect();
+    wanted.extend([
+        ("mounter", "imagemesh.mounter.cache.compressed"),
+        ("mounter", "imagemesh.mounter.cache.decoded"),
+        ("mounter", "imagemesh.mounter.index_memory"),
+        ("mounter", "imagemesh.mounter.mounts"),
+    ]);
+    let gauges = eventually(WAIT, "footprint gauges of every service", || async {
+        let gauges = receiver.gauges();
+        wanted
+            .iter()
+            .all(|(service, name)| {
+                gauges
+                    .iter()
+                    .any(|g| g.service == *service && g.name == *name)
+            })
+            .then_some(gauges)
+    })
+    .await;
+    let last = |service: &str, name: &str| {
+        gauges
+            .iter()
+            .rev()
+            .find(|g| g.service == service && g.name == name)
+            .map(|g| g.value)
+            .unwrap()
+    };
+    for service in ["credential", "scheduler", "builder", "indexer", "mounter"] {
+        let rss = last(service, "process.memory.usage");
+        assert!(rss > 1e6 && rss < 1e9, "{service} RSS {rss}");
+        assert!(last(service, "process.open_file_descriptor.count") >= 3.0);
+        assert!(last(service, "process.thread.count") >= 2.0);
+    }
+    // The runtime request above left its mount: its index is counted.
+    eventually(WAIT, "the mount's index in the mounter's gauge", || async {
+        receiver
+            .gauges()
+            .iter()
+            .rev()
+            .find(|g| g.service == "mounter" && g.name == "imagemesh.mounter.index_memory")
+            .is_some_and(|g| g.value > 0.0)
+            .then_some(())
+    })
+    .await;
     mesh.assert_no_secret_leaked(&[], &[REGISTRY_PASSWORD])
         .await;
 }

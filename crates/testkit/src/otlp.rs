@@ -51,6 +51,15 @@ impl ReceivedSpan {
 struct Received {
     spans: Mutex<Vec<ReceivedSpan>>,
     metric_names: Mutex<Vec<String>>,
+    gauges: Mutex<Vec<ReceivedGauge>>,
+}
+
+/// One data point of a gauge, with the `service.name` of the resource that sent it.
+#[derive(Debug, Clone)]
+pub struct ReceivedGauge {
+    pub service: String,
+    pub name: String,
+    pub value: f64,
 }
 
 /// A running receiver.
@@ -98,6 +107,11 @@ impl OtlpReceiver {
 
     pub fn metric_names(&self) -> Vec<String> {
         self.received.metric_names.lock().unwrap().clone()
+    }
+
+    /// Every gauge data point received, oldest first.
+    pub fn gauges(&self) -> Vec<ReceivedGauge> {
+        self.received.gauges.lock().unwrap().clone()
     }
 }
 
@@ -189,12 +203,7 @@ async fn handle_http(received: &Received, req: Request<Incoming>) -> Response<Fu
         },
         "/v1/metrics" => match ExportMetricsServiceRequest::decode(body) {
             Ok(request) => {
-                let mut names = received.metric_names.lock().unwrap();
-                for resource in request.resource_metrics {
-                    for scope in resource.scope_metrics {
-                        names.extend(scope.metrics.into_iter().map(|m| m.name));
-                    }
-                }
+                keep_metrics(received, request);
                 status(StatusCode::OK)
             }
             Err(_) => status(StatusCode::BAD_REQUEST),
@@ -224,16 +233,48 @@ impl TraceService for GrpcTraces {
     }
 }
 
+fn keep_metrics(received: &Received, request: ExportMetricsServiceRequest) {
+    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+    use opentelemetry_proto::tonic::metrics::v1::number_data_point::Value as Number;
+    let mut names = received.metric_names.lock().unwrap();
+    let mut gauges = received.gauges.lock().unwrap();
+    for resource in request.resource_metrics {
+        let service = service_name(resource.resource.as_ref());
+        for scope in resource.scope_metrics {
+            for metric in scope.metrics {
+                if let Some(Data::Gauge(gauge)) = &metric.data {
+                    for point in &gauge.data_points {
+                        let value = match point.value {
+                            Some(Number::AsInt(i)) => i as f64,
+                            Some(Number::AsDouble(d)) => d,
+                            None => continue,
+                        };
+                        gauges.push(ReceivedGauge {
+                            service: service.clone(),
+                            name: metric.name.clone(),
+                            value,
+                        });
+                    }
+                }
+                names.push(metric.name);
+            }
+        }
+    }
+}
+
+fn service_name(resource: Option<&opentelemetry_proto::tonic::resource::v1::Resource>) -> String {
+    resource
+        .iter()
+        .flat_map(|r| r.attributes.iter())
+        .find(|kv| kv.key == "service.name")
+        .and_then(|kv| kv.value.as_ref().and_then(|v| v.value.as_ref()).map(render))
+        .unwrap_or_default()
+}
+
 fn keep_spans(received: &Received, request: ExportTraceServiceRequest, transport: &'static str) {
     let mut spans = received.spans.lock().unwrap();
     for resource_spans in request.resource_spans {
-        let service = resource_spans
-            .resource
-            .iter()
-            .flat_map(|r| r.attributes.iter())
-            .find(|kv| kv.key == "service.name")
-            .and_then(|kv| kv.value.as_ref().and_then(|v| v.value.as_ref()).map(render))
-            .unwrap_or_default();
+        let service = service_name(resource_spans.resource.as_ref());
         for scope in resource_spans.scope_spans {
             for span in scope.spans {
                 spans.push(ReceivedSpan {

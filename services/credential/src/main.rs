@@ -3,6 +3,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use imagemesh_runtime::app::{self, ServiceArgs};
 
+imagemesh_alloc::global_allocator!();
+
 /// imagemesh credential service: holds long-term registry credentials and answers
 /// `imagemesh.credential.mint` / `imagemesh.credential.refresh` with short-lived scoped ones.
 #[derive(Parser)]

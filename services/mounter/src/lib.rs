@@ -84,6 +84,7 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
         .map_err(|e| anyhow::anyhow!("mount root {}: {e}", settings.mount_root.display()))?,
     );
     let shared = Arc::new(Shared::new(Caches::new(&settings.cache)));
+    register_gauges(&shared, &mounts);
     let status = StatusReporter::new(js, IDENTITY.name).with_instance(&worker_id);
     let control = Control {
         client: client.clone(),
@@ -152,6 +153,41 @@ async fn hand_over(
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
     std::process::exit(if served.is_ok() { 0 } else { 1 })
+}
+
+/// The mounter's memory as gauges, next to the process gauges every service exports: what the
+/// memory caches hold and what the mounts' loaded indexes take (the `index_memory_bytes`
+/// budget), so a node's RSS can be told apart into caches, indexes and the rest.
+fn register_gauges(shared: &Arc<Shared>, mounts: &Arc<MountTable>) {
+    use imagemesh_runtime::telemetry::process::gauge;
+    let caches = shared.clone();
+    gauge(
+        "imagemesh.mounter.cache.compressed",
+        "By",
+        "verified compressed spans held in memory",
+        move || Some(caches.caches.compressed.stats().bytes),
+    );
+    let caches = shared.clone();
+    gauge(
+        "imagemesh.mounter.cache.decoded",
+        "By",
+        "inflated pieces of layer data held in memory",
+        move || Some(caches.caches.decoded.stats().bytes),
+    );
+    let table = mounts.clone();
+    gauge(
+        "imagemesh.mounter.index_memory",
+        "By",
+        "loaded indexes and file tables of every mount",
+        move || Some(table.index_memory().0),
+    );
+    let table = mounts.clone();
+    gauge(
+        "imagemesh.mounter.mounts",
+        "{mount}",
+        "mounts held, live or being prepared",
+        move || Some(table.held() as u64),
+    );
 }
 
 async fn unmount_all(control: &Control) {

@@ -3,6 +3,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use imagemesh_runtime::app::{self, ServiceArgs};
 
+imagemesh_alloc::global_allocator!();
+
 /// imagemesh mounter: for runtime requests, mounts the image lazily with the request's
 /// credentials, refreshing them before they expire.
 #[derive(Parser)]

@@ -8,11 +8,13 @@
 //!   the resource. Without an endpoint nothing is exported, but spans still get real ids so the
 //!   trace context keeps flowing through a service that does not export.
 //! - Metrics ([`metrics`]) are exported the same way when an endpoint is set
-//!   (`OTEL_METRIC_EXPORT_INTERVAL`, default 60 s).
+//!   (`OTEL_METRIC_EXPORT_INTERVAL`, default 60 s), with the process's resident memory, open
+//!   descriptors and threads as gauges ([`process`]).
 //! - Every NATS publish carries W3C trace context in its headers ([`inject`]) and every receive
 //!   continues it ([`continue_trace`]), so one ContainerRequest is one trace across the mesh.
 
 pub mod metrics;
+pub mod process;
 mod propagation;
 
 use opentelemetry::trace::TracerProvider as _;
@@ -146,6 +148,7 @@ fn init_with_log_default(service_name: &str, default_filter: &str) -> TelemetryG
     });
     if let Some(provider) = &meter_provider {
         opentelemetry::global::set_meter_provider(provider.clone());
+        process::register_gauges();
     }
     // Spans are kept at info and above whatever RUST_LOG says about logs.
     // Busy/idle timing, thread attributes and activating the OpenTelemetry context on every
