@@ -165,6 +165,8 @@ async fn a_registry_that_stops_answering_fails_reads_and_mounts_at_their_deadlin
 
     // The registry accepts connections and never answers. A read of data not fetched yet fails
     // with EIO (reads.deadline), not hanging; the guard below only catches a hang.
+    let mounter_pid = mesh.service("mounter").pid().expect("the mounter runs");
+    let threads_before = threads(mounter_pid);
     proxy.set(Fault::Stall);
     let big = mount.join("big/random.bin");
     let path = big.clone();
@@ -207,6 +209,19 @@ async fn a_registry_that_stops_answering_fails_reads_and_mounts_at_their_deadlin
         vec![mount],
         "the live mount stayed, the stalled one never came"
     );
+    // Nothing the stall started is left hanging: the mounter's threads come back to what they
+    // were before it (the async runtime's idle blocking threads retire after 10 s).
+    imagemesh_testkit::eventually(WAIT, "the mounter's threads to settle", || async {
+        (threads(mounter_pid) <= threads_before).then_some(())
+    })
+    .await;
+}
+
+/// Threads of process `pid` now.
+fn threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| tasks.count())
+        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
