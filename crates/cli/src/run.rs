@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use imagemesh_proto::v1::{ContainerRequest, RequestKind, RequestState};
 use imagemesh_proto::{RequestKey, validate_request_id};
-use imagemesh_runtime::status;
+use imagemesh_runtime::{Rejection, status};
 
 use crate::{submit, watch};
 
@@ -108,12 +108,7 @@ async fn unmount(client: &async_nats::Client, subject: &str, container_id: &str)
     .await;
     match asked {
         Ok(Ok(reply)) => {
-            let refusal = reply
-                .headers
-                .as_ref()
-                .and_then(|h| h.get("Nats-Service-Error"))
-                .map(|v| v.to_string());
-            if let Some(refusal) = refusal {
+            if let Some(refusal) = Rejection::from_headers(reply.headers.as_ref()) {
                 eprintln!("imagemesh: unmounting {container_id} was refused ({refusal})");
             }
         }

@@ -54,8 +54,8 @@ pub fn validate_image_id(id: &str) -> Result<(), String> {
 }
 
 impl ContainerRequest {
-    /// The request with every credential secret and every build arg's value removed (for dead
-    /// letters); the build args' names stay.
+    /// The request with every credential secret, every build arg's value and every env value
+    /// removed (for dead letters); the names stay.
     pub fn without_secrets(&self) -> Self {
         let mut scrubbed = self.clone();
         for cred in scrubbed.credentials_mut() {
@@ -63,6 +63,12 @@ impl ContainerRequest {
         }
         if let Some(options) = scrubbed.build_options.as_mut() {
             options.build_args.values_mut().for_each(String::clear);
+        }
+        // A container's environment is where its secrets usually go: keep the names only.
+        for entry in &mut scrubbed.env {
+            if let Some(equals) = entry.find('=') {
+                entry.truncate(equals + 1);
+            }
         }
         scrubbed
     }
@@ -179,6 +185,7 @@ mod tests {
         let req = ContainerRequest {
             request_id: "r1".into(),
             build_options: Some(options),
+            env: vec!["DB_PASSWORD=db-Pw7-secret".into(), "NO_VALUE".into()],
             ..Default::default()
         };
         let shown = format!("{req:?}");
@@ -188,10 +195,16 @@ mod tests {
         );
         assert!(!shown.contains("npm-Tk9"), "{shown}");
         let scrubbed = req.without_secrets();
+        assert_eq!(
+            scrubbed.env,
+            ["DB_PASSWORD=", "NO_VALUE"],
+            "env keeps its names only"
+        );
         let args = &scrubbed.build_options.as_ref().unwrap().build_args;
         assert_eq!(args.get("NPM_TOKEN").map(String::as_str), Some(""));
         let encoded = prost::Message::encode_to_vec(&scrubbed);
         assert!(!String::from_utf8_lossy(&encoded).contains("npm-Tk9"));
+        assert!(!String::from_utf8_lossy(&encoded).contains("db-Pw7"));
         assert_eq!(
             req.build_options.as_ref().unwrap().build_args["NPM_TOKEN"],
             "npm-Tk9-secret",

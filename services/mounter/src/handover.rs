@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use imagemesh_proto::v1::{RegistryCredential, Scope, TokenRequest};
+use imagemesh_proto::v1::RegistryCredential;
 use imagemesh_registry::{Reference, RegistryClient};
 use imagemesh_runtime::{Rejection, Shutdown};
 
@@ -25,7 +25,7 @@ use crate::handler::{Mounter, Prepared};
 use crate::keeper::{KeeperClient, KeptMount};
 use crate::mounts::{MountInfo, Reserved, mounts_under};
 use crate::open::{load_index, resolve};
-use crate::refresh::{RefreshCounters, expiry};
+use crate::refresh::{RefreshCounters, expiry, refresh_request};
 
 /// `FUSE_NOTIFY_RESEND` (protocol 7.40): requeue every request sent to a server and not yet
 /// answered.
@@ -132,7 +132,7 @@ impl Mounter {
             .pinned_ref
             .parse()
             .map_err(|e| format!("kept reference {}: {e}", kept.pinned_ref))?;
-        let credential = self.fresh_credential(kept).await?;
+        let credential = self.fresh_credential(kept, &pinned).await?;
         let registry = pinned.registry().to_string();
         let client = Arc::new(RegistryClient::new(
             &registry,
@@ -193,6 +193,7 @@ impl Mounter {
     async fn fresh_credential(
         &self,
         kept: &KeptMount,
+        pinned: &Reference,
     ) -> Result<Option<RegistryCredential>, String> {
         let Some(credential) = kept.credential().map_err(|e| e.to_string())? else {
             return Ok(None);
@@ -201,18 +202,12 @@ impl Mounter {
         if expiry(&credential).is_none_or(|at| at > soon) {
             return Ok(Some(credential));
         }
-        let pinned: Reference = kept.pinned_ref.parse().map_err(|e| format!("{e}"))?;
-        let request = TokenRequest {
-            registry: credential.registry.clone(),
-            scope: Some(Scope {
-                repository: pinned.repository().to_string(),
-                actions: vec!["pull".to_string()],
-            }),
-            request_id: kept.request_id.clone(),
-            credential_ref: credential.credential_ref.clone(),
-            tenant: kept.tenant.clone(),
-            login: false,
-        };
+        let request = refresh_request(
+            &credential,
+            pinned.repository(),
+            &kept.request_id,
+            &kept.tenant,
+        );
         let response = self
             .credentials
             .refresh(&request)

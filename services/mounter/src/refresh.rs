@@ -62,6 +62,27 @@ pub fn expiry(credential: &RegistryCredential) -> Option<SystemTime> {
     SystemTime::try_from(credential.expires_at?).ok()
 }
 
+/// The pull-only refresh of `current` for `repository`, on behalf of the request that made the
+/// mount. A credential from a named secret is refreshed with that same secret.
+pub fn refresh_request(
+    current: &RegistryCredential,
+    repository: &str,
+    request_id: &str,
+    tenant: &str,
+) -> TokenRequest {
+    TokenRequest {
+        registry: current.registry.clone(),
+        scope: Some(Scope {
+            repository: repository.to_string(),
+            actions: vec!["pull".to_string()],
+        }),
+        request_id: request_id.to_string(),
+        credential_ref: current.credential_ref.clone(),
+        tenant: tenant.to_string(),
+        login: false,
+    }
+}
+
 /// How long to wait before refreshing a credential with `left` to live: `margin` before the
 /// end, or at half the remaining life when that is sooner (short-lived tokens).
 pub fn refresh_delay(left: Duration, margin: Duration) -> Duration {
@@ -105,18 +126,12 @@ impl Refresh {
         expires_at: SystemTime,
         stop: &Shutdown,
     ) -> Option<RegistryCredential> {
-        let request = TokenRequest {
-            registry: current.registry.clone(),
-            scope: Some(Scope {
-                repository: self.source.image().repository().to_string(),
-                actions: vec!["pull".to_string()],
-            }),
-            request_id: self.request_id.clone(),
-            // A mount made with a named credential is refreshed with that same credential.
-            credential_ref: current.credential_ref.clone(),
-            tenant: self.tenant.clone(),
-            login: false,
-        };
+        let request = refresh_request(
+            current,
+            self.source.image().repository(),
+            &self.request_id,
+            &self.tenant,
+        );
         loop {
             match self.credentials.refresh(&request).await {
                 Ok(response) => match response.credential {
