@@ -9,10 +9,8 @@ mod mounter_support;
 
 use imagemesh_proto::v1::ErrorCode;
 use imagemesh_testkit::oci_images::{OciLayout, have_image_tools};
-use imagemesh_tests::{
-    BuildRegistryAuth, Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, describe, find,
-};
-use indexer_support::{images, index, request};
+use imagemesh_tests::{BuildRegistryAuth, Mesh, MeshOptions, REGISTRY_PASSWORD, describe, find};
+use indexer_support::{images, push_and_index_full};
 use mounter_support::tree::assert_same_tree;
 use mounter_support::{
     WORKER_ID, control, detail, mount_stats, mounted, read_file, run, runtime_request,
@@ -34,15 +32,7 @@ async fn mesh_with_indexed_image() -> (Mesh, String, OciLayout) {
     };
     let mesh = start_mounter(Mesh::start(options).await, &[]).await;
     let layout = OciLayout::new();
-    images::build_full(&layout, "full");
-    let image = format!("{}/test/full:v1", mesh.registry.addr());
-    layout.push("full", &image, REGISTRY_USER, REGISTRY_PASSWORD);
-    let events = index(&mesh, &request(&mesh, "index-full", "test/full:v1")).await;
-    assert!(
-        find(&events, "indexer", "indexed").is_some(),
-        "{}",
-        describe(&events)
-    );
+    let image = push_and_index_full(&mesh, &layout).await;
     (mesh, image, layout)
 }
 

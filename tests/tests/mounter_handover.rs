@@ -16,10 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use imagemesh_testkit::oci_images::{OciLayout, have_image_tools};
-use imagemesh_tests::{
-    BuildRegistryAuth, Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, describe, find,
-};
-use indexer_support::{images, index, request};
+use imagemesh_tests::{BuildRegistryAuth, Mesh, MeshOptions};
+use indexer_support::push_and_index_full;
 use mounter_support::tree::assert_same_tree;
 use mounter_support::{
     WORKER_ID, control, mount_stats, mounted, run, runtime_request, start_mounter,
@@ -183,15 +181,7 @@ async fn mounts_survive_mounter_restarts_and_crashes_without_a_failed_read() {
     )
     .await;
     let layout = OciLayout::new();
-    images::build_full(&layout, "full");
-    let image = format!("{}/test/full:v1", mesh.registry.addr());
-    layout.push("full", &image, REGISTRY_USER, REGISTRY_PASSWORD);
-    let events = index(&mesh, &request(&mesh, "index-full", "test/full:v1")).await;
-    assert!(
-        find(&events, "indexer", "indexed").is_some(),
-        "{}",
-        describe(&events)
-    );
+    let image = push_and_index_full(&mesh, &layout).await;
 
     mounted(&run(&mesh, &runtime_request("keep-1", "ctr-1", &image)).await);
     let mountpoint = mesh.mount_root().canonicalize().unwrap().join("ctr-1");

@@ -4,19 +4,18 @@
 //! image does not see it; `imagemesh run` does it all from the command line; unmounting leaves no
 //! overlay, upper directory or mount behind.
 
+mod indexer_support;
 mod mounter_support;
 
 use std::path::Path;
 use std::process::Command;
 
-use imagemesh_proto::v1::{IndexRequest, RegistryCredential, RequestState};
-use imagemesh_runtime::subjects;
+use imagemesh_proto::v1::RequestState;
 use imagemesh_tests::{
     BuildRegistryAuth, Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, describe,
 };
-use mounter_support::{
-    WAIT, WORKER_ID, control, detail, mounted, run, runtime_request, start_mounter,
-};
+use indexer_support::{index, request};
+use mounter_support::{WORKER_ID, control, detail, mounted, run, runtime_request, start_mounter};
 
 /// Runs `bundle` with runc as container `id`; returns (success, stdout).
 fn runc(bundle: &str, id: &str) -> (bool, String) {
@@ -59,21 +58,7 @@ async fn a_runtime_request_ends_with_a_bundle_runc_starts_and_each_container_wri
     .await
     .unwrap();
     let image = format!("{registry}/test/box:1");
-    let index = IndexRequest {
-        request_id: "index-box".into(),
-        tenant: imagemesh_proto::DEFAULT_TENANT.into(),
-        image_ref: image.clone(),
-        credential: Some(RegistryCredential {
-            registry: registry.clone(),
-            scheme: imagemesh_proto::v1::AuthScheme::Basic as i32,
-            username: REGISTRY_USER.into(),
-            secret: REGISTRY_PASSWORD.into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    mesh.publish_work(subjects::INDEX, &index).await;
-    let events = mesh.wait_terminal("index-box", WAIT).await;
+    let events = index(&mesh, &request(&mesh, "index-box", "test/box:1")).await;
     assert_eq!(
         events.last().unwrap().state(),
         RequestState::Succeeded,

@@ -13,6 +13,7 @@ use std::time::Duration;
 use imagemesh_proto::v1::{AuthScheme, ImageRecord, IndexRequest, RegistryCredential, StatusEvent};
 use imagemesh_runtime::{streams, subjects};
 use imagemesh_testkit::bin_path;
+use imagemesh_testkit::oci_images::OciLayout;
 use imagemesh_tests::{Mesh, REGISTRY_PASSWORD, REGISTRY_USER};
 use prost::Message;
 
@@ -47,6 +48,21 @@ pub async fn index(mesh: &Mesh, request: &IndexRequest) -> Vec<StatusEvent> {
     // As the builder publishes it: protobuf, `<tenant>.<request id>` as message id.
     mesh.publish_work(subjects::INDEX, request).await;
     mesh.wait_terminal(&request.request_id, WAIT).await
+}
+
+/// The `full` test image ([`images::build_full`]) pushed to the mesh's registry as
+/// `test/full:v1` and indexed; returns its reference. The mounter tests start from it.
+pub async fn push_and_index_full(mesh: &Mesh, layout: &OciLayout) -> String {
+    images::build_full(layout, "full");
+    let image = format!("{}/test/full:v1", mesh.registry.addr());
+    layout.push("full", &image, REGISTRY_USER, REGISTRY_PASSWORD);
+    let events = index(mesh, &request(mesh, "index-full", "test/full:v1")).await;
+    assert!(
+        imagemesh_tests::find(&events, "indexer", "indexed").is_some(),
+        "{}",
+        imagemesh_tests::describe(&events)
+    );
+    image
 }
 
 /// The image-refs KV record of the default tenant's `image_id`.
