@@ -24,8 +24,9 @@ pub struct RunArgs {
     /// The container's arguments; they replace the image's Cmd (its Entrypoint stays).
     #[arg(last = true)]
     pub args: Vec<String>,
-    /// Extra environment, NAME=value, over the image's (repeatable).
-    #[arg(long = "env", short = 'e', value_name = "NAME=VALUE")]
+    /// Extra environment over the image's (repeatable): NAME=value, or NAME alone to pass this
+    /// command's own value of NAME (keeps a secret off the command line, as `docker run -e`).
+    #[arg(long = "env", short = 'e', value_name = "NAME[=VALUE]")]
     pub env: Vec<String>,
     /// Container id, which also names the mount and the bundle (default: generated).
     #[arg(long)]
@@ -58,7 +59,7 @@ pub async fn run(
         kind: RequestKind::Runtime as i32,
         image_ref: args.image.clone(),
         args: args.args.clone(),
-        env: args.env.clone(),
+        env: args.env.iter().map(|entry| with_own_value(entry)).collect(),
         tenant: tenant.to_string(),
         submitted_at: Some(status::now()),
         ..Default::default()
@@ -92,6 +93,15 @@ pub async fn run(
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX)))
 }
 
+/// `NAME=value` as given; `NAME` alone takes this process's value of NAME (none: empty).
+fn with_own_value(entry: &str) -> String {
+    if entry.contains('=') {
+        return entry.to_string();
+    }
+    let value = std::env::var(entry).unwrap_or_default();
+    format!("{entry}={value}")
+}
+
 /// Asks the mounter to unmount the container's mount and bundle; a refusal is reported, not
 /// fatal (the container already ran).
 async fn unmount(client: &async_nats::Client, subject: &str, container_id: &str) {
@@ -114,5 +124,23 @@ async fn unmount(client: &async_nats::Client, subject: &str, container_id: &str)
         }
         Ok(Err(err)) => eprintln!("imagemesh: unmounting {container_id} failed: {err}"),
         Err(_) => eprintln!("imagemesh: unmounting {container_id} timed out"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_name_alone_takes_this_process_value() {
+        assert_eq!(with_own_value("A=1"), "A=1");
+        assert_eq!(with_own_value("A="), "A=");
+        // PATH is set in every test process.
+        let path = std::env::var("PATH").unwrap();
+        assert_eq!(with_own_value("PATH"), format!("PATH={path}"));
+        assert_eq!(
+            with_own_value("IMAGEMESH_SURELY_UNSET_VARIABLE"),
+            "IMAGEMESH_SURELY_UNSET_VARIABLE="
+        );
     }
 }
