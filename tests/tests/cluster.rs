@@ -187,23 +187,14 @@ async fn progress(dispatches: &Dispatches, expected: usize, what: &str) {
     .await;
 }
 
-/// Whether a scenario must also dispatch nothing twice.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Duplicates {
-    Forbidden,
-    /// Counted and printed only: a single server killed with SIGKILL loses its most recent
-    /// consumer acks and forgets the message ids of work already consumed (docs/reliability.md).
-    Reported,
-}
-
 /// Counts what happened to the `sent` requests, prints one line, and asserts nothing was lost
-/// (nor, unless `duplicates` says otherwise, duplicated).
+/// and nothing duplicated (unless the server lost `unrecoverable` streams).
 async fn account(
     mesh: &Mesh,
     dispatches: &Dispatches,
     scenario: &str,
     sent: usize,
-    duplicates: Duplicates,
+    unrecoverable: Vec<String>,
 ) {
     assert_eq!(sent, COUNT, "the intake refused requests for good");
     let keys: Vec<(String, String)> = (0..COUNT)
@@ -257,8 +248,11 @@ async fn account(
         dispatches.redeliveries()
     );
     assert_eq!(lost, Vec::<&str>::new(), "requests lost in {scenario}");
-    if duplicates == Duplicates::Forbidden {
+    if unrecoverable.is_empty() {
         assert_eq!(duplicated, 0, "requests dispatched twice in {scenario}");
+    } else {
+        // The server lost acknowledged writes: counted and printed, not held against the mesh.
+        println!("cluster scenario {scenario}: the server could not load {unrecoverable:?}");
     }
 }
 
@@ -304,7 +298,7 @@ async fn a_node_killed_mid_stream_and_restarted_loses_nothing_and_duplicates_not
         &dispatches,
         &format!("(a) one node killed -9 at {at_fault}/{COUNT} dispatched"),
         sent,
-        Duplicates::Forbidden,
+        Vec::new(),
     )
     .await;
 }
@@ -336,7 +330,7 @@ async fn the_intake_leader_killed_mid_stream_loses_nothing_and_duplicates_nothin
              ({successor} took over)"
         ),
         sent,
-        Duplicates::Forbidden,
+        Vec::new(),
     )
     .await;
 }
@@ -361,7 +355,7 @@ async fn the_whole_cluster_restarted_mid_stream_loses_nothing_and_duplicates_not
         &dispatches,
         &format!("(c) whole cluster killed -9 at {at_fault}/{COUNT} dispatched, restarted"),
         sent,
-        Duplicates::Forbidden,
+        Vec::new(),
     )
     .await;
 }
@@ -382,17 +376,17 @@ async fn a_single_server_restarted_mid_stream_loses_nothing_and_duplicates_nothi
         &dispatches,
         &format!("(d) single server stopped (SIGTERM) at {at_fault}/{COUNT} dispatched, restarted"),
         sent,
-        Duplicates::Forbidden,
+        Vec::new(),
     )
     .await;
 }
 
-/// SIGKILL on a single server: nothing is lost, but the server forgets the acks of its last
-/// moments, so the scheduler sees a request it had dispatched again as new, and the work stream
-/// no longer remembers that message id once a worker consumed it: such a request can be
-/// dispatched twice. Counted and printed, not forbidden; the cluster does not have this window.
+/// SIGKILL on a single server: the server forgets the acks of its last moments, so the
+/// scheduler is handed a request it had dispatched again as new, and the work stream no longer
+/// remembers that message id once a worker consumed it. The scheduler's check of the request's
+/// `dispatched` event keeps it from being dispatched twice.
 #[tokio::test]
-async fn a_single_server_killed_mid_stream_loses_nothing() {
+async fn a_single_server_killed_mid_stream_loses_nothing_and_duplicates_nothing() {
     let (mut mesh, dispatches) = dispatch_mesh(false).await;
     let submitter = submit_paced(mesh.client.clone(), mesh.registry.addr().to_string());
     progress(&dispatches, COUNT / 4, "the first requests").await;
@@ -407,7 +401,26 @@ async fn a_single_server_killed_mid_stream_loses_nothing() {
         &dispatches,
         &format!("(d') single server killed -9 at {at_fault}/{COUNT} dispatched, restarted"),
         sent,
-        Duplicates::Reported,
+        unrecoverable_streams(&mesh),
     )
     .await;
+    // How often the window opened (the server handed a dispatched request over again): not
+    // asserted, it depends on when the kill lands.
+    let caught = mesh
+        .all_logs()
+        .matches("dispatched before this delivery")
+        .count();
+    println!("(d') deliveries the scheduler recognised as dispatched already: {caught}");
+}
+
+/// Streams the server could not load again after it was killed, from its log. Some runs of a
+/// server with encryption at rest killed with SIGKILL find a stream's state file corrupt and
+/// leave the stream out (docs/reliability.md): what that stream held is gone, acknowledged
+/// writes included, and nothing above the server can tell which requests went through it.
+fn unrecoverable_streams(mesh: &Mesh) -> Vec<String> {
+    mesh.nats_log()
+        .lines()
+        .filter(|line| line.contains("Error recreating stream"))
+        .map(|line| line.trim().to_string())
+        .collect()
 }

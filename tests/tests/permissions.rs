@@ -316,6 +316,41 @@ async fn only_status_publishers_publish_status_and_only_a_worker_advertises_itse
     assert!(operator_view.get("build.w2").await.unwrap().is_none());
 }
 
+/// Reading a request's last status event by subject (which the scheduler does before it
+/// dispatches) is the schedulers' alone: it reads any tenant's events, so no worker and no
+/// client may (a client follows its own tenant's events through its filtered consumer).
+#[tokio::test]
+async fn only_schedulers_read_status_events_by_subject() {
+    let mut mesh = Mesh::start(secured_mesh()).await;
+    let cast = cast(&mut mesh).await;
+    let subject = format!("{}.b.secret-plans", subjects::STATUS_PREFIX);
+    async_nats::jetstream::new(cast.operator.clone())
+        .publish(subject.clone(), "tenant b's event".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let get = format!("$JS.API.STREAM.MSG.GET.{}", streams::STATUS);
+    let last_by_subject = format!("{{\"last_by_subj\":\"{subject}\"}}");
+    for (name, client) in [
+        ("client-a", &cast.client_a),
+        ("builder-w1", &cast.builder),
+        ("mounter-m1", &cast.mounter),
+        ("indexer-1", &cast.indexer),
+    ] {
+        publish(client, &get, last_by_subject.as_bytes()).await;
+        assert_refused(&mesh, name, &get).await;
+    }
+    let last = async_nats::jetstream::new(cast.scheduler.clone())
+        .get_stream_no_info(streams::STATUS)
+        .await
+        .unwrap()
+        .get_last_raw_message_by_subject(&subject)
+        .await
+        .expect("the scheduler reads the last event of a request");
+    assert_eq!(last.payload.as_ref(), b"tenant b's event");
+}
+
 #[tokio::test]
 async fn mounter_control_is_the_operators() {
     let mut mesh = Mesh::start(secured_mesh()).await;

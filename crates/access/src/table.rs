@@ -50,6 +50,8 @@ fn scheduler(grants: &mut Grants) {
         .work_consumer(streams::INTAKE, "scheduler", subjects::INTAKE_ALL)
         // A request that was never dispatched is deleted, which frees its id.
         .publish(format!("$JS.API.STREAM.MSG.DELETE.{}", streams::INTAKE))
+        // Before dispatching, a request's last status event: was it dispatched already?
+        .publish(format!("$JS.API.STREAM.MSG.GET.{}", streams::STATUS))
         .publish(subjects::CREDENTIAL_MINT)
         .kv_read(IMAGE_REFS_BUCKET, ">")
         .kv_read(IMAGE_SECRETS_BUCKET, ">")

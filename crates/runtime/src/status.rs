@@ -131,7 +131,19 @@ impl StatusReporter {
     ) -> Result<(), async_nats::Error> {
         let subject = subjects::status(request);
         let payload = self.event(request, step).encode_to_vec().into();
-        self.publish_confirmed(subject, payload, once).await
+        self.publish_confirmed(subject, payload, Some(once)).await
+    }
+
+    /// Publishes a status event and waits until the stream stored it: for an event others
+    /// decide by (the scheduler's `dispatched`), which must outlive a crash of whoever sent it.
+    pub async fn report_confirmed(
+        &self,
+        request: RequestKey<'_>,
+        step: Step,
+    ) -> Result<(), async_nats::Error> {
+        let subject = subjects::status(request);
+        let payload = self.event(request, step).encode_to_vec().into();
+        self.publish_confirmed(subject, payload, None).await
     }
 
     fn event(&self, request: RequestKey<'_>, mut step: Step) -> StatusEvent {
@@ -177,7 +189,7 @@ impl StatusReporter {
     ) -> Result<(), async_nats::Error> {
         let letter = self.letter(info, rejection, payload);
         let subject = subjects::dead_letter(self.service);
-        self.publish_confirmed(subject, letter.encode_to_vec().into(), once)
+        self.publish_confirmed(subject, letter.encode_to_vec().into(), Some(once))
             .await
     }
 
@@ -229,14 +241,14 @@ impl StatusReporter {
         Ok(())
     }
 
-    /// Publishes with message id `once` and waits for the stream's acknowledgement.
+    /// Publishes (with message id `once`, if given) and waits for the stream's acknowledgement.
     async fn publish_confirmed(
         &self,
         subject: String,
         payload: Bytes,
-        once: &str,
+        once: Option<&str>,
     ) -> Result<(), async_nats::Error> {
-        self.send(subject, payload, Some(once)).await?.await?;
+        self.send(subject, payload, once).await?.await?;
         Ok(())
     }
 

@@ -117,6 +117,8 @@ pub struct Delivery {
     pub headers: Option<HeaderMap>,
     /// When this instance received it (for the duration metric).
     pub received: std::time::Instant,
+    /// When the stream stored the message (the server's clock).
+    pub published: Option<time::OffsetDateTime>,
 }
 
 impl Delivery {
@@ -431,6 +433,7 @@ impl<H: Handler> Job<H> {
             max_attempts: self.options.max_deliver.max(1) as u64,
             headers: message.headers.clone(),
             received: std::time::Instant::now(),
+            published: message.info().ok().map(|i| i.published),
         };
         let span = tracing::info_span!(
             "process",

@@ -2,13 +2,13 @@
 
 use imagemesh_proto::v1::{ContainerRequest, RequestKind};
 use imagemesh_proto::{RequestKey, TenantRequest};
-use imagemesh_runtime::placement;
 use imagemesh_runtime::status::{StatusReporter, Step};
 use imagemesh_runtime::worker::{Delivery, Handler, Outcome};
+use imagemesh_runtime::{ErrorCode, Rejection, placement};
 
 use imagemesh_runtime::subjects;
 
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{DISPATCHED, Dispatcher};
 use crate::enrich::{EnrichError, Enricher};
 
 /// The scheduler's intake handler.
@@ -35,10 +35,28 @@ impl Handler for Scheduler {
     }
 
     // A request reaches this handler once: the intake holds one message per tenant and id (a
-    // client's second submission is refused by the server), and a redelivery after a crash
+    // client's second submission is refused by the server). A redelivery after a crash
     // publishes with the same message id (`<tenant>.<request id>`), which the work stream
-    // stores once.
-    async fn handle(&self, mut request: ContainerRequest, _delivery: &Delivery) -> Outcome {
+    // stores once while it holds the first; one the server handed over again after losing
+    // its acks is caught by the request's `dispatched` event (see `dispatch`).
+    async fn handle(&self, mut request: ContainerRequest, delivery: &Delivery) -> Outcome {
+        if let Some(stored) = delivery.published {
+            match self
+                .dispatcher
+                .already_dispatched(request.key(), stored)
+                .await
+            {
+                Ok(false) => {}
+                Ok(true) => {
+                    tracing::info!(
+                        request = %request.key(),
+                        "dispatched before this delivery; not dispatched again"
+                    );
+                    return Outcome::Done;
+                }
+                Err(rejection) => return Outcome::Retry(rejection),
+            }
+        }
         match self.enricher.enrich(&mut request).await {
             Ok(()) => {}
             Err(EnrichError::Transient(rejection)) => return Outcome::Retry(rejection),
@@ -67,7 +85,7 @@ impl Handler for Scheduler {
                 long_term.join(", ")
             ));
         }
-        let step = Step::running("dispatched", message)
+        let step = Step::running(DISPATCHED, message)
             .detail("long_term_secrets", long_term.join(","))
             .detail("subject", &dispatched.subject)
             .detail("worker", &dispatched.worker)
@@ -77,7 +95,15 @@ impl Handler for Scheduler {
                 "base_image_credentials",
                 request.base_image_credentials.len(),
             );
-        self.status.report(request.key(), step).await;
+        // Confirmed before the intake message is acked: a later delivery of it decides by
+        // this event. Should it not be stored, the request is retried and the work stream's
+        // de-duplication keeps the copy out while the worker has not taken the first.
+        if let Err(err) = self.status.report_confirmed(request.key(), step).await {
+            return Outcome::Retry(Rejection::new(
+                ErrorCode::Internal,
+                format!("dispatched, but the dispatched event was not stored: {err}"),
+            ));
+        }
         Outcome::Done
     }
 }
