@@ -124,6 +124,12 @@ impl MergedTree {
         self.entries.get(path.trim_matches('/'))
     }
 
+    /// All entries in path order, the root (`""`) first, taken out of the tree (for a table
+    /// built from it that should not copy every entry).
+    pub fn into_entries(self) -> impl Iterator<Item = (String, MergedEntry)> {
+        self.entries.into_iter()
+    }
+
     /// All entries in path order, the root (`""`) first.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &MergedEntry)> {
         self.entries.iter().map(|(k, v)| (k.as_str(), v))

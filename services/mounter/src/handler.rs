@@ -261,7 +261,7 @@ impl Mounter {
         ));
         let index = opened.index.clone();
         let inodes = tokio::task::spawn_blocking(move || {
-            Arc::new(Inodes::build(&MergedTree::from_layers(&index.layers)))
+            Arc::new(Inodes::build(MergedTree::from_layers(&index.layers)))
         })
         .await
         .map_err(|e| reject(ErrorCode::Internal, format!("building the file table: {e}")))?;

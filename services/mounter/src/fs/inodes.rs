@@ -25,37 +25,51 @@ pub struct Inodes {
 }
 
 impl Inodes {
-    pub fn build(tree: &MergedTree) -> Self {
+    /// The table of `tree`, whose entries move into it (the tree is not kept, so nothing is
+    /// copied: the table is most of what a mount holds).
+    pub fn build(tree: MergedTree) -> Self {
+        // Which paths are one more name of a file that another path numbers, decided while the
+        // tree can still be looked into.
+        let shared: Vec<Option<String>> = tree
+            .iter()
+            .map(|(path, entry)| shared_target(&tree, path, entry))
+            .collect();
         let mut nodes = Vec::with_capacity(tree.len());
-        let mut inode_of: HashMap<&str, u64> = HashMap::with_capacity(tree.len());
-        // Inodes first, for every path that is not one more name of a file already numbered.
-        for (path, entry) in tree.iter() {
-            if shared_target(tree, path, entry).is_none() {
-                inode_of.insert(path, nodes.len() as u64 + 1);
+        // (path, the inode it numbers or `None` for one more name of a shared file).
+        let mut paths: Vec<(String, Option<u64>)> = Vec::with_capacity(tree.len());
+        for ((path, entry), shared) in tree.into_entries().zip(&shared) {
+            let numbered = shared.is_none().then(|| {
                 nodes.push(Node {
-                    entry: entry.clone(),
+                    entry,
                     parent: 1,
                     children: Vec::new(),
                     nlink: 1,
                 });
-            }
+                nodes.len() as u64
+            });
+            paths.push((path, numbered));
         }
+        let inode_of: HashMap<&str, u64> = paths
+            .iter()
+            .filter_map(|(path, ino)| Some((path.as_str(), (*ino)?)))
+            .collect();
         // Then names: path order lists a directory's children in name order.
-        for (path, entry) in tree.iter().filter(|(p, _)| !p.is_empty()) {
+        for ((path, numbered), shared) in paths.iter().zip(&shared).skip(1) {
             let (parent_path, name) = path.rsplit_once('/').unwrap_or(("", path));
-            let ino = match shared_target(tree, path, entry) {
-                Some(target) => {
+            let ino = match (numbered, shared) {
+                (Some(ino), _) => *ino,
+                (None, Some(target)) => {
                     let ino = inode_of[target.as_str()];
                     nodes[ino as usize - 1].nlink += 1;
                     ino
                 }
-                None => inode_of[path],
+                (None, None) => unreachable!("a path either numbers an inode or shares one"),
             };
             let parent = inode_of[parent_path];
             nodes[parent as usize - 1]
                 .children
                 .push((name.to_string(), ino));
-            if inode_of.get(path) == Some(&ino) {
+            if numbered.is_some() {
                 nodes[ino as usize - 1].parent = parent;
             }
         }
@@ -215,7 +229,7 @@ mod tests {
             link_target: Some("tool".into()),
             ..Entry::new("bin/tool-link", EntryKind::Symlink)
         };
-        let inodes = Inodes::build(&tree(vec![
+        let inodes = Inodes::build(tree(vec![
             Entry::new("bin", EntryKind::Dir),
             file("bin/tool", 512, 20),
             link,
