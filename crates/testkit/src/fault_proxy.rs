@@ -3,13 +3,16 @@
 //! when told to recover. Changing the fault also breaks the connections open at that moment, so
 //! pooled keep-alive connections see it too.
 //!
+//! It can also stand for a slower link ([`FaultProxy::start_limited`]): what the upstream sends
+//! is paced to a bandwidth shared by every connection, and counted.
+//!
 //! Plain threads, no runtime: it serves whatever runtime (or none) a test uses.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// What the proxy does with a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +54,29 @@ struct State {
     generation: AtomicU64,
     connections: AtomicUsize,
     stopped: AtomicBool,
+    /// Bytes per second from the upstream to clients, all connections together; none: as fast
+    /// as loopback goes.
+    rate: Option<u64>,
+    /// When the link is free again (the pacing of [`State::rate`]).
+    link_free_at: Mutex<Instant>,
+    /// Bytes sent from the upstream to clients.
+    downstream: AtomicU64,
+}
+
+impl State {
+    /// Waits until `bytes` more fit through the link.
+    fn pace(&self, bytes: usize) {
+        self.downstream.fetch_add(bytes as u64, Ordering::Relaxed);
+        let Some(rate) = self.rate else { return };
+        let wait = {
+            let mut free_at = self.link_free_at.lock().unwrap();
+            let now = Instant::now();
+            let start = (*free_at).max(now);
+            *free_at = start + Duration::from_secs_f64(bytes as f64 / rate as f64);
+            start - now
+        };
+        std::thread::sleep(wait);
+    }
 }
 
 /// A running proxy on 127.0.0.1.
@@ -62,6 +88,12 @@ pub struct FaultProxy {
 impl FaultProxy {
     /// Proxies to `upstream` (`host:port`), passing everything through until told otherwise.
     pub fn start(upstream: &str) -> Self {
+        Self::start_limited(upstream, None)
+    }
+
+    /// Like [`FaultProxy::start`], sending what the upstream answers at no more than
+    /// `bits_per_second` over all connections together.
+    pub fn start_limited(upstream: &str, bits_per_second: Option<u64>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind fault proxy");
         let addr = listener.local_addr().expect("proxy address").to_string();
         let state = Arc::new(State {
@@ -70,6 +102,9 @@ impl FaultProxy {
             generation: AtomicU64::new(0),
             connections: AtomicUsize::new(0),
             stopped: AtomicBool::new(false),
+            rate: bits_per_second.map(|bits| (bits / 8).max(1)),
+            link_free_at: Mutex::new(Instant::now()),
+            downstream: AtomicU64::new(0),
         });
         let serving = state.clone();
         std::thread::spawn(move || {
@@ -109,6 +144,11 @@ impl FaultProxy {
     /// Connections accepted so far.
     pub fn connections(&self) -> usize {
         self.state.connections.load(Ordering::SeqCst)
+    }
+
+    /// Bytes the upstream sent to clients through the proxy so far.
+    pub fn bytes_downstream(&self) -> u64 {
+        self.state.downstream.load(Ordering::Relaxed)
     }
 }
 
@@ -155,19 +195,28 @@ fn pass_through(client: TcpStream, state: &State, generation: u64) {
         return;
     };
     std::thread::scope(|scope| {
-        for (from, to) in [(&client, &upstream), (&upstream, &client)] {
-            scope.spawn(move || copy_until_changed(from, to, state, generation));
+        for (from, to, paced) in [(&client, &upstream, false), (&upstream, &client, true)] {
+            scope.spawn(move || copy_until_changed(from, to, state, generation, paced));
         }
     });
 }
 
-fn copy_until_changed(mut from: &TcpStream, mut to: &TcpStream, state: &State, generation: u64) {
+fn copy_until_changed(
+    mut from: &TcpStream,
+    mut to: &TcpStream,
+    state: &State,
+    generation: u64,
+    paced: bool,
+) {
     let _ = from.set_read_timeout(Some(Duration::from_millis(50)));
     let mut buffer = [0u8; 64 << 10];
     while state.generation.load(Ordering::SeqCst) == generation {
         match from.read(&mut buffer) {
             Ok(0) => break,
             Ok(n) => {
+                if paced {
+                    state.pace(n);
+                }
                 if to.write_all(&buffer[..n]).is_err() {
                     break;
                 }
