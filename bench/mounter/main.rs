@@ -152,6 +152,8 @@ async fn bench(
     let options = MeshOptions {
         start: vec!["credential", "scheduler", "indexer"],
         max_deliver: 5,
+        // The tests' debug logging would be part of what is timed.
+        env: vec![("RUST_LOG".into(), "info".into())],
         ..Default::default()
     };
     let mut mesh = Mesh::start(options).await;

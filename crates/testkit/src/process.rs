@@ -84,6 +84,12 @@ impl ServiceProcess {
         );
     }
 
+    /// Sets `key` in the environment of the next start (see [`ServiceProcess::restart`]).
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }
