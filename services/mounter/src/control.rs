@@ -27,7 +27,7 @@ use serde::Serialize;
 use crate::mounts::{Mount, MountTable};
 use crate::refresh::RefreshStats;
 use imagemesh_lazyimage::cache::CacheStats;
-use imagemesh_lazyimage::{ReadStats, Shared};
+use imagemesh_lazyimage::{PrefetchStats, ReadStats, Shared};
 
 pub fn unmount_subject(worker_id: &str) -> String {
     format!("{}.unmount", subjects::mounter_control_prefix(worker_id))
@@ -55,6 +55,8 @@ pub struct MountReport {
     /// Taken over from an earlier mounter process (through the mount keeper).
     pub resumed: bool,
     pub reads: ReadStats,
+    /// What the mount recorded (first run of its image) or prefetched (later runs).
+    pub prefetch: PrefetchStats,
     pub credential: RefreshStats,
 }
 
@@ -75,6 +77,7 @@ impl MountReport {
             mounted_for_seconds: info.mounted_at.elapsed().map_or(0, |d| d.as_secs()),
             resumed: info.resumed_at.is_some(),
             reads: mount.reader.stats(),
+            prefetch: mount.reader.prefetch_stats(),
             credential: mount.refresh.stats(),
         }
     }
@@ -160,6 +163,11 @@ impl Control {
             .detail("bytes_fetched", report.reads.bytes_fetched)
             .detail("range_requests", report.reads.range_requests)
             .detail("bytes_returned", report.reads.bytes_returned)
+            .detail("prefetch", &report.prefetch.state)
+            .detail("prefetch_spans_recorded", report.prefetch.spans_recorded)
+            .detail("prefetch_spans", report.prefetch.spans_prefetched)
+            .detail("prefetch_bytes", report.prefetch.bytes_prefetched)
+            .detail("prefetch_hits", report.prefetch.hits)
             .detail("credential_refreshes", report.credential.refreshes);
         let request = RequestKey::new(&mount.info.tenant, &mount.info.request_id);
         self.status.report(request, step).await;

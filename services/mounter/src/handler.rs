@@ -23,7 +23,7 @@ use tokio::runtime::Handle;
 use tracing::Instrument as _;
 
 use crate::bundle::Process;
-use crate::config::{ReadConfig, RefreshConfig};
+use crate::config::{PrefetchConfig, ReadConfig, RefreshConfig};
 use crate::control;
 use crate::fs::ImageFs;
 use crate::fs::inodes::Inodes;
@@ -52,6 +52,7 @@ pub struct Mounter {
     pub credentials: CredentialClient,
     pub refresh: RefreshConfig,
     pub reads: ReadConfig,
+    pub prefetch: PrefetchConfig,
     /// Longest the registry work of one mount may take (`mounter.prepare_deadline`).
     pub prepare_deadline: Duration,
     pub runtime: Handle,
@@ -229,7 +230,8 @@ impl Mounter {
             // The lazy mount is undone; an overlay or a user the image lacks will not change.
             bundle @ MountError::Bundle(_) => reject(ErrorCode::Internal, bundle.to_string()),
         })?;
-        self.start_refresh(&mount, source, credential.cloned());
+        self.start_refresh(&mount, source.clone(), credential.cloned());
+        self.start_prefetch(&mount, source, &opened);
         let seconds = started.elapsed().as_secs_f64();
         tracing::info!(mount_id = id, mountpoint = %mount.info.mountpoint.display(), seconds, "mounted");
         let step = self.mounted_step(&mount, seconds).detail("existing", false);
@@ -333,6 +335,24 @@ impl Mounter {
         tokio::spawn(refresh.run(credential, mount.stop_refresh.clone()));
     }
 
+    /// Prefetches the image's recorded spans in the background, or records them (first run).
+    fn start_prefetch(&self, mount: &Mount, source: Arc<MountSource>, opened: &OpenedImage) {
+        if !self.prefetch.enabled {
+            return;
+        }
+        mount.reader.set_prefetch_state("lookup", None);
+        let prefetch = crate::prefetch::Prefetch {
+            config: self.prefetch.clone(),
+            reader: mount.reader.clone(),
+            source,
+            image: opened.resolved.clone(),
+            mount_id: mount.info.id.clone(),
+            stop: mount.stop_refresh.clone(),
+            publisher: None,
+        };
+        tokio::spawn(prefetch.run());
+    }
+
     /// The registry accepted the request's credential (it served the manifest).
     async fn report_authenticated(
         &self,
@@ -403,6 +423,7 @@ impl Mounter {
         .detail("files", info.files)
         .detail("bytes_fetched", stats.bytes_fetched)
         .detail("range_requests", stats.range_requests)
+        .detail("prefetch", mount.reader.prefetch_stats().state)
         .detail("seconds", format!("{seconds:.3}"))
         .detail("unmount_subject", control::unmount_subject(&self.worker_id))
         .detail("stats_subject", control::stats_subject(&self.worker_id))
