@@ -56,6 +56,11 @@ fn render(listing: &Value) -> String {
             bytes(&reads["bytes_fetched"]),
             reads["range_requests"],
         ));
+        if let Some(lazy) = mount["lazy_mount"].as_str() {
+            let shared = mount["shared_by"].as_array().map_or(0, Vec::len);
+            out.pop();
+            out.push_str(&format!("  image mount {lazy} (shared by {shared})\n"));
+        }
         let prefetch = &mount["prefetch"];
         if let Some(state) = prefetch["state"].as_str().filter(|s| *s != "off") {
             out.push_str(&format!(
@@ -133,6 +138,7 @@ mod tests {
             "worker_id": "node-1",
             "mounts": [{"mount_id": "ctr-1", "image_ref": "r/a:1",
                         "reads": {"reads": 4, "bytes_fetched": 2048, "range_requests": 2},
+                        "lazy_mount": "default.0011", "shared_by": ["ctr-1", "ctr-2"],
                         "prefetch": {"state": "done", "spans_recorded": 0, "spans_prefetched": 3,
                                      "spans_planned": 3, "bytes_prefetched": 3072, "hits": 2, "errors": 0}}],
             "compressed_cache": cache(1536),
@@ -143,6 +149,10 @@ mod tests {
         assert!(text.contains("mounter node-1: 1 mount(s)"), "{text}");
         assert!(
             text.contains("fetched 2.0 KiB in 2 range request(s)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("range request(s)  image mount default.0011 (shared by 2)"),
             "{text}"
         );
         assert!(

@@ -96,7 +96,6 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
         shared: shared.clone(),
         status: status.clone(),
     };
-    control::serve(control.clone(), shutdown.clone()).await?;
     let handler = Arc::new(Mounter {
         status,
         registry: settings.registry.clone(),
@@ -118,6 +117,9 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
         None => Default::default(),
     };
     mounts.detach_stale(&resuming);
+    // The control subjects answer once stale mounts are gone: a caller that sees this instance
+    // serve sees no mount of an earlier one it did not take over.
+    control::serve(control.clone(), shutdown.clone()).await?;
     // Mounts outlive the requests that made them, so placement counts mounts held, not
     // requests in progress.
     let held = mounts.clone();
