@@ -2,7 +2,9 @@
 //! image records which spans its reads need and publishes them as a referrer of the image; a
 //! later mount by a fresh mounter with empty caches prefetches exactly those spans, and the same
 //! reads then make fewer range requests of their own (counters, not timings). A prefetch list
-//! that is not one is ignored with a log and replaced; the mount works.
+//! that is not one is ignored with a log and replaced; the mount works. On an issuer build
+//! registry the mount reads with a pull-only token and publishes with the scheduler's separate
+//! push token.
 
 mod indexer_support;
 mod mounter_support;
@@ -272,4 +274,54 @@ async fn a_corrupt_prefetch_list_is_ignored_and_the_mount_works() {
         n(&mount_stats(&mesh, "ctr-1").await["reads"]["read_errors"]),
         0
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_only_mount_publishes_with_the_schedulers_prefetch_token() {
+    // Token auth, as deployed: every token names its repository and actions.
+    let options = MeshOptions {
+        start: vec!["credential", "scheduler", "indexer"],
+        max_deliver: 3,
+        ..Default::default()
+    };
+    let env = [("IMAGEMESH_MOUNTER__PREFETCH__RECORD_WINDOW", "3s")];
+    let mesh = start_mounter(Mesh::start(options).await, &env).await;
+    let image = mesh.push_indexed_image("pf").await;
+
+    let events = run(&mesh, &runtime_request("iss-1", "ctr-i1", &image)).await;
+    let done = mounted(&events);
+    let authenticated = find(&events, "mounter", "authenticated").expect("authenticated");
+    assert_eq!(
+        detail(authenticated, "actions"),
+        "pull",
+        "the mount reads pull-only"
+    );
+    let root = mesh.mount_root().canonicalize().unwrap().join("ctr-i1");
+    assert!(read_file(root.join("bin/busybox")).await.len() > 100_000);
+    let published = wait_prefetch(&mesh, "ctr-i1", "published").await;
+    let recorded = n(&published["spans_recorded"]);
+    assert!(recorded > 0, "{published}");
+
+    let repository = "imagemesh/builds/default";
+    let credential = mesh.registry_credential(repository, false).await;
+    let client = RegistryClient::new(
+        mesh.registry.addr(),
+        Some(&credential),
+        &RegistrySettings::default(),
+    );
+    let resolved = client
+        .resolve_image(
+            &image.parse().unwrap(),
+            &PlatformSpec::parse("linux/amd64").unwrap(),
+        )
+        .await
+        .unwrap();
+    let found = find_prefetch(&client, &resolved, 1 << 20, 1024)
+        .await
+        .unwrap()
+        .expect("published");
+    assert_eq!(found.digest, published["artifact"].as_str().unwrap());
+    assert_eq!(found.list.spans.len() as u64, recorded);
+    let unmount = detail(done, "unmount_subject").to_string();
+    control(&mesh, &unmount, "ctr-i1").await.expect("unmounted");
 }

@@ -224,6 +224,19 @@ pub async fn push_prefetch(
     image: &ResolvedImage,
     encoded: Vec<u8>,
 ) -> Result<Stored, RegistryError> {
+    // A client made for publishing has not talked to the registry yet: authenticate for push
+    // (a token-auth registry hands out the scope here).
+    client
+        .oci()
+        .auth(
+            &image.reference,
+            client.auth(),
+            oci_client::RegistryOperation::Push,
+        )
+        .await
+        .map_err(|e| {
+            RegistryError::from_oci(client.registry(), image.reference.repository(), &e)
+        })?;
     store_artifact(client, image, PREFETCH_ARTIFACT, encoded).await
 }
 

@@ -201,9 +201,7 @@ impl Mounter {
         let (lazy, made) = match self.mounts.find_lazy(&key) {
             Some(lazy) => (lazy, false),
             None => {
-                let lazy = self
-                    .mount_lazy(id, &key, client, &opened, credential, &request.request_id)
-                    .await?;
+                let lazy = self.mount_lazy(id, &key, client, &opened, request).await?;
                 (lazy, true)
             }
         };
@@ -263,9 +261,9 @@ impl Mounter {
         key: &LazyKey,
         client: Arc<RegistryClient>,
         opened: &OpenedImage,
-        credential: Option<&RegistryCredential>,
-        request_id: &str,
+        request: &ContainerRequest,
     ) -> Result<Arc<LazyMount>, Outcome> {
+        let credential = credential_for(request, opened.resolved.reference.registry());
         let Prepared {
             fs,
             source,
@@ -292,8 +290,31 @@ impl Mounter {
                 format!("mounting the image for {id} failed: {e}"),
             ))
         })?;
-        self.start_refresh(&lazy, source.clone(), credential.cloned(), request_id);
-        self.start_prefetch(&lazy, source, opened);
+        self.start_refresh(
+            &lazy,
+            source.clone(),
+            credential.cloned(),
+            &request.request_id,
+        );
+        // The scheduler's push token for the image's repository, if any: only to publish the
+        // recorded prefetch list (the mount reads with the pull-only credential).
+        let publisher = request
+            .prefetch_credential
+            .as_ref()
+            .filter(|c| {
+                imagemesh_registry::host::same_registry(
+                    &c.registry,
+                    opened.resolved.reference.registry(),
+                )
+            })
+            .map(|c| {
+                Arc::new(RegistryClient::new(
+                    opened.resolved.reference.registry(),
+                    Some(c),
+                    &self.registry,
+                ))
+            });
+        self.start_prefetch(&lazy, source, opened, publisher);
         Ok(lazy)
     }
 
@@ -398,7 +419,13 @@ impl Mounter {
     }
 
     /// Prefetches the image's recorded spans in the background, or records them (first run).
-    fn start_prefetch(&self, lazy: &LazyMount, source: Arc<MountSource>, opened: &OpenedImage) {
+    fn start_prefetch(
+        &self,
+        lazy: &LazyMount,
+        source: Arc<MountSource>,
+        opened: &OpenedImage,
+        publisher: Option<Arc<RegistryClient>>,
+    ) {
         if !self.prefetch.enabled {
             return;
         }
@@ -410,7 +437,7 @@ impl Mounter {
             image: opened.resolved.clone(),
             mount_id: lazy.id.clone(),
             stop: lazy.stop.clone(),
-            publisher: None,
+            publisher,
         };
         tokio::spawn(prefetch.run());
     }
