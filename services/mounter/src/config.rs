@@ -73,7 +73,7 @@ pub struct MounterConfig {
     /// its first seconds and publishes them next to the image; later mounts fetch those spans
     /// in the background.
     pub prefetch: PrefetchConfig,
-    /// How long preparing a mount may take (manifest, index, file table: all registry work
+    /// How long preparing a mount may take (manifest, index, image config: all registry work
     /// before the kernel mount). Past it the request is handed back `REGISTRY_UNAVAILABLE`
     /// and retried like any registry outage, instead of holding a worker slot.
     #[serde(with = "humantime_serde")]
