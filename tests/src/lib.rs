@@ -895,9 +895,19 @@ impl Mesh {
         mounts_below(self.bundle_root.path())
     }
 
-    /// Mount points under the mount root, as `/proc/mounts` lists them now.
+    /// Containers' mount points under the mount root, as `/proc/mounts` lists them now (the
+    /// images' shared lazy mounts under `.images` left out: [`Mesh::images_mounted`]).
     pub fn mounted(&self) -> Vec<PathBuf> {
         mounts_below(self.mount_root.path())
+            .into_iter()
+            .filter(|path| !path.components().any(|c| c.as_os_str() == ".images"))
+            .collect()
+    }
+
+    /// The images' lazy FUSE mounts, which containers of one image share
+    /// (`<mount_root>/.images/<lazy id>`).
+    pub fn images_mounted(&self) -> Vec<PathBuf> {
+        mounts_below(&self.mount_root.path().join(".images"))
     }
 
     /// Pushes a small busybox image to the default tenant's repository
@@ -1066,7 +1076,12 @@ impl Drop for Mesh {
         // still mounted: a stale mount would break later tests that walk /tmp.
         self.services.clear();
         // Overlays first: they sit on the FUSE mounts.
-        for mountpoint in self.bundles_mounted().into_iter().chain(self.mounted()) {
+        for mountpoint in self
+            .bundles_mounted()
+            .into_iter()
+            .chain(self.mounted())
+            .chain(self.images_mounted())
+        {
             let _ = std::process::Command::new("umount")
                 .arg("-l")
                 .arg(&mountpoint)

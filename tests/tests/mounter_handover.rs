@@ -2,7 +2,8 @@
 //! every file of a mounted image over and over while the mounter is stopped with SIGTERM three
 //! times and killed with SIGKILL three times, each time started again. No read fails, every
 //! byte equals `umoci unpack`, reads go on after every restart, and the mount table (the kernel's
-//! and the mounter's) is the same afterwards.
+//! and the mounter's) is the same afterwards. Two containers of one image, which share its lazy
+//! mount, are handed over with it once per restart, and both bundles go on working.
 
 mod indexer_support;
 mod mounter_support;
@@ -16,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use imagemesh_testkit::oci_images::{OciLayout, have_image_tools};
-use imagemesh_tests::{BuildRegistryAuth, Mesh, MeshOptions};
+use imagemesh_tests::{BuildRegistryAuth, Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER};
 use indexer_support::push_and_index_full;
 use mounter_support::tree::assert_same_tree;
 use mounter_support::{
@@ -265,4 +266,137 @@ async fn mounts_survive_mounter_restarts_and_crashes_without_a_failed_read() {
         keeper.log().contains("dropped").then_some(())
     })
     .await;
+}
+
+/// Runs `bundle` with runc as container `id`; its stdout, on success.
+fn runc(bundle: &str, id: &str) -> String {
+    let output = Command::new("runc")
+        .args(["run", "--bundle", bundle, id])
+        .output()
+        .expect("runc (make deps installs it)");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "runc {id}: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_lazy_mount_is_handed_over_once_with_every_containers_bundle() {
+    let keeper = Keeper::start();
+    let options = MeshOptions {
+        build_registry_auth: BuildRegistryAuth::Basic,
+        start: vec!["credential", "scheduler", "indexer"],
+        max_deliver: 3,
+        ..Default::default()
+    };
+    let socket = keeper.socket.display().to_string();
+    let mut mesh = start_mounter(
+        Mesh::start(options).await,
+        &[("IMAGEMESH_MOUNTER__KEEPER_SOCKET", &socket)],
+    )
+    .await;
+    let registry = mesh.registry.addr().to_string();
+    let addr = registry.clone();
+    tokio::task::spawn_blocking(move || {
+        imagemesh_testkit::images::push_busybox(
+            &addr,
+            "test/box:1",
+            REGISTRY_USER,
+            REGISTRY_PASSWORD,
+        )
+    })
+    .await
+    .unwrap();
+    let image = format!("{registry}/test/box:1");
+    let events = indexer_support::index(
+        &mesh,
+        &indexer_support::request(&mesh, "index-box", "test/box:1"),
+    )
+    .await;
+    assert!(
+        events.last().unwrap().state() == imagemesh_proto::v1::RequestState::Succeeded,
+        "{}",
+        imagemesh_tests::describe(&events)
+    );
+    let mut bundles = Vec::new();
+    for (id, script) in [
+        ("ctr-a", "test -e /note || echo a > /note; cat /note"),
+        ("ctr-b", "test -e /note && cat /note || echo clean"),
+    ] {
+        let mut request = runtime_request(&format!("run-{id}"), id, &image);
+        request.args = vec!["/bin/sh".into(), "-c".into(), script.into()];
+        let done = mounted(&run(&mesh, &request).await).clone();
+        bundles.push(mounter_support::detail(&done, "bundle").to_string());
+    }
+    assert_eq!(runc(&bundles[0], "ctr-a"), "a\n");
+    assert_eq!(runc(&bundles[1], "ctr-b"), "clean\n");
+    let lazy_of = |listing: &serde_json::Value| listing["lazy_mounts"].clone();
+    let stats = format!("imagemesh.mounter.{WORKER_ID}.mounts");
+    let before = lazy_of(&control(&mesh, &stats, "").await.unwrap());
+    assert_eq!(before.as_array().unwrap().len(), 1, "{before}");
+    assert_eq!(
+        before[0]["containers"],
+        serde_json::json!(["ctr-a", "ctr-b"])
+    );
+
+    for round in 0..2 {
+        if round == 0 {
+            assert!(mesh.service("mounter").terminate(), "clean exit");
+        } else {
+            mesh.service("mounter").kill();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(mesh.images_mounted().len(), 1, "round {round}");
+        assert_eq!(mesh.bundles_mounted().len(), 2, "round {round}");
+        mesh.service("mounter").restart();
+        wait_until_serving(&mesh).await;
+        let after = imagemesh_testkit::eventually(mounter_support::WAIT, "taken over", || async {
+            let lazies = lazy_of(&control(&mesh, &stats, "").await.unwrap());
+            (lazies.as_array().is_some_and(|l| l.len() == 1)
+                && lazies[0]["containers"]
+                    .as_array()
+                    .is_some_and(|c| c.len() == 2))
+            .then_some(lazies)
+        })
+        .await;
+        assert_eq!(after[0]["lazy_mount"], before[0]["lazy_mount"], "{after}");
+        assert_eq!(after[0]["resumed"], true, "{after}");
+        // Both containers run again from their bundles: A's note is in A's upper only.
+        assert_eq!(runc(&bundles[0], "ctr-a"), "a\n", "round {round}");
+        assert_eq!(runc(&bundles[1], "ctr-b"), "clean\n", "round {round}");
+    }
+    let logs = mesh.service("mounter").logs();
+    assert_eq!(
+        logs.matches("mount taken over from the earlier process")
+            .count(),
+        4,
+        "both containers, each restart"
+    );
+    assert_eq!(
+        logs.matches("lazy mount resumed for its containers")
+            .count(),
+        2,
+        "the shared mount is resumed once per restart"
+    );
+
+    let unmount = format!("imagemesh.mounter.{WORKER_ID}.unmount");
+    control(&mesh, &unmount, "ctr-a").await.expect("unmount");
+    control(&mesh, &unmount, "ctr-b").await.expect("unmount");
+    assert!(
+        mesh.bundles_mounted().is_empty(),
+        "{:?}",
+        mesh.bundles_mounted()
+    );
+    assert!(mesh.mounted().is_empty(), "{:?}", mesh.mounted());
+    assert!(
+        mesh.images_mounted().is_empty(),
+        "{:?}",
+        mesh.images_mounted()
+    );
+    for bundle in &bundles {
+        assert!(!Path::new(bundle).exists());
+    }
 }

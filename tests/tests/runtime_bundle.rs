@@ -1,8 +1,9 @@
 //! A runtime request ends with a container: the mounter prepares an OCI runtime bundle over the
 //! lazy mount (overlay root filesystem + config.json from the image config) and runc starts it
 //! unchanged. A container writes to its own upper layer only; another container of the same
-//! image does not see it; `imagemesh run` does it all from the command line; unmounting leaves no
-//! overlay, upper directory or mount behind.
+//! image does not see it, though both share one lazy FUSE mount of the image; `imagemesh run`
+//! does it all from the command line; unmounting leaves no overlay, upper directory or mount
+//! behind.
 
 mod indexer_support;
 mod mounter_support;
@@ -29,6 +30,23 @@ fn runc(bundle: &str, id: &str) -> (bool, String) {
         String::from_utf8_lossy(&output.stderr)
     );
     (output.status.success(), stdout)
+}
+
+/// The FUSE mounts below `root` in /proc/self/mountinfo: (mount point, device) of each line.
+/// A bind of a FUSE mount is a line of its own with the same device (one connection).
+fn fuse_mounts(root: &Path) -> Vec<(String, String)> {
+    let root = root.canonicalize().unwrap();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let dash = fields.iter().position(|f| *f == "-")?;
+            let fstype = fields.get(dash + 1)?;
+            (fstype.starts_with("fuse") && Path::new(fields[4]).starts_with(&root))
+                .then(|| (fields[4].to_string(), fields[2].to_string()))
+        })
+        .collect()
 }
 
 async fn unmount(mesh: &Mesh, id: &str) {
@@ -98,14 +116,58 @@ async fn a_runtime_request_ends_with_a_bundle_runc_starts_and_each_container_wri
         "-c".into(),
         "test -e /note && echo sees-a || echo clean".into(),
     ];
-    let done = mounted(&run(&mesh, &looks).await).clone();
-    let (ok, out) = runc(detail(&done, "bundle"), "ctr-b");
+    let done_b = mounted(&run(&mesh, &looks).await).clone();
+    let bundle_b = detail(&done_b, "bundle").to_string();
+    let (ok, out) = runc(&bundle_b, "ctr-b");
     assert!(ok);
     assert_eq!(out, "clean\n");
     assert_eq!(mesh.bundles_mounted().len(), 2, "one overlay per container");
 
-    // Unmounting leaves no overlay, upper directory or mount behind.
+    // ...while both share one lazy FUSE mount of the image: one connection (device) in
+    // /proc/self/mountinfo, the image's mount plus a read-only bind per container.
+    assert_eq!(detail(&done_b, "lazy_mount"), detail(&done, "lazy_mount"));
+    assert_eq!(detail(&done_b, "shared_by"), "2");
+    let fuse = fuse_mounts(mesh.mount_root());
+    let devices: std::collections::BTreeSet<&String> = fuse.iter().map(|(_, dev)| dev).collect();
+    assert_eq!(devices.len(), 1, "one FUSE connection: {fuse:?}");
+    assert_eq!(fuse.len(), 3, "the image's mount and two binds: {fuse:?}");
+    assert_eq!(
+        mesh.images_mounted().len(),
+        1,
+        "{:?}",
+        mesh.images_mounted()
+    );
+    let subject = format!("imagemesh.mounter.{WORKER_ID}.mounts");
+    let listing = control(&mesh, &subject, "").await.expect("listing");
+    let lazies = listing["lazy_mounts"].as_array().unwrap();
+    assert_eq!(lazies.len(), 1, "{listing}");
+    assert_eq!(
+        lazies[0]["containers"],
+        serde_json::json!(["ctr-a", "ctr-b"])
+    );
+
+    // Unmounting A leaves B's container and the shared mount working.
     unmount(&mesh, "ctr-a").await;
+    assert!(
+        !Path::new(&bundle_a).exists(),
+        "A's bundle and upper are gone"
+    );
+    assert_eq!(
+        mesh.bundles_mounted().len(),
+        1,
+        "{:?}",
+        mesh.bundles_mounted()
+    );
+    assert_eq!(
+        fuse_mounts(mesh.mount_root()).len(),
+        2,
+        "the image's mount and B's bind"
+    );
+    let (ok, out) = runc(&bundle_b, "ctr-b");
+    assert!(ok);
+    assert_eq!(out, "clean\n");
+
+    // Unmounting the last container leaves no overlay, upper directory or mount behind.
     unmount(&mesh, "ctr-b").await;
     assert!(
         mesh.bundles_mounted().is_empty(),
@@ -114,9 +176,21 @@ async fn a_runtime_request_ends_with_a_bundle_runc_starts_and_each_container_wri
     );
     assert!(mesh.mounted().is_empty(), "{:?}", mesh.mounted());
     assert!(
-        !Path::new(&bundle_a).exists(),
-        "the bundle and its upper are gone"
+        mesh.images_mounted().is_empty(),
+        "{:?}",
+        mesh.images_mounted()
     );
+    assert!(
+        fuse_mounts(mesh.mount_root()).is_empty(),
+        "{:?}",
+        fuse_mounts(mesh.mount_root())
+    );
+    for bundle in [&bundle_a, &bundle_b] {
+        assert!(
+            !Path::new(bundle).exists(),
+            "the bundle and its upper are gone"
+        );
+    }
 
     // The same from the command line: `imagemesh run IMAGE -- ARGS`, the container's exit code
     // and output are the command's.
@@ -139,4 +213,5 @@ async fn a_runtime_request_ends_with_a_bundle_runc_starts_and_each_container_wri
     assert!(stdout.contains("from the cli\n"), "{stdout}");
     unmount(&mesh, "ctr-cli").await;
     assert!(mesh.bundles_mounted().is_empty() && mesh.mounted().is_empty());
+    assert!(fuse_mounts(mesh.mount_root()).is_empty());
 }

@@ -265,12 +265,12 @@ async fn a_build_and_a_runtime_request_are_each_one_trace_across_the_mesh() {
     // The container's first read from the registry continues the request's trace, next to
     // the steps of the mount: one trace answers "why was this start slow".
     let root = mesh.mount_root().canonicalize().unwrap();
+    // The container's mount point (the image's shared lazy mount is under `.images`).
     let mount = std::fs::read_dir(&root)
         .unwrap()
-        .next()
-        .expect("the request's mount")
-        .unwrap()
-        .path();
+        .map(|entry| entry.unwrap().path())
+        .find(|path| !path.ends_with(".images"))
+        .expect("the request's mount");
     let read = tokio::task::spawn_blocking(move || std::fs::read(mount.join("bin/busybox")))
         .await
         .unwrap()

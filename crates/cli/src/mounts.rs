@@ -1,5 +1,6 @@
-//! `imagemesh mounts WORKER`: what a mounter holds: its mounts with their read counters, and its
-//! caches (memory and the node cache on disk) with size, hits, misses and evictions. Asks the
+//! `imagemesh mounts WORKER`: what a mounter holds: its mounts with their read and prefetch
+//! counters, and its caches (memory and the node cache on disk) with size, hits, misses and
+//! evictions. Asks the
 //! mounter's `imagemesh.mounter.<worker id>.mounts` subject, which only the operator may call.
 
 use std::process::ExitCode;
@@ -55,6 +56,24 @@ fn render(listing: &Value) -> String {
             bytes(&reads["bytes_fetched"]),
             reads["range_requests"],
         ));
+        if let Some(lazy) = mount["lazy_mount"].as_str() {
+            let shared = mount["shared_by"].as_array().map_or(0, Vec::len);
+            out.pop();
+            out.push_str(&format!("  image mount {lazy} (shared by {shared})\n"));
+        }
+        let prefetch = &mount["prefetch"];
+        if let Some(state) = prefetch["state"].as_str().filter(|s| *s != "off") {
+            out.push_str(&format!(
+                "  {:<24} prefetch {state}: recorded {}  prefetched {} of {} span(s), {}  hits {}  errors {}\n",
+                "",
+                prefetch["spans_recorded"],
+                prefetch["spans_prefetched"],
+                prefetch["spans_planned"],
+                bytes(&prefetch["bytes_prefetched"]),
+                prefetch["hits"],
+                prefetch["errors"],
+            ));
+        }
     }
     out.push_str("caches:\n");
     for (name, cache) in [
@@ -118,7 +137,10 @@ mod tests {
         let listing = json!({
             "worker_id": "node-1",
             "mounts": [{"mount_id": "ctr-1", "image_ref": "r/a:1",
-                        "reads": {"reads": 4, "bytes_fetched": 2048, "range_requests": 2}}],
+                        "reads": {"reads": 4, "bytes_fetched": 2048, "range_requests": 2},
+                        "lazy_mount": "default.0011", "shared_by": ["ctr-1", "ctr-2"],
+                        "prefetch": {"state": "done", "spans_recorded": 0, "spans_prefetched": 3,
+                                     "spans_planned": 3, "bytes_prefetched": 3072, "hits": 2, "errors": 0}}],
             "compressed_cache": cache(1536),
             "decoded_cache": cache(0),
             "disk_cache": disk,
@@ -127,6 +149,14 @@ mod tests {
         assert!(text.contains("mounter node-1: 1 mount(s)"), "{text}");
         assert!(
             text.contains("fetched 2.0 KiB in 2 range request(s)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("range request(s)  image mount default.0011 (shared by 2)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("prefetch done: recorded 0  prefetched 3 of 3 span(s), 3.0 KiB  hits 2"),
             "{text}"
         );
         assert!(text.contains("memory, compressed   1.5 KiB of 1.0 GiB in 3 entries  hits 7  misses 2  evictions 1"), "{text}");

@@ -11,6 +11,8 @@
 //! - [`reader`]: the one caching reader of files, generic over any [`BlobSource`]: the mounter,
 //!   `imagemesh index cat` and the tests read through it. It counts what it fetched, so there
 //!   is one [`ReadStats`].
+//! - [`prefetch`]: the recorded prefetch list of an image (which spans its first run read), an
+//!   artifact next to the index, found, pushed and replayed through the reader.
 //! - [`cache`] + [`disk_cache`]: the byte-bounded caches a reader shares with every reader of
 //!   the process, in memory and on disk, keyed by what verified their bytes.
 //!
@@ -20,6 +22,7 @@
 pub mod artifact;
 pub mod cache;
 pub mod disk_cache;
+pub mod prefetch;
 pub mod reader;
 pub mod registry_source;
 pub mod store;
@@ -29,6 +32,7 @@ pub use artifact::{
 };
 pub use cache::{CacheConfig, Caches};
 pub use imagemesh_lazyindex::{BlobSource, MemorySource, OciLayoutSource, SourceError};
-pub use reader::{ImageReader, ReadError, ReadStats, Shared};
+pub use prefetch::{FoundPrefetch, PrefetchList, RecordedSpan, find_prefetch, push_prefetch};
+pub use reader::{ImageReader, PrefetchStats, ReadError, ReadStats, Shared};
 pub use registry_source::RegistryBlobSource;
 pub use store::{Stored, push_index};

@@ -10,16 +10,25 @@
 //! request (or takes them from the compressed cache), verifies and inflates from the checkpoint
 //! in the blocking pool, and caches every piece from the one asked for up to [`MAX_RUN`] later
 //! or the span's end: the next reads of the file are memory copies.
+//!
+//! A reader can also *record* which spans its foreground reads needed during a window after
+//! the mount ([`ImageReader::record`]), and *prefetch* spans ([`ImageReader::prefetch_span`]):
+//! fetch, verify and put them in the compressed caches under the same flight lock and keys a
+//! foreground read uses, so a foreground read of a span being prefetched joins that fetch
+//! instead of making its own, and one of a prefetched span is a cache hit. Prefetch takes no
+//! inflate slot and is not counted in [`ReadStats`]: those are the foreground's.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use imagemesh_lazyindex::{BlobSource, DataRef, EntryKind, ImageIndex, MergedTree, SourceError};
 use tokio::sync::{OwnedMutexGuard, Semaphore};
 
 use crate::cache::{CacheConfig, Caches, RangeKey};
+use crate::prefetch::RecordedSpan;
 
 /// Decoded cache granularity.
 pub const PIECE: u64 = 1 << 20;
@@ -97,6 +106,56 @@ pub struct ImageReader<S> {
     returned: AtomicU64,
     inflated: AtomicU64,
     errors: AtomicU64,
+    prefetch: Prefetch,
+}
+
+/// What a reader records and prefetches.
+#[derive(Default)]
+struct Prefetch {
+    recorder: Mutex<Option<Recorder>>,
+    /// Spans (their compressed cache keys) prefetched and not read in the foreground yet.
+    prefetched: Mutex<HashSet<RangeKey>>,
+    state: Mutex<(&'static str, Option<String>)>,
+    recorded: AtomicU64,
+    planned: AtomicU64,
+    prefetched_spans: AtomicU64,
+    cached: AtomicU64,
+    bytes: AtomicU64,
+    hits: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// The spans foreground reads needed, in order, until `until` or a bound.
+struct Recorder {
+    until: Instant,
+    max_spans: usize,
+    max_bytes: u64,
+    bytes: u64,
+    seen: HashSet<(usize, usize)>,
+    spans: Vec<RecordedSpan>,
+}
+
+/// What a reader recorded and prefetched, for the stats endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PrefetchStats {
+    /// `off`, `recording`, `published`, `prefetching`, `done`, `ignored` or `failed`.
+    pub state: String,
+    /// Digest of the prefetch artifact published or replayed, when there is one.
+    pub artifact: Option<String>,
+    /// Spans recorded (first run).
+    pub spans_recorded: u64,
+    /// Spans in the prefetch list that this image's index has (later runs).
+    pub spans_planned: u64,
+    /// Spans fetched from the registry by prefetch.
+    pub spans_prefetched: u64,
+    /// Spans of the list already cached (memory or disk): nothing to fetch.
+    pub spans_cached: u64,
+    /// Compressed bytes prefetch fetched.
+    pub bytes_prefetched: u64,
+    /// Foreground reads served from a prefetched span instead of the registry.
+    pub hits: u64,
+    /// Spans prefetch could not fetch or verify (a foreground read fetches them).
+    pub errors: u64,
 }
 
 /// A reader's counters since it was made.
@@ -105,9 +164,11 @@ pub struct ReadStats {
     pub reads: u64,
     /// Uncompressed bytes handed back to callers.
     pub bytes_returned: u64,
-    /// Range requests made to the source (cache misses).
+    /// Range requests made to the source by foreground reads (cache misses; prefetch's are
+    /// counted in [`PrefetchStats`]).
     pub range_requests: u64,
     /// Compressed bytes fetched from the source.
+    /// Compressed bytes fetched from the source by foreground reads (prefetch not included).
     pub bytes_fetched: u64,
     pub bytes_inflated: u64,
     pub read_errors: u64,
@@ -137,6 +198,189 @@ impl<S: BlobSource> ImageReader<S> {
             returned: AtomicU64::new(0),
             inflated: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            prefetch: Prefetch {
+                state: Mutex::new(("off", None)),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// What was recorded and prefetched so far.
+    pub fn prefetch_stats(&self) -> PrefetchStats {
+        let p = &self.prefetch;
+        let (state, artifact) = p.state.lock().expect("prefetch state lock").clone();
+        PrefetchStats {
+            state: state.to_string(),
+            artifact,
+            spans_recorded: p.recorded.load(Ordering::Relaxed),
+            spans_planned: p.planned.load(Ordering::Relaxed),
+            spans_prefetched: p.prefetched_spans.load(Ordering::Relaxed),
+            spans_cached: p.cached.load(Ordering::Relaxed),
+            bytes_prefetched: p.bytes.load(Ordering::Relaxed),
+            hits: p.hits.load(Ordering::Relaxed),
+            errors: p.errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Sets what the prefetch of this reader's mount is doing (shown by [`Self::prefetch_stats`]).
+    pub fn set_prefetch_state(&self, state: &'static str, artifact: Option<String>) {
+        let mut current = self.prefetch.state.lock().expect("prefetch state lock");
+        *current = (state, artifact.or_else(|| current.1.take()));
+    }
+
+    /// Records, from now for `window`, the spans foreground reads need (at most `max_spans`
+    /// spans of `max_bytes` compressed bytes together), each once, in order.
+    pub fn record(&self, window: Duration, max_spans: usize, max_bytes: u64) {
+        *self.prefetch.recorder.lock().expect("recorder lock") = Some(Recorder {
+            until: Instant::now() + window,
+            max_spans,
+            max_bytes,
+            bytes: 0,
+            seen: HashSet::new(),
+            spans: Vec::new(),
+        });
+        self.set_prefetch_state("recording", None);
+    }
+
+    /// Ends the recording; what it recorded, in order.
+    pub fn take_recording(&self) -> Vec<RecordedSpan> {
+        self.prefetch
+            .recorder
+            .lock()
+            .expect("recorder lock")
+            .take()
+            .map(|r| r.spans)
+            .unwrap_or_default()
+    }
+
+    /// Notes that a foreground read needs spans `spans` of `layer`.
+    fn note(&self, layer: usize, spans: std::ops::Range<usize>) {
+        let mut recorder = self.prefetch.recorder.lock().expect("recorder lock");
+        let Some(r) = recorder.as_mut() else {
+            return;
+        };
+        if Instant::now() >= r.until {
+            return;
+        }
+        let index = &self.image.layers[layer];
+        for span in spans {
+            let range = index.span_range(span);
+            let len = range.end - range.start;
+            if r.spans.len() >= r.max_spans || r.bytes.saturating_add(len) > r.max_bytes {
+                return;
+            }
+            if r.seen.insert((layer, span)) {
+                r.bytes += len;
+                r.spans.push(RecordedSpan {
+                    layer: index.digest.clone(),
+                    offset: range.start,
+                    length: len,
+                });
+                self.prefetch.recorded.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// How many spans the prefetch of this mount will go through.
+    pub fn plan_prefetch(&self, spans: usize) {
+        self.prefetch.planned.store(spans as u64, Ordering::Relaxed);
+    }
+
+    /// Fetches span `span` of `layer` into the compressed caches (memory and disk), verified,
+    /// unless a cache has it. Holds the span's flight lock while it fetches, so a foreground
+    /// read of the span waits for this fetch rather than making a second one. Takes no inflate
+    /// slot: a foreground read never waits for prefetch's CPU.
+    pub async fn prefetch_span(&self, layer: usize, span: usize) -> Result<(), ReadError> {
+        let result = self.prefetch_span_inner(layer, span).await;
+        if result.is_err() {
+            self.prefetch.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    async fn prefetch_span_inner(&self, layer: usize, span: usize) -> Result<(), ReadError> {
+        let index = &self.image.layers[layer];
+        let range = index.span_range(span);
+        let key = self.key(layer, range.start, range.end, self.verifiers[layer][span]);
+        let _flight = self.shared.flight(key.clone()).await;
+        if self.shared.caches.compressed.peek(&key).is_some() {
+            self.prefetch.cached.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        if let Some(disk) = &self.shared.caches.disk {
+            let (cache, k) = (disk.clone(), key.clone());
+            let found = tokio::task::spawn_blocking(move || cache.get(&k))
+                .await
+                .map_err(|e| ReadError::Task(e.to_string()))?;
+            if let Some(bytes) = found {
+                if self.verify_span(layer, span, bytes.clone()).await.is_ok() {
+                    self.shared.caches.compressed.insert(key, bytes);
+                    self.prefetch.cached.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                tracing::warn!(layer = %self.digests[layer], "disk cache entry failed verification; dropped");
+                disk.drop_entry(&key);
+            }
+        }
+        let bytes = self
+            .source
+            .read_range(&self.digests[layer], range)
+            .await
+            .map_err(ReadError::Source)?;
+        self.verify_span(layer, span, bytes.clone()).await?;
+        self.prefetch
+            .prefetched_spans
+            .fetch_add(1, Ordering::Relaxed);
+        self.prefetch
+            .bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        if let Some(disk) = &self.shared.caches.disk {
+            let (cache, k, b) = (disk.clone(), key.clone(), bytes.clone());
+            tokio::task::spawn_blocking(move || cache.insert(&k, &b));
+        }
+        self.prefetch
+            .prefetched
+            .lock()
+            .expect("prefetched lock")
+            .insert(key.clone());
+        self.shared.caches.compressed.insert(key, bytes);
+        Ok(())
+    }
+
+    /// Checks `bytes` against the span digest of checkpoint `span` of `layer` (off the async
+    /// threads).
+    async fn verify_span(&self, layer: usize, span: usize, bytes: Bytes) -> Result<(), ReadError> {
+        use sha2::{Digest, Sha256};
+        let image = self.image.clone();
+        let good = tokio::task::spawn_blocking(move || {
+            let index = &image.layers[layer];
+            let range = index.span_range(span);
+            bytes.len() as u64 == range.end - range.start
+                && Sha256::digest(&bytes)[..] == index.checkpoints[span].span_digest
+        })
+        .await
+        .map_err(|e| ReadError::Task(e.to_string()))?;
+        if good {
+            Ok(())
+        } else {
+            Err(imagemesh_lazyindex::Error::DigestMismatch {
+                layer: self.digests[layer].to_string(),
+                span,
+            }
+            .into())
+        }
+    }
+
+    /// A foreground read found `key` in a cache: a prefetch hit if prefetch put it there.
+    fn served_from_cache(&self, key: &RangeKey) {
+        if self
+            .prefetch
+            .prefetched
+            .lock()
+            .expect("prefetched lock")
+            .remove(key)
+        {
+            self.prefetch.hits.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -258,9 +502,11 @@ impl<S: BlobSource> ImageReader<S> {
     /// which lies inside one span. Memory first, then the node's disk cache, then the registry.
     async fn inflate(&self, layer: usize, start: u64, end: u64) -> Result<Vec<u8>, ReadError> {
         let plan = self.image.layers[layer].plan_read(start..end)?;
+        self.note(layer, plan.spans());
         let verifier = spans_verifier(&self.verifiers[layer][plan.spans()]);
         let span_key = self.key(layer, plan.fetch.start, plan.fetch.end, verifier);
         if let Some(bytes) = self.shared.caches.compressed.get(&span_key) {
+            self.served_from_cache(&span_key);
             return self.decode(layer, &plan, bytes).await;
         }
         if let Some(disk) = &self.shared.caches.disk {
@@ -271,6 +517,7 @@ impl<S: BlobSource> ImageReader<S> {
             if let Some(bytes) = found {
                 match self.decode(layer, &plan, bytes.clone()).await {
                     Ok(decoded) => {
+                        self.served_from_cache(&span_key);
                         self.shared.caches.compressed.insert(span_key, bytes);
                         return Ok(decoded);
                     }

@@ -41,6 +41,11 @@ impl RegistryBlobSource {
         &self.client
     }
 
+    /// The client, to share with other requests made with the same credential.
+    pub fn shared_client(&self) -> Arc<RegistryClient> {
+        self.client.clone()
+    }
+
     /// Fetches exactly `range` of blob `digest`.
     pub async fn fetch(&self, digest: &str, range: Range<u64>) -> Result<Bytes, RegistryError> {
         let len = range.end.saturating_sub(range.start);

@@ -58,9 +58,39 @@ pub async fn push_index(
     })
 }
 
+/// What kind of referrer an artifact is: its `artifactType`, the media type of its one layer,
+/// and the annotation naming its format version (replaced in the referrers tag by a newer push
+/// of the same kind and version, while every other referrer is kept).
+#[derive(Debug, Clone, Copy)]
+pub struct ArtifactKind {
+    pub artifact_type: &'static str,
+    pub media_type: &'static str,
+    pub version_annotation: &'static str,
+    pub version: u16,
+}
+
+/// The index artifact (`docs/index-format.md`).
+pub const INDEX_ARTIFACT: ArtifactKind = ArtifactKind {
+    artifact_type: INDEX_ARTIFACT_TYPE,
+    media_type: INDEX_MEDIA_TYPE,
+    version_annotation: FORMAT_VERSION_ANNOTATION,
+    version: FORMAT_VERSION,
+};
+
 async fn store(
     client: &RegistryClient,
     image: &ResolvedImage,
+    encoded: Vec<u8>,
+) -> Result<Stored, RegistryError> {
+    store_artifact(client, image, INDEX_ARTIFACT, encoded).await
+}
+
+/// Pushes `blob` as a referrer of `image` of `kind` (blob, empty config, manifest) and lists
+/// it under the referrers tag.
+pub(crate) async fn store_artifact(
+    client: &RegistryClient,
+    image: &ResolvedImage,
+    kind: ArtifactKind,
     encoded: Vec<u8>,
 ) -> Result<Stored, RegistryError> {
     let repo = &image.reference;
@@ -68,7 +98,7 @@ async fn store(
         RegistryError::from_oci(client.registry(), repo.repository(), &e)
     };
     let blob = OciDescriptor {
-        media_type: INDEX_MEDIA_TYPE.into(),
+        media_type: kind.media_type.into(),
         digest: sha256(&encoded),
         size: encoded.len() as i64,
         ..Default::default()
@@ -81,7 +111,7 @@ async fn store(
         &sha256(EMPTY_CONFIG),
     )
     .await?;
-    let manifest = artifact_manifest(image, blob);
+    let manifest = artifact_manifest(image, kind, blob);
     let body = serde_json::to_vec(&manifest).expect("manifests serialise");
     let digest = sha256(&body);
     let entry = ImageIndexEntry {
@@ -91,7 +121,7 @@ async fn store(
         platform: None,
         // The referrers API copies the referrer's annotations into its listing; so do we.
         annotations: manifest.annotations.clone(),
-        artifact_type: Some(INDEX_ARTIFACT_TYPE.into()),
+        artifact_type: Some(kind.artifact_type.into()),
     };
     client
         .oci()
@@ -102,7 +132,7 @@ async fn store(
         )
         .await
         .map_err(fail)?;
-    let tag = list_referrer(client, image, entry).await?;
+    let tag = list_referrer(client, image, kind, entry).await?;
     Ok(Stored { digest, tag })
 }
 
@@ -137,15 +167,19 @@ async fn push_blob(
     }
 }
 
-fn artifact_manifest(image: &ResolvedImage, blob: OciDescriptor) -> OciImageManifest {
+fn artifact_manifest(
+    image: &ResolvedImage,
+    kind: ArtifactKind,
+    blob: OciDescriptor,
+) -> OciImageManifest {
     let annotations = BTreeMap::from([(
-        FORMAT_VERSION_ANNOTATION.to_string(),
-        FORMAT_VERSION.to_string(),
+        kind.version_annotation.to_string(),
+        kind.version.to_string(),
     )]);
     OciImageManifest {
         schema_version: 2,
         media_type: Some(OCI_IMAGE_MEDIA_TYPE.into()),
-        artifact_type: Some(INDEX_ARTIFACT_TYPE.into()),
+        artifact_type: Some(kind.artifact_type.into()),
         config: OciDescriptor {
             media_type: EMPTY_CONFIG_MEDIA_TYPE.into(),
             digest: sha256(EMPTY_CONFIG),
@@ -159,10 +193,11 @@ fn artifact_manifest(image: &ResolvedImage, blob: OciDescriptor) -> OciImageMani
 }
 
 /// Adds `entry` to the referrers index under the image's fallback tag (read, merge, write),
-/// replacing imagemesh indexes of the same format version and keeping every other referrer.
+/// replacing referrers of the same kind and format version and keeping every other referrer.
 async fn list_referrer(
     client: &RegistryClient,
     image: &ResolvedImage,
+    kind: ArtifactKind,
     entry: ImageIndexEntry,
 ) -> Result<String, RegistryError> {
     let tag = referrers_tag(image.digest());
@@ -193,14 +228,14 @@ async fn list_referrer(
     let version = entry
         .annotations
         .as_ref()
-        .and_then(|a| a.get(FORMAT_VERSION_ANNOTATION))
+        .and_then(|a| a.get(kind.version_annotation))
         .cloned();
     index.manifests.retain(|m| {
-        let ours = m.artifact_type.as_deref() == Some(INDEX_ARTIFACT_TYPE);
+        let ours = m.artifact_type.as_deref() == Some(kind.artifact_type);
         let same_version = m
             .annotations
             .as_ref()
-            .and_then(|a| a.get(FORMAT_VERSION_ANNOTATION))
+            .and_then(|a| a.get(kind.version_annotation))
             .cloned()
             == version;
         !(ours && same_version)

@@ -75,17 +75,25 @@ impl ContainerRequest {
 
     /// Every credential the request carries.
     pub fn credentials(&self) -> impl Iterator<Item = &RegistryCredential> {
-        [&self.build_registry_creds, &self.image_credentials]
-            .into_iter()
-            .flatten()
-            .chain(&self.base_image_credentials)
+        [
+            &self.build_registry_creds,
+            &self.image_credentials,
+            &self.prefetch_credential,
+        ]
+        .into_iter()
+        .flatten()
+        .chain(&self.base_image_credentials)
     }
 
     fn credentials_mut(&mut self) -> impl Iterator<Item = &mut RegistryCredential> {
-        [&mut self.build_registry_creds, &mut self.image_credentials]
-            .into_iter()
-            .flatten()
-            .chain(&mut self.base_image_credentials)
+        [
+            &mut self.build_registry_creds,
+            &mut self.image_credentials,
+            &mut self.prefetch_credential,
+        ]
+        .into_iter()
+        .flatten()
+        .chain(&mut self.base_image_credentials)
     }
 }
 
@@ -163,13 +171,14 @@ mod tests {
             image_credentials: Some(cred.clone()),
             build_registry_creds: Some(cred.clone()),
             base_image_credentials: vec![cred.clone(), cred.clone()],
+            prefetch_credential: Some(cred.clone()),
             ..Default::default()
         };
-        assert_eq!(req.credentials().count(), 4);
+        assert_eq!(req.credentials().count(), 5);
         assert!(format!("{req:?}").contains("r.example"));
         assert!(!format!("{req:?}").contains("hunter2"));
         let scrubbed = req.without_secrets();
-        assert_eq!(scrubbed.credentials().count(), 4);
+        assert_eq!(scrubbed.credentials().count(), 5);
         assert!(scrubbed.credentials().all(|c| c.secret.is_empty()));
     }
 

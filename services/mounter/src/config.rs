@@ -69,7 +69,11 @@ pub struct MounterConfig {
     pub cache: CacheConfig,
     pub refresh: RefreshConfig,
     pub reads: ReadConfig,
-    /// How long preparing a mount may take (manifest, index, file table: all registry work
+    /// Recorded prefetch: the first mount of an image records which spans its reads need in
+    /// its first seconds and publishes them next to the image; later mounts fetch those spans
+    /// in the background.
+    pub prefetch: PrefetchConfig,
+    /// How long preparing a mount may take (manifest, index, image config: all registry work
     /// before the kernel mount). Past it the request is handed back `REGISTRY_UNAVAILABLE`
     /// and retried like any registry outage, instead of holding a worker slot.
     #[serde(with = "humantime_serde")]
@@ -97,6 +101,7 @@ impl Default for MounterConfig {
             cache: CacheConfig::default(),
             refresh: RefreshConfig::default(),
             reads: ReadConfig::default(),
+            prefetch: PrefetchConfig::default(),
             prepare_deadline: Duration::from_secs(120),
             keeper_socket: None,
         }
@@ -124,6 +129,43 @@ impl Default for ReadConfig {
             retries: 3,
             retry_initial: Duration::from_millis(250),
             deadline: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Recording which spans an image's first run reads, and prefetching them at later mounts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrefetchConfig {
+    /// Look for the image's prefetch list at every mount and prefetch its spans.
+    pub enabled: bool,
+    /// Record and publish a list when the image has none (needs a credential that may push
+    /// to the image's repository; without one the publish is refused and logged).
+    pub record: bool,
+    /// How long after the mount foreground reads are recorded.
+    #[serde(with = "humantime_serde")]
+    pub record_window: Duration,
+    /// Most spans recorded, and most spans of a list a later mount accepts.
+    pub max_spans: usize,
+    /// Most compressed bytes the recorded spans may add up to.
+    pub max_bytes: u64,
+    /// Largest prefetch list (JSON) a mount downloads; a bigger one is ignored.
+    pub max_list_bytes: u64,
+    /// Spans fetched at once by one mount's prefetch. Foreground reads never wait for these
+    /// slots.
+    pub concurrency: usize,
+}
+
+impl Default for PrefetchConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            record: true,
+            record_window: Duration::from_secs(5),
+            max_spans: 1024,
+            max_bytes: 256 << 20,
+            max_list_bytes: 1 << 20,
+            concurrency: 2,
         }
     }
 }

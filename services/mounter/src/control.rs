@@ -27,7 +27,7 @@ use serde::Serialize;
 use crate::mounts::{Mount, MountTable};
 use crate::refresh::RefreshStats;
 use imagemesh_lazyimage::cache::CacheStats;
-use imagemesh_lazyimage::{ReadStats, Shared};
+use imagemesh_lazyimage::{PrefetchStats, ReadStats, Shared};
 
 pub fn unmount_subject(worker_id: &str) -> String {
     format!("{}.unmount", subjects::mounter_control_prefix(worker_id))
@@ -52,9 +52,17 @@ pub struct MountReport {
     /// What its loaded index and file table hold in memory (estimated).
     pub index_bytes: u64,
     pub mounted_for_seconds: u64,
+    /// The image's lazy mount this container's mount point binds (shared by the containers of
+    /// the image in the tenant), where it is mounted, and every container using it.
+    pub lazy_mount: String,
+    pub lazy_mountpoint: String,
+    pub shared_by: Vec<String>,
     /// Taken over from an earlier mounter process (through the mount keeper).
     pub resumed: bool,
+    /// The lazy mount's reads (every container of it together).
     pub reads: ReadStats,
+    /// What the mount recorded (first run of its image) or prefetched (later runs).
+    pub prefetch: PrefetchStats,
     pub credential: RefreshStats,
 }
 
@@ -73,17 +81,39 @@ impl MountReport {
             files: info.files,
             index_bytes: info.index_bytes,
             mounted_for_seconds: info.mounted_at.elapsed().map_or(0, |d| d.as_secs()),
+            lazy_mount: mount.lazy.id.clone(),
+            lazy_mountpoint: mount.lazy.path.display().to_string(),
+            shared_by: mount.lazy.users(),
             resumed: info.resumed_at.is_some(),
             reads: mount.reader.stats(),
+            prefetch: mount.reader.prefetch_stats(),
             credential: mount.refresh.stats(),
         }
     }
+}
+
+/// One lazy mount and the containers sharing it.
+#[derive(Serialize)]
+struct LazyReport {
+    lazy_mount: String,
+    tenant: String,
+    mountpoint: String,
+    image_digest: String,
+    index_digest: String,
+    containers: Vec<String>,
+    resumed: bool,
+    index_bytes: u64,
+    reads: ReadStats,
+    prefetch: PrefetchStats,
+    credential: RefreshStats,
 }
 
 #[derive(Serialize)]
 struct Listing {
     worker_id: String,
     mounts: Vec<MountReport>,
+    /// The images' lazy mounts, each with the containers that share it.
+    lazy_mounts: Vec<LazyReport>,
     compressed_cache: CacheStats,
     decoded_cache: CacheStats,
     /// The node cache on disk; null when not configured or not usable.
@@ -160,6 +190,11 @@ impl Control {
             .detail("bytes_fetched", report.reads.bytes_fetched)
             .detail("range_requests", report.reads.range_requests)
             .detail("bytes_returned", report.reads.bytes_returned)
+            .detail("prefetch", &report.prefetch.state)
+            .detail("prefetch_spans_recorded", report.prefetch.spans_recorded)
+            .detail("prefetch_spans", report.prefetch.spans_prefetched)
+            .detail("prefetch_bytes", report.prefetch.bytes_prefetched)
+            .detail("prefetch_hits", report.prefetch.hits)
             .detail("credential_refreshes", report.credential.refreshes);
         let request = RequestKey::new(&mount.info.tenant, &mount.info.request_id);
         self.status.report(request, step).await;
@@ -173,6 +208,24 @@ impl Control {
                 .all()
                 .iter()
                 .map(|m| MountReport::of(m))
+                .collect(),
+            lazy_mounts: self
+                .mounts
+                .lazies()
+                .iter()
+                .map(|l| LazyReport {
+                    lazy_mount: l.id.clone(),
+                    tenant: l.key.tenant.clone(),
+                    mountpoint: l.path.display().to_string(),
+                    image_digest: l.key.image_digest.clone(),
+                    index_digest: l.key.index_digest.clone(),
+                    containers: l.users(),
+                    resumed: l.resumed_at.is_some(),
+                    index_bytes: l.index_bytes,
+                    reads: l.reader.stats(),
+                    prefetch: l.reader.prefetch_stats(),
+                    credential: l.refresh.stats(),
+                })
                 .collect(),
             compressed_cache: self.shared.caches.compressed.stats(),
             decoded_cache: self.shared.caches.decoded.stats(),

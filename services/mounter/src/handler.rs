@@ -23,12 +23,12 @@ use tokio::runtime::Handle;
 use tracing::Instrument as _;
 
 use crate::bundle::Process;
-use crate::config::{ReadConfig, RefreshConfig};
+use crate::config::{PrefetchConfig, ReadConfig, RefreshConfig};
 use crate::control;
 use crate::fs::ImageFs;
 use crate::fs::inodes::Inodes;
 use crate::keeper::KeptMount;
-use crate::mounts::{Mount, MountError, MountInfo, MountTable, Reserved};
+use crate::mounts::{LazyKey, LazyMount, Mount, MountError, MountInfo, MountTable, Reserved};
 use crate::open::{OpenedImage, load_index, resolve};
 use crate::refresh::{Refresh, RefreshCounters};
 use crate::source::MountSource;
@@ -52,6 +52,7 @@ pub struct Mounter {
     pub credentials: CredentialClient,
     pub refresh: RefreshConfig,
     pub reads: ReadConfig,
+    pub prefetch: PrefetchConfig,
     /// Longest the registry work of one mount may take (`mounter.prepare_deadline`).
     pub prepare_deadline: Duration,
     pub runtime: Handle,
@@ -172,13 +173,9 @@ impl Mounter {
                 .process(request, &client, &opened)
                 .instrument(tracing::info_span!("image config"))
                 .await?;
-            let prepared = self
-                .prepare(id, client.clone(), &opened)
-                .instrument(tracing::info_span!("file table"))
-                .await?;
-            Ok::<_, Outcome>((opened, process, prepared))
+            Ok::<_, Outcome>((opened, process))
         };
-        let (opened, process, prepared) = tokio::time::timeout(self.prepare_deadline, preparing)
+        let (opened, process) = tokio::time::timeout(self.prepare_deadline, preparing)
             .await
             .map_err(|_| {
                 Outcome::Retry(Rejection::new(
@@ -189,6 +186,25 @@ impl Mounter {
                     ),
                 ))
             })??;
+        let key = LazyKey {
+            tenant: request.tenant.clone(),
+            repository: format!(
+                "{}/{}",
+                opened.resolved.reference.registry(),
+                opened.resolved.reference.repository()
+            ),
+            image_digest: opened.resolved.digest().to_string(),
+            index_digest: opened.index_digest.clone(),
+        };
+        // Containers of the image share its lazy mount: found, or made, under the key's lock.
+        let _lazy_lock = self.mounts.lazy_lock(&key).await;
+        let (lazy, made) = match self.mounts.find_lazy(&key) {
+            Some(lazy) => (lazy, false),
+            None => {
+                let lazy = self.mount_lazy(id, &key, client, &opened, request).await?;
+                (lazy, true)
+            }
+        };
         let info = MountInfo {
             id: id.to_string(),
             tenant: request.tenant.clone(),
@@ -199,47 +215,114 @@ impl Mounter {
             mountpoint: self.mounts.mountpoint(id),
             // Nothing to run (no Cmd, no args): a mount without a bundle.
             bundle: process.runnable().then(|| self.mounts.bundle_dir(id)),
-            entries: prepared.fs.inodes.len(),
-            files: prepared.fs.inodes.files(),
-            index_bytes: prepared.index_bytes,
+            entries: lazy.entries,
+            files: lazy.files,
+            index_bytes: lazy.index_bytes,
             mounted_at: SystemTime::now(),
             resumed_at: None,
         };
+        // Each container keeps the credential its own request brought.
         let kept = KeptMount::of(&info, &opened.resolved.reference, credential);
-        let Prepared { fs, source, .. } = prepared;
-        let counters = Arc::new(RefreshCounters::new(credential));
-        let stop_refresh = Shutdown::new();
         let mounts = self.mounts.clone();
-        let (c, s) = (counters.clone(), stop_refresh.clone());
-        let mounting = tracing::info_span!("mount", mount_id = id);
-        // The mount's first registry read is traced under this request, when it comes.
-        source.trace_first_read(imagemesh_runtime::telemetry::current_context());
-        let mount = tokio::task::spawn_blocking(move || {
+        let mounting =
+            tracing::info_span!("mount", mount_id = id, lazy_mount = %lazy.id, shared = !made);
+        let attaching = lazy.clone();
+        let attached = tokio::task::spawn_blocking(move || {
             let _in = mounting.enter();
-            mounts.mount_blocking(fs, info, c, s, &kept, Some(&process))
+            let attached = mounts.attach_blocking(&attaching, info, Some(&kept), Some(&process));
+            if attached.is_err() {
+                mounts.end_lazy_if_unused_blocking(&attaching);
+            }
+            attached
         })
         .await
-        .map_err(|e| reject(ErrorCode::Internal, format!("mount task failed: {e}")))?
-        .map_err(|e| match e {
+        .map_err(|e| reject(ErrorCode::Internal, format!("mount task failed: {e}")))?;
+        let mount = attached.map_err(|e| match e {
             // A mount point in a bad state or /dev/fuse busy may clear up: retry.
             MountError::Fuse(e) => Outcome::Retry(Rejection::new(
                 ErrorCode::Internal,
                 format!("mounting {id} failed: {e}"),
             )),
-            // The lazy mount is undone; an overlay or a user the image lacks will not change.
+            // The mount is undone; an overlay or a user the image lacks will not change.
             bundle @ MountError::Bundle(_) => reject(ErrorCode::Internal, bundle.to_string()),
         })?;
-        self.start_refresh(&mount, source, credential.cloned());
         let seconds = started.elapsed().as_secs_f64();
-        tracing::info!(mount_id = id, mountpoint = %mount.info.mountpoint.display(), seconds, "mounted");
+        tracing::info!(mount_id = id, mountpoint = %mount.info.mountpoint.display(), lazy_mount = %lazy.id, shared = !made, seconds, "mounted");
         let step = self.mounted_step(&mount, seconds).detail("existing", false);
         self.status.report(request.key(), step).await;
         Ok(())
     }
 
-    /// The file system of an opened image, its index memory charged to the reserved `id`.
+    /// Mounts the image's lazy FUSE mount for the containers of `key` to share, with its
+    /// credential refresh and prefetch. Hold the key's lock.
+    async fn mount_lazy(
+        &self,
+        id: &str,
+        key: &LazyKey,
+        client: Arc<RegistryClient>,
+        opened: &OpenedImage,
+        request: &ContainerRequest,
+    ) -> Result<Arc<LazyMount>, Outcome> {
+        let credential = credential_for(request, opened.resolved.reference.registry());
+        let Prepared {
+            fs,
+            source,
+            index_bytes,
+        } = self
+            .prepare(&key.id(), id, client, opened)
+            .instrument(tracing::info_span!("file table"))
+            .await?;
+        let counters = Arc::new(RefreshCounters::new(credential));
+        let stop = Shutdown::new();
+        let mounts = self.mounts.clone();
+        let (k, c, s) = (key.clone(), counters, stop);
+        // The mount's first registry read is traced under this request, when it comes.
+        source.trace_first_read(imagemesh_runtime::telemetry::current_context());
+        let lazy = tokio::task::spawn_blocking(move || {
+            mounts.mount_lazy_blocking(fs, k, c, s, index_bytes)
+        })
+        .await
+        .map_err(|e| reject(ErrorCode::Internal, format!("mount task failed: {e}")))?
+        .map_err(|e| {
+            // A mount point in a bad state or /dev/fuse busy may clear up: retry.
+            Outcome::Retry(Rejection::new(
+                ErrorCode::Internal,
+                format!("mounting the image for {id} failed: {e}"),
+            ))
+        })?;
+        self.start_refresh(
+            &lazy,
+            source.clone(),
+            credential.cloned(),
+            &request.request_id,
+        );
+        // The scheduler's push token for the image's repository, if any: only to publish the
+        // recorded prefetch list (the mount reads with the pull-only credential).
+        let publisher = request
+            .prefetch_credential
+            .as_ref()
+            .filter(|c| {
+                imagemesh_registry::host::same_registry(
+                    &c.registry,
+                    opened.resolved.reference.registry(),
+                )
+            })
+            .map(|c| {
+                Arc::new(RegistryClient::new(
+                    opened.resolved.reference.registry(),
+                    Some(c),
+                    &self.registry,
+                ))
+            });
+        self.start_prefetch(&lazy, source, opened, publisher);
+        Ok(lazy)
+    }
+
+    /// The file system of an opened image (`lazy_id` names it in logs), its index memory
+    /// charged to the reserved `id`.
     pub(crate) async fn prepare(
         &self,
+        lazy_id: &str,
         id: &str,
         client: Arc<RegistryClient>,
         opened: &OpenedImage,
@@ -280,7 +363,7 @@ impl Mounter {
             inodes,
             reader,
             runtime: self.runtime.clone(),
-            mount_id: id.to_string(),
+            mount_id: lazy_id.to_string(),
         };
         Ok(Prepared {
             fs,
@@ -311,12 +394,14 @@ impl Mounter {
         })
     }
 
-    /// Keeps the mount's credential fresh until it is unmounted (static ones need nothing).
+    /// Keeps the lazy mount's credential fresh until its last container is unmounted (static
+    /// ones need nothing), on behalf of the request `request_id` that made it.
     pub(crate) fn start_refresh(
         &self,
-        mount: &Mount,
+        lazy: &LazyMount,
         source: Arc<MountSource>,
         credential: Option<RegistryCredential>,
+        request_id: &str,
     ) {
         let Some(credential) = credential else {
             return;
@@ -325,12 +410,36 @@ impl Mounter {
             credentials: self.credentials.clone(),
             config: self.refresh.clone(),
             source,
-            counters: mount.refresh.clone(),
-            mount_id: mount.info.id.clone(),
-            request_id: mount.info.request_id.clone(),
-            tenant: mount.info.tenant.clone(),
+            counters: lazy.refresh.clone(),
+            mount_id: lazy.id.clone(),
+            request_id: request_id.to_string(),
+            tenant: lazy.key.tenant.clone(),
         };
-        tokio::spawn(refresh.run(credential, mount.stop_refresh.clone()));
+        tokio::spawn(refresh.run(credential, lazy.stop.clone()));
+    }
+
+    /// Prefetches the image's recorded spans in the background, or records them (first run).
+    fn start_prefetch(
+        &self,
+        lazy: &LazyMount,
+        source: Arc<MountSource>,
+        opened: &OpenedImage,
+        publisher: Option<Arc<RegistryClient>>,
+    ) {
+        if !self.prefetch.enabled {
+            return;
+        }
+        lazy.reader.set_prefetch_state("lookup", None);
+        let prefetch = crate::prefetch::Prefetch {
+            config: self.prefetch.clone(),
+            reader: lazy.reader.clone(),
+            source,
+            image: opened.resolved.clone(),
+            mount_id: lazy.id.clone(),
+            stop: lazy.stop.clone(),
+            publisher,
+        };
+        tokio::spawn(prefetch.run());
     }
 
     /// The registry accepted the request's credential (it served the manifest).
@@ -403,6 +512,10 @@ impl Mounter {
         .detail("files", info.files)
         .detail("bytes_fetched", stats.bytes_fetched)
         .detail("range_requests", stats.range_requests)
+        .detail("prefetch", mount.reader.prefetch_stats().state)
+        .detail("lazy_mount", &mount.lazy.id)
+        .detail("lazy_mountpoint", mount.lazy.path.display())
+        .detail("shared_by", mount.lazy.users().len())
         .detail("seconds", format!("{seconds:.3}"))
         .detail("unmount_subject", control::unmount_subject(&self.worker_id))
         .detail("stats_subject", control::stats_subject(&self.worker_id))

@@ -11,11 +11,25 @@
 //! during the switch blocks and then completes. Until a mount is resumed its reads wait in the
 //! kernel's queue; resuming is retried until it succeeds or the mounter stops.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+/// The sharing key of a kept container's mount.
+fn key_of(kept: &KeptMount) -> Result<LazyKey, String> {
+    let pinned: Reference = kept
+        .pinned_ref
+        .parse()
+        .map_err(|e| format!("kept reference {}: {e}", kept.pinned_ref))?;
+    Ok(LazyKey {
+        tenant: kept.tenant.clone(),
+        repository: format!("{}/{}", pinned.registry(), pinned.repository()),
+        image_digest: kept.image_digest.clone(),
+        index_digest: kept.index_digest.clone(),
+    })
+}
 
 use imagemesh_proto::v1::RegistryCredential;
 use imagemesh_registry::{Reference, RegistryClient};
@@ -23,7 +37,7 @@ use imagemesh_runtime::{Rejection, Shutdown};
 
 use crate::handler::{Mounter, Prepared};
 use crate::keeper::{KeeperClient, KeptMount};
-use crate::mounts::{MountInfo, Reserved, mounts_under};
+use crate::mounts::{LazyKey, MountInfo, Reserved, mounts_under};
 use crate::open::{load_index, resolve};
 use crate::refresh::{RefreshCounters, expiry, refresh_request};
 
@@ -73,51 +87,92 @@ impl Mounter {
             }
         };
         let live: HashSet<PathBuf> = mounts_under(self.mounts.root()).into_iter().collect();
-        let mut resuming = HashSet::new();
+        // The keeper holds one entry per container; containers of one image share its lazy
+        // mount, which is resumed once. An entry whose image's shared mount is not mounted is
+        // a single mount of an earlier version (its mount point is the FUSE mount itself).
+        let mut groups: BTreeMap<PathBuf, Vec<(KeptMount, OwnedFd)>> = BTreeMap::new();
         for (mount, fuse) in kept {
             if !live.contains(&mount.mountpoint) {
                 tracing::info!(mount_id = %mount.id, "a kept mount is no longer mounted; dropping it");
                 let _ = keeper.drop_mount(&mount.id);
                 continue;
             }
-            if !matches!(
-                self.mounts
-                    .reserve(&mount.id, &mount.tenant, &mount.image_ref),
-                Reserved::New
-            ) {
+            let shared = match key_of(&mount) {
+                Ok(key) => self.mounts.lazy_path(&key),
+                Err(err) => {
+                    tracing::warn!(mount_id = %mount.id, error = %err, "a kept mount cannot be resumed; leaving it");
+                    continue;
+                }
+            };
+            let path = if live.contains(&shared) {
+                shared
+            } else {
+                mount.mountpoint.clone()
+            };
+            groups.entry(path).or_default().push((mount, fuse));
+        }
+        let mut resuming = HashSet::new();
+        for (path, members) in groups {
+            let members: Vec<(KeptMount, OwnedFd)> = members
+                .into_iter()
+                .filter(|(mount, _)| {
+                    matches!(
+                        self.mounts
+                            .reserve(&mount.id, &mount.tenant, &mount.image_ref),
+                        Reserved::New
+                    )
+                })
+                .collect();
+            if members.is_empty() {
                 continue;
             }
-            resuming.insert(mount.mountpoint.clone());
-            if let Some(bundle) = &mount.bundle {
-                resuming.insert(bundle.join("rootfs"));
+            resuming.insert(path.clone());
+            for (mount, _) in &members {
+                resuming.insert(mount.mountpoint.clone());
+                if let Some(bundle) = &mount.bundle {
+                    resuming.insert(bundle.join("rootfs"));
+                }
             }
             let (mounter, stop) = (self.clone(), stop.clone());
-            tokio::spawn(async move { mounter.resume_until_done(mount, fuse, stop).await });
+            tokio::spawn(async move { mounter.resume_until_done(path, members, stop).await });
         }
         resuming
     }
 
-    async fn resume_until_done(&self, kept: KeptMount, fuse: OwnedFd, stop: Shutdown) {
+    /// Resumes the lazy mount at `path` once, for every container of `members` (their
+    /// descriptors are duplicates of one connection).
+    async fn resume_until_done(
+        &self,
+        path: PathBuf,
+        members: Vec<(KeptMount, OwnedFd)>,
+        stop: Shutdown,
+    ) {
         let started = std::time::Instant::now();
+        let (kept, fds): (Vec<KeptMount>, Vec<OwnedFd>) = members.into_iter().unzip();
         let mut wait = RETRY;
         loop {
-            let attempt = match fuse.try_clone() {
-                Ok(fd) => self.resume(&kept, fd).await,
+            let attempt = match fds[0].try_clone() {
+                Ok(fd) => self.resume(&path, &kept, fd).await,
                 Err(err) => Err(err.to_string()),
             };
             match attempt {
                 Ok(()) => {
                     let seconds = started.elapsed().as_secs_f64();
-                    tracing::info!(mount_id = %kept.id, mountpoint = %kept.mountpoint.display(), seconds, "mount taken over from the earlier process");
+                    tracing::info!(lazy_mount = %path.display(), containers = kept.len(), seconds, "lazy mount resumed for its containers");
+                    for mount in &kept {
+                        tracing::info!(mount_id = %mount.id, mountpoint = %mount.mountpoint.display(), lazy_mount = %path.display(), seconds, "mount taken over from the earlier process");
+                    }
                     return;
                 }
                 Err(err) => {
-                    tracing::warn!(mount_id = %kept.id, error = %err, "resuming a kept mount failed; its reads wait until it succeeds")
+                    tracing::warn!(lazy_mount = %path.display(), error = %err, "resuming a kept mount failed; its reads wait until it succeeds")
                 }
             }
             tokio::select! {
                 _ = stop.cancelled() => {
-                    self.mounts.release(&kept.id);
+                    for mount in &kept {
+                        self.mounts.release(&mount.id);
+                    }
                     return;
                 }
                 _ = tokio::time::sleep(wait) => {}
@@ -127,12 +182,13 @@ impl Mounter {
     }
 
     /// One attempt; errors are messages without secrets (registry errors name no credential).
-    async fn resume(&self, kept: &KeptMount, fuse: OwnedFd) -> Result<(), String> {
-        let pinned: Reference = kept
+    async fn resume(&self, path: &Path, kept: &[KeptMount], fuse: OwnedFd) -> Result<(), String> {
+        let first = &kept[0];
+        let pinned: Reference = first
             .pinned_ref
             .parse()
-            .map_err(|e| format!("kept reference {}: {e}", kept.pinned_ref))?;
-        let credential = self.fresh_credential(kept, &pinned).await?;
+            .map_err(|e| format!("kept reference {}: {e}", first.pinned_ref))?;
+        let credential = self.fresh_credential(first, &pinned).await?;
         let registry = pinned.registry().to_string();
         let client = Arc::new(RegistryClient::new(
             &registry,
@@ -145,46 +201,58 @@ impl Mounter {
         let opened = load_index(&client, resolved)
             .await
             .map_err(|e| format!("{e:?}"))?;
-        if opened.index_digest != kept.index_digest {
+        if opened.index_digest != first.index_digest {
             // Another index could number the inodes differently from what the kernel holds.
             return Err(format!(
                 "the image's index is now {}, the mount was made from {}",
-                opened.index_digest, kept.index_digest
+                opened.index_digest, first.index_digest
             ));
         }
+        let key = key_of(first)?;
+        let _lazy = self.mounts.lazy_lock(&key).await;
+        let lazy_id = match path.file_name() {
+            Some(name) => name.to_string_lossy().into_owned(),
+            None => key.id(),
+        };
         let Prepared {
             fs,
             source,
             index_bytes,
         } = self
-            .prepare(&kept.id, client, &opened)
+            .prepare(&lazy_id, &first.id, client, &opened)
             .await
             .map_err(|o| format!("{o:?}"))?;
-        let info = MountInfo {
-            id: kept.id.clone(),
-            tenant: kept.tenant.clone(),
-            request_id: kept.request_id.clone(),
-            image_ref: kept.image_ref.clone(),
-            image_digest: kept.image_digest.clone(),
-            index_digest: kept.index_digest.clone(),
-            mountpoint: kept.mountpoint.clone(),
-            bundle: kept.bundle.clone(),
-            entries: fs.inodes.len(),
-            files: fs.inodes.files(),
-            index_bytes,
-            mounted_at: kept.mounted_at(),
-            resumed_at: Some(SystemTime::now()),
-        };
         let counters = Arc::new(RefreshCounters::new(credential.as_ref()));
-        let stop_refresh = Shutdown::new();
         let mounts = self.mounts.clone();
-        let (c, s) = (counters, stop_refresh);
-        let mount =
-            tokio::task::spawn_blocking(move || mounts.resume_blocking(fs, info, c, s, fuse))
-                .await
-                .map_err(|e| format!("resume task failed: {e}"))?
-                .map_err(|e| format!("resuming the FUSE session: {e}"))?;
-        self.start_refresh(&mount, source, credential);
+        let (c, p) = (counters, path.to_path_buf());
+        let lazy = tokio::task::spawn_blocking(move || {
+            mounts.resume_lazy_blocking(fs, key, p, c, Shutdown::new(), index_bytes, fuse)
+        })
+        .await
+        .map_err(|e| format!("resume task failed: {e}"))?
+        .map_err(|e| format!("resuming the FUSE session: {e}"))?;
+        for mount in kept {
+            let info = MountInfo {
+                id: mount.id.clone(),
+                tenant: mount.tenant.clone(),
+                request_id: mount.request_id.clone(),
+                image_ref: mount.image_ref.clone(),
+                image_digest: mount.image_digest.clone(),
+                index_digest: mount.index_digest.clone(),
+                mountpoint: mount.mountpoint.clone(),
+                bundle: mount.bundle.clone(),
+                entries: lazy.entries,
+                files: lazy.files,
+                index_bytes: lazy.index_bytes,
+                mounted_at: mount.mounted_at(),
+                resumed_at: lazy.resumed_at,
+            };
+            // Its bind, bundle and keeper entry are in place: only the table learns of it.
+            if let Err(err) = self.mounts.attach_blocking(&lazy, info, None, None) {
+                tracing::warn!(mount_id = %mount.id, error = %err, "a taken-over container could not be listed");
+            }
+        }
+        self.start_refresh(&lazy, source, credential, &first.request_id);
         Ok(())
     }
 

@@ -8,6 +8,8 @@
 //! - reads: `imagemesh_lazyimage`'s caching reader (single-flight range reads inflated in the
 //!   blocking pool, caches in memory and on disk) over [`source`]: the registry blob source
 //!   whose credential can be swapped under live reads, with retries and a deadline.
+//! - [`prefetch`](mod@prefetch): recording the spans an image's first run reads, publishing
+//!   them next to the image, and prefetching them at later mounts.
 //! - [`refresh`]: one task per mount renewing its token through `imagemesh.credential.refresh`.
 //! - [`mounts`]: the mount table; unmount, detach of busy and stale mounts.
 //! - [`bundle`]: the OCI runtime bundle of each mount (overlay rootfs + `config.json`).
@@ -28,6 +30,7 @@ mod handover;
 pub mod keeper;
 mod mounts;
 mod open;
+mod prefetch;
 mod refresh;
 mod source;
 
@@ -93,7 +96,6 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
         shared: shared.clone(),
         status: status.clone(),
     };
-    control::serve(control.clone(), shutdown.clone()).await?;
     let handler = Arc::new(Mounter {
         status,
         registry: settings.registry.clone(),
@@ -103,6 +105,7 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
         credentials: CredentialClient::new(client.clone(), settings.refresh.timeout),
         refresh: settings.refresh.clone(),
         reads: settings.reads.clone(),
+        prefetch: settings.prefetch.clone(),
         prepare_deadline: settings.prepare_deadline,
         runtime: tokio::runtime::Handle::current(),
         worker_id,
@@ -114,6 +117,9 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
         None => Default::default(),
     };
     mounts.detach_stale(&resuming);
+    // The control subjects answer once stale mounts are gone: a caller that sees this instance
+    // serve sees no mount of an earlier one it did not take over.
+    control::serve(control.clone(), shutdown.clone()).await?;
     // Mounts outlive the requests that made them, so placement counts mounts held, not
     // requests in progress.
     let held = mounts.clone();

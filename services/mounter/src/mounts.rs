@@ -1,16 +1,19 @@
-//! The mounts of this instance: one FUSE session per container under `mount_root`.
+//! The mounts of this instance. Containers of one image share one lazy FUSE mount (a
+//! [`LazyMount`] at `<mount_root>/.images/<lazy id>`, one per tenant, repository, image digest
+//! and index digest) with a reference count; each container ([`Mount`]) gets a read-only bind
+//! of it at `<mount_root>/<container id>`, which its bundle's overlay sits on.
 //!
-//! A mount is kept until it is unmounted (control endpoint) or the service stops; dropping a
-//! fuser session unmounts it. A mount point still busy (a process has a file open) is detached
+//! A container's mount is kept until it is unmounted (control endpoint) or the service stops;
+//! the lazy mount goes with the last container using it (dropping a fuser session unmounts it). A mount point still busy (a process has a file open) is detached
 //! lazily so it disappears from the namespace at once and the kernel finishes it when the last
 //! file closes. Mounts left behind by a killed instance ("transport endpoint is not connected")
 //! are detached when the next instance starts.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::SystemTime;
 
 use fuser::{BackgroundSession, MountOption, Session, SessionACL};
@@ -52,22 +55,79 @@ pub struct MountInfo {
     pub resumed_at: Option<SystemTime>,
 }
 
-/// One live mount.
-pub struct Mount {
-    pub info: MountInfo,
-    pub reader: Arc<MountReader>,
-    pub refresh: Arc<RefreshCounters>,
-    /// Stops the credential refresh task.
-    pub stop_refresh: Shutdown,
-    session: Mutex<Option<BackgroundSession>>,
+/// What containers may share one lazy mount by: the tenant (tenants never share a mount: see
+/// `docs/mounter.md`), the image's repository, the image manifest and the index.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LazyKey {
+    pub tenant: String,
+    /// `registry/repository` the image was read from.
+    pub repository: String,
+    pub image_digest: String,
+    pub index_digest: String,
 }
 
-impl Mount {
-    /// Taken over from an earlier process: fuser does not own the kernel mount, so unmounting
-    /// is ours to do.
-    fn resumed(&self) -> bool {
-        self.info.resumed_at.is_some()
+impl LazyKey {
+    /// The lazy mount's directory name under `<mount_root>/.images`: the tenant and a hash of
+    /// the rest (container ids hold no `.`, so it never names a container's mount point).
+    pub fn id(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let hash = Sha256::digest(
+            format!(
+                "{}\n{}\n{}",
+                self.repository, self.image_digest, self.index_digest
+            )
+            .as_bytes(),
+        );
+        let hex: String = hash[..8].iter().map(|b| format!("{b:02x}")).collect();
+        format!("{}.{hex}", self.tenant)
     }
+}
+
+/// One lazy read-only FUSE mount of an image, shared by the containers of that image (same
+/// [`LazyKey`]): one reader and cache, one credential refresh, one prefetch.
+pub struct LazyMount {
+    pub id: String,
+    pub key: LazyKey,
+    /// Where the FUSE session is mounted.
+    pub path: PathBuf,
+    pub reader: Arc<MountReader>,
+    pub refresh: Arc<RefreshCounters>,
+    /// Stops the refresh and prefetch tasks (the last container went).
+    pub stop: Shutdown,
+    pub entries: usize,
+    pub files: usize,
+    /// What its loaded index and file table hold in memory (estimated, `footprint.rs`).
+    pub index_bytes: u64,
+    /// When this process took the mount over from an earlier one (`None`: it made it).
+    pub resumed_at: Option<SystemTime>,
+    session: Mutex<Option<BackgroundSession>>,
+    /// A duplicate of the connection's descriptor, for the keeper as containers join.
+    fuse: OwnedFd,
+    /// The containers using it.
+    users: Mutex<BTreeSet<String>>,
+    /// A container's bind was still busy when it was unmounted (detached): the FUSE
+    /// connection lives until its last file closes, so ending the session must not wait.
+    busy: std::sync::atomic::AtomicBool,
+}
+
+impl LazyMount {
+    /// The containers using it, in id order.
+    pub fn users(&self) -> Vec<String> {
+        self.users
+            .lock()
+            .expect("users lock")
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+/// One container's mount: its bind of the image's lazy mount and its bundle.
+pub struct Mount {
+    pub info: MountInfo,
+    pub lazy: Arc<LazyMount>,
+    pub reader: Arc<MountReader>,
+    pub refresh: Arc<RefreshCounters>,
 }
 
 enum Slot {
@@ -117,15 +177,16 @@ pub enum Reserved {
     Full(usize),
 }
 
-/// Index memory charged to every slot.
-fn index_bytes(slots: &HashMap<String, Slot>) -> u64 {
-    slots
+/// Index memory charged to the slots being mounted and held by the lazy mounts.
+fn index_bytes(slots: &HashMap<String, Slot>, lazies: &HashMap<LazyKey, Arc<LazyMount>>) -> u64 {
+    let mounting: u64 = slots
         .values()
         .map(|slot| match slot {
             Slot::Mounting { index_bytes, .. } => *index_bytes,
-            Slot::Mounted(mount) => mount.info.index_bytes,
+            Slot::Mounted(_) => 0,
         })
-        .sum()
+        .sum();
+    mounting + lazies.values().map(|l| l.index_bytes).sum::<u64>()
 }
 
 /// Every mount of this instance, by mount id.
@@ -134,6 +195,11 @@ pub struct MountTable {
     bundle_root: PathBuf,
     fuse: FuseOptions,
     slots: Mutex<HashMap<String, Slot>>,
+    /// The lazy mounts containers share. Lock order: `slots`, then `lazies`.
+    lazies: Mutex<HashMap<LazyKey, Arc<LazyMount>>>,
+    /// One lock per key: finding or making a lazy mount, and letting its last container go,
+    /// happen one at a time.
+    lazy_locks: Mutex<HashMap<LazyKey, Weak<tokio::sync::Mutex<()>>>>,
     /// Holds every live mount's FUSE descriptor for the next process; `None`: mounts end with
     /// this process.
     keeper: Option<KeeperClient>,
@@ -160,6 +226,8 @@ impl MountTable {
             bundle_root,
             fuse,
             slots: Mutex::new(HashMap::new()),
+            lazies: Mutex::new(HashMap::new()),
+            lazy_locks: Mutex::new(HashMap::new()),
             keeper,
         })
     }
@@ -202,6 +270,46 @@ impl MountTable {
         self.root.join(id)
     }
 
+    /// Where the lazy mount of `key` goes.
+    pub fn lazy_path(&self, key: &LazyKey) -> PathBuf {
+        self.root.join(".images").join(key.id())
+    }
+
+    /// Held while finding or making the lazy mount of `key`, or letting its last user go.
+    pub async fn lazy_lock(&self, key: &LazyKey) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.lazy_locks.lock().expect("lazy locks lock");
+            locks.retain(|_, lock| lock.strong_count() > 0);
+            match locks.get(key).and_then(Weak::upgrade) {
+                Some(lock) => lock,
+                None => {
+                    let lock = Arc::new(tokio::sync::Mutex::new(()));
+                    locks.insert(key.clone(), Arc::downgrade(&lock));
+                    lock
+                }
+            }
+        };
+        lock.lock_owned().await
+    }
+
+    /// The live lazy mount of `key`, if any (hold [`Self::lazy_lock`]).
+    pub fn find_lazy(&self, key: &LazyKey) -> Option<Arc<LazyMount>> {
+        self.lazies.lock().expect("lazies lock").get(key).cloned()
+    }
+
+    /// Every lazy mount, in id order.
+    pub fn lazies(&self) -> Vec<Arc<LazyMount>> {
+        let mut all: Vec<_> = self
+            .lazies
+            .lock()
+            .expect("lazies lock")
+            .values()
+            .cloned()
+            .collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all
+    }
+
     /// Claims `id` for `tenant` to mount `image_ref`, unless it is mounted or being mounted.
     /// A mount is found again (a redelivery) only by its own tenant.
     pub fn reserve(&self, id: &str, tenant: &str, image_ref: &str) -> Reserved {
@@ -233,7 +341,7 @@ impl MountTable {
     /// together would then exceed the budget: `Err((held, budget))`.
     pub fn charge(&self, id: &str, bytes: u64) -> Result<(), (u64, u64)> {
         let mut slots = self.slots.lock().expect("mount table lock");
-        let held = index_bytes(&slots);
+        let held = index_bytes(&slots, &self.lazies.lock().expect("lazies lock"));
         let budget = self.fuse.index_memory_budget;
         if held.saturating_add(bytes) > budget {
             return Err((held, budget));
@@ -247,7 +355,8 @@ impl MountTable {
     /// Index memory held by every mount, live or being prepared, and the budget.
     pub fn index_memory(&self) -> (u64, u64) {
         let slots = self.slots.lock().expect("mount table lock");
-        (index_bytes(&slots), self.fuse.index_memory_budget)
+        let held = index_bytes(&slots, &self.lazies.lock().expect("lazies lock"));
+        (held, self.fuse.index_memory_budget)
     }
 
     /// Mounts held, live or being prepared (what placement counts against `max_mounts`).
@@ -263,80 +372,173 @@ impl MountTable {
         }
     }
 
-    /// Mounts `fs` at the reserved id's mount point (blocking: run it off the async threads),
-    /// makes the OCI runtime bundle over it for `process` (at `info.bundle`), and hands the
-    /// keeper, if any, a duplicate of the FUSE descriptor with `kept`.
-    pub fn mount_blocking(
+    /// Mounts `fs` as the lazy mount of `key` (blocking: run it off the async threads) and
+    /// lists it for containers of the image to share. Hold [`Self::lazy_lock`].
+    pub fn mount_lazy_blocking(
         &self,
         fs: ImageFs,
-        info: MountInfo,
+        key: LazyKey,
         refresh: Arc<RefreshCounters>,
-        stop_refresh: Shutdown,
-        kept: &KeptMount,
-        process: Option<&crate::bundle::Process>,
-    ) -> Result<Arc<Mount>, MountError> {
+        stop: Shutdown,
+        index_bytes: u64,
+    ) -> std::io::Result<Arc<LazyMount>> {
         let reader = fs.reader.clone();
-        let mountpoint = info.mountpoint.clone();
-        if mounts_under(&self.root).contains(&mountpoint) {
-            detach(&mountpoint);
+        let (entries, files) = (fs.inodes.len(), fs.inodes.files());
+        let path = self.lazy_path(&key);
+        if mounts_under(&self.root).contains(&path) {
+            detach(&path);
         }
-        std::fs::create_dir_all(&mountpoint)?;
-        let session = Session::new(fs, &mountpoint, &self.fuse_config())?;
+        std::fs::create_dir_all(&path)?;
+        let session = Session::new(fs, &path, &self.fuse_config())?;
         // For the keeper: a duplicate of the connection's descriptor (the session keeps its own).
         let fuse = session.as_fd().try_clone_to_owned()?;
-        // The FUSE session must be served for the overlay to mount over it.
         let session = session.spawn()?;
-        if let (Some(bundle), Some(process)) = (&info.bundle, process)
+        let lazy = Arc::new(LazyMount {
+            id: key.id(),
+            key: key.clone(),
+            path,
+            reader,
+            refresh,
+            stop,
+            entries,
+            files,
+            index_bytes,
+            resumed_at: None,
+            session: Mutex::new(Some(session)),
+            fuse,
+            users: Mutex::new(BTreeSet::new()),
+            busy: Default::default(),
+        });
+        self.lazies
+            .lock()
+            .expect("lazies lock")
+            .insert(key, lazy.clone());
+        Ok(lazy)
+    }
+
+    /// Serves again a lazy mount an earlier process made: `fuse` is its live FUSE connection,
+    /// from the keeper, mounted at `path`. The kernel then resends what the earlier process
+    /// took and never answered.
+    #[allow(clippy::too_many_arguments)]
+    pub fn resume_lazy_blocking(
+        &self,
+        fs: ImageFs,
+        key: LazyKey,
+        path: PathBuf,
+        refresh: Arc<RefreshCounters>,
+        stop: Shutdown,
+        index_bytes: u64,
+        fuse: OwnedFd,
+    ) -> std::io::Result<Arc<LazyMount>> {
+        let reader = fs.reader.clone();
+        let (entries, files) = (fs.inodes.len(), fs.inodes.files());
+        let resend = fuse.try_clone()?;
+        let kept = fuse.try_clone()?;
+        let session = Session::resume(fs, fuse, self.acl(), self.fuse_config()).spawn()?;
+        // A single mount of an earlier version (no sharing) is mounted at its container's
+        // mount point, and named after it.
+        let lazy = Arc::new(LazyMount {
+            id: path
+                .file_name()
+                .map_or_else(|| key.id(), |n| n.to_string_lossy().into_owned()),
+            key: key.clone(),
+            path,
+            reader,
+            refresh,
+            stop,
+            entries,
+            files,
+            index_bytes,
+            resumed_at: Some(SystemTime::now()),
+            session: Mutex::new(Some(session)),
+            fuse: kept,
+            users: Mutex::new(BTreeSet::new()),
+            busy: Default::default(),
+        });
+        crate::handover::resend_unanswered(&resend, &lazy.id);
+        // A second single mount of one image from an earlier version stays out of the list:
+        // it serves its own container only.
+        self.lazies
+            .lock()
+            .expect("lazies lock")
+            .entry(key)
+            .or_insert_with(|| lazy.clone());
+        Ok(lazy)
+    }
+
+    /// Gives the reserved container `info.id` its read-only bind of `lazy` at
+    /// `info.mountpoint`, makes the OCI runtime bundle over it for `process` (at `info.bundle`),
+    /// and hands the keeper, if any, a duplicate of the FUSE descriptor with `kept` (blocking).
+    /// `resumed`: taken over, its bind and bundle are in place already.
+    pub fn attach_blocking(
+        &self,
+        lazy: &Arc<LazyMount>,
+        info: MountInfo,
+        kept: Option<&KeptMount>,
+        process: Option<&crate::bundle::Process>,
+    ) -> Result<Arc<Mount>, MountError> {
+        let mountpoint = info.mountpoint.clone();
+        let own_path = mountpoint != lazy.path;
+        if kept.is_some() && own_path {
+            if mounts_under(&self.root).contains(&mountpoint) {
+                detach(&mountpoint);
+            }
+            std::fs::create_dir_all(&mountpoint)?;
+            if let Err(err) = bind_read_only(&lazy.path, &mountpoint) {
+                let _ = std::fs::remove_dir(&mountpoint);
+                return Err(err.into());
+            }
+        }
+        if kept.is_some()
+            && let (Some(bundle), Some(process)) = (&info.bundle, process)
             && let Err(err) = crate::bundle::create(bundle, &mountpoint, process, &info.id)
         {
-            end_session(Some(session), &mountpoint, false);
+            if own_path {
+                unbind(&mountpoint);
+            }
             return Err(MountError::Bundle(err));
         }
-        if let Some(keeper) = &self.keeper
-            && let Err(err) = keeper.keep(kept, fuse.as_fd())
+        if let (Some(keeper), Some(kept)) = (&self.keeper, kept)
+            && let Err(err) = keeper.keep(kept, lazy.fuse.as_fd())
         {
             // The mount works; it just ends with this process, as without a keeper.
             tracing::warn!(mount_id = %info.id, socket = %keeper.socket().display(), error = %err, "the mount keeper did not take the mount; it will not survive a restart");
         }
-        Ok(self.insert(info, reader, refresh, stop_refresh, session))
-    }
-
-    /// Serves again a mount an earlier process made: `fuse` is its live FUSE connection, from
-    /// the keeper. The kernel then resends what the earlier process took and never answered.
-    pub fn resume_blocking(
-        &self,
-        fs: ImageFs,
-        info: MountInfo,
-        refresh: Arc<RefreshCounters>,
-        stop_refresh: Shutdown,
-        fuse: OwnedFd,
-    ) -> std::io::Result<Arc<Mount>> {
-        let reader = fs.reader.clone();
-        let resend = fuse.try_clone()?;
-        let session = Session::resume(fs, fuse, self.acl(), self.fuse_config()).spawn()?;
-        let mount = self.insert(info, reader, refresh, stop_refresh, session);
-        crate::handover::resend_unanswered(&resend, &mount.info.id);
-        Ok(mount)
-    }
-
-    fn insert(
-        &self,
-        info: MountInfo,
-        reader: Arc<MountReader>,
-        refresh: Arc<RefreshCounters>,
-        stop_refresh: Shutdown,
-        session: BackgroundSession,
-    ) -> Arc<Mount> {
+        lazy.users
+            .lock()
+            .expect("users lock")
+            .insert(info.id.clone());
         let mount = Arc::new(Mount {
             info,
-            reader,
-            refresh,
-            stop_refresh,
-            session: Mutex::new(Some(session)),
+            lazy: lazy.clone(),
+            reader: lazy.reader.clone(),
+            refresh: lazy.refresh.clone(),
         });
         let mut slots = self.slots.lock().expect("mount table lock");
         slots.insert(mount.info.id.clone(), Slot::Mounted(mount.clone()));
-        mount
+        Ok(mount)
+    }
+
+    /// Ends `lazy` if no container uses it (a mount whose first container failed). Hold
+    /// [`Self::lazy_lock`].
+    pub fn end_lazy_if_unused_blocking(&self, lazy: &Arc<LazyMount>) {
+        if !lazy.users.lock().expect("users lock").is_empty() {
+            return;
+        }
+        {
+            let mut lazies = self.lazies.lock().expect("lazies lock");
+            if lazies.get(&lazy.key).is_some_and(|l| Arc::ptr_eq(l, lazy)) {
+                lazies.remove(&lazy.key);
+            }
+        }
+        lazy.stop.trigger();
+        let session = lazy.session.lock().expect("session lock").take();
+        let busy = lazy.busy.load(std::sync::atomic::Ordering::Relaxed);
+        end_session(session, &lazy.path, lazy.resumed_at.is_some() || busy);
+        // `.images` goes with its last mount (a later one makes it again).
+        if let Some(images) = lazy.path.parent().filter(|p| p.ends_with(".images")) {
+            let _ = std::fs::remove_dir(images);
+        }
     }
 
     fn acl(&self) -> SessionACL {
@@ -378,8 +580,18 @@ impl MountTable {
         all
     }
 
-    /// Takes `id` out of the table and unmounts it; `None` when there is no such mount.
-    pub async fn unmount(&self, id: &str) -> Option<Arc<Mount>> {
+    /// Takes `id` out of the table and unmounts it: its bundle (overlay and upper), its bind,
+    /// and the image's lazy mount when no other container uses it; `None` when there is no
+    /// such mount.
+    pub async fn unmount(self: &Arc<Self>, id: &str) -> Option<Arc<Mount>> {
+        let key = {
+            let slots = self.slots.lock().expect("mount table lock");
+            match slots.get(id) {
+                Some(Slot::Mounted(mount)) => mount.lazy.key.clone(),
+                _ => return None,
+            }
+        };
+        let _lazy = self.lazy_lock(&key).await;
         let mount = {
             let mut slots = self.slots.lock().expect("mount table lock");
             match slots.get(id) {
@@ -387,37 +599,40 @@ impl MountTable {
                     Some(Slot::Mounted(m)) => m,
                     _ => unreachable!("checked above"),
                 },
+                // Unmounted meanwhile by another request.
                 _ => return None,
             }
         };
-        mount.stop_refresh.trigger();
-        let session = mount.session.lock().expect("session lock").take();
-        let mountpoint = mount.info.mountpoint.clone();
-        let resumed = mount.resumed();
-        let bundle = mount.info.bundle.clone();
-        let keeper = self.keeper.clone();
-        let mount_id = id.to_string();
-        let done = tokio::task::spawn_blocking(move || {
-            // The overlay first: it sits on the lazy mount.
-            if let Some(bundle) = bundle {
-                crate::bundle::remove(&bundle);
-            }
-            end_session(session, &mountpoint, resumed);
-            if let Some(keeper) = keeper
-                && let Err(err) = keeper.drop_mount(&mount_id)
-            {
-                tracing::warn!(mount_id, error = %err, "the mount keeper did not drop the mount");
-            }
-        })
-        .await;
+        let table = self.clone();
+        let gone = mount.clone();
+        let done = tokio::task::spawn_blocking(move || table.unmount_blocking(&gone)).await;
         if let Err(err) = done {
             tracing::error!(mount_id = id, error = %err, "unmount task failed");
         }
         Some(mount)
     }
 
+    fn unmount_blocking(&self, mount: &Mount) {
+        let lazy = &mount.lazy;
+        let mount_id = &mount.info.id;
+        // The overlay first: it sits on the container's bind of the lazy mount.
+        if let Some(bundle) = &mount.info.bundle {
+            crate::bundle::remove(bundle);
+        }
+        if mount.info.mountpoint != lazy.path && !unbind(&mount.info.mountpoint) {
+            lazy.busy.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        if let Some(keeper) = &self.keeper
+            && let Err(err) = keeper.drop_mount(mount_id)
+        {
+            tracing::warn!(mount_id, error = %err, "the mount keeper did not drop the mount");
+        }
+        lazy.users.lock().expect("users lock").remove(mount_id);
+        self.end_lazy_if_unused_blocking(lazy);
+    }
+
     /// Unmounts everything (shutdown).
-    pub async fn unmount_all(&self) -> Vec<Arc<Mount>> {
+    pub async fn unmount_all(self: &Arc<Self>) -> Vec<Arc<Mount>> {
         let ids: Vec<String> = self.all().iter().map(|m| m.info.id.clone()).collect();
         let mut done = Vec::new();
         for id in ids {
@@ -430,8 +645,9 @@ impl MountTable {
 /// Unmounts and waits for the session's threads; detaches instead when the mount is busy.
 /// A resumed session does not own its kernel mount: it is unmounted here, and its threads end
 /// on their own once the kernel ends the connection (at once, or when a busy mount is let go).
-fn end_session(session: Option<BackgroundSession>, mountpoint: &Path, resumed: bool) {
-    if resumed {
+/// So does a session with a busy container bind detached (`no_wait`).
+fn end_session(session: Option<BackgroundSession>, mountpoint: &Path, no_wait: bool) {
+    if no_wait {
         if let Err(err) = nix::mount::umount2(mountpoint, nix::mount::MntFlags::empty()) {
             tracing::warn!(mountpoint = %mountpoint.display(), error = %err, "unmount failed; detaching");
             detach(mountpoint);
@@ -446,6 +662,40 @@ fn end_session(session: Option<BackgroundSession>, mountpoint: &Path, resumed: b
     if let Err(err) = std::fs::remove_dir(mountpoint) {
         tracing::debug!(mountpoint = %mountpoint.display(), error = %err, "mount point not removed");
     }
+}
+
+/// A read-only, nosuid, nodev bind of `from` at `to`.
+fn bind_read_only(from: &Path, to: &Path) -> std::io::Result<()> {
+    use nix::mount::{MsFlags, mount};
+    mount(Some(from), to, None::<&str>, MsFlags::MS_BIND, None::<&str>)?;
+    let flags = MsFlags::MS_BIND
+        | MsFlags::MS_REMOUNT
+        | MsFlags::MS_RDONLY
+        | MsFlags::MS_NOSUID
+        | MsFlags::MS_NODEV
+        | MsFlags::MS_NOATIME;
+    if let Err(err) = mount(None::<&str>, to, None::<&str>, flags, None::<&str>) {
+        detach(to);
+        return Err(err.into());
+    }
+    Ok(())
+}
+
+/// Unmounts a container's bind (detached when busy) and removes its mount point; false when
+/// it was busy.
+fn unbind(mountpoint: &Path) -> bool {
+    let unmounted = match nix::mount::umount2(mountpoint, nix::mount::MntFlags::empty()) {
+        Ok(()) => true,
+        Err(err) => {
+            tracing::warn!(mountpoint = %mountpoint.display(), error = %err, "unmount failed; detaching");
+            detach(mountpoint);
+            false
+        }
+    };
+    if let Err(err) = std::fs::remove_dir(mountpoint) {
+        tracing::debug!(mountpoint = %mountpoint.display(), error = %err, "mount point not removed");
+    }
+    unmounted
 }
 
 /// Lazy unmount: gone from the namespace now, finished by the kernel when no longer busy.

@@ -130,6 +130,11 @@ impl MountSource {
         }
     }
 
+    /// A client with the mount's current credential (for the prefetch list next to the image).
+    pub fn client(&self) -> Arc<RegistryClient> {
+        self.current.read().expect("source lock").shared_client()
+    }
+
     pub fn image(&self) -> &Reference {
         &self.image
     }

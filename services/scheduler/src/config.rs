@@ -40,6 +40,11 @@ pub struct SchedulerConfig {
     /// images), e.g. `["imagemesh/base"]`. Images in the build registry outside these and the
     /// tenant's own prefix get no credential: such a request is refused (`FORBIDDEN`).
     pub shared_repositories: Vec<String>,
+    /// Give runtime requests of images in the tenant's own repositories a second, pull,push
+    /// token for that repository, with which the mounter publishes the image's recorded
+    /// prefetch list next to it (`docs/mounter.md`, Recorded prefetch). Off: mounts read with
+    /// pull-only tokens and publish nothing (unless their credential may push anyway).
+    pub prefetch_publish: bool,
     /// How long to wait for the credential service per attempt.
     #[serde(with = "humantime_serde")]
     pub credential_timeout: Duration,
@@ -63,6 +68,7 @@ impl Default for SchedulerConfig {
             build_registry: "127.0.0.1:5000".into(),
             build_repository: "imagemesh/builds".into(),
             shared_repositories: Vec::new(),
+            prefetch_publish: true,
             credential_timeout: Duration::from_secs(2),
             heartbeat: Duration::from_secs(2),
             token_reuse: Duration::from_secs(30),

@@ -17,6 +17,7 @@ use imagemesh_runtime::{ErrorCode, Rejection};
 
 use crate::tenancy::Tenancy;
 use crate::token_cache::{TokenCache, TokenKey};
+use imagemesh_registry::repository::within;
 use prost::Message;
 
 /// Why a request could not be enriched.
@@ -58,6 +59,9 @@ pub struct Enricher {
     pub build_repository: String,
     /// Repository prefixes of the build registry every tenant may pull from.
     pub shared_repositories: Vec<String>,
+    /// Attach a push token for publishing the recorded prefetch list to runtime requests of
+    /// images in the tenant's own repositories.
+    pub prefetch_publish: bool,
     /// `<tenant>.<image id>` -> ImageRecord.
     pub image_refs: kv::Store,
     pub references: ReferenceCache,
@@ -81,6 +85,7 @@ impl Enricher {
         request.image_credentials = None;
         request.build_registry_creds = None;
         request.base_image_credentials.clear();
+        request.prefetch_credential = None;
         request.build_image_ref.clear();
         let kind = request.kind();
         let build_target = match kind {
@@ -122,6 +127,13 @@ impl Enricher {
             }
             (None, _) => self.tenancy(request).prefix(),
         };
+        let own_image = kind == RequestKind::Runtime
+            && in_build_registry
+            && within(&build_repository, &self.tenancy(request).prefix());
+        if own_image && self.prefetch_publish {
+            self.attach_prefetch_credential(request, &build_repository)
+                .await;
+        }
         self.attach_build_registry_credentials(request, kind, build_repository)
             .await?;
         if kind == RequestKind::Build {
@@ -254,6 +266,27 @@ impl Enricher {
                 ErrorCode::NotFound,
                 format!("no image has been built with image_id {image_id}"),
             )),
+        }
+    }
+
+    /// A runtime request of an image in the tenant's own repository gets a second, pull,push
+    /// token for that repository, with which the mounter publishes the image's recorded prefetch
+    /// list (its mount reads with the pull-only one). Best effort: without it the mount works,
+    /// only the list is not published.
+    async fn attach_prefetch_credential(&self, request: &mut ContainerRequest, repository: &str) {
+        let actions = ["pull".to_string(), "push".to_string()];
+        let key = TokenKey {
+            tenant: &request.tenant,
+            registry: &self.build_registry,
+            repository,
+            actions: &actions,
+            credential_ref: "",
+        };
+        match self.mint(&request.request_id, key).await {
+            Ok(credential) => request.prefetch_credential = credential,
+            Err(err) => {
+                tracing::warn!(request_id = %request.request_id, error = ?err, "no prefetch publishing token; the mount goes without")
+            }
         }
     }
 

@@ -89,6 +89,7 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
             build_registry: imagemesh_registry::host::normalize(&settings.build_registry),
             build_repository: settings.build_repository.clone(),
             shared_repositories: settings.shared_repositories.clone(),
+            prefetch_publish: settings.prefetch_publish,
             image_refs,
             references: Default::default(),
         },
