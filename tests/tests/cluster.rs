@@ -22,7 +22,7 @@ use imagemesh_proto::{DEFAULT_TENANT, TenantRequest};
 use imagemesh_runtime::{placement, streams, subjects};
 use imagemesh_testkit::eventually;
 use imagemesh_tests::mixed_request as request;
-use imagemesh_tests::{Mesh, MeshOptions, is_terminal};
+use imagemesh_tests::{Mesh, MeshOptions, describe, is_terminal};
 use prost::Message;
 
 /// Requests per scenario.
@@ -115,6 +115,33 @@ impl Dispatches {
             .count()
     }
 
+    /// Each request stored more than once, with how many `dispatched` events the scheduler
+    /// stored for it and a description (where it was stored, its status events).
+    async fn duplicates(&self, mesh: &Mesh) -> Vec<(usize, String)> {
+        let duplicates: Vec<(String, Stored)> = self
+            .stored
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, stored)| stored.len() > 1)
+            .map(|(key, stored)| (key.clone(), stored.clone()))
+            .collect();
+        let mut out = Vec::new();
+        for (key, stored) in duplicates {
+            let id = key.split_once('.').map_or(key.as_str(), |(_, id)| id);
+            let events = mesh.events(id).await;
+            let dispatched = events
+                .iter()
+                .filter(|e| e.service == "scheduler" && e.phase == "dispatched")
+                .count();
+            out.push((
+                dispatched,
+                format!("{key} stored as {stored:?}:\n{}", describe(&events)),
+            ));
+        }
+        out
+    }
+
     /// Deliveries to the probe beyond one per stored message.
     fn redeliveries(&self) -> usize {
         let stored: usize = self
@@ -188,13 +215,13 @@ async fn progress(dispatches: &Dispatches, expected: usize, what: &str) {
 }
 
 /// Counts what happened to the `sent` requests, prints one line, and asserts nothing was lost
-/// and nothing duplicated (unless the server lost `unrecoverable` streams).
+/// and nothing stored twice beyond what `tolerance` allows.
 async fn account(
     mesh: &Mesh,
     dispatches: &Dispatches,
     scenario: &str,
     sent: usize,
-    unrecoverable: Vec<String>,
+    tolerance: Tolerance,
 ) {
     assert_eq!(sent, COUNT, "the intake refused requests for good");
     let keys: Vec<(String, String)> = (0..COUNT)
@@ -248,12 +275,56 @@ async fn account(
         dispatches.redeliveries()
     );
     assert_eq!(lost, Vec::<&str>::new(), "requests lost in {scenario}");
-    if unrecoverable.is_empty() {
-        assert_eq!(duplicated, 0, "requests dispatched twice in {scenario}");
-    } else {
-        // The server lost acknowledged writes: counted and printed, not held against the mesh.
-        println!("cluster scenario {scenario}: the server could not load {unrecoverable:?}");
+    if duplicated == 0 {
+        return;
     }
+    let duplicates = dispatches.duplicates(mesh).await;
+    let described = || {
+        duplicates
+            .iter()
+            .map(|(_, d)| d.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    match tolerance {
+        Tolerance::None => panic!("requests dispatched twice in {scenario}:\n{}", described()),
+        // The server lost acknowledged writes: counted and printed, not held against the mesh.
+        Tolerance::ServerKilled { unrecoverable } if !unrecoverable.is_empty() => {
+            println!("cluster scenario {scenario}: the server could not load {unrecoverable:?}")
+        }
+        Tolerance::ServerKilled { .. } => {
+            // Dispatched again although its `dispatched` event was stored: what the scheduler's
+            // check exists to prevent.
+            let after_the_event: Vec<&String> = duplicates
+                .iter()
+                .filter(|(dispatched, _)| *dispatched > 1)
+                .map(|(_, d)| d)
+                .collect();
+            assert!(
+                after_the_event.is_empty(),
+                "requests dispatched again after their dispatched event was stored in {scenario}:\n{}",
+                described()
+            );
+            println!(
+                "cluster scenario {scenario}: {duplicated} stored twice, each killed between its \
+                 work message and its dispatched event being stored:\n{}",
+                described()
+            );
+        }
+    }
+}
+
+/// What a scenario's fault may cost in requests stored twice.
+enum Tolerance {
+    /// Nothing.
+    None,
+    /// A single server killed with SIGKILL. A request may be stored twice only when the kill
+    /// came after its work message was stored and before its `dispatched` event was (a few
+    /// milliseconds): nothing then tells the scheduler it went out, and the work stream forgot
+    /// its message id once the worker took it. One whose `dispatched` event was stored is never
+    /// dispatched again. And nothing is held against the mesh when the server could not load a
+    /// stream again (`unrecoverable`).
+    ServerKilled { unrecoverable: Vec<String> },
 }
 
 /// The dispatch path on a secured mesh: credential and scheduler, as in the scheduler tests.
@@ -298,7 +369,7 @@ async fn a_node_killed_mid_stream_and_restarted_loses_nothing_and_duplicates_not
         &dispatches,
         &format!("(a) one node killed -9 at {at_fault}/{COUNT} dispatched"),
         sent,
-        Vec::new(),
+        Tolerance::None,
     )
     .await;
 }
@@ -330,7 +401,7 @@ async fn the_intake_leader_killed_mid_stream_loses_nothing_and_duplicates_nothin
              ({successor} took over)"
         ),
         sent,
-        Vec::new(),
+        Tolerance::None,
     )
     .await;
 }
@@ -355,7 +426,7 @@ async fn the_whole_cluster_restarted_mid_stream_loses_nothing_and_duplicates_not
         &dispatches,
         &format!("(c) whole cluster killed -9 at {at_fault}/{COUNT} dispatched, restarted"),
         sent,
-        Vec::new(),
+        Tolerance::None,
     )
     .await;
 }
@@ -376,7 +447,7 @@ async fn a_single_server_restarted_mid_stream_loses_nothing_and_duplicates_nothi
         &dispatches,
         &format!("(d) single server stopped (SIGTERM) at {at_fault}/{COUNT} dispatched, restarted"),
         sent,
-        Vec::new(),
+        Tolerance::None,
     )
     .await;
 }
@@ -384,9 +455,10 @@ async fn a_single_server_restarted_mid_stream_loses_nothing_and_duplicates_nothi
 /// SIGKILL on a single server: the server forgets the acks of its last moments, so the
 /// scheduler is handed a request it had dispatched again as new, and the work stream no longer
 /// remembers that message id once a worker consumed it. The scheduler's check of the request's
-/// `dispatched` event keeps it from being dispatched twice.
+/// `dispatched` event keeps it from being dispatched twice (see [`Tolerance::ServerKilled`] for
+/// the milliseconds it cannot cover).
 #[tokio::test]
-async fn a_single_server_killed_mid_stream_loses_nothing_and_duplicates_nothing() {
+async fn a_single_server_killed_mid_stream_loses_nothing_and_redispatches_nothing_recorded() {
     let (mut mesh, dispatches) = dispatch_mesh(false).await;
     let submitter = submit_paced(mesh.client.clone(), mesh.registry.addr().to_string());
     progress(&dispatches, COUNT / 4, "the first requests").await;
@@ -401,7 +473,9 @@ async fn a_single_server_killed_mid_stream_loses_nothing_and_duplicates_nothing(
         &dispatches,
         &format!("(d') single server killed -9 at {at_fault}/{COUNT} dispatched, restarted"),
         sent,
-        unrecoverable_streams(&mesh),
+        Tolerance::ServerKilled {
+            unrecoverable: unrecoverable_streams(&mesh),
+        },
     )
     .await;
     // How often the window opened (the server handed a dispatched request over again): not
