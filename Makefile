@@ -137,7 +137,8 @@ k8s-check: k8s-bundle
 # on a Debian base made with mmdebstrap from the Debian mirror (cached in .stack/image; nothing
 # is pulled from a container registry), built with buildah into the host's image store.
 # IMAGE names it; BASE=<image> uses a base you have instead of making one.
-IMAGE_APT_PACKAGES := mmdebstrap buildah podman crun uidmap binutils
+# binutils: objcopy, which strips the binaries' debug info.
+IMAGE_APT_PACKAGES := mmdebstrap buildah podman uidmap binutils
 IMAGE ?= localhost/imagemesh:latest
 image-deps:
 	@missing=""; for p in $(IMAGE_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -154,6 +155,6 @@ image: image-deps
 # (.stack/image-test) and runs every service from it with podman against a test mesh, the
 # builder with only its manifest's capabilities (tests/tests/image.rs). The last step of
 # `make test`, on its own (cargo test --workspace leaves it out: feature image-test): its first
-# run downloads and unpacks the Debian base (about 70 s here), later runs take about 30 s.
+# run downloads and unpacks the Debian base (about 70 s here), later runs take about 35 s.
 image-test: deps image-deps build
 	$(CARGO) test -p imagemesh-tests --features image-test --test image

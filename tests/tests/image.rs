@@ -3,7 +3,8 @@
 //! from it with podman (`--network host`) against the test's NATS server and registry, as the
 //! user and with the capabilities its Kubernetes manifest gives it. `$SRV.INFO` lists all five,
 //! and a Dockerfile build with a `RUN` step goes through the mesh to the builder in its
-//! container, which has only the capabilities `deploy/k8s/base/builder.yaml` adds.
+//! container, which has only the capabilities `deploy/k8s/base/builder.yaml` adds; the indexer
+//! in its container indexes the result and the mounter in its container mounts it.
 //!
 //! Built only with feature `image-test` (`make image-test`, the last step of `make test`), so
 //! it does not run among the other tests.
@@ -17,11 +18,12 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use imagemesh_proto::DEFAULT_TENANT;
+use imagemesh_proto::v1::{ContainerRequest, RequestKind};
 use imagemesh_testkit::images::{PulledImage, push_busybox};
 use imagemesh_testkit::{bin_path, eventually};
 use imagemesh_tests::{
     BuildRegistryAuth, Mesh, MeshOptions, REGISTRY_PASSWORD, REGISTRY_USER, SERVICES,
-    assert_succeeded, build_request, count_instances,
+    assert_succeeded, build_request, count_instances, describe, find,
 };
 use tempfile::TempDir;
 
@@ -177,11 +179,15 @@ fn security_args(service: &str) -> Vec<String> {
             );
             args
         }
-        // FUSE: root with CAP_SYS_ADMIN and /dev/fuse.
+        // FUSE: root with /dev/fuse, SYS_ADMIN (FUSE and overlay mounts) and DAC_OVERRIDE
+        // (without it the runtime bundle's overlay over the FUSE mount is refused, EACCES).
+        // Its manifest is privileged for the Bidirectional mount propagation Kubernetes allows
+        // only to privileged containers; here the mounts stay in the container.
         "mounter" => vec![
             "--user=0:0".into(),
             "--cap-drop=all".into(),
             "--cap-add=SYS_ADMIN".into(),
+            "--cap-add=DAC_OVERRIDE".into(),
             "--device=/dev/fuse".into(),
         ],
         other => panic!("unknown service {other}"),
@@ -338,6 +344,14 @@ impl Drop for Container {
     }
 }
 
+/// The capabilities in `[CAP_A CAP_B]` or `CAP_A CAP_B`.
+fn cap_set(caps: &str) -> BTreeSet<String> {
+    caps.trim_matches(|c| c == '[' || c == ']')
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
 /// Sends `subject` and gathers every reply within `wait`.
 async fn gather(client: &async_nats::Client, subject: &str, wait: Duration) -> Vec<String> {
     let inbox = client.new_inbox();
@@ -404,20 +418,17 @@ async fn the_image_runs_every_service_and_builds_without_privileges() {
             }
             "builder" => {
                 assert_eq!(user, "0:0");
-                let mut want: Vec<String> = manifest_builder_capabilities()
+                let want: Vec<String> = manifest_builder_capabilities()
                     .iter()
                     .map(|c| format!("CAP_{c}"))
                     .collect();
-                want.sort();
-                let mut have: Vec<String> = caps
-                    .trim_matches(|c| c == '[' || c == ']')
-                    .split_whitespace()
-                    .map(str::to_string)
-                    .collect();
-                have.sort();
-                assert_eq!(have, want, "the builder's capabilities");
+                assert_eq!(cap_set(&caps), cap_set(&want.join(" ")), "the builder's");
             }
-            _ => assert_eq!(caps, "[CAP_SYS_ADMIN]", "{service}"),
+            _ => {
+                assert_eq!(user, "0:0");
+                let want = "CAP_SYS_ADMIN CAP_DAC_OVERRIDE";
+                assert_eq!(cap_set(&caps), cap_set(want), "the mounter's");
+            }
         }
     }
 
@@ -453,6 +464,42 @@ async fn the_image_runs_every_service_and_builds_without_privileges() {
     assert_eq!(fields.len(), 3, "{uid_map}");
     assert_eq!(fields[0], 0, "{uid_map}");
     assert!(fields[1] >= 2_147_483_647, "{uid_map}");
+
+    // The indexer in its container indexed it; the mounter in its container mounts it (FUSE,
+    // in the container's mount namespace) and serves the file the RUN step wrote.
+    assert!(
+        find(&events, "indexer", "indexed").is_some(),
+        "{}",
+        describe(&events)
+    );
+    let image_ref = find(&events, "builder", "pushed").unwrap().details["image_ref"].clone();
+    let request = ContainerRequest {
+        request_id: "img-run".into(),
+        container_id: "ctr-img".into(),
+        kind: RequestKind::Runtime as i32,
+        image_ref,
+        ..Default::default()
+    };
+    mesh.submit(&request).await;
+    let events = mesh.wait_terminal("img-run", WAIT).await;
+    let mounted = assert_succeeded(&events);
+    assert_eq!(mounted.phase, "mounted", "{}", describe(&events));
+    let mountpoint = mounted.details["mountpoint"].clone();
+    let mounter = containers
+        .iter()
+        .find(|c| c.name.ends_with("-mounter"))
+        .unwrap();
+    let out = store
+        .podman()
+        .args(["exec", &mounter.name, "cat", &format!("{mountpoint}/built")])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "built\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // No secret in any container's log.
     for container in &containers {
