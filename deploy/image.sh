@@ -26,7 +26,8 @@ mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 cache=${IMAGE_CACHE:-$root/.stack/image}
 suite=bookworm
 # What the services run besides their own binaries: buildah, runc and skopeo (builder),
-# fusermount3 (mounter, mount keeper), CA certificates (registries over TLS).
+# fuse3 (mounter: fusermount3 where it cannot mount itself, and to detach mounts by hand), CA
+# certificates (registries over TLS).
 packages=ca-certificates,buildah,runc,skopeo,fuse3
 # usr-is-merged named, else apt satisfies init-system-helpers with usrmerge, which brings perl.
 packages_also=usr-is-merged
