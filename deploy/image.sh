@@ -83,8 +83,14 @@ for b in "$bin"/imagemesh "$bin"/imagemesh-{credential,scheduler,builder,indexer
   objcopy --strip-debug "$b" "$context/bin/$(basename "$b")"
 done
 echo "== $image from $BASE"
+previous=$(buildah inspect --type image --format '{{.FromImageID}}' "$image" 2>/dev/null || true)
 buildah bud --quiet --layers=false --build-arg BASE="$BASE" -f "$root/deploy/Dockerfile" \
   -t "$image" "$context" >/dev/null
+# The image this one replaces (now untagged) goes, unless a container still uses it.
+current=$(buildah inspect --type image --format '{{.FromImageID}}' "$image")
+if [ -n "$previous" ] && [ "$previous" != "$current" ]; then
+  buildah rmi "$previous" >/dev/null 2>&1 || true
+fi
 echo "== $image: $(du -ch "$context"/bin/* | tail -1 | cut -f1) of binaries on the base"
 if command -v podman >/dev/null; then
   podman image inspect --format '== {{.Size}} bytes in all' "$image"
