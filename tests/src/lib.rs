@@ -347,20 +347,13 @@ impl Mesh {
         instance: &'static str,
         env: &[(&str, &str)],
     ) {
-        let identity_env = self.identity_env(service, instance, env).await;
+        let all_env = self.instance_env(service, instance, env).await;
+        let all_env: Vec<(&str, &str)> = all_env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         let config = self.config(service);
         let binary = format!("imagemesh-{service}");
-        let mut all_env = self.password_env(service);
-        all_env.extend(
-            self.options
-                .env
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str())),
-        );
-        all_env.extend_from_slice(env);
-        all_env.extend(identity_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        let replicas = self.replicas_env(service);
-        all_env.extend(replicas.iter().map(|(k, v)| (*k, v.as_str())));
         let before = count_instances(&self.client, service).await;
         let process = ServiceProcess::spawn(&binary, &config, &all_env);
         self.services.insert(instance, process);
@@ -374,6 +367,33 @@ impl Mesh {
             let timeout = Duration::from_secs(20);
             imagemesh_testkit::wait_for_endpoints(&self.client, service, &endpoints, timeout).await;
         }
+    }
+
+    /// The whole environment [`Mesh::start_instance`] gives instance `instance` of `service`
+    /// besides its config: the registry password (credential service only), the mesh's extra
+    /// environment, `env`, its identity on a secured mesh and the stream replicas on a cluster.
+    /// For a test that runs the service its own way (e.g. from the image, `tests/tests/image.rs`).
+    pub async fn instance_env(
+        &mut self,
+        service: &str,
+        instance: &str,
+        env: &[(&str, &str)],
+    ) -> Vec<(String, String)> {
+        let identity_env = self.identity_env(service, instance, env).await;
+        let mut all_env: Vec<(String, String)> = self
+            .password_env(service)
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        all_env.extend(self.options.env.iter().cloned());
+        all_env.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        all_env.extend(identity_env);
+        all_env.extend(
+            self.replicas_env(service)
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v)),
+        );
+        all_env
     }
 
     /// On a secured mesh, the environment that makes instance `instance` of `service` connect
