@@ -98,10 +98,50 @@ pub struct Sandbox {
     in_use: Mutex<Vec<bool>>,
 }
 
+/// Whether every id of `first..end` is one the user namespace described by `map` (the text of
+/// `/proc/self/uid_map`: `inside outside count` per line) maps.
+fn maps_all(map: &str, first: u64, end: u64) -> bool {
+    map.lines().any(|line| {
+        let fields: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        matches!(fields[..], [inside, _, count] if inside <= first && end <= inside + count)
+    })
+}
+
+/// Refuses a range of ids the builder's own user namespace does not map: in a pod with
+/// `hostUsers: false` (or any user namespace) every step would fail to start, late and
+/// obscurely, so the builder says so at start instead.
+fn check_mapped(config: &SandboxConfig, slots: usize) -> Result<(), String> {
+    let first = u64::from(config.id_range_start);
+    let end = first + slots as u64 * u64::from(config.ids_per_build);
+    for map in ["uid_map", "gid_map"] {
+        // No /proc (not Linux, or not mounted): nothing to check against.
+        let Ok(text) = std::fs::read_to_string(format!("/proc/self/{map}")) else {
+            continue;
+        };
+        if !maps_all(&text, first, end) {
+            return Err(format!(
+                "builder.sandbox: ids {first}..{end} (id_range_start, and ids_per_build for each \
+                 of {slots} builds) are not all mapped in the builder's user namespace \
+                 ({map}: {}); give the builder more ids or lower id_range_start, \
+                 id_range_count or ids_per_build (docs/deploy.md)",
+                text.split_whitespace().collect::<Vec<_>>().join(" ")
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Sandbox {
     pub fn new(config: SandboxConfig) -> Result<Self, String> {
         let slots = match config.isolation {
-            Isolation::Oci => config.slots()?,
+            Isolation::Oci => {
+                let slots = config.slots()?;
+                check_mapped(&config, slots)?;
+                slots
+            }
             Isolation::Chroot => 0,
         };
         Ok(Self {
@@ -376,6 +416,22 @@ mod tests {
         assert_eq!(build.bud_args(), ["--isolation", "chroot"]);
         assert!(build.global_args().is_empty());
         assert_eq!(build.network, Network::Builder);
+    }
+
+    #[test]
+    fn the_id_range_must_be_mapped_in_the_builders_user_namespace() {
+        // The initial user namespace maps every id but the last.
+        let host = "         0          0 4294967295\n";
+        assert!(maps_all(host, 2_147_483_647, 4_294_967_295));
+        // A pod with `hostUsers: false` and 65536 ids: only 0..65536.
+        let pod = "         0 1879048192      65536\n";
+        assert!(!maps_all(pod, 2_147_483_647, 2_147_549_183));
+        assert!(!maps_all(pod, 65_536, 131_072));
+        assert!(maps_all(pod, 1_000, 65_536));
+        // A pod given more ids (the kubelet's idsPerPod).
+        let larger = "0 1879048192 327680\n";
+        assert!(maps_all(larger, 65_536, 327_680));
+        assert!(!maps_all("", 0, 1));
     }
 
     #[test]
