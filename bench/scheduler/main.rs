@@ -310,6 +310,10 @@ fn start_scheduler(
     };
     config.scheduler.build_registry = registry.addr().to_string();
     config.scheduler.intake.concurrency = concurrency;
+    // Runtime requests of the tenant's own images also get a push token for the prefetch list
+    // (docs/mounter.md); `BENCH_PREFETCH_PUBLISH=0` measures without it.
+    config.scheduler.prefetch_publish =
+        std::env::var("BENCH_PREFETCH_PUBLISH").map_or(true, |v| v != "0");
     services.spawn(async move {
         let client = config.nats.connect("scheduler").await?;
         imagemesh_scheduler::run(config, client, shutdown).await

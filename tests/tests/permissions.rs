@@ -330,6 +330,8 @@ async fn only_schedulers_read_status_events_by_subject() {
         .unwrap()
         .await
         .unwrap();
+    // A direct get of the last message on the subject, and the stream API's message get.
+    let direct = format!("$JS.API.DIRECT.GET.{}.{subject}", streams::STATUS);
     let get = format!("$JS.API.STREAM.MSG.GET.{}", streams::STATUS);
     let last_by_subject = format!("{{\"last_by_subj\":\"{subject}\"}}");
     for (name, client) in [
@@ -338,14 +340,19 @@ async fn only_schedulers_read_status_events_by_subject() {
         ("mounter-m1", &cast.mounter),
         ("indexer-1", &cast.indexer),
     ] {
+        publish(client, &direct, b"").await;
+        assert_refused(&mesh, name, &direct).await;
         publish(client, &get, last_by_subject.as_bytes()).await;
         assert_refused(&mesh, name, &get).await;
     }
+    // The scheduler has the direct get only.
+    publish(&cast.scheduler, &get, last_by_subject.as_bytes()).await;
+    assert_refused(&mesh, "scheduler-1", &get).await;
     let last = async_nats::jetstream::new(cast.scheduler.clone())
         .get_stream_no_info(streams::STATUS)
         .await
         .unwrap()
-        .get_last_raw_message_by_subject(&subject)
+        .direct_get_last_for_subject(&subject)
         .await
         .expect("the scheduler reads the last event of a request");
     assert_eq!(last.payload.as_ref(), b"tenant b's event");

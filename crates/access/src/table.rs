@@ -50,8 +50,13 @@ fn scheduler(grants: &mut Grants) {
         .work_consumer(streams::INTAKE, "scheduler", subjects::INTAKE_ALL)
         // A request that was never dispatched is deleted, which frees its id.
         .publish(format!("$JS.API.STREAM.MSG.DELETE.{}", streams::INTAKE))
-        // Before dispatching, a request's last status event: was it dispatched already?
-        .publish(format!("$JS.API.STREAM.MSG.GET.{}", streams::STATUS))
+        // Before dispatching a redelivery, the request's last status event: was it dispatched
+        // already? A direct get of the last message on a status subject.
+        .publish(format!(
+            "$JS.API.DIRECT.GET.{}.{}.>",
+            streams::STATUS,
+            subjects::STATUS_PREFIX
+        ))
         .publish(subjects::CREDENTIAL_MINT)
         .kv_read(IMAGE_REFS_BUCKET, ">")
         .kv_read(IMAGE_SECRETS_BUCKET, ">")

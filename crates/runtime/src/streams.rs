@@ -331,13 +331,19 @@ pub fn definition(name: &str, options: &StreamOptions) -> Config {
         BUILD => work_queue(BUILD, subjects::BUILD, options),
         MOUNT => work_queue(MOUNT, subjects::MOUNT, options),
         INDEX => work_queue(INDEX, subjects::INDEX, options),
-        STATUS => history(
-            STATUS,
-            format!("{}.>", subjects::STATUS_PREFIX),
-            options.status_max_age,
-            options.status_max_bytes,
-            options,
-        ),
+        STATUS => Config {
+            // The scheduler reads a request's last event before dispatching a redelivery
+            // (`Nats-Msg-Id` is not enough after a server lost its acks): a direct get, which
+            // the server answers from the stream itself rather than through its API queue.
+            allow_direct: true,
+            ..history(
+                STATUS,
+                format!("{}.>", subjects::STATUS_PREFIX),
+                options.status_max_age,
+                options.status_max_bytes,
+                options,
+            )
+        },
         DEAD_LETTER => history(
             DEAD_LETTER,
             format!("{}.>", subjects::DEAD_LETTER_PREFIX),

@@ -13,10 +13,15 @@
 //! stream only remembers the ids of messages it still holds, so the copy would be stored. So
 //! before dispatching, the scheduler reads the request's last status event: the `dispatched`
 //! event (stored with confirmation before the intake message is acked) or any worker's event,
-//! stored after this intake message was, means it went downstream already.
+//! stored after this intake message was, means it went downstream already. It does so for
+//! redeliveries and for messages stored before its connection to NATS came up; the first
+//! delivery of a message stored since cannot be such a handover and is not checked.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::stream::LastRawMessageErrorKind;
+use async_nats::jetstream::stream::DirectGetErrorKind;
 use async_nats::jetstream::{self, message::PublishMessage};
 use imagemesh_proto::v1::{ContainerRequest, RequestState, StatusEvent};
 use imagemesh_proto::{CONTENT_TYPE_PROTOBUF, RequestKey, TenantRequest};
@@ -35,6 +40,43 @@ pub struct Dispatched {
 pub struct Dispatcher {
     pub js: jetstream::Context,
     pub directory: Directory,
+    pub connection: ConnectionEpoch,
+}
+
+/// Since when this scheduler's NATS connection has been up, as far as it can tell: the
+/// intake messages a server could have handed out before losing its acks are the ones it
+/// stored before then (a single server that restarts drops every connection).
+pub struct ConnectionEpoch {
+    statistics: Arc<async_nats::Statistics>,
+    /// (connections counted, when this scheduler first saw that count).
+    seen: Mutex<(u64, time::OffsetDateTime)>,
+}
+
+/// Allowance for the clocks of the scheduler and the NATS servers disagreeing.
+const CLOCK_MARGIN: time::Duration = time::Duration::seconds(5);
+
+impl ConnectionEpoch {
+    pub fn new(client: &async_nats::Client) -> Self {
+        let statistics = client.statistics();
+        let connects = statistics.connects.load(Ordering::Relaxed);
+        Self {
+            statistics,
+            seen: Mutex::new((connects, time::OffsetDateTime::now_utc())),
+        }
+    }
+
+    /// Whether a message stored at `stored` may have been delivered (and its ack lost) before
+    /// the current connection: stored before it, give or take [`CLOCK_MARGIN`]. Those, and
+    /// redeliveries, are checked against their status events; first deliveries of newer
+    /// messages, nearly all of them, need no check.
+    pub fn predates(&self, stored: time::OffsetDateTime) -> bool {
+        let connects = self.statistics.connects.load(Ordering::Relaxed);
+        let mut seen = self.seen.lock().expect("connection epoch lock");
+        if seen.0 != connects {
+            *seen = (connects, time::OffsetDateTime::now_utc());
+        }
+        stored < seen.1 + CLOCK_MARGIN
+    }
 }
 
 fn transient(message: String) -> Rejection {
@@ -75,11 +117,11 @@ impl Dispatcher {
             .await
             .map_err(|e| transient(format!("could not read status events: {e}")))?;
         let last = match status
-            .get_last_raw_message_by_subject(&subjects::status(request))
+            .direct_get_last_for_subject(subjects::status(request))
             .await
         {
             Ok(last) => last,
-            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(false),
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(transient(format!("could not read status events: {e}"))),
         };
         if last.time < stored {

@@ -40,7 +40,10 @@ impl Handler for Scheduler {
     // stores once while it holds the first; one the server handed over again after losing
     // its acks is caught by the request's `dispatched` event (see `dispatch`).
     async fn handle(&self, mut request: ContainerRequest, delivery: &Delivery) -> Outcome {
-        if let Some(stored) = delivery.published {
+        if let Some(stored) = delivery
+            .published
+            .filter(|stored| delivery.attempt > 1 || self.dispatcher.connection.predates(*stored))
+        {
             match self
                 .dispatcher
                 .already_dispatched(request.key(), stored)

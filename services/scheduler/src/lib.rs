@@ -93,7 +93,11 @@ pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::
             image_refs,
             references: Default::default(),
         },
-        dispatcher: Dispatcher { js, directory },
+        dispatcher: Dispatcher {
+            connection: dispatch::ConnectionEpoch::new(&client),
+            js,
+            directory,
+        },
         status,
     };
     let spec = ConsumerSpec {
