@@ -16,8 +16,9 @@
 //! Baseline: `skopeo copy` of the image to an OCI layout, `umoci unpack`, the same runtime on the
 //! unpacked bundle (its args replaced by the workload's). imagemesh: a runtime request through
 //! the scheduler with the workload as its args, the `mounted` event, the runtime on the bundle
-//! the mounter prepared; with a cold node cache (emptied, mounter restarted) and a warm one
-//! (mounter restarted, disk cache kept). Every image is read through a proxy in front of the
+//! the mounter prepared; with a cold node cache (emptied, mounter restarted), a warm one
+//! (mounter restarted, disk cache kept), both with recorded prefetch off, and with a cold node
+//! cache and recorded prefetch (the image's first run recorded the list). Every image is read through a proxy in front of the
 //! registry that counts the bytes it sends and, for `BENCH_LINKS` other than `loopback`, paces
 //! them to that many Mbit/s (default `loopback,1000,100`). Each figure is the median of
 //! `BENCH_RUNS` (3) runs; rounds alternate baseline and imagemesh so machine noise hits both.
@@ -57,10 +58,13 @@ impl Workload {
         }
     }
 
+    /// Each workload has an image of its own (the same layers for (a) and (c)): a prefetch
+    /// list is recorded per image, by the first workload that runs it.
     fn image(self) -> &'static str {
         match self {
-            Workload::SmallFile => "bench/data:1",
-            _ => "bench/numpy:1",
+            Workload::Numpy => "bench/numpy:a",
+            Workload::SmallFile => "bench/data:b",
+            Workload::Walk => "bench/numpy:c",
         }
     }
 
@@ -163,12 +167,13 @@ async fn bench(
         &[("IMAGEMESH_MOUNTER__PLACEMENT__WORKER_ID", WORKER_ID)],
     )
     .await;
-    for workload_image in ["bench/numpy:1", "bench/data:1"] {
-        index(&mesh, upstream.addr(), workload_image).await;
+    for workload in Workload::ALL {
+        index(&mesh, upstream.addr(), workload.image()).await;
     }
 
     let mut rows = Vec::new();
     let mut serial = 0usize;
+    let mut recorded: Vec<&str> = Vec::new();
     for link in links {
         let rate = match link.as_str() {
             "loopback" => None,
@@ -180,21 +185,50 @@ async fn bench(
             let mut baseline = Vec::new();
             let mut cold = Vec::new();
             let mut warm = Vec::new();
+            prefetching(&mut mesh, false);
             for run in 0..runs {
                 eprintln!("{link} {} run {}", workload.name(), run + 1);
                 serial += 1;
                 baseline.push(full_pull(&proxy, &image, workload, runtime_bin, serial).await?);
                 serial += 1;
                 empty_node_cache(&mut mesh).await;
-                cold.push(lazy(&mesh, &proxy, &image, workload, runtime_bin, serial).await?);
+                cold.push(lazy(&mesh, &proxy, &image, workload, runtime_bin, serial, None).await?);
                 serial += 1;
                 restart_mounter(&mut mesh).await;
-                warm.push(lazy(&mesh, &proxy, &image, workload, runtime_bin, serial).await?);
+                warm.push(lazy(&mesh, &proxy, &image, workload, runtime_bin, serial, None).await?);
+            }
+            // Recorded prefetch: the image's first run (once, on the first link) records what
+            // it reads and publishes the list; every later run, on a cold node, prefetches it.
+            prefetching(&mut mesh, true);
+            if !recorded.contains(&workload.image()) {
+                serial += 1;
+                empty_node_cache(&mut mesh).await;
+                eprintln!("{link} {} recording its prefetch list", workload.name());
+                lazy(
+                    &mesh,
+                    &proxy,
+                    &image,
+                    workload,
+                    runtime_bin,
+                    serial,
+                    Some(RECORD_WINDOW),
+                )
+                .await?;
+                recorded.push(workload.image());
+            }
+            let mut prefetched = Vec::new();
+            for run in 0..runs {
+                eprintln!("{link} {} with prefetch, run {}", workload.name(), run + 1);
+                serial += 1;
+                empty_node_cache(&mut mesh).await;
+                prefetched
+                    .push(lazy(&mesh, &proxy, &image, workload, runtime_bin, serial, None).await?);
             }
             for (mode, samples) in [
                 ("full pull + unpack", baseline),
                 ("imagemesh, cold node cache", cold),
                 ("imagemesh, warm node cache", warm),
+                ("imagemesh, cold node cache, recorded prefetch", prefetched),
             ] {
                 rows.push(Row {
                     link: link.clone(),
@@ -280,8 +314,24 @@ fn push_images(registry: &str, rootfs: &Path, data: &Path) -> anyhow::Result<(u6
         .arg(data)
         .arg("/data"))?;
     run(Command::new("buildah").args(["commit", "--rm", &ctr, with_data]))?;
+    // (a) and (c) get images of their own (a label apart, the same layers), so each records
+    // its own prefetch list.
     let mut sizes = Vec::new();
-    for (local, remote) in [(numpy, "bench/numpy:1"), (with_data, "bench/data:1")] {
+    for (base, remote) in [
+        (numpy, Workload::Numpy.image()),
+        (with_data, Workload::SmallFile.image()),
+        (numpy, Workload::Walk.image()),
+    ] {
+        let local = format!("{base}-{}", remote.rsplit(':').next().unwrap_or("x"));
+        let ctr = output(Command::new("buildah").args(["from", base]))?;
+        run(Command::new("buildah").args([
+            "config",
+            "--label",
+            &format!("imagemesh.bench.image={remote}"),
+            &ctr,
+        ]))?;
+        run(Command::new("buildah").args(["commit", "--rm", &ctr, &local]))?;
+        let local = local.as_str();
         run(Command::new("buildah").args([
             "push",
             "--tls-verify=false",
@@ -394,6 +444,7 @@ async fn lazy(
     workload: Workload,
     runtime_bin: &str,
     serial: usize,
+    linger: Option<Duration>,
 ) -> anyhow::Result<Sample> {
     let id = format!("bench-{serial}");
     let request = ContainerRequest {
@@ -425,6 +476,10 @@ async fn lazy(
     })
     .await??;
     let fetched = proxy.bytes_downstream() - before;
+    if let Some(linger) = linger {
+        // A recording mount publishes its list when its window closes.
+        tokio::time::sleep(linger).await;
+    }
     let reply = mesh
         .client
         .request(unmount, request.container_id.clone().into())
@@ -473,6 +528,18 @@ fn run_container(
     };
     anyhow::ensure!(expected, "{id} printed {stdout:?}");
     Ok(())
+}
+
+/// How long a recording mount records (`mounter.prefetch.record_window`), plus a second to
+/// publish the list.
+const RECORD_WINDOW: Duration = Duration::from_secs(6);
+
+/// Turns the mounter's recorded prefetch on or off (recording too), from its next start.
+fn prefetching(mesh: &mut Mesh, on: bool) {
+    let on = if on { "true" } else { "false" };
+    let mounter = mesh.service("mounter");
+    mounter.set_env("IMAGEMESH_MOUNTER__PREFETCH__ENABLED", on);
+    mounter.set_env("IMAGEMESH_MOUNTER__PREFETCH__RECORD", on);
 }
 
 /// A cold node: the mounter stopped, its disk cache emptied, started again.
