@@ -103,10 +103,11 @@ fuzz:
 	  if [ $$rc != 0 ]; then tail -40 .corpus/$$t.log; echo "fuzz $$t failed: the input is in fuzz/artifacts/$$t"; exit 1; fi; \
 	done
 
-# The soak bench (bench-soak) runs the release service binaries: build them with the benches.
-bench: deps
+# The soak and mounter benches run the release service binaries: build them with the benches.
+# bench-mounter builds its images from a Debian root filesystem (mmdebstrap, image-deps).
+bench: deps image-deps
 	$(CARGO) build --release --workspace --bins
-	@for b in target/release/bench-*; do echo "== $$b"; $$b || exit 1; done
+	@for b in target/release/bench-*; do [ -f $$b ] && [ -x $$b ] || continue; echo "== $$b"; $$b || exit 1; done
 
 clean:
 	$(CARGO) clean

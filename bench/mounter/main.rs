@@ -2,7 +2,8 @@
 //! full pull of the same image, in one run.
 //!
 //! Images, built for the bench from real content with buildah (cached between runs in
-//! `BENCH_CACHE`, default `bench-cache/` next to the binaries):
+//! `BENCH_CACHE`, default `mounter-bench/cache/` next to the binaries; the table goes to
+//! `mounter-bench/results.md`):
 //! - `numpy`: Debian bookworm (minbase) with `python3-numpy`, made by `mmdebstrap` from the
 //!   Debian mirror, one layer;
 //! - `data`: `numpy` plus a layer of `BENCH_DATA_MB` (300) MiB of incompressible data files
@@ -113,7 +114,7 @@ fn main() -> anyhow::Result<()> {
     let bin_dir = PathBuf::from(std::env::var_os("IMAGEMESH_BIN_DIR").unwrap());
     let cache = std::env::var_os("BENCH_CACHE")
         .map(PathBuf::from)
-        .unwrap_or_else(|| bin_dir.join("bench-cache"));
+        .unwrap_or_else(|| bin_dir.join("mounter-bench").join("cache"));
     std::fs::create_dir_all(&cache)?;
     let runs: usize = env_number("BENCH_RUNS", 3usize).max(1);
     let data_mb: u64 = env_number("BENCH_DATA_MB", 300);
@@ -129,7 +130,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let table = runtime.block_on(bench(&cache, runs, data_mb, &links, &runtime_bin))?;
-    let out = bin_dir.join("bench-mounter.md");
+    let out = bin_dir.join("mounter-bench").join("results.md");
     std::fs::write(&out, &table)?;
     println!("{table}");
     eprintln!("wrote {}", out.display());
