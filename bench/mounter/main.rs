@@ -561,16 +561,7 @@ async fn empty_node_cache(mesh: &mut Mesh) {
 /// Restarts the mounter (its memory caches go, the disk cache stays) and waits until it serves.
 async fn restart_mounter(mesh: &mut Mesh) {
     mesh.service("mounter").restart();
-    let subject = format!("imagemesh.mounter.{WORKER_ID}.mounts");
-    imagemesh_testkit::eventually(WAIT, "the mounter to serve", || async {
-        let reply = tokio::time::timeout(
-            Duration::from_millis(500),
-            mesh.client.request(subject.clone(), "".into()),
-        )
-        .await;
-        matches!(reply, Ok(Ok(_))).then_some(())
-    })
-    .await;
+    mesh.wait_mounter_serving(WORKER_ID, WAIT).await;
     // Serving its endpoint is not yet pulling work: wait for its advertisement too.
     tokio::time::sleep(Duration::from_secs(1)).await;
 }

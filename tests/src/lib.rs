@@ -895,6 +895,20 @@ impl Mesh {
         out
     }
 
+    /// Waits until mounter `worker_id` (started or restarted) answers its `mounts` endpoint.
+    pub async fn wait_mounter_serving(&self, worker_id: &str, timeout: Duration) {
+        let subject = format!("{}.mounts", subjects::mounter_control_prefix(worker_id));
+        eventually(timeout, "the mounter to serve", || async {
+            let reply = tokio::time::timeout(
+                Duration::from_millis(500),
+                self.client.request(subject.clone(), "".into()),
+            )
+            .await;
+            matches!(reply, Ok(Ok(r)) if r.status.is_none()).then_some(())
+        })
+        .await;
+    }
+
     /// The mounters' node cache directory (a temp dir of this mesh).
     pub fn node_cache(&self) -> &Path {
         self.node_cache.path()

@@ -54,9 +54,18 @@ async fn mesh_with_indexed_image() -> (Mesh, String, OciLayout) {
 /// The image as the registry serves it, with the build registry's (push) credential.
 async fn resolved(mesh: &Mesh, image: &str) -> (RegistryClient, ResolvedImage) {
     let credential = indexer_support::credential(mesh, REGISTRY_PASSWORD);
+    resolved_with(mesh, image, &credential).await
+}
+
+/// The image as the registry serves it, read with `credential`.
+async fn resolved_with(
+    mesh: &Mesh,
+    image: &str,
+    credential: &imagemesh_proto::v1::RegistryCredential,
+) -> (RegistryClient, ResolvedImage) {
     let client = RegistryClient::new(
         mesh.registry.addr(),
-        Some(&credential),
+        Some(credential),
         &RegistrySettings::default(),
     );
     let resolved = client
@@ -304,18 +313,7 @@ async fn a_pull_only_mount_publishes_with_the_schedulers_prefetch_token() {
 
     let repository = "imagemesh/builds/default";
     let credential = mesh.registry_credential(repository, false).await;
-    let client = RegistryClient::new(
-        mesh.registry.addr(),
-        Some(&credential),
-        &RegistrySettings::default(),
-    );
-    let resolved = client
-        .resolve_image(
-            &image.parse().unwrap(),
-            &PlatformSpec::parse("linux/amd64").unwrap(),
-        )
-        .await
-        .unwrap();
+    let (client, resolved) = resolved_with(&mesh, &image, &credential).await;
     let found = find_prefetch(&client, &resolved, 1 << 20, 1024)
         .await
         .unwrap()

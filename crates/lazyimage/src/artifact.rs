@@ -10,7 +10,7 @@
 use imagemesh_lazyindex::{FORMAT_VERSION, ImageIndex, decode_image};
 use imagemesh_registry::{RegistryClient, RegistryError, RegistryErrorKind, ResolvedImage};
 use oci_client::Reference;
-use oci_client::manifest::{OciDescriptor, OciImageManifest, OciManifest};
+use oci_client::manifest::{ImageIndexEntry, OciDescriptor, OciImageManifest, OciManifest};
 
 /// `artifactType` of the index artifact manifest.
 pub const INDEX_ARTIFACT_TYPE: &str = "application/vnd.imagemesh.index.v1";
@@ -70,6 +70,42 @@ pub enum IndexLoadError {
     Invalid(String),
 }
 
+/// The manifest (and its digest) of the newest referrer of image manifest `subject_digest` in
+/// `image`'s repository listed under `artifact_type` that `accept` takes; `None` when there is
+/// none. The index and the prefetch list are found this way.
+pub(crate) async fn newest_referrer(
+    client: &RegistryClient,
+    image: &Reference,
+    subject_digest: &str,
+    artifact_type: &str,
+    accept: impl Fn(&ImageIndexEntry) -> bool,
+) -> Result<Option<(OciManifest, String)>, RegistryError> {
+    let fail = |e: &oci_client::errors::OciDistributionError| {
+        RegistryError::from_oci(client.registry(), image.repository(), e)
+    };
+    let subject = image.clone_with_digest(subject_digest.to_string());
+    client
+        .oci()
+        .store_auth_if_needed(subject.resolve_registry(), client.auth())
+        .await;
+    let referrers = client
+        .oci()
+        .pull_referrers(&subject, Some(artifact_type))
+        .await
+        .map_err(|e| fail(&e))?;
+    // Newest last: writers append; a registry's API lists in its own order, any will do.
+    let Some(entry) = referrers.manifests.iter().rev().find(|e| accept(e)) else {
+        return Ok(None);
+    };
+    let reference = image.clone_with_digest(entry.digest.clone());
+    let pulled = client
+        .oci()
+        .pull_manifest(&reference, client.auth())
+        .await
+        .map_err(|e| fail(&e))?;
+    Ok(Some(pulled))
+}
+
 /// Finds the index artifact of the image manifest `subject_digest` in `image`'s repository
 /// whose format version is `format_version`; `None` when the image is not indexed (yet).
 pub async fn find_index_artifact(
@@ -78,32 +114,17 @@ pub async fn find_index_artifact(
     subject_digest: &str,
     format_version: u16,
 ) -> Result<Option<IndexArtifact>, RegistryError> {
-    let subject = image.clone_with_digest(subject_digest.to_string());
-    client
-        .oci()
-        .store_auth_if_needed(subject.resolve_registry(), client.auth())
-        .await;
-    let referrers = client
-        .oci()
-        .pull_referrers(&subject, Some(INDEX_ARTIFACT_TYPE))
-        .await
-        .map_err(|e| RegistryError::from_oci(client.registry(), image.repository(), &e))?;
     let version = format_version.to_string();
-    // Newest last: the indexer appends; a registry's API lists in its own order, any will do.
-    let Some(entry) = referrers.manifests.iter().rev().find(|e| {
+    let newest = newest_referrer(client, image, subject_digest, INDEX_ARTIFACT_TYPE, |e| {
         e.annotations
             .as_ref()
             .and_then(|a| a.get(FORMAT_VERSION_ANNOTATION))
             == Some(&version)
-    }) else {
+    })
+    .await?;
+    let Some((manifest, digest)) = newest else {
         return Ok(None);
     };
-    let reference = image.clone_with_digest(entry.digest.clone());
-    let (manifest, digest) = client
-        .oci()
-        .pull_manifest(&reference, client.auth())
-        .await
-        .map_err(|e| RegistryError::from_oci(client.registry(), image.repository(), &e))?;
     match manifest {
         OciManifest::Image(manifest) if is_index_of(&manifest, subject_digest) => {
             Ok(Some(IndexArtifact { digest, manifest }))

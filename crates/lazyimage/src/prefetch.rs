@@ -17,7 +17,7 @@ use imagemesh_lazyindex::ImageIndex;
 use imagemesh_registry::{RegistryClient, RegistryError, ResolvedImage};
 use oci_client::manifest::OciManifest;
 
-use crate::artifact::EMPTY_CONFIG_MEDIA_TYPE;
+use crate::artifact::{EMPTY_CONFIG_MEDIA_TYPE, newest_referrer};
 use crate::store::{ArtifactKind, Stored, store_artifact};
 
 /// `artifactType` of the prefetch artifact manifest.
@@ -150,37 +150,24 @@ pub async fn find_prefetch(
     max_spans: usize,
 ) -> Result<Option<FoundPrefetch>, PrefetchError> {
     let subject_digest = image.digest();
-    let subject = image
-        .reference
-        .clone_with_digest(subject_digest.to_string());
-    let fail = |e: &oci_client::errors::OciDistributionError| {
-        RegistryError::from_oci(client.registry(), image.reference.repository(), e)
-    };
-    client
-        .oci()
-        .store_auth_if_needed(subject.resolve_registry(), client.auth())
-        .await;
-    let referrers = client
-        .oci()
-        .pull_referrers(&subject, Some(PREFETCH_ARTIFACT_TYPE))
-        .await
-        .map_err(|e| fail(&e))?;
     let version = PREFETCH_VERSION.to_string();
-    let Some(entry) = referrers.manifests.iter().rev().find(|e| {
-        e.artifact_type.as_deref() == Some(PREFETCH_ARTIFACT_TYPE)
-            && e.annotations
-                .as_ref()
-                .and_then(|a| a.get(PREFETCH_VERSION_ANNOTATION))
-                == Some(&version)
-    }) else {
+    let newest = newest_referrer(
+        client,
+        &image.reference,
+        subject_digest,
+        PREFETCH_ARTIFACT_TYPE,
+        |e| {
+            e.artifact_type.as_deref() == Some(PREFETCH_ARTIFACT_TYPE)
+                && e.annotations
+                    .as_ref()
+                    .and_then(|a| a.get(PREFETCH_VERSION_ANNOTATION))
+                    == Some(&version)
+        },
+    )
+    .await?;
+    let Some((manifest, digest)) = newest else {
         return Ok(None);
     };
-    let reference = image.reference.clone_with_digest(entry.digest.clone());
-    let (manifest, digest) = client
-        .oci()
-        .pull_manifest(&reference, client.auth())
-        .await
-        .map_err(|e| fail(&e))?;
     let OciManifest::Image(manifest) = manifest else {
         return Err(PrefetchError::Invalid("not an image manifest".into()));
     };
@@ -212,7 +199,9 @@ pub async fn find_prefetch(
         .oci()
         .pull_blob(&image.reference, blob, &mut bytes)
         .await
-        .map_err(|e| fail(&e))?;
+        .map_err(|e| {
+            RegistryError::from_oci(client.registry(), image.reference.repository(), &e)
+        })?;
     let list = PrefetchList::decode(&bytes, subject_digest, max_bytes, max_spans)?;
     Ok(Some(FoundPrefetch { digest, list }))
 }

@@ -111,14 +111,5 @@ pub async fn read_file(path: PathBuf) -> Vec<u8> {
 
 /// Waits until the mounter (restarted) answers its `mounts` endpoint.
 pub async fn wait_until_serving(mesh: &Mesh) {
-    let subject = format!("imagemesh.mounter.{WORKER_ID}.mounts");
-    imagemesh_testkit::eventually(WAIT, "the mounter to serve", || async {
-        let reply = tokio::time::timeout(
-            Duration::from_millis(500),
-            mesh.client.request(subject.clone(), "".into()),
-        )
-        .await;
-        matches!(reply, Ok(Ok(r)) if r.status.is_none()).then_some(())
-    })
-    .await;
+    mesh.wait_mounter_serving(WORKER_ID, WAIT).await;
 }
