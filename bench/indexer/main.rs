@@ -116,6 +116,7 @@ fn report(built: &[layers::Layer], indexes: &[LayerIndex], series: &[&Series]) {
     let image = ImageIndex {
         manifest_digest: None,
         layers: indexes.to_vec(),
+        remote_windows: None,
     };
     let index_bytes = encode_image(&image).len();
     println!(

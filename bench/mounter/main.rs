@@ -130,9 +130,11 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let table = runtime.block_on(bench(&cache, runs, data_mb, &links, &runtime_bin))?;
-    let out = bin_dir.join("mounter-bench").join("results.md");
-    std::fs::write(&out, &table)?;
+    // Printed first: a table that cannot be written is still seen.
     println!("{table}");
+    let out = bin_dir.join("mounter-bench").join("results.md");
+    std::fs::create_dir_all(out.parent().expect("a file in a directory"))?;
+    std::fs::write(&out, &table)?;
     eprintln!("wrote {}", out.display());
     Ok(())
 }

@@ -7,7 +7,9 @@
 //! `sha256-<hex>` (the subject digest) listing every referrer. [`find_index_artifact`] tries
 //! the API and falls back to the tag, so readers work with either.
 
-use imagemesh_lazyindex::{FORMAT_VERSION, ImageIndex, decode_image};
+use imagemesh_lazyindex::{
+    DecodeLimits, FORMAT_VERSION, ImageIndex, decode_image, decode_image_head,
+};
 use imagemesh_registry::{RegistryClient, RegistryError, RegistryErrorKind, ResolvedImage};
 use oci_client::Reference;
 use oci_client::manifest::{ImageIndexEntry, OciDescriptor, OciImageManifest, OciManifest};
@@ -19,9 +21,16 @@ pub const INDEX_MEDIA_TYPE: &str = "application/vnd.imagemesh.index.v1.imlzidx";
 /// Annotation carrying the index format version, so readers skip versions they cannot decode
 /// and the indexer re-indexes after a format change.
 pub const FORMAT_VERSION_ANNOTATION: &str = "dev.imagemesh.index.format-version";
+/// Annotation of the index blob's descriptor: the length of the index's head (header and
+/// metadata, everything but the windows), so a reader can fetch it alone.
+pub const HEAD_SIZE_ANNOTATION: &str = "dev.imagemesh.index.head-size";
+/// Annotation of the index blob's descriptor: `sha256:<hex>` of the head, which a reader that
+/// fetched the head alone checks it against (the windows carry their own digests).
+pub const HEAD_DIGEST_ANNOTATION: &str = "dev.imagemesh.index.head-digest";
 /// Media type of the empty config the OCI 1.1 artifact guidance prescribes.
 pub const EMPTY_CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.empty.v1+json";
-/// Largest index blob a reader downloads (an index is ~1 % of its image).
+/// Largest index blob a reader accepts (an index is 1–3 % of its image; a mount downloads
+/// only its head).
 pub const MAX_INDEX_SIZE: i64 = 1 << 30;
 
 /// The referrers-tag-schema tag of a subject: `sha256:abc…` → `sha256-abc…`.
@@ -50,10 +59,12 @@ impl IndexArtifact {
 /// An image's decoded lazy-mount index, checked to describe exactly that image.
 #[derive(Debug)]
 pub struct LoadedIndex {
+    /// The index; when it was loaded from its head alone its windows are remote
+    /// (`index.remote_windows`), fetched from the index blob as reads need them.
     pub index: ImageIndex,
     /// Digest of the index artifact manifest.
     pub digest: String,
-    /// Size of the encoded index.
+    /// Bytes of the encoded index downloaded: its head, or all of it.
     pub bytes: u64,
 }
 
@@ -178,13 +189,19 @@ pub async fn load_index(
                 resolved.reference.whole()
             ))
         })?;
-    let blob = pull_index_blob(client, &resolved.reference, &artifact).await?;
-    let bytes = blob.len() as u64;
-    // Decoding validates every count and offset: CPU work proportional to the index.
-    let index = tokio::task::spawn_blocking(move || decode_image(&blob))
-        .await
-        .map_err(|e| IndexLoadError::Invalid(format!("decoding the index failed: {e}")))?
-        .map_err(|e| IndexLoadError::Invalid(format!("index {}: {e}", artifact.digest)))?;
+    let (index, bytes) = match head_of(&artifact) {
+        Some(head) => load_head(client, resolved, &artifact, head).await?,
+        None => {
+            let blob = pull_index_blob(client, &resolved.reference, &artifact).await?;
+            let bytes = blob.len() as u64;
+            // Decoding validates every count and offset: CPU work proportional to the index.
+            let index = tokio::task::spawn_blocking(move || decode_image(&blob))
+                .await
+                .map_err(|e| IndexLoadError::Invalid(format!("decoding the index failed: {e}")))?
+                .map_err(|e| IndexLoadError::Invalid(format!("index {}: {e}", artifact.digest)))?;
+            (index, bytes)
+        }
+    };
     if index.manifest_digest.as_deref() != Some(digest) {
         return Err(IndexLoadError::Invalid(format!(
             "index {} describes manifest {}, not {digest}",
@@ -214,6 +231,72 @@ pub async fn load_index(
         digest: artifact.digest,
         bytes,
     })
+}
+
+/// The head an index blob's descriptor announces: (blob descriptor, head size, head digest).
+fn head_of(artifact: &IndexArtifact) -> Option<(&OciDescriptor, u64, &str)> {
+    let blob = artifact.blob()?;
+    let annotations = blob.annotations.as_ref()?;
+    let size = annotations.get(HEAD_SIZE_ANNOTATION)?.parse().ok()?;
+    let digest = annotations.get(HEAD_DIGEST_ANNOTATION)?;
+    Some((blob, size, digest))
+}
+
+/// Fetches the head of the index blob with one range request, checks it against the digest
+/// the artifact manifest names, and decodes it; the windows stay in the registry.
+async fn load_head(
+    client: &RegistryClient,
+    resolved: &ResolvedImage,
+    artifact: &IndexArtifact,
+    (blob, size, digest): (&OciDescriptor, u64, &str),
+) -> Result<(ImageIndex, u64), IndexLoadError> {
+    let invalid =
+        |detail: String| IndexLoadError::Invalid(format!("index {}: {detail}", artifact.digest));
+    let blob_size = u64::try_from(blob.size).unwrap_or(0);
+    if size > blob_size || blob_size > MAX_INDEX_SIZE as u64 {
+        return Err(invalid(format!(
+            "a head of {size} bytes in a blob of {blob_size}"
+        )));
+    }
+    client
+        .oci()
+        .store_auth_if_needed(resolved.reference.resolve_registry(), client.auth())
+        .await;
+    let head =
+        crate::registry_source::fetch_range(client, &resolved.reference, &blob.digest, 0..size)
+            .await?;
+    let expected = digest.to_string();
+    let blob_digest = blob.digest.clone();
+    let index = tokio::task::spawn_blocking(move || {
+        use sha2::{Digest, Sha256};
+        if format!("sha256:{:x}", Sha256::digest(&head)) != expected {
+            return Err("its head does not match the digest its manifest names".to_string());
+        }
+        let mut index =
+            decode_image_head(&head, &DecodeLimits::default()).map_err(|e| e.to_string())?;
+        let windows = index
+            .remote_windows
+            .as_mut()
+            .expect("decoded from the head");
+        let end = windows
+            .ranges
+            .iter()
+            .flatten()
+            .map(|r| r.end)
+            .max()
+            .unwrap_or(0);
+        if end > blob_size {
+            return Err(format!(
+                "windows run to byte {end} of a {blob_size}-byte blob"
+            ));
+        }
+        windows.blob = blob_digest;
+        Ok(index)
+    })
+    .await
+    .map_err(|e| IndexLoadError::Invalid(format!("decoding the index failed: {e}")))?
+    .map_err(invalid)?;
+    Ok((index, size))
 }
 
 fn unusable(

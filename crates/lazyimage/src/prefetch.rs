@@ -226,7 +226,7 @@ pub async fn push_prefetch(
         .map_err(|e| {
             RegistryError::from_oci(client.registry(), image.reference.repository(), &e)
         })?;
-    store_artifact(client, image, PREFETCH_ARTIFACT, encoded).await
+    store_artifact(client, image, PREFETCH_ARTIFACT, encoded, None).await
 }
 
 #[cfg(test)]

@@ -2,14 +2,17 @@
 //! reader of lazily read images, over any [`BlobSource`]: the mounter's FUSE reads, `imagemesh
 //! index cat` and the tests all go through it.
 //!
-//! A layer's uncompressed stream is cut into *spans* by the index's checkpoints (4 MiB by
+//! A layer's uncompressed stream is cut into *spans* by the index's checkpoints (1 MiB by
 //! default; a small layer is one span) and each span into [`PIECE`]-sized pieces counted from
 //! the span start. A read is served piece by piece from the decoded cache. On a miss the reader
 //! takes the span's flight lock (so concurrent readers of one span — the kernel's readahead —
 //! wait for one fetch instead of racing), fetches the span's compressed bytes with one range
 //! request (or takes them from the compressed cache), verifies and inflates from the checkpoint
 //! in the blocking pool, and caches every piece from the one asked for up to [`MAX_RUN`] later
-//! or the span's end: the next reads of the file are memory copies.
+//! or the span's end: the next reads of the file are memory copies. An index loaded from its
+//! head alone keeps its checkpoint windows in the registry: the first read from a checkpoint
+//! fetches its window (one small range of the index blob, beside the span's own request),
+//! checks it against its digest and caches it like a span.
 //!
 //! A reader can also *record* which spans its foreground reads needed during a window after
 //! the mount ([`ImageReader::record`]), and *prefetch* spans ([`ImageReader::prefetch_span`]):
@@ -32,6 +35,8 @@ use crate::prefetch::RecordedSpan;
 
 /// Decoded cache granularity.
 pub const PIECE: u64 = 1 << 20;
+/// Most spans read ahead of a sequential reader (doubling from one per miss).
+pub const MAX_READ_AHEAD: usize = 4;
 /// Most bytes inflated for one miss (a multiple of [`PIECE`]): bounds a read's memory and CPU.
 pub const MAX_RUN: u64 = 4 << 20;
 
@@ -94,8 +99,17 @@ impl Shared {
 
 /// Reads files of one image from `S`.
 pub struct ImageReader<S> {
+    /// Starts a read-ahead task for (layer, span); only a reader made with
+    /// [`ImageReader::new_shared`] has one (the task holds the reader).
+    spawn_ahead: Option<SpawnAhead>,
+    /// Per layer: the last span a foreground read fetched, and how far ahead it read.
+    sequences: Mutex<Vec<Sequence>>,
+    read_ahead_spans: AtomicU64,
+    read_ahead_bytes: AtomicU64,
     image: Arc<ImageIndex>,
     digests: Vec<Arc<str>>,
+    /// The encoded index blob, when the index's windows are remote (read from it on demand).
+    index_blob: Option<Arc<str>>,
     /// `Checkpoint::identity` of every checkpoint of every layer: the cache keys' verifiers.
     verifiers: Vec<Vec<[u8; 32]>>,
     source: S,
@@ -107,6 +121,24 @@ pub struct ImageReader<S> {
     inflated: AtomicU64,
     errors: AtomicU64,
     prefetch: Prefetch,
+}
+
+type SpawnAhead = Box<dyn Fn(usize, usize) + Send + Sync>;
+
+/// How a layer has been read so far: a fetch of the span right after the last one fetched (or
+/// of one just past what was read ahead) is sequential, and reads further ahead.
+#[derive(Clone, Copy, Default)]
+struct Sequence {
+    last: Option<usize>,
+    ahead: usize,
+}
+
+/// Who fetches a span or window: counted as the foreground's, prefetch's or read-ahead's.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fetcher {
+    Foreground,
+    Prefetch,
+    ReadAhead,
 }
 
 /// What a reader records and prefetches.
@@ -172,6 +204,32 @@ pub struct ReadStats {
     pub bytes_fetched: u64,
     pub bytes_inflated: u64,
     pub read_errors: u64,
+    /// Spans fetched ahead of a sequential reader (not in `range_requests`).
+    pub read_ahead_spans: u64,
+    /// Compressed bytes fetched ahead (spans and their windows).
+    pub read_ahead_bytes: u64,
+}
+
+impl<S: BlobSource + 'static> ImageReader<S> {
+    /// A reader that also reads ahead of sequential reads, in tasks of its own on the tokio
+    /// runtime it reads on.
+    pub fn new_shared(image: Arc<ImageIndex>, source: S, shared: Arc<Shared>) -> Arc<Self> {
+        Arc::new_cyclic(|me: &Weak<Self>| {
+            let me = me.clone();
+            let mut reader = Self::new(image, source, shared);
+            reader.spawn_ahead = Some(Box::new(move |layer, span| {
+                let Some(reader) = me.upgrade() else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    if let Err(err) = reader.fetch_span(layer, span, Fetcher::ReadAhead).await {
+                        tracing::debug!(error = %err, "read-ahead failed; a foreground read fetches the span itself");
+                    }
+                });
+            }));
+            reader
+        })
+    }
 }
 
 impl<S: BlobSource> ImageReader<S> {
@@ -186,9 +244,18 @@ impl<S: BlobSource> ImageReader<S> {
             .iter()
             .map(|l| l.checkpoints.iter().map(|c| c.identity()).collect())
             .collect();
+        let index_blob = image
+            .remote_windows
+            .as_ref()
+            .map(|w| w.blob.as_str().into());
         Self {
+            spawn_ahead: None,
+            sequences: Mutex::new(vec![Sequence::default(); image.layers.len()]),
+            read_ahead_spans: AtomicU64::new(0),
+            read_ahead_bytes: AtomicU64::new(0),
             image,
             digests,
+            index_blob,
             verifiers,
             source,
             shared,
@@ -202,6 +269,35 @@ impl<S: BlobSource> ImageReader<S> {
                 state: Mutex::new(("off", None)),
                 ..Default::default()
             },
+        }
+    }
+
+    /// Starts fetching the spans after `spans` of `layer` when the foreground's fetches of that
+    /// layer look sequential: one span after the first sequential fetch, doubling up to
+    /// [`MAX_READ_AHEAD`]. A fetch elsewhere in the layer starts over, so a single small read
+    /// never reads ahead.
+    fn read_ahead(&self, layer: usize, spans: std::ops::Range<usize>) {
+        let Some(spawn) = &self.spawn_ahead else {
+            return;
+        };
+        let last = spans.end.saturating_sub(1);
+        let ahead = {
+            let mut sequences = self.sequences.lock().expect("sequences lock");
+            let seq = &mut sequences[layer];
+            let sequential = seq
+                .last
+                .is_some_and(|prev| spans.start > prev && spans.start <= prev + seq.ahead + 1);
+            seq.ahead = if sequential {
+                (seq.ahead * 2).clamp(1, MAX_READ_AHEAD)
+            } else {
+                0
+            };
+            seq.last = Some(last);
+            seq.ahead
+        };
+        let count = self.image.layers[layer].checkpoints.len();
+        for span in (last + 1..=last + ahead).filter(|&span| span < count) {
+            spawn(layer, span);
         }
     }
 
@@ -291,20 +387,38 @@ impl<S: BlobSource> ImageReader<S> {
     /// read of the span waits for this fetch rather than making a second one. Takes no inflate
     /// slot: a foreground read never waits for prefetch's CPU.
     pub async fn prefetch_span(&self, layer: usize, span: usize) -> Result<(), ReadError> {
-        let result = self.prefetch_span_inner(layer, span).await;
+        let result = self.fetch_span(layer, span, Fetcher::Prefetch).await;
         if result.is_err() {
             self.prefetch.errors.fetch_add(1, Ordering::Relaxed);
         }
         result
     }
 
-    async fn prefetch_span_inner(&self, layer: usize, span: usize) -> Result<(), ReadError> {
+    /// Fetches span `span` of `layer` and its checkpoint's window into the caches, for
+    /// prefetch or read-ahead.
+    async fn fetch_span(&self, layer: usize, span: usize, by: Fetcher) -> Result<(), ReadError> {
+        tokio::try_join!(
+            self.fetch_span_bytes(layer, span, by),
+            self.window(layer, span, by)
+        )
+        .map(|_| ())
+    }
+
+    async fn fetch_span_bytes(
+        &self,
+        layer: usize,
+        span: usize,
+        by: Fetcher,
+    ) -> Result<(), ReadError> {
+        let prefetch = by == Fetcher::Prefetch;
         let index = &self.image.layers[layer];
         let range = index.span_range(span);
         let key = self.key(layer, range.start, range.end, self.verifiers[layer][span]);
         let _flight = self.shared.flight(key.clone()).await;
         if self.shared.caches.compressed.peek(&key).is_some() {
-            self.prefetch.cached.fetch_add(1, Ordering::Relaxed);
+            if prefetch {
+                self.prefetch.cached.fetch_add(1, Ordering::Relaxed);
+            }
             return Ok(());
         }
         if let Some(disk) = &self.shared.caches.disk {
@@ -315,7 +429,9 @@ impl<S: BlobSource> ImageReader<S> {
             if let Some(bytes) = found {
                 if self.verify_span(layer, span, bytes.clone()).await.is_ok() {
                     self.shared.caches.compressed.insert(key, bytes);
-                    self.prefetch.cached.fetch_add(1, Ordering::Relaxed);
+                    if prefetch {
+                        self.prefetch.cached.fetch_add(1, Ordering::Relaxed);
+                    }
                     return Ok(());
                 }
                 tracing::warn!(layer = %self.digests[layer], "disk cache entry failed verification; dropped");
@@ -328,23 +444,42 @@ impl<S: BlobSource> ImageReader<S> {
             .await
             .map_err(ReadError::Source)?;
         self.verify_span(layer, span, bytes.clone()).await?;
-        self.prefetch
-            .prefetched_spans
-            .fetch_add(1, Ordering::Relaxed);
-        self.prefetch
-            .bytes
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.count_ahead(by, bytes.len());
         if let Some(disk) = &self.shared.caches.disk {
             let (cache, k, b) = (disk.clone(), key.clone(), bytes.clone());
             tokio::task::spawn_blocking(move || cache.insert(&k, &b));
         }
-        self.prefetch
-            .prefetched
-            .lock()
-            .expect("prefetched lock")
-            .insert(key.clone());
+        if prefetch {
+            self.prefetch
+                .prefetched_spans
+                .fetch_add(1, Ordering::Relaxed);
+            self.prefetch
+                .prefetched
+                .lock()
+                .expect("prefetched lock")
+                .insert(key.clone());
+        } else {
+            self.read_ahead_spans.fetch_add(1, Ordering::Relaxed);
+        }
         self.shared.caches.compressed.insert(key, bytes);
         Ok(())
+    }
+
+    /// Counts bytes fetched by prefetch or read-ahead.
+    fn count_ahead(&self, by: Fetcher, bytes: usize) {
+        match by {
+            Fetcher::Prefetch => self
+                .prefetch
+                .bytes
+                .fetch_add(bytes as u64, Ordering::Relaxed),
+            Fetcher::ReadAhead => self
+                .read_ahead_bytes
+                .fetch_add(bytes as u64, Ordering::Relaxed),
+            Fetcher::Foreground => {
+                self.range_requests.fetch_add(1, Ordering::Relaxed);
+                self.fetched.fetch_add(bytes as u64, Ordering::Relaxed)
+            }
+        };
     }
 
     /// Checks `bytes` against the span digest of checkpoint `span` of `layer` (off the async
@@ -392,6 +527,8 @@ impl<S: BlobSource> ImageReader<S> {
             bytes_fetched: self.fetched.load(Ordering::Relaxed),
             bytes_inflated: self.inflated.load(Ordering::Relaxed),
             read_errors: self.errors.load(Ordering::Relaxed),
+            read_ahead_spans: self.read_ahead_spans.load(Ordering::Relaxed),
+            read_ahead_bytes: self.read_ahead_bytes.load(Ordering::Relaxed),
         }
     }
 
@@ -499,15 +636,30 @@ impl<S: BlobSource> ImageReader<S> {
     }
 
     /// Fetches (or takes from a cache) and inflates the uncompressed range `[start, end)`,
-    /// which lies inside one span. Memory first, then the node's disk cache, then the registry.
+    /// which lies inside one span. The span's bytes and, when the index holds it remotely, its
+    /// checkpoint's window are fetched side by side.
     async fn inflate(&self, layer: usize, start: u64, end: u64) -> Result<Vec<u8>, ReadError> {
         let plan = self.image.layers[layer].plan_read(start..end)?;
         self.note(layer, plan.spans());
+        let (compressed, window) = tokio::try_join!(
+            self.span_bytes(layer, &plan),
+            self.window(layer, plan.checkpoint(), Fetcher::Foreground)
+        )?;
+        self.decode(layer, &plan, compressed, window).await
+    }
+
+    /// The verified compressed bytes of `plan.fetch`: memory first, then the node's disk cache,
+    /// then the registry. Only verified bytes enter (or leave) the caches.
+    async fn span_bytes(
+        &self,
+        layer: usize,
+        plan: &imagemesh_lazyindex::ReadPlan,
+    ) -> Result<Bytes, ReadError> {
         let verifier = spans_verifier(&self.verifiers[layer][plan.spans()]);
         let span_key = self.key(layer, plan.fetch.start, plan.fetch.end, verifier);
         if let Some(bytes) = self.shared.caches.compressed.get(&span_key) {
             self.served_from_cache(&span_key);
-            return self.decode(layer, &plan, bytes).await;
+            return Ok(bytes);
         }
         if let Some(disk) = &self.shared.caches.disk {
             let (cache, key) = (disk.clone(), span_key.clone());
@@ -515,11 +667,14 @@ impl<S: BlobSource> ImageReader<S> {
                 .await
                 .map_err(|e| ReadError::Task(e.to_string()))?;
             if let Some(bytes) = found {
-                match self.decode(layer, &plan, bytes.clone()).await {
-                    Ok(decoded) => {
+                match self.verify_read(layer, plan, bytes.clone()).await {
+                    Ok(()) => {
                         self.served_from_cache(&span_key);
-                        self.shared.caches.compressed.insert(span_key, bytes);
-                        return Ok(decoded);
+                        self.shared
+                            .caches
+                            .compressed
+                            .insert(span_key, bytes.clone());
+                        return Ok(bytes);
                     }
                     // A file that no longer matches its span digests: dropped, fetched anew.
                     Err(ReadError::Index(imagemesh_lazyindex::Error::DigestMismatch {
@@ -532,32 +687,119 @@ impl<S: BlobSource> ImageReader<S> {
                 }
             }
         }
+        self.read_ahead(layer, plan.spans());
         let compressed = self
             .source
             .read_range(&self.digests[layer], plan.fetch.clone())
             .await
             .map_err(ReadError::Source)?;
-        self.range_requests.fetch_add(1, Ordering::Relaxed);
-        self.fetched
-            .fetch_add(compressed.len() as u64, Ordering::Relaxed);
-        let decoded = self.decode(layer, &plan, compressed.clone()).await?;
-        // Only verified spans enter the caches: decode checked their digests.
+        self.count_ahead(Fetcher::Foreground, compressed.len());
+        self.verify_read(layer, plan, compressed.clone()).await?;
         if let Some(disk) = &self.shared.caches.disk {
             let (cache, key, bytes) = (disk.clone(), span_key.clone(), compressed.clone());
             // Written in the background: the read does not wait for the disk.
             tokio::task::spawn_blocking(move || cache.insert(&key, &bytes));
         }
-        self.shared.caches.compressed.insert(span_key, compressed);
-        Ok(decoded)
+        self.shared
+            .caches
+            .compressed
+            .insert(span_key, compressed.clone());
+        Ok(compressed)
     }
 
-    /// Verifies `compressed` (the bytes of `plan.fetch`) and inflates what `plan` wants, on a
-    /// blocking thread, at most one per core at a time.
+    /// Checks `bytes` against the span digests `plan` covers (off the async threads).
+    async fn verify_read(
+        &self,
+        layer: usize,
+        plan: &imagemesh_lazyindex::ReadPlan,
+        bytes: Bytes,
+    ) -> Result<(), ReadError> {
+        let (image, plan) = (self.image.clone(), plan.clone());
+        tokio::task::spawn_blocking(move || image.layers[layer].verify_read(&plan, &bytes))
+            .await
+            .map_err(|e| ReadError::Task(e.to_string()))?
+            .map_err(ReadError::from)
+    }
+
+    /// The compressed window of checkpoint `checkpoint` of `layer` when the index holds it
+    /// remotely (`None` when the index has it in memory): from the caches, or fetched from the
+    /// index blob with one range request, checked against the window's digest before it is
+    /// used or cached, and counted as `by`'s fetch.
+    async fn window(
+        &self,
+        layer: usize,
+        checkpoint: usize,
+        by: Fetcher,
+    ) -> Result<Option<Bytes>, ReadError> {
+        let (Some(blob), Some(remote)) = (&self.index_blob, &self.image.remote_windows) else {
+            return Ok(None);
+        };
+        let window = &self.image.layers[layer].checkpoints[checkpoint].window;
+        if !window.is_remote() {
+            return Ok(None);
+        }
+        let range = remote.ranges[layer][checkpoint].clone();
+        let key = RangeKey {
+            digest: blob.clone(),
+            start: range.start,
+            end: range.end,
+            verifier: window.digest,
+        };
+        if let Some(bytes) = self.shared.caches.compressed.get(&key) {
+            return Ok(Some(bytes));
+        }
+        let _flight = self.shared.flight(key.clone()).await;
+        if let Some(bytes) = self.shared.caches.compressed.peek(&key) {
+            return Ok(Some(bytes));
+        }
+        let matches = |bytes: &[u8]| {
+            use sha2::{Digest, Sha256};
+            Sha256::digest(bytes)[..] == window.digest
+        };
+        if let Some(disk) = &self.shared.caches.disk {
+            let (cache, k) = (disk.clone(), key.clone());
+            let found = tokio::task::spawn_blocking(move || cache.get(&k))
+                .await
+                .map_err(|e| ReadError::Task(e.to_string()))?;
+            match found {
+                Some(bytes) if matches(&bytes) => {
+                    self.shared.caches.compressed.insert(key, bytes.clone());
+                    return Ok(Some(bytes));
+                }
+                Some(_) => disk.drop_entry(&key),
+                None => {}
+            }
+        }
+        let bytes = self
+            .source
+            .read_range(blob, range)
+            .await
+            .map_err(ReadError::Source)?;
+        self.count_ahead(by, bytes.len());
+        // A 32 KiB digest check: cheap enough for the async thread.
+        if !matches(&bytes) {
+            return Err(imagemesh_lazyindex::Error::WindowMismatch {
+                layer: self.digests[layer].to_string(),
+                checkpoint,
+            }
+            .into());
+        }
+        if let Some(disk) = &self.shared.caches.disk {
+            let (cache, k, b) = (disk.clone(), key.clone(), bytes.clone());
+            tokio::task::spawn_blocking(move || cache.insert(&k, &b));
+        }
+        self.shared.caches.compressed.insert(key, bytes.clone());
+        Ok(Some(bytes))
+    }
+
+    /// Inflates what `plan` wants from its verified compressed bytes, on a blocking thread, at
+    /// most one per core at a time.
     async fn decode(
         &self,
         layer: usize,
         plan: &imagemesh_lazyindex::ReadPlan,
         compressed: Bytes,
+        window: Option<Bytes>,
     ) -> Result<Vec<u8>, ReadError> {
         let _slot = self
             .shared
@@ -568,7 +810,7 @@ impl<S: BlobSource> ImageReader<S> {
         let image = self.image.clone();
         let plan = plan.clone();
         let decoded = tokio::task::spawn_blocking(move || {
-            image.layers[layer].decode_read(&plan, &compressed)
+            image.layers[layer].inflate_verified(&plan, &compressed, window.as_deref())
         })
         .await
         .map_err(|e| ReadError::Task(e.to_string()))??;

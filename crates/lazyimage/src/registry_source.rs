@@ -48,69 +48,72 @@ impl RegistryBlobSource {
 
     /// Fetches exactly `range` of blob `digest`.
     pub async fn fetch(&self, digest: &str, range: Range<u64>) -> Result<Bytes, RegistryError> {
-        let len = range.end.saturating_sub(range.start);
-        if len == 0 {
-            return Ok(Bytes::new());
-        }
-        let response = self
-            .client
-            .oci()
-            .pull_blob_stream_partial(&self.repository, digest, range.start, Some(len))
-            .await
-            .map_err(|e| self.error_from_oci(&e))?;
-        match response {
-            BlobResponse::Partial(stream) => self.collect(stream, 0, len).await,
-            // The registry ignored the Range header and sent the whole blob: skip to the range.
-            BlobResponse::Full(stream) => {
-                tracing::warn!(registry = %self.client.registry(), "registry ignored a range request");
-                self.collect(stream, range.start, len).await
-            }
-        }
+        fetch_range(&self.client, &self.repository, digest, range).await
     }
+}
 
-    /// Reads `len` bytes after skipping `skip`, never buffering more than `len`.
-    async fn collect(
-        &self,
-        mut stream: SizedStream,
-        mut skip: u64,
-        len: u64,
-    ) -> Result<Bytes, RegistryError> {
-        let mut out = BytesMut::with_capacity(len.min(64 << 20) as usize);
-        while (out.len() as u64) < len {
-            let Some(chunk) = stream.next().await else {
-                break;
-            };
-            let chunk = chunk
-                .map_err(|e| self.unavailable(format!("reading a blob range: {}", e.kind())))?;
-            let dropped = chunk.len().min(skip as usize);
-            skip -= dropped as u64;
-            let rest = &chunk[dropped..];
-            let wanted = (len - out.len() as u64).min(rest.len() as u64) as usize;
-            out.extend_from_slice(&rest[..wanted]);
+/// Fetches exactly `range` of blob `digest` of `repository`'s repository with one range
+/// request. The client's credential must already be stored with oci-client.
+pub async fn fetch_range(
+    client: &RegistryClient,
+    repository: &Reference,
+    digest: &str,
+    range: Range<u64>,
+) -> Result<Bytes, RegistryError> {
+    let len = range.end.saturating_sub(range.start);
+    if len == 0 {
+        return Ok(Bytes::new());
+    }
+    let response = client
+        .oci()
+        .pull_blob_stream_partial(repository, digest, range.start, Some(len))
+        .await
+        .map_err(|e| RegistryError::from_oci(client.registry(), repository.repository(), &e))?;
+    match response {
+        BlobResponse::Partial(stream) => collect(client, repository, stream, 0, len).await,
+        // The registry ignored the Range header and sent the whole blob: skip to the range.
+        BlobResponse::Full(stream) => {
+            tracing::warn!(registry = %client.registry(), "registry ignored a range request");
+            collect(client, repository, stream, range.start, len).await
         }
-        if (out.len() as u64) != len {
-            return Err(RegistryError::new(
-                RegistryErrorKind::Invalid,
-                self.client.registry(),
-                self.repository.repository(),
-                format!("range response has {} bytes, wanted {len}", out.len()),
-            ));
-        }
-        Ok(out.freeze())
     }
+}
 
-    fn error_from_oci(&self, err: &oci_client::errors::OciDistributionError) -> RegistryError {
-        RegistryError::from_oci(self.client.registry(), self.repository.repository(), err)
+/// Reads `len` bytes after skipping `skip`, never buffering more than `len`.
+async fn collect(
+    client: &RegistryClient,
+    repository: &Reference,
+    mut stream: SizedStream,
+    mut skip: u64,
+    len: u64,
+) -> Result<Bytes, RegistryError> {
+    let fail = |kind, detail: String| {
+        RegistryError::new(kind, client.registry(), repository.repository(), detail)
+    };
+    let mut out = BytesMut::with_capacity(len.min(64 << 20) as usize);
+    while (out.len() as u64) < len {
+        let Some(chunk) = stream.next().await else {
+            break;
+        };
+        let chunk = chunk.map_err(|e| {
+            fail(
+                RegistryErrorKind::Unavailable,
+                format!("reading a blob range: {}", e.kind()),
+            )
+        })?;
+        let dropped = chunk.len().min(skip as usize);
+        skip -= dropped as u64;
+        let rest = &chunk[dropped..];
+        let wanted = (len - out.len() as u64).min(rest.len() as u64) as usize;
+        out.extend_from_slice(&rest[..wanted]);
     }
-
-    fn unavailable(&self, detail: String) -> RegistryError {
-        RegistryError::new(
-            RegistryErrorKind::Unavailable,
-            self.client.registry(),
-            self.repository.repository(),
-            detail,
-        )
+    if (out.len() as u64) != len {
+        return Err(fail(
+            RegistryErrorKind::Invalid,
+            format!("range response has {} bytes, wanted {len}", out.len()),
+        ));
     }
+    Ok(out.freeze())
 }
 
 impl BlobSource for RegistryBlobSource {

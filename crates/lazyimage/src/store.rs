@@ -20,8 +20,8 @@ use oci_client::manifest::{
 use sha2::{Digest, Sha256};
 
 use crate::artifact::{
-    EMPTY_CONFIG_MEDIA_TYPE, FORMAT_VERSION_ANNOTATION, INDEX_ARTIFACT_TYPE, INDEX_MEDIA_TYPE,
-    referrers_tag,
+    EMPTY_CONFIG_MEDIA_TYPE, FORMAT_VERSION_ANNOTATION, HEAD_DIGEST_ANNOTATION,
+    HEAD_SIZE_ANNOTATION, INDEX_ARTIFACT_TYPE, INDEX_MEDIA_TYPE, referrers_tag,
 };
 
 /// The OCI empty descriptor's content.
@@ -82,16 +82,41 @@ async fn store(
     image: &ResolvedImage,
     encoded: Vec<u8>,
 ) -> Result<Stored, RegistryError> {
-    store_artifact(client, image, INDEX_ARTIFACT, encoded).await
+    let head = imagemesh_lazyindex::head_len(&encoded).map_err(|e| {
+        RegistryError::new(
+            RegistryErrorKind::Invalid,
+            client.registry(),
+            image.reference.repository(),
+            format!("not an encoded index: {e}"),
+        )
+    })?;
+    // The head's size and digest, on the blob's descriptor: a reader fetches the head alone
+    // with one range request and checks it as the manifest (fetched by digest) says.
+    let head_annotations = BTreeMap::from([
+        (HEAD_SIZE_ANNOTATION.to_string(), head.to_string()),
+        (
+            HEAD_DIGEST_ANNOTATION.to_string(),
+            sha256(&encoded[..head.min(encoded.len())]),
+        ),
+    ]);
+    store_artifact(
+        client,
+        image,
+        INDEX_ARTIFACT,
+        encoded,
+        Some(head_annotations),
+    )
+    .await
 }
 
-/// Pushes `blob` as a referrer of `image` of `kind` (blob, empty config, manifest) and lists
-/// it under the referrers tag.
+/// Pushes `blob` as a referrer of `image` of `kind` (blob with `blob_annotations`, empty
+/// config, manifest) and lists it under the referrers tag.
 pub(crate) async fn store_artifact(
     client: &RegistryClient,
     image: &ResolvedImage,
     kind: ArtifactKind,
     encoded: Vec<u8>,
+    blob_annotations: Option<BTreeMap<String, String>>,
 ) -> Result<Stored, RegistryError> {
     let repo = &image.reference;
     let fail = |e: oci_client::errors::OciDistributionError| {
@@ -101,6 +126,7 @@ pub(crate) async fn store_artifact(
         media_type: kind.media_type.into(),
         digest: sha256(&encoded),
         size: encoded.len() as i64,
+        annotations: blob_annotations,
         ..Default::default()
     };
     push_blob(client, repo, Bytes::from(encoded), &blob.digest).await?;

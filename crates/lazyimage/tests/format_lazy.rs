@@ -10,8 +10,8 @@ use std::sync::Arc;
 use common::{Rng, TarBuilder, gzip, index, index_plain};
 use imagemesh_lazyimage::{ImageReader, ReadError, Shared};
 use imagemesh_lazyindex::{
-    BlobSource, Error, ImageIndex, MAGIC, MemorySource, MergedTree, decode_image, decode_layer,
-    encode_image, encode_layer,
+    BlobSource, DecodeLimits, Error, ImageIndex, MAGIC, MemorySource, MergedTree, decode_image,
+    decode_image_head, decode_layer, encode_image, encode_layer, head_len,
 };
 
 fn image() -> (ImageIndex, MemorySource, Vec<Vec<u8>>) {
@@ -32,6 +32,7 @@ fn image() -> (ImageIndex, MemorySource, Vec<Vec<u8>>) {
     let image = ImageIndex {
         manifest_digest: Some(format!("sha256:{}", "ab".repeat(32))),
         layers,
+        remote_windows: None,
     };
     (image, source, vec![base, top])
 }
@@ -47,9 +48,105 @@ fn layer_and_image_indexes_round_trip() {
     }
     let bytes = encode_image(&image);
     assert_eq!(decode_image(&bytes).unwrap(), image);
-    let mut future = bytes.clone();
-    future[8] = 2;
-    assert!(matches!(decode_image(&future), Err(Error::InvalidIndex(_))));
+    for version in [1u8, 3] {
+        let mut other = bytes.clone();
+        other[8] = version;
+        assert!(matches!(decode_image(&other), Err(Error::InvalidIndex(_))));
+    }
+}
+
+/// The image index encoded, its head decoded alone, and a source that also holds the encoded
+/// index (where a reader fetches the windows).
+fn image_with_remote_windows() -> (ImageIndex, ImageIndex, MemorySource, Vec<Vec<u8>>, Vec<u8>) {
+    let (whole, mut source, raws) = image();
+    let encoded = encode_image(&whole);
+    let head = head_len(&encoded).unwrap();
+    let mut remote = decode_image_head(&encoded[..head], &DecodeLimits::default()).unwrap();
+    let blob = format!("sha256:{}", "cd".repeat(32));
+    remote.remote_windows.as_mut().unwrap().blob = blob.clone();
+    source.insert(blob, encoded.clone());
+    (whole, remote, source, raws, encoded)
+}
+
+#[test]
+fn the_head_alone_decodes_to_the_index_without_its_windows() {
+    let (whole, remote, _, _, encoded) = image_with_remote_windows();
+    let windows = remote.remote_windows.clone().unwrap();
+    assert_eq!(remote.manifest_digest, whole.manifest_digest);
+    let mut with_windows = remote.clone();
+    with_windows.remote_windows = None;
+    for (l, layer) in with_windows.layers.iter_mut().enumerate() {
+        for (i, cp) in layer.checkpoints.iter_mut().enumerate() {
+            let want = &whole.layers[l].checkpoints[i].window;
+            // The range names exactly the window's bytes in the encoded index.
+            let range = windows.ranges[l][i].clone();
+            assert_eq!(
+                &encoded[range.start as usize..range.end as usize],
+                &want.compressed[..]
+            );
+            assert_eq!(cp.window.is_remote(), want.len > 0);
+            assert_eq!(cp.identity(), whole.layers[l].checkpoints[i].identity());
+            cp.window.compressed = want.compressed.clone();
+        }
+    }
+    assert_eq!(with_windows, whole);
+    assert!(
+        whole.layers[0].checkpoints.iter().any(|c| c.window.len > 0),
+        "the test image has windows"
+    );
+    // A head cut short is refused, not misread.
+    let head = head_len(&encoded).unwrap();
+    assert!(decode_image_head(&encoded[..head - 1], &DecodeLimits::default()).is_err());
+}
+
+#[tokio::test]
+async fn a_reader_fetches_each_window_it_needs_once_and_checks_it() {
+    let (_, remote, source, raws, encoded) = image_with_remote_windows();
+    let tree = MergedTree::from_layers(&remote.layers);
+    let big = tree.get("usr/big.txt").unwrap().clone();
+    let off = big.data.unwrap().offset as usize;
+    let lazy = reader(remote.clone(), source);
+    let got = lazy
+        .read_path(&tree, "usr/big.txt", 3_000_000, 100)
+        .await
+        .unwrap();
+    assert_eq!(&got[..], &raws[0][off + 3_000_000..off + 3_000_100]);
+    // One range request for the span, one for its checkpoint's window.
+    assert_eq!(lazy.stats().range_requests, 2, "{:?}", lazy.stats());
+    let again = lazy
+        .read_path(&tree, "usr/big.txt", 3_000_050, 10)
+        .await
+        .unwrap();
+    assert_eq!(&again[..], &raws[0][off + 3_000_050..off + 3_000_060]);
+    assert_eq!(lazy.stats().range_requests, 2);
+
+    // A window altered in the registry is refused, never inflated from.
+    let (_, _, mut altered, _, _) = image_with_remote_windows();
+    let windows = remote.remote_windows.clone().unwrap();
+    let first = windows.ranges[0].iter().find(|r| !r.is_empty()).unwrap();
+    let mut bad = encoded.clone();
+    bad[first.start as usize] ^= 0x40;
+    altered.insert(windows.blob.clone(), bad);
+    let checked = reader(remote, altered);
+    let (mut served, mut refused) = (0, 0);
+    for at in (0..5_000_000).step_by(128 << 10) {
+        match checked.read_path(&tree, "usr/big.txt", at, 10).await {
+            Ok(bytes) => {
+                let at = off + at as usize;
+                assert_eq!(&bytes[..], &raws[0][at..at + 10]);
+                served += 1;
+            }
+            Err(ReadError::Index(Error::WindowMismatch { checkpoint, .. })) => {
+                assert_eq!(windows.ranges[0][checkpoint], *first);
+                refused += 1;
+            }
+            Err(other) => panic!("unexpected error: {other}"),
+        }
+    }
+    assert!(
+        refused > 0 && served > refused,
+        "{served} served, {refused} refused"
+    );
 }
 
 #[test]
@@ -129,6 +226,66 @@ async fn lazy_reads_fetch_one_range_and_only_nearby_spans() {
         .unwrap();
     assert_eq!(&again[..], want);
     assert_eq!(reader.stats().range_requests, fetches);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_reads_are_read_ahead_and_a_single_read_is_not() {
+    let (image, source, raws) = image();
+    let tree = MergedTree::from_layers(&image.layers);
+    let big = tree.get("usr/big.txt").unwrap().clone();
+    let off = big.data.unwrap().offset as usize;
+    // The spans the file's bytes lie in.
+    let cps = &image.layers[0].checkpoints;
+    let (start, end) = (off as u64, off as u64 + big.size);
+    let file_spans = cps.iter().filter(|c| c.uncompressed_offset < end).count() as u64
+        - cps
+            .iter()
+            .filter(|c| c.uncompressed_offset <= start)
+            .count() as u64
+        + 1;
+    assert!(file_spans > 8, "the file lies in {file_spans} spans");
+
+    let single = ImageReader::new_shared(
+        Arc::new(image.clone()),
+        source.clone(),
+        Arc::new(Shared::in_memory(64 << 20)),
+    );
+    single
+        .read_path(&tree, "usr/big.txt", 2_000_000, 100)
+        .await
+        .unwrap();
+    let stats = single.stats();
+    assert_eq!(
+        (stats.range_requests, stats.read_ahead_spans),
+        (1, 0),
+        "{stats:?}"
+    );
+
+    // The kernel reads a file 128 KiB at a time: after two spans in a row the reader fetches
+    // the next ones before they are asked for.
+    let sequential = ImageReader::new_shared(
+        Arc::new(image),
+        source,
+        Arc::new(Shared::in_memory(64 << 20)),
+    );
+    let mut at = 0;
+    while at < big.size {
+        let chunk = sequential
+            .read_path(&tree, "usr/big.txt", at, 128 << 10)
+            .await
+            .unwrap();
+        let from = off + at as usize;
+        assert_eq!(&chunk[..], &raws[0][from..from + chunk.len()]);
+        at += chunk.len() as u64;
+    }
+    let stats = sequential.stats();
+    assert!(stats.read_ahead_spans > 0, "{stats:?}");
+    assert!(stats.read_ahead_bytes > 0, "{stats:?}");
+    // Most of the file's spans were fetched ahead of the reads that needed them.
+    assert!(
+        stats.range_requests < file_spans / 2,
+        "{file_spans} spans, {stats:?}"
+    );
 }
 
 /// The mounter spawns reads on a multi-threaded runtime: the futures must be `Send`.

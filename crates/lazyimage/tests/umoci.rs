@@ -156,6 +156,7 @@ fn index_image(layout: &Path) -> ImageIndex {
     ImageIndex {
         manifest_digest: Some(manifest_digest.to_string()),
         layers,
+        remote_windows: None,
     }
 }
 

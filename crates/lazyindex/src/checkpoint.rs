@@ -64,9 +64,9 @@ impl Checkpoint {
         hash.update([kind, self.bit_offset]);
         hash.update(self.compressed_offset.to_le_bytes());
         hash.update(self.uncompressed_offset.to_le_bytes());
+        // The window by its digest: the same whether its bytes are in memory or fetched later.
         hash.update(self.window.len.to_le_bytes());
-        hash.update((self.window.compressed.len() as u64).to_le_bytes());
-        hash.update(&self.window.compressed);
+        hash.update(self.window.digest);
         hash.update(self.span_digest);
         hash.finalize().into()
     }
@@ -82,28 +82,40 @@ impl Window {
         );
         // Writing to a Vec cannot fail.
         enc.write_all(raw).expect("in-memory deflate");
+        let compressed = enc.finish().expect("in-memory deflate");
         Window {
             len: raw.len() as u32,
-            compressed: Bytes::from(enc.finish().expect("in-memory deflate")),
+            digest: sha256(&compressed),
+            compressed: Bytes::from(compressed),
         }
     }
 
     /// Inflates the window, refusing anything that is not exactly `len` bytes.
     pub(crate) fn decompress(&self) -> Result<Vec<u8>> {
-        if self.len == 0 {
-            return Ok(Vec::new());
-        }
-        let mut out = Vec::with_capacity(self.len as usize);
-        let dec = flate2::read::DeflateDecoder::new(&self.compressed[..]);
-        // One byte more than allowed so an over-long window is detected, not silently cut.
-        dec.take(WINDOW_SIZE as u64 + 1)
-            .read_to_end(&mut out)
-            .map_err(|e| Error::invalid(format!("window does not inflate: {e}")))?;
-        if out.len() != self.len as usize {
-            return Err(Error::invalid("window length mismatch"));
-        }
-        Ok(out)
+        inflate_window(self.len, &self.compressed)
     }
+}
+
+pub(crate) fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes).into()
+}
+
+/// Inflates a compressed window, refusing anything that is not exactly `len` bytes.
+pub(crate) fn inflate_window(len: u32, compressed: &[u8]) -> Result<Vec<u8>> {
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::with_capacity(len as usize);
+    let dec = flate2::read::DeflateDecoder::new(compressed);
+    // One byte more than allowed so an over-long window is detected, not silently cut.
+    dec.take(WINDOW_SIZE as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| Error::invalid(format!("window does not inflate: {e}")))?;
+    if out.len() != len as usize {
+        return Err(Error::invalid("window length mismatch"));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

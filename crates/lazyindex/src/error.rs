@@ -40,6 +40,10 @@ pub enum Error {
     #[error("digest mismatch for span {span} of layer {layer}")]
     DigestMismatch { layer: String, span: usize },
 
+    /// A window fetched for a read did not match the digest its index records.
+    #[error("digest mismatch for the window of checkpoint {checkpoint} of layer {layer}")]
+    WindowMismatch { layer: String, checkpoint: usize },
+
     /// The index does not describe the requested data.
     #[error("not found: {0}")]
     NotFound(String),

@@ -40,12 +40,12 @@ mod zran;
 pub use checkpoint::{Checkpoint, CheckpointKind};
 pub use error::{Error, Result, SourceError};
 pub use format::{
-    DecodeLimits, FORMAT_VERSION, MAGIC, decode_image, decode_image_with, decode_layer,
-    decode_layer_with, encode_image, encode_layer,
+    DecodeLimits, FORMAT_VERSION, HEADER_LEN, MAGIC, decode_image, decode_image_head,
+    decode_image_with, decode_layer, decode_layer_with, encode_image, encode_layer, head_len,
 };
 pub use ingest::{IndexOptions, Limits, MIN_SPAN_SIZE, RATIO_CHECK_FLOOR, index_layer};
 pub use merge::{DataRef, MergedEntry, MergedTree};
-pub use model::{Compression, Entry, EntryKind, ImageIndex, LayerIndex, Window};
+pub use model::{Compression, Entry, EntryKind, ImageIndex, LayerIndex, RemoteWindows, Window};
 pub use read::ReadPlan;
 pub use source::{BlobSource, MemorySource, OciLayoutSource};
 

@@ -167,6 +167,19 @@ pub struct ImageIndex {
     /// Digest of the image manifest this index describes, if known.
     pub manifest_digest: Option<String>,
     pub layers: Vec<LayerIndex>,
+    /// Set when the index was decoded without its windows ([`crate::decode_image_head`]):
+    /// where each window lies in the encoded index, to be fetched when a read needs it.
+    pub remote_windows: Option<RemoteWindows>,
+}
+
+/// Where the windows of an index decoded from its head alone lie in the encoded index.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RemoteWindows {
+    /// Digest of the encoded index blob (set by the loader, which knows it).
+    pub blob: String,
+    /// Per layer, per checkpoint: the byte range of its compressed window in the encoded
+    /// index (empty for checkpoints without one).
+    pub ranges: Vec<Vec<std::ops::Range<u64>>>,
 }
 
 /// A 32 KiB deflate history window, stored raw-deflate compressed.
@@ -174,8 +187,18 @@ pub struct ImageIndex {
 pub struct Window {
     /// Uncompressed length (≤ 32 KiB; 0 for checkpoints that need no history).
     pub len: u32,
-    /// Raw deflate of the window bytes.
+    /// Raw deflate of the window bytes; empty when the index was decoded from its head alone
+    /// (the bytes are then fetched by [`RemoteWindows`] and checked against `digest`).
     pub compressed: Bytes,
+    /// sha256 of the compressed bytes (zero when there is no window).
+    pub digest: [u8; 32],
+}
+
+impl Window {
+    /// True when the window's bytes are not in memory (and it has some).
+    pub fn is_remote(&self) -> bool {
+        self.len > 0 && self.compressed.is_empty()
+    }
 }
 
 #[cfg(test)]

@@ -37,6 +37,11 @@ impl ReadPlan {
     pub fn spans(&self) -> Range<usize> {
         self.spans.clone()
     }
+
+    /// The checkpoint the read inflates from (whose window it needs).
+    pub fn checkpoint(&self) -> usize {
+        self.checkpoint
+    }
 }
 
 impl LayerIndex {
@@ -68,14 +73,33 @@ impl LayerIndex {
     }
 
     /// Verifies `fetched` (the bytes of `plan.fetch`) span by span, then decodes `plan.want`.
+    /// The checkpoint's window must be in memory (an index decoded whole).
     pub fn decode_read(&self, plan: &ReadPlan, fetched: &[u8]) -> Result<Vec<u8>> {
+        self.verify_read(plan, fetched)?;
+        self.inflate_verified(plan, fetched, None)
+    }
+
+    /// Checks that `fetched` is exactly the bytes of `plan.fetch`: its length, and every span it
+    /// covers against the span's digest.
+    pub fn verify_read(&self, plan: &ReadPlan, fetched: &[u8]) -> Result<()> {
         let expected = plan.fetch.end - plan.fetch.start;
         if fetched.len() as u64 != expected {
             return Err(Error::Source(
                 format!("fetched {} bytes, planned {expected}", fetched.len()).into(),
             ));
         }
-        self.verify_spans(plan, fetched)?;
+        self.verify_spans(plan, fetched)
+    }
+
+    /// Decodes `plan.want` from `fetched`, which [`Self::verify_read`] accepted. `window` is the
+    /// checkpoint's compressed window when the index holds it remotely ([`crate::RemoteWindows`]);
+    /// it is checked against the window digest before use.
+    pub fn inflate_verified(
+        &self,
+        plan: &ReadPlan,
+        fetched: &[u8],
+        window: Option<&[u8]>,
+    ) -> Result<Vec<u8>> {
         let cp = &self.checkpoints[plan.checkpoint];
         let skip = plan.want.start - cp.uncompressed_offset;
         let len = (plan.want.end - plan.want.start) as usize;
@@ -84,8 +108,29 @@ impl LayerIndex {
                 let at = skip as usize;
                 Ok(fetched[at..at + len].to_vec())
             }
-            _ => inflate_from(cp, fetched, skip, len, plan.fetch.start),
+            _ => {
+                let window = self.window_of(plan.checkpoint, window)?;
+                inflate_from(cp, &window, fetched, skip, len, plan.fetch.start)
+            }
         }
+    }
+
+    /// The inflated window of checkpoint `i`: from memory, or `remote` checked against its
+    /// digest.
+    pub fn window_of(&self, i: usize, remote: Option<&[u8]>) -> Result<Vec<u8>> {
+        let window = &self.checkpoints[i].window;
+        if !window.is_remote() {
+            return window.decompress();
+        }
+        let bytes =
+            remote.ok_or_else(|| Error::invalid("the window of this read is not loaded"))?;
+        if crate::checkpoint::sha256(bytes) != window.digest {
+            return Err(Error::WindowMismatch {
+                layer: self.digest.clone(),
+                checkpoint: i,
+            });
+        }
+        crate::checkpoint::inflate_window(window.len, bytes)
     }
 
     fn verify_spans(&self, plan: &ReadPlan, fetched: &[u8]) -> Result<()> {
@@ -106,8 +151,15 @@ impl LayerIndex {
 
 /// Inflates from checkpoint `cp`, whose byte is `data[0]`, dropping `skip` bytes of output and
 /// returning the next `len`. Crosses gzip member boundaries (multi-member blobs).
-fn inflate_from(cp: &Checkpoint, data: &[u8], skip: u64, len: usize, base: u64) -> Result<Vec<u8>> {
-    let (mut inf, mut input) = start(cp, data)?;
+fn inflate_from(
+    cp: &Checkpoint,
+    window: &[u8],
+    data: &[u8],
+    skip: u64,
+    len: usize,
+    base: u64,
+) -> Result<Vec<u8>> {
+    let (mut inf, mut input) = start(cp, window, data)?;
     let mut raw = cp.kind == CheckpointKind::Block;
     let (mut out, mut skip) = (Vec::with_capacity(len), skip);
     let mut scratch = vec![0u8; SCRATCH.min(len + skip as usize).max(4096)];
@@ -150,7 +202,7 @@ fn inflate_from(cp: &Checkpoint, data: &[u8], skip: u64, len: usize, base: u64) 
 
 /// Sets an inflater up at a checkpoint: gzip framing at a member start; at a block boundary,
 /// raw inflate primed with the unused high bits of the shared byte and preset with the window.
-fn start<'d>(cp: &Checkpoint, data: &'d [u8]) -> Result<(Inflater, &'d [u8])> {
+fn start<'d>(cp: &Checkpoint, window: &[u8], data: &'d [u8]) -> Result<(Inflater, &'d [u8])> {
     let base = cp.compressed_offset;
     if cp.kind == CheckpointKind::Member {
         return Ok((
@@ -169,9 +221,8 @@ fn start<'d>(cp: &Checkpoint, data: &'d [u8]) -> Result<(Inflater, &'d [u8])> {
             .map_err(|e| corrupt(base, e))?;
         input = rest;
     }
-    let window = cp.window.decompress()?;
     if !window.is_empty() {
-        inf.set_dictionary(&window).map_err(|e| corrupt(base, e))?;
+        inf.set_dictionary(window).map_err(|e| corrupt(base, e))?;
     }
     Ok((inf, input))
 }

@@ -107,6 +107,7 @@ fn regenerate_seeds() {
     let image = ImageIndex {
         manifest_digest: Some(format!("sha256:{}", "0".repeat(64))),
         layers: indexed,
+        remote_windows: None,
     };
     std::fs::write(dir.join("image.idx"), encode_image(&image)).unwrap();
 }

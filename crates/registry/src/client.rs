@@ -111,7 +111,7 @@ impl RegistryClient {
 
     /// Parses `reference` and checks that it points into this client's registry.
     pub fn reference(&self, reference: &str) -> Result<Reference, RegistryError> {
-        let parsed: Reference = reference.parse().map_err(|e| {
+        let parsed = crate::parse_reference(reference).map_err(|e| {
             RegistryError::new(
                 RegistryErrorKind::Invalid,
                 &self.registry,

@@ -83,8 +83,8 @@ pub fn fuzz_one(data: &[u8]) {
 /// full form refuses, e.g. an upper-case repository (`Fnux/app` gives `docker.io/Fnux/app:latest`,
 /// which no registry serves): found by the `dockerfile_from` fuzz target.
 fn parse_reference(image: &str) -> Option<Reference> {
-    let reference = image.parse::<Reference>().ok()?;
-    reference.whole().parse::<Reference>().ok()?;
+    let reference = crate::parse_reference(image).ok()?;
+    crate::parse_reference(&reference.whole()).ok()?;
     Some(reference)
 }
 

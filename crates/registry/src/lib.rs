@@ -23,6 +23,7 @@ pub mod dockerfile;
 pub mod error;
 pub mod host;
 pub mod manifest;
+pub mod reference;
 pub mod repository;
 pub mod select;
 
@@ -30,4 +31,5 @@ pub use client::{Access, RegistryClient, RegistrySettings};
 pub use error::{RegistryError, RegistryErrorKind};
 pub use manifest::{MANIFEST_MEDIA_TYPES, PlatformSpec, ResolvedImage};
 pub use oci_client::Reference;
+pub use reference::parse_reference;
 pub use select::{credential_for, credential_for_image};

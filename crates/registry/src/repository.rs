@@ -39,7 +39,9 @@ pub fn validate_name(name: &str) -> Result<(), NameError> {
     }
 }
 
-fn valid_component(component: &str) -> bool {
+/// One path component of a repository name: lowercase alphanumerics joined by `.`, `_`, `__`
+/// or runs of `-` (the distribution grammar's `path-component`).
+pub(crate) fn valid_component(component: &str) -> bool {
     let bytes = component.as_bytes();
     let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
     let (Some(&first), Some(&last)) = (bytes.first(), bytes.last()) else {

@@ -206,7 +206,7 @@ impl Builder {
         target: &imagemesh_registry::Reference,
         log: &BuildLog,
     ) -> Result<String, Failure> {
-        let source: imagemesh_registry::Reference = source_image.parse().map_err(|e| {
+        let source = imagemesh_registry::parse_reference(source_image).map_err(|e| {
             Failure::reject(
                 ErrorCode::MalformedRequest,
                 format!("invalid source_image {source_image:?}: {e}"),

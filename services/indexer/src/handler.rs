@@ -132,6 +132,7 @@ impl Indexer {
         let index = ImageIndex {
             manifest_digest: Some(resolved.digest().to_string()),
             layers: layers.into_iter().map(|l| l.index).collect(),
+            remote_windows: None,
         };
         let encoded = encode_image(&index);
         let index_bytes = encoded.len();

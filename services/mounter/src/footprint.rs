@@ -24,7 +24,17 @@ pub fn of_mount(index: &ImageIndex, inodes: &Inodes) -> u64 {
             layer.digest.len() + layer.diff_id.len() + checkpoints + entries
         })
         .sum();
-    (index_bytes + inodes.nodes().iter().map(node_bytes).sum::<usize>()) as u64
+    // Where remote windows lie: one range per checkpoint (their bytes live in the caches).
+    let remote_windows = index.remote_windows.as_ref().map_or(0, |w| {
+        w.ranges
+            .iter()
+            .map(|r| {
+                size_of::<Vec<std::ops::Range<u64>>>() + r.len() * size_of::<std::ops::Range<u64>>()
+            })
+            .sum::<usize>()
+            + w.blob.len()
+    });
+    (index_bytes + remote_windows + inodes.nodes().iter().map(node_bytes).sum::<usize>()) as u64
 }
 
 fn entry_bytes(entry: &Entry) -> usize {

@@ -94,7 +94,7 @@ fn mount_id(request: &ContainerRequest) -> Result<String, Outcome> {
 impl Mounter {
     async fn mount(&self, request: &ContainerRequest) -> Result<(), Outcome> {
         let id = &mount_id(request)?;
-        let image: Reference = request.image_ref.parse().map_err(|e| {
+        let image = imagemesh_registry::parse_reference(&request.image_ref).map_err(|e| {
             reject(
                 ErrorCode::MalformedRequest,
                 format!("invalid image_ref: {e}"),
@@ -337,11 +337,8 @@ impl Mounter {
             )
             .await,
         );
-        let reader = Arc::new(ImageReader::new(
-            opened.index.clone(),
-            source.clone(),
-            self.shared.clone(),
-        ));
+        let reader =
+            ImageReader::new_shared(opened.index.clone(), source.clone(), self.shared.clone());
         let index = opened.index.clone();
         let inodes = tokio::task::spawn_blocking(move || {
             Arc::new(Inodes::build(MergedTree::from_layers(&index.layers)))

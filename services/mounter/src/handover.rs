@@ -19,9 +19,7 @@ use std::time::{Duration, SystemTime};
 
 /// The sharing key of a kept container's mount.
 fn key_of(kept: &KeptMount) -> Result<LazyKey, String> {
-    let pinned: Reference = kept
-        .pinned_ref
-        .parse()
+    let pinned = imagemesh_registry::parse_reference(&kept.pinned_ref)
         .map_err(|e| format!("kept reference {}: {e}", kept.pinned_ref))?;
     Ok(LazyKey {
         tenant: kept.tenant.clone(),
@@ -184,9 +182,7 @@ impl Mounter {
     /// One attempt; errors are messages without secrets (registry errors name no credential).
     async fn resume(&self, path: &Path, kept: &[KeptMount], fuse: OwnedFd) -> Result<(), String> {
         let first = &kept[0];
-        let pinned: Reference = first
-            .pinned_ref
-            .parse()
+        let pinned = imagemesh_registry::parse_reference(&first.pinned_ref)
             .map_err(|e| format!("kept reference {}: {e}", first.pinned_ref))?;
         let credential = self.fresh_credential(first, &pinned).await?;
         let registry = pinned.registry().to_string();

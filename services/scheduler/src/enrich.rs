@@ -428,7 +428,7 @@ impl ReferenceCache {
 }
 
 fn parse_reference(reference: &str) -> Result<Reference, EnrichError> {
-    reference.parse::<Reference>().map_err(|e| {
+    imagemesh_registry::parse_reference(reference).map_err(|e| {
         permanent(
             ErrorCode::MalformedRequest,
             format!("invalid image reference {reference:?}: {e}"),

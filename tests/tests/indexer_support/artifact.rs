@@ -6,10 +6,13 @@ use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::manifest::{OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE, OciManifest};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
+use sha2::{Digest, Sha256};
 
 /// The documented contract (docs/index-format.md, "Storage in the registry").
 pub const ARTIFACT_TYPE: &str = "application/vnd.imagemesh.index.v1";
 pub const INDEX_MEDIA_TYPE: &str = "application/vnd.imagemesh.index.v1.imlzidx";
+pub const HEAD_SIZE_ANNOTATION: &str = "dev.imagemesh.index.head-size";
+pub const HEAD_DIGEST_ANNOTATION: &str = "dev.imagemesh.index.head-digest";
 
 fn client() -> (Client, RegistryAuth) {
     let config = ClientConfig {
@@ -80,5 +83,16 @@ pub async fn assert_stored(
         .pull_blob(&artifact_ref, &artifact.layers[0], &mut blob)
         .await
         .unwrap();
+    // The blob's descriptor names its head, which a mount fetches and checks alone.
+    let annotations = artifact.layers[0]
+        .annotations
+        .as_ref()
+        .expect("the index blob's descriptor names its head");
+    let head = imagemesh_lazyindex::head_len(&blob).unwrap();
+    assert_eq!(annotations[HEAD_SIZE_ANNOTATION], head.to_string());
+    assert_eq!(
+        annotations[HEAD_DIGEST_ANNOTATION],
+        format!("sha256:{:x}", Sha256::digest(&blob[..head]))
+    );
     blob
 }

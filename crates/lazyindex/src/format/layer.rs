@@ -7,6 +7,7 @@
 use bytes::Bytes;
 
 use super::wire::{Reader, Writer};
+use crate::checkpoint::sha256;
 use crate::checkpoint::{Checkpoint, CheckpointKind};
 use crate::model::{Compression, Entry, EntryKind, LayerIndex, Window};
 use crate::zran::WINDOW_SIZE;
@@ -46,6 +47,10 @@ pub(super) fn write(meta: &mut Writer, windows: &mut Writer, l: &LayerIndex) {
 }
 
 fn write_checkpoint(meta: &mut Writer, windows: &mut Writer, cp: &Checkpoint, c: u64, u: u64) {
+    assert!(
+        !cp.window.is_remote(),
+        "an index decoded from its head alone cannot be encoded again"
+    );
     meta.u8(match cp.kind {
         CheckpointKind::Plain => 0,
         CheckpointKind::Member => 1,
@@ -57,7 +62,22 @@ fn write_checkpoint(meta: &mut Writer, windows: &mut Writer, cp: &Checkpoint, c:
     meta.raw(&cp.span_digest);
     meta.varint(u64::from(cp.window.len));
     meta.varint(cp.window.compressed.len() as u64);
+    if !cp.window.compressed.is_empty() {
+        meta.raw(&cp.window.digest);
+    }
     windows.raw(&cp.window.compressed);
+}
+
+/// Where a decode takes the windows from: the windows section itself, or nowhere (a decode of
+/// the head alone), noting where each window lies so it can be fetched later.
+pub(super) enum Windows<'a> {
+    Section(Reader<'a>),
+    Remote {
+        /// Offset of the next window in the encoded index.
+        at: u64,
+        /// Per layer, per checkpoint: the window's range in the encoded index.
+        ranges: Vec<Vec<std::ops::Range<u64>>>,
+    },
 }
 
 fn write_entry(meta: &mut Writer, e: &Entry, prev_path: &str, prev_end: u64) {
@@ -101,7 +121,7 @@ fn common_prefix(a: &str, b: &str) -> usize {
     (0..=n).rev().find(|&i| b.is_char_boundary(i)).unwrap_or(0)
 }
 
-pub(super) fn read(meta: &mut Reader, windows: &mut Reader) -> Result<LayerIndex> {
+pub(super) fn read(meta: &mut Reader, windows: &mut Windows) -> Result<LayerIndex> {
     let digest = read_digest(meta)?;
     let diff_id = read_digest(meta)?;
     let compression = match meta.u8()? {
@@ -112,6 +132,9 @@ pub(super) fn read(meta: &mut Reader, windows: &mut Reader) -> Result<LayerIndex
     let compressed_size = meta.varint()?;
     let uncompressed_size = meta.varint()?;
     let n = meta.count(MIN_CHECKPOINT)?;
+    if let Windows::Remote { ranges, .. } = windows {
+        ranges.push(Vec::with_capacity(n));
+    }
     let mut checkpoints = Vec::with_capacity(n);
     for _ in 0..n {
         let prev = checkpoints.last();
@@ -156,7 +179,7 @@ fn read_digest(meta: &mut Reader) -> Result<String> {
 
 fn read_checkpoint(
     meta: &mut Reader,
-    windows: &mut Reader,
+    windows: &mut Windows,
     prev: Option<&Checkpoint>,
 ) -> Result<Checkpoint> {
     let kind = match meta.u8()? {
@@ -173,10 +196,30 @@ fn read_checkpoint(
     let span_digest = meta.array32()?;
     let window_len = meta.u32()?;
     let zlen = meta.varint()?;
-    if window_len as usize > WINDOW_SIZE || zlen > windows.remaining() as u64 {
-        return Err(Error::invalid("window too large or missing"));
+    // A deflated 32 KiB window is never much larger than 32 KiB (stored blocks add 5 bytes
+    // per 64 KiB); anything bigger is refused before it is read or fetched.
+    if window_len as usize > WINDOW_SIZE || zlen > (WINDOW_SIZE + 1024) as u64 {
+        return Err(Error::invalid("window too large"));
     }
-    let compressed = Bytes::copy_from_slice(windows.raw(zlen as usize)?);
+    let digest = if zlen > 0 { meta.array32()? } else { [0; 32] };
+    let compressed = match windows {
+        Windows::Section(section) => {
+            if zlen > section.remaining() as u64 {
+                return Err(Error::invalid("window missing"));
+            }
+            let bytes = Bytes::copy_from_slice(section.raw(zlen as usize)?);
+            if sha256(&bytes) != digest && zlen > 0 {
+                return Err(Error::invalid("window does not match its digest"));
+            }
+            bytes
+        }
+        Windows::Remote { at, ranges } => {
+            let range = *at..*at + zlen;
+            *at += zlen;
+            ranges.last_mut().expect("pushed per layer").push(range);
+            Bytes::new()
+        }
+    };
     Ok(Checkpoint {
         kind,
         compressed_offset,
@@ -185,6 +228,7 @@ fn read_checkpoint(
         window: Window {
             len: window_len,
             compressed,
+            digest,
         },
         span_digest,
     })

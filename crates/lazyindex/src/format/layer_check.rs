@@ -42,7 +42,8 @@ fn checkpoint(l: &LayerIndex, cp: &Checkpoint) -> Result<()> {
         }
         CheckpointKind::Member | CheckpointKind::Block => l.compression == Compression::Gzip,
     };
-    let has_window = cp.window.len > 0 || !cp.window.compressed.is_empty();
+    let has_window =
+        cp.window.len > 0 || !cp.window.compressed.is_empty() || cp.window.digest != [0; 32];
     let block = cp.kind == CheckpointKind::Block;
     if !kind_ok || cp.bit_offset > 7 || (!block && (cp.bit_offset > 0 || has_window)) {
         return Err(Error::invalid("inconsistent checkpoint"));

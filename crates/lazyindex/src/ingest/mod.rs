@@ -67,7 +67,7 @@ pub const MIN_SPAN_SIZE: u64 = 32 * 1024;
 impl Default for IndexOptions {
     fn default() -> Self {
         IndexOptions {
-            span_size: 4 << 20,
+            span_size: 1 << 20,
             checkpoint_threshold: 10 << 20,
             compression: None,
             allow_devices: true,
