@@ -33,6 +33,6 @@ pub use artifact::{
 pub use cache::{CacheConfig, Caches};
 pub use imagemesh_lazyindex::{BlobSource, MemorySource, OciLayoutSource, SourceError};
 pub use prefetch::{FoundPrefetch, PrefetchList, RecordedSpan, find_prefetch, push_prefetch};
-pub use reader::{ImageReader, PrefetchStats, ReadError, ReadStats, Shared};
+pub use reader::{ImageReader, MAX_READ_AHEAD, PrefetchStats, ReadError, ReadStats, Shared};
 pub use registry_source::RegistryBlobSource;
 pub use store::{Stored, push_index};
