@@ -133,6 +133,15 @@ struct Sequence {
     ahead: usize,
 }
 
+/// Where [`ImageReader::load`] found bytes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// Memory or the node's disk cache.
+    Cache,
+    /// The blob source (the registry).
+    Source,
+}
+
 /// Who fetches a span or window: counted as the foreground's, prefetch's or read-ahead's.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Fetcher {
@@ -410,63 +419,56 @@ impl<S: BlobSource> ImageReader<S> {
         span: usize,
         by: Fetcher,
     ) -> Result<(), ReadError> {
-        let prefetch = by == Fetcher::Prefetch;
-        let index = &self.image.layers[layer];
-        let range = index.span_range(span);
-        let key = self.key(layer, range.start, range.end, self.verifiers[layer][span]);
+        let plan = self.span_plan(layer, span)?;
+        let key = self.key(
+            layer,
+            plan.fetch.start,
+            plan.fetch.end,
+            self.verifiers[layer][span],
+        );
         let _flight = self.shared.flight(key.clone()).await;
-        if self.shared.caches.compressed.peek(&key).is_some() {
-            if prefetch {
+        let verify = |bytes| self.verify_read(layer, &plan, bytes);
+        let (_, origin) = self.load(&key, by, verify, || ()).await?;
+        match (by, origin) {
+            (Fetcher::Prefetch, Origin::Cache) => {
                 self.prefetch.cached.fetch_add(1, Ordering::Relaxed);
             }
-            return Ok(());
-        }
-        if let Some(disk) = &self.shared.caches.disk {
-            let (cache, k) = (disk.clone(), key.clone());
-            let found = tokio::task::spawn_blocking(move || cache.get(&k))
-                .await
-                .map_err(|e| ReadError::Task(e.to_string()))?;
-            if let Some(bytes) = found {
-                if self.verify_span(layer, span, bytes.clone()).await.is_ok() {
-                    self.shared.caches.compressed.insert(key, bytes);
-                    if prefetch {
-                        self.prefetch.cached.fetch_add(1, Ordering::Relaxed);
-                    }
-                    return Ok(());
-                }
-                tracing::warn!(layer = %self.digests[layer], "disk cache entry failed verification; dropped");
-                disk.drop_entry(&key);
+            (Fetcher::Prefetch, Origin::Source) => {
+                self.prefetch
+                    .prefetched_spans
+                    .fetch_add(1, Ordering::Relaxed);
+                self.prefetch
+                    .prefetched
+                    .lock()
+                    .expect("prefetched lock")
+                    .insert(key);
             }
+            (Fetcher::ReadAhead, Origin::Source) => {
+                self.read_ahead_spans.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
         }
-        let bytes = self
-            .source
-            .read_range(&self.digests[layer], range)
-            .await
-            .map_err(ReadError::Source)?;
-        self.verify_span(layer, span, bytes.clone()).await?;
-        self.count_ahead(by, bytes.len());
-        if let Some(disk) = &self.shared.caches.disk {
-            let (cache, k, b) = (disk.clone(), key.clone(), bytes.clone());
-            tokio::task::spawn_blocking(move || cache.insert(&k, &b));
-        }
-        if prefetch {
-            self.prefetch
-                .prefetched_spans
-                .fetch_add(1, Ordering::Relaxed);
-            self.prefetch
-                .prefetched
-                .lock()
-                .expect("prefetched lock")
-                .insert(key.clone());
-        } else {
-            self.read_ahead_spans.fetch_add(1, Ordering::Relaxed);
-        }
-        self.shared.caches.compressed.insert(key, bytes);
         Ok(())
     }
 
-    /// Counts bytes fetched by prefetch or read-ahead.
-    fn count_ahead(&self, by: Fetcher, bytes: usize) {
+    /// The plan that fetches exactly span `span` of `layer` (what prefetch and read-ahead
+    /// fetch, under the key a foreground read of the span uses).
+    fn span_plan(
+        &self,
+        layer: usize,
+        span: usize,
+    ) -> Result<imagemesh_lazyindex::ReadPlan, ReadError> {
+        let index = &self.image.layers[layer];
+        let start = index.checkpoints[span].uncompressed_offset;
+        let end = index
+            .checkpoints
+            .get(span + 1)
+            .map_or(index.uncompressed_size, |c| c.uncompressed_offset);
+        Ok(index.plan_read(start..end)?)
+    }
+
+    /// Counts a fetch from the source as `by`'s.
+    fn count_fetch(&self, by: Fetcher, bytes: usize) {
         match by {
             Fetcher::Prefetch => self
                 .prefetch
@@ -482,28 +484,69 @@ impl<S: BlobSource> ImageReader<S> {
         };
     }
 
-    /// Checks `bytes` against the span digest of checkpoint `span` of `layer` (off the async
-    /// threads).
-    async fn verify_span(&self, layer: usize, span: usize, bytes: Bytes) -> Result<(), ReadError> {
-        use sha2::{Digest, Sha256};
-        let image = self.image.clone();
-        let good = tokio::task::spawn_blocking(move || {
-            let index = &image.layers[layer];
-            let range = index.span_range(span);
-            bytes.len() as u64 == range.end - range.start
-                && Sha256::digest(&bytes)[..] == index.checkpoints[span].span_digest
-        })
-        .await
-        .map_err(|e| ReadError::Task(e.to_string()))?;
-        if good {
-            Ok(())
-        } else {
-            Err(imagemesh_lazyindex::Error::DigestMismatch {
-                layer: self.digests[layer].to_string(),
-                span,
-            }
-            .into())
+    /// The bytes under `key` (its range of blob `key.digest`): from memory, else from the
+    /// node's disk cache, else fetched from the source and counted as `by`'s. `verify` checks
+    /// bytes from the disk or the source before they are used or cached; a disk entry that
+    /// fails it is dropped and fetched anew. `on_miss` runs when both caches missed, before the
+    /// fetch. The caller holds the key's flight lock. One path for spans and windows, for the
+    /// foreground, prefetch and read-ahead.
+    async fn load<Verified>(
+        &self,
+        key: &RangeKey,
+        by: Fetcher,
+        verify: impl Fn(Bytes) -> Verified,
+        on_miss: impl FnOnce(),
+    ) -> Result<(Bytes, Origin), ReadError>
+    where
+        Verified: std::future::Future<Output = Result<(), ReadError>>,
+    {
+        use imagemesh_lazyindex::Error;
+        if let Some(bytes) = self.shared.caches.compressed.get(key) {
+            return Ok((bytes, Origin::Cache));
         }
+        if let Some(disk) = &self.shared.caches.disk {
+            let (cache, k) = (disk.clone(), key.clone());
+            let found = tokio::task::spawn_blocking(move || cache.get(&k))
+                .await
+                .map_err(|e| ReadError::Task(e.to_string()))?;
+            if let Some(bytes) = found {
+                match verify(bytes.clone()).await {
+                    Ok(()) => {
+                        self.shared
+                            .caches
+                            .compressed
+                            .insert(key.clone(), bytes.clone());
+                        return Ok((bytes, Origin::Cache));
+                    }
+                    // A file that no longer matches its digests: dropped, fetched anew.
+                    Err(ReadError::Index(
+                        Error::DigestMismatch { .. } | Error::WindowMismatch { .. },
+                    )) => {
+                        tracing::warn!(blob = %key.digest, "disk cache entry failed verification; dropped");
+                        disk.drop_entry(key);
+                    }
+                    Err(other) => return Err(other),
+                }
+            }
+        }
+        on_miss();
+        let bytes = self
+            .source
+            .read_range(&key.digest, key.start..key.end)
+            .await
+            .map_err(ReadError::Source)?;
+        self.count_fetch(by, bytes.len());
+        verify(bytes.clone()).await?;
+        if let Some(disk) = &self.shared.caches.disk {
+            let (cache, k, b) = (disk.clone(), key.clone(), bytes.clone());
+            // Written in the background: the read does not wait for the disk.
+            tokio::task::spawn_blocking(move || cache.insert(&k, &b));
+        }
+        self.shared
+            .caches
+            .compressed
+            .insert(key.clone(), bytes.clone());
+        Ok((bytes, Origin::Source))
     }
 
     /// A foreground read found `key` in a cache: a prefetch hit if prefetch put it there.
@@ -649,7 +692,8 @@ impl<S: BlobSource> ImageReader<S> {
     }
 
     /// The verified compressed bytes of `plan.fetch`: memory first, then the node's disk cache,
-    /// then the registry. Only verified bytes enter (or leave) the caches.
+    /// then the registry (reading ahead when the layer is read sequentially). The caller holds
+    /// the span's flight lock.
     async fn span_bytes(
         &self,
         layer: usize,
@@ -657,54 +701,15 @@ impl<S: BlobSource> ImageReader<S> {
     ) -> Result<Bytes, ReadError> {
         let verifier = spans_verifier(&self.verifiers[layer][plan.spans()]);
         let span_key = self.key(layer, plan.fetch.start, plan.fetch.end, verifier);
-        if let Some(bytes) = self.shared.caches.compressed.get(&span_key) {
+        let verify = |bytes| self.verify_read(layer, plan, bytes);
+        let on_miss = || self.read_ahead(layer, plan.spans());
+        let (bytes, origin) = self
+            .load(&span_key, Fetcher::Foreground, verify, on_miss)
+            .await?;
+        if origin == Origin::Cache {
             self.served_from_cache(&span_key);
-            return Ok(bytes);
         }
-        if let Some(disk) = &self.shared.caches.disk {
-            let (cache, key) = (disk.clone(), span_key.clone());
-            let found = tokio::task::spawn_blocking(move || cache.get(&key))
-                .await
-                .map_err(|e| ReadError::Task(e.to_string()))?;
-            if let Some(bytes) = found {
-                match self.verify_read(layer, plan, bytes.clone()).await {
-                    Ok(()) => {
-                        self.served_from_cache(&span_key);
-                        self.shared
-                            .caches
-                            .compressed
-                            .insert(span_key, bytes.clone());
-                        return Ok(bytes);
-                    }
-                    // A file that no longer matches its span digests: dropped, fetched anew.
-                    Err(ReadError::Index(imagemesh_lazyindex::Error::DigestMismatch {
-                        ..
-                    })) => {
-                        tracing::warn!(layer = %self.digests[layer], "disk cache entry failed verification; dropped");
-                        disk.drop_entry(&span_key);
-                    }
-                    Err(other) => return Err(other),
-                }
-            }
-        }
-        self.read_ahead(layer, plan.spans());
-        let compressed = self
-            .source
-            .read_range(&self.digests[layer], plan.fetch.clone())
-            .await
-            .map_err(ReadError::Source)?;
-        self.count_ahead(Fetcher::Foreground, compressed.len());
-        self.verify_read(layer, plan, compressed.clone()).await?;
-        if let Some(disk) = &self.shared.caches.disk {
-            let (cache, key, bytes) = (disk.clone(), span_key.clone(), compressed.clone());
-            // Written in the background: the read does not wait for the disk.
-            tokio::task::spawn_blocking(move || cache.insert(&key, &bytes));
-        }
-        self.shared
-            .caches
-            .compressed
-            .insert(span_key, compressed.clone());
-        Ok(compressed)
+        Ok(bytes)
     }
 
     /// Checks `bytes` against the span digests `plan` covers (off the async threads).
@@ -749,46 +754,21 @@ impl<S: BlobSource> ImageReader<S> {
             return Ok(Some(bytes));
         }
         let _flight = self.shared.flight(key.clone()).await;
-        if let Some(bytes) = self.shared.caches.compressed.peek(&key) {
-            return Ok(Some(bytes));
-        }
-        let matches = |bytes: &[u8]| {
+        let verify = |bytes: Bytes| {
             use sha2::{Digest, Sha256};
-            Sha256::digest(bytes)[..] == window.digest
-        };
-        if let Some(disk) = &self.shared.caches.disk {
-            let (cache, k) = (disk.clone(), key.clone());
-            let found = tokio::task::spawn_blocking(move || cache.get(&k))
-                .await
-                .map_err(|e| ReadError::Task(e.to_string()))?;
-            match found {
-                Some(bytes) if matches(&bytes) => {
-                    self.shared.caches.compressed.insert(key, bytes.clone());
-                    return Ok(Some(bytes));
+            let good = Sha256::digest(&bytes)[..] == window.digest;
+            // A 32 KiB digest: cheap enough for the async thread.
+            std::future::ready(if good {
+                Ok(())
+            } else {
+                Err(imagemesh_lazyindex::Error::WindowMismatch {
+                    layer: self.digests[layer].to_string(),
+                    checkpoint,
                 }
-                Some(_) => disk.drop_entry(&key),
-                None => {}
-            }
-        }
-        let bytes = self
-            .source
-            .read_range(blob, range)
-            .await
-            .map_err(ReadError::Source)?;
-        self.count_ahead(by, bytes.len());
-        // A 32 KiB digest check: cheap enough for the async thread.
-        if !matches(&bytes) {
-            return Err(imagemesh_lazyindex::Error::WindowMismatch {
-                layer: self.digests[layer].to_string(),
-                checkpoint,
-            }
-            .into());
-        }
-        if let Some(disk) = &self.shared.caches.disk {
-            let (cache, k, b) = (disk.clone(), key.clone(), bytes.clone());
-            tokio::task::spawn_blocking(move || cache.insert(&k, &b));
-        }
-        self.shared.caches.compressed.insert(key, bytes.clone());
+                .into())
+            })
+        };
+        let (bytes, _) = self.load(&key, by, verify, || ()).await?;
         Ok(Some(bytes))
     }
 

@@ -117,7 +117,7 @@ impl LayerIndex {
 
     /// The inflated window of checkpoint `i`: from memory, or `remote` checked against its
     /// digest.
-    pub fn window_of(&self, i: usize, remote: Option<&[u8]>) -> Result<Vec<u8>> {
+    fn window_of(&self, i: usize, remote: Option<&[u8]>) -> Result<Vec<u8>> {
         let window = &self.checkpoints[i].window;
         if !window.is_remote() {
             return window.decompress();
