@@ -350,6 +350,14 @@ async fn copy(mesh: &Mesh, source: &str, n: usize) {
     mesh.submit(&request).await;
     let events = mesh.wait_terminal(&id, WAIT).await;
     let last = events.last().expect("events");
+    if last.state() != RequestState::Succeeded {
+        // What the registry said about it, to tell a registry fault from ours.
+        for line in mesh.registry.log().lines() {
+            if line.contains("level=error") || line.contains("level=warn") {
+                eprintln!("registry: {line}");
+            }
+        }
+    }
     assert_eq!(
         last.state(),
         RequestState::Succeeded,

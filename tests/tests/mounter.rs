@@ -344,19 +344,34 @@ async fn a_mount_beyond_the_index_memory_budget_is_refused_at_capacity() {
         ("IMAGEMESH_MOUNTER__INDEX_MEMORY_BYTES", budget.as_str()),
     ];
     mesh.start_instance("mounter", "mounter-budget", &env).await;
-    mounted(&run(&mesh, &runtime_request("budget-1", "ctr-b1", &image)).await);
+    let events = run(&mesh, &runtime_request("budget-1", "ctr-b1", &image)).await;
+    mounted(&events);
+    let resolved = find(&events, "mounter", "resolved").unwrap();
+    assert_eq!(detail(resolved, "index_shared"), "false");
+    assert!(detail(resolved, "index_bytes").parse::<u64>().unwrap() > 0);
     let held = index_memory(&mesh).await;
     assert_eq!(held["index_memory"]["bytes"], one, "{held}");
     assert_eq!(held["index_memory"]["budget"].to_string(), budget, "{held}");
     assert_eq!(held["mounts"][0]["index_bytes"], one, "{held}");
 
-    // A second container of the image shares its mount: no more index memory.
-    mounted(&run(&mesh, &runtime_request("budget-2", "ctr-b2", &image)).await);
+    // A second container of the image shares its mount, and the mount's index: nothing is
+    // downloaded or decoded again, and no more index memory is held.
+    let events = run(&mesh, &runtime_request("budget-2", "ctr-b2", &image)).await;
+    mounted(&events);
+    let resolved = find(&events, "mounter", "resolved").unwrap();
+    assert_eq!(detail(resolved, "index_shared"), "true");
+    assert_eq!(detail(resolved, "index_bytes"), "0");
     assert_eq!(index_memory(&mesh).await["index_memory"]["bytes"], one);
 
     // The same image in another repository is another mount: past the budget.
     let other = push_indexed_to(&mesh, "imagemesh/builds/default/other", "budget-other").await;
     let events = run(&mesh, &runtime_request("budget-3", "ctr-b3", &other)).await;
+    let resolved = find(&events, "mounter", "resolved").unwrap();
+    assert_eq!(
+        detail(resolved, "index_shared"),
+        "false",
+        "another repository's mount"
+    );
     let failed = imagemesh_tests::assert_gave_up(&events, "mounter", ErrorCode::AtCapacity, 2);
     assert!(
         failed.message.contains("index memory budget"),

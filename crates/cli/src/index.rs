@@ -88,7 +88,7 @@ pub async fn run(args: IndexArgs) -> anyhow::Result<ExitCode> {
 struct Opened {
     client: Arc<RegistryClient>,
     image: ResolvedImage,
-    index: ImageIndex,
+    index: Arc<ImageIndex>,
 }
 
 async fn open(image: &str, args: &RegistryArgs) -> anyhow::Result<Opened> {
@@ -215,11 +215,7 @@ async fn cat(
     let source = RegistryBlobSource::new(client, &image.reference).await;
     let tree = MergedTree::from_layers(&index.layers);
     // Caches sized for one chunk: every byte is read once.
-    let reader = ImageReader::new(
-        Arc::new(index),
-        source,
-        Arc::new(Shared::in_memory(CAT_CHUNK)),
-    );
+    let reader = ImageReader::new(index, source, Arc::new(Shared::in_memory(CAT_CHUNK)));
     let resolved = resolve(&tree, path)?;
     let entry = tree.get(&resolved).expect("resolved paths exist");
     if entry.kind != EntryKind::File {

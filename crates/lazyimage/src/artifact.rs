@@ -7,6 +7,8 @@
 //! `sha256-<hex>` (the subject digest) listing every referrer. [`find_index_artifact`] tries
 //! the API and falls back to the tag, so readers work with either.
 
+use std::sync::Arc;
+
 use imagemesh_lazyindex::{
     DecodeLimits, FORMAT_VERSION, ImageIndex, decode_image, decode_image_head,
 };
@@ -61,11 +63,14 @@ impl IndexArtifact {
 pub struct LoadedIndex {
     /// The index; when it was loaded from its head alone its windows are remote
     /// (`index.remote_windows`), fetched from the index blob as reads need them.
-    pub index: ImageIndex,
+    pub index: Arc<ImageIndex>,
     /// Digest of the index artifact manifest.
     pub digest: String,
-    /// Bytes of the encoded index downloaded: its head, or all of it.
+    /// Bytes of the encoded index downloaded: its head, or all of it (none when shared).
     pub bytes: u64,
+    /// Taken from a live mount of the same image and index ([`load_index_sharing`]): nothing
+    /// was downloaded or decoded.
+    pub shared: bool,
 }
 
 /// Why an image's index cannot be used.
@@ -180,6 +185,19 @@ pub async fn load_index(
     client: &RegistryClient,
     resolved: &ResolvedImage,
 ) -> Result<LoadedIndex, IndexLoadError> {
+    load_index_sharing(client, resolved, |_| None).await
+}
+
+/// [`load_index`], unless `live(index artifact digest)` already holds that index (a mount of
+/// the same image through the same index artifact, in this process): then it is shared, not
+/// downloaded and decoded again, so containers starting together on one image prepare one
+/// index, not one each. The artifact is still found with this client's credential (the
+/// referrers of the manifest it resolved), so sharing proves the same access as loading.
+pub async fn load_index_sharing(
+    client: &RegistryClient,
+    resolved: &ResolvedImage,
+    live: impl FnOnce(&str) -> Option<Arc<ImageIndex>>,
+) -> Result<LoadedIndex, IndexLoadError> {
     let digest = resolved.digest();
     let artifact = find_index_artifact(client, &resolved.reference, digest, FORMAT_VERSION)
         .await?
@@ -189,17 +207,11 @@ pub async fn load_index(
                 resolved.reference.whole()
             ))
         })?;
-    let (index, bytes) = match head_of(&artifact) {
-        Some(head) => load_head(client, resolved, &artifact, head).await?,
+    let (index, bytes, shared) = match live(&artifact.digest) {
+        Some(index) => (index, 0, true),
         None => {
-            let blob = pull_index_blob(client, &resolved.reference, &artifact).await?;
-            let bytes = blob.len() as u64;
-            // Decoding validates every count and offset: CPU work proportional to the index.
-            let index = tokio::task::spawn_blocking(move || decode_image(&blob))
-                .await
-                .map_err(|e| IndexLoadError::Invalid(format!("decoding the index failed: {e}")))?
-                .map_err(|e| IndexLoadError::Invalid(format!("index {}: {e}", artifact.digest)))?;
-            (index, bytes)
+            let (index, bytes) = load_encoded(client, resolved, &artifact).await?;
+            (Arc::new(index), bytes, false)
         }
     };
     if index.manifest_digest.as_deref() != Some(digest) {
@@ -230,7 +242,28 @@ pub async fn load_index(
         index,
         digest: artifact.digest,
         bytes,
+        shared,
     })
+}
+
+/// The index `artifact` holds, from its head when its descriptor announces one, else whole;
+/// with the bytes downloaded.
+async fn load_encoded(
+    client: &RegistryClient,
+    resolved: &ResolvedImage,
+    artifact: &IndexArtifact,
+) -> Result<(ImageIndex, u64), IndexLoadError> {
+    if let Some(head) = head_of(artifact) {
+        return load_head(client, resolved, artifact, head).await;
+    }
+    let blob = pull_index_blob(client, &resolved.reference, artifact).await?;
+    let bytes = blob.len() as u64;
+    // Decoding validates every count and offset: CPU work proportional to the index.
+    let index = crate::blocking::run(move || decode_image(&blob))
+        .await
+        .map_err(|e| IndexLoadError::Invalid(format!("decoding the index failed: {e}")))?
+        .map_err(|e| IndexLoadError::Invalid(format!("index {}: {e}", artifact.digest)))?;
+    Ok((index, bytes))
 }
 
 /// The head an index blob's descriptor announces: (blob descriptor, head size, head digest).
@@ -267,7 +300,7 @@ async fn load_head(
             .await?;
     let expected = digest.to_string();
     let blob_digest = blob.digest.clone();
-    let index = tokio::task::spawn_blocking(move || {
+    let index = crate::blocking::run(move || {
         use sha2::{Digest, Sha256};
         if format!("sha256:{:x}", Sha256::digest(&head)) != expected {
             return Err("its head does not match the digest its manifest names".to_string());

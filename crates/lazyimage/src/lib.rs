@@ -15,11 +15,13 @@
 //!   artifact next to the index, found, pushed and replayed through the reader.
 //! - [`cache`] + [`disk_cache`]: the byte-bounded caches a reader shares with every reader of
 //!   the process, in memory and on disk, keyed by what verified their bytes.
+//! - [`blocking`]: the bounded slots all their blocking work runs in.
 //!
 //! `docs/index-format.md` describes the artifact; `docs/mounter.md` the reader and its caches.
 #![forbid(unsafe_code)]
 
 pub mod artifact;
+pub mod blocking;
 pub mod cache;
 pub mod disk_cache;
 pub mod prefetch;
@@ -28,7 +30,8 @@ pub mod registry_source;
 pub mod store;
 
 pub use artifact::{
-    IndexArtifact, IndexLoadError, LoadedIndex, find_index_artifact, load_index, referrers_tag,
+    IndexArtifact, IndexLoadError, LoadedIndex, find_index_artifact, load_index,
+    load_index_sharing, referrers_tag,
 };
 pub use cache::{CacheConfig, Caches};
 pub use imagemesh_lazyindex::{BlobSource, MemorySource, OciLayoutSource, SourceError};

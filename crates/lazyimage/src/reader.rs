@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use imagemesh_lazyindex::{BlobSource, DataRef, EntryKind, ImageIndex, MergedTree, SourceError};
-use tokio::sync::{OwnedMutexGuard, Semaphore};
+use tokio::sync::OwnedMutexGuard;
 
 use crate::cache::{CacheConfig, Caches, RangeKey};
 use crate::prefetch::RecordedSpan;
@@ -48,16 +48,14 @@ pub enum ReadError {
     Source(SourceError),
     #[error(transparent)]
     Index(#[from] imagemesh_lazyindex::Error),
-    #[error("inflate task failed: {0}")]
+    #[error("blocking task failed: {0}")]
     Task(String),
 }
 
-/// What every mount of the instance shares: caches, flight locks, inflate slots.
+/// What every mount of the instance shares: caches and flight locks.
 pub struct Shared {
     pub caches: Caches,
     flights: Mutex<HashMap<RangeKey, Weak<tokio::sync::Mutex<()>>>>,
-    /// Inflating is CPU-bound: at most one inflate per core at a time.
-    inflate_slots: Semaphore,
 }
 
 impl Shared {
@@ -72,11 +70,9 @@ impl Shared {
     }
 
     pub fn new(caches: Caches) -> Self {
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Self {
             caches,
             flights: Mutex::new(HashMap::new()),
-            inflate_slots: Semaphore::new(cores),
         }
     }
 
@@ -95,6 +91,15 @@ impl Shared {
         };
         lock.lock_owned().await
     }
+}
+
+/// Runs blocking work of a read in one of the process's [`blocking`](crate::blocking) slots.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ReadError> {
+    crate::blocking::run(work)
+        .await
+        .map_err(|e| ReadError::Task(e.to_string()))
 }
 
 /// Reads files of one image from `S`.
@@ -506,9 +511,7 @@ impl<S: BlobSource> ImageReader<S> {
         }
         if let Some(disk) = &self.shared.caches.disk {
             let (cache, k) = (disk.clone(), key.clone());
-            let found = tokio::task::spawn_blocking(move || cache.get(&k))
-                .await
-                .map_err(|e| ReadError::Task(e.to_string()))?;
+            let found = blocking(move || cache.get(&k)).await?;
             if let Some(bytes) = found {
                 match verify(bytes.clone()).await {
                     Ok(()) => {
@@ -540,7 +543,7 @@ impl<S: BlobSource> ImageReader<S> {
         if let Some(disk) = &self.shared.caches.disk {
             let (cache, k, b) = (disk.clone(), key.clone(), bytes.clone());
             // Written in the background: the read does not wait for the disk.
-            tokio::task::spawn_blocking(move || cache.insert(&k, &b));
+            tokio::spawn(blocking(move || cache.insert(&k, &b)));
         }
         self.shared
             .caches
@@ -575,7 +578,7 @@ impl<S: BlobSource> ImageReader<S> {
         }
     }
 
-    pub fn image(&self) -> &ImageIndex {
+    pub fn image(&self) -> &Arc<ImageIndex> {
         &self.image
     }
 
@@ -720,9 +723,8 @@ impl<S: BlobSource> ImageReader<S> {
         bytes: Bytes,
     ) -> Result<(), ReadError> {
         let (image, plan) = (self.image.clone(), plan.clone());
-        tokio::task::spawn_blocking(move || image.layers[layer].verify_read(&plan, &bytes))
-            .await
-            .map_err(|e| ReadError::Task(e.to_string()))?
+        blocking(move || image.layers[layer].verify_read(&plan, &bytes))
+            .await?
             .map_err(ReadError::from)
     }
 
@@ -772,8 +774,7 @@ impl<S: BlobSource> ImageReader<S> {
         Ok(Some(bytes))
     }
 
-    /// Inflates what `plan` wants from its verified compressed bytes, on a blocking thread, at
-    /// most one per core at a time.
+    /// Inflates what `plan` wants from its verified compressed bytes, in a blocking slot.
     async fn decode(
         &self,
         layer: usize,
@@ -781,19 +782,12 @@ impl<S: BlobSource> ImageReader<S> {
         compressed: Bytes,
         window: Option<Bytes>,
     ) -> Result<Vec<u8>, ReadError> {
-        let _slot = self
-            .shared
-            .inflate_slots
-            .acquire()
-            .await
-            .expect("never closed");
         let image = self.image.clone();
         let plan = plan.clone();
-        let decoded = tokio::task::spawn_blocking(move || {
+        let decoded = blocking(move || {
             image.layers[layer].inflate_verified(&plan, &compressed, window.as_deref())
         })
-        .await
-        .map_err(|e| ReadError::Task(e.to_string()))??;
+        .await??;
         self.inflated
             .fetch_add(decoded.len() as u64, Ordering::Relaxed);
         Ok(decoded)

@@ -150,10 +150,9 @@ pub(crate) async fn store_artifact(
         artifact_type: Some(kind.artifact_type.into()),
     };
     client
-        .oci()
-        .push_manifest_raw(
+        .push_manifest(
             &repo.clone_with_digest(digest.clone()),
-            body,
+            body.into(),
             OCI_IMAGE_MEDIA_TYPE.parse().expect("static header value"),
         )
         .await
@@ -177,18 +176,8 @@ async fn push_blob(
     }
     match client.oci().push_blob(repo, data, digest).await {
         Ok(_) => Ok(()),
-        // Indexers of several images push the same small blobs (the empty config) at once, and
-        // distribution may refuse the loser's upload; the blob being there is all that matters.
-        Err(err)
-            if client
-                .oci()
-                .blob_exists(repo, digest)
-                .await
-                .unwrap_or(false) =>
-        {
-            tracing::debug!(digest, error = %err, "blob pushed concurrently by another writer");
-            Ok(())
-        }
+        // Indexers of several images push the same small blobs (the empty config) at once.
+        Err(err) if client.pushed_concurrently(repo, digest, &err).await => Ok(()),
         Err(err) => Err(fail(err)),
     }
 }
@@ -269,10 +258,9 @@ async fn list_referrer(
     index.manifests.push(entry);
     let body = serde_json::to_vec(&index).expect("indexes serialise");
     client
-        .oci()
-        .push_manifest_raw(
+        .push_manifest(
             &tag_ref,
-            body,
+            body.into(),
             OCI_IMAGE_INDEX_MEDIA_TYPE
                 .parse()
                 .expect("static header value"),

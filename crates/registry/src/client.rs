@@ -130,6 +130,57 @@ impl RegistryClient {
         Ok(parsed)
     }
 
+    /// Pushes a manifest (`to` names the tag or digest), retrying the one refusal that is the
+    /// registry's race, not the manifest's fault: distribution stores a manifest as a blob, and
+    /// of several pushes of identical manifests at once (copies of one image under several
+    /// tags) it has answered one with 400 DIGEST_INVALID, "provided digest did not match
+    /// uploaded content", for bytes whose digest it computed itself. Anything else is returned
+    /// at once.
+    pub async fn push_manifest(
+        &self,
+        to: &Reference,
+        body: bytes::Bytes,
+        content_type: reqwest::header::HeaderValue,
+    ) -> Result<String, oci_client::errors::OciDistributionError> {
+        const ATTEMPTS: u32 = 4;
+        let mut attempt = 1;
+        loop {
+            let pushed = self
+                .client
+                .push_manifest_raw(to, body.clone(), content_type.clone())
+                .await;
+            match pushed {
+                Err(error) if attempt < ATTEMPTS && is_digest_race(&error) => {
+                    tracing::debug!(%error, attempt, "manifest push refused as DIGEST_INVALID; retrying");
+                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Whether a blob upload that failed with `error` landed anyway: writers of images that
+    /// share layers push the same blob into one repository at once, and a registry may refuse
+    /// the loser's upload (distribution has answered 400 "digest did not match uploaded
+    /// content" and 500). The blob being there, under its digest, is all a push needs.
+    pub async fn pushed_concurrently(
+        &self,
+        repository: &Reference,
+        digest: &str,
+        error: &oci_client::errors::OciDistributionError,
+    ) -> bool {
+        let there = self
+            .client
+            .blob_exists(repository, digest)
+            .await
+            .unwrap_or(false);
+        if there {
+            tracing::debug!(digest, %error, "blob upload refused, but another writer pushed it");
+        }
+        there
+    }
+
     /// Authenticates for `operation` on the reference's repository and checks the manifest with
     /// a HEAD request: proves the registry accepts the credential for this repository.
     pub async fn check_access(
@@ -159,6 +210,21 @@ impl RegistryClient {
                 }
             }
         }
+    }
+}
+
+/// A 400 DIGEST_INVALID answer (see [`RegistryClient::push_manifest`]).
+fn is_digest_race(error: &oci_client::errors::OciDistributionError) -> bool {
+    use oci_client::errors::{OciDistributionError, OciErrorCode};
+    match error {
+        OciDistributionError::ServerError { code, message, .. } => {
+            *code == 400 && message.contains("DIGEST_INVALID")
+        }
+        OciDistributionError::RegistryError { envelope, .. } => envelope
+            .errors
+            .iter()
+            .any(|e| e.code == OciErrorCode::DigestInvalid),
+        _ => false,
     }
 }
 

@@ -49,7 +49,22 @@ where
     F: FnOnce(C, Client, Shutdown) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    let runtime = match tokio::runtime::Runtime::new() {
+    main_on(name, args, tokio::runtime::Builder::new_multi_thread(), run)
+}
+
+/// [`main`] on a runtime built from `runtime` (a service that bounds its blocking pool).
+pub fn main_on<C, F, Fut>(
+    name: &'static str,
+    args: ServiceArgs,
+    mut runtime: tokio::runtime::Builder,
+    run: F,
+) -> ExitCode
+where
+    C: ServiceConfig,
+    F: FnOnce(C, Client, Shutdown) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let runtime = match runtime.enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("{name}: cannot start the async runtime: {err}");

@@ -100,8 +100,7 @@ impl ImageCopy<'_> {
             )
         })?;
         self.target
-            .oci()
-            .push_manifest_raw(to, raw, content_type)
+            .push_manifest(to, raw, content_type)
             .await
             .map_err(|e| src_error(self.target, to, &e))?;
         Ok(())
@@ -161,10 +160,17 @@ impl ImageCopy<'_> {
         let bytes = stream
             .stream
             .map_err(oci_client::errors::OciDistributionError::from);
-        target
+        let pushed = target
             .push_blob_stream(to, bytes, &blob.digest, Some(blob.size as u64))
-            .await
-            .map_err(|e| src_error(self.target, to, &e))?;
+            .await;
+        if let Err(err) = pushed
+            && !self
+                .target
+                .pushed_concurrently(to, &blob.digest, &err)
+                .await
+        {
+            return Err(src_error(self.target, to, &err));
+        }
         self.log
             .line(&format!(
                 "copied blob {} ({} bytes)",

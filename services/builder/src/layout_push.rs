@@ -70,8 +70,7 @@ pub async fn push_layout(
         .parse()
         .map_err(|_| Failure::internal("the built manifest has a bad media type"))?;
     target
-        .oci()
-        .push_manifest_raw(to, bytes::Bytes::from(raw), media_type)
+        .push_manifest(to, bytes::Bytes::from(raw), media_type)
         .await
         .map_err(|e| fail(&e))?;
     Ok(digest)
@@ -96,10 +95,15 @@ async fn push_blob(
     let file = tokio::fs::File::open(&path).await?;
     let stream = tokio_util::io::ReaderStream::with_capacity(file, CHUNK)
         .map_err(OciDistributionError::from);
-    target
+    let pushed = target
         .oci()
         .push_blob_stream(to, stream, &blob.digest, Some(blob.size as u64))
-        .await?;
+        .await;
+    if let Err(err) = pushed
+        && !target.pushed_concurrently(to, &blob.digest, &err).await
+    {
+        return Err(err);
+    }
     log.line(&format!(
         "pushed blob {} ({} bytes)",
         blob.digest, blob.size

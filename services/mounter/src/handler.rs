@@ -164,7 +164,18 @@ impl Mounter {
                 .map_err(|e| e.into_outcome())?;
             self.report_authenticated(request, &registry, credential)
                 .await;
-            let opened = load_index(&client, resolved)
+            // Containers of an image already mounted share its index.
+            let image = LazyKey::of(&request.tenant, &resolved, "");
+            let live = |index_digest: &str| {
+                let key = LazyKey {
+                    index_digest: index_digest.to_string(),
+                    ..image
+                };
+                self.mounts
+                    .find_lazy(&key)
+                    .map(|l| l.reader.image().clone())
+            };
+            let opened = load_index(&client, resolved, live)
                 .instrument(tracing::info_span!("load index"))
                 .await
                 .map_err(|e| e.into_outcome())?;
@@ -186,16 +197,7 @@ impl Mounter {
                     ),
                 ))
             })??;
-        let key = LazyKey {
-            tenant: request.tenant.clone(),
-            repository: format!(
-                "{}/{}",
-                opened.resolved.reference.registry(),
-                opened.resolved.reference.repository()
-            ),
-            image_digest: opened.resolved.digest().to_string(),
-            index_digest: opened.index_digest.clone(),
-        };
+        let key = LazyKey::of(&request.tenant, &opened.resolved, &opened.index_digest);
         // Containers of the image share its lazy mount: found, or made, under the key's lock.
         let _lazy_lock = self.mounts.lazy_lock(&key).await;
         let (lazy, made) = match self.mounts.find_lazy(&key) {
@@ -227,16 +229,19 @@ impl Mounter {
         let mounting =
             tracing::info_span!("mount", mount_id = id, lazy_mount = %lazy.id, shared = !made);
         let attaching = lazy.clone();
-        let attached = tokio::task::spawn_blocking(move || {
-            let _in = mounting.enter();
-            let attached = mounts.attach_blocking(&attaching, info, Some(&kept), Some(&process));
-            if attached.is_err() {
-                mounts.end_lazy_if_unused_blocking(&attaching);
-            }
-            attached
-        })
-        .await
-        .map_err(|e| reject(ErrorCode::Internal, format!("mount task failed: {e}")))?;
+        let attached = self
+            .mounts
+            .blocking(move || {
+                let _in = mounting.enter();
+                let attached =
+                    mounts.attach_blocking(&attaching, info, Some(&kept), Some(&process));
+                if attached.is_err() {
+                    mounts.end_lazy_if_unused_blocking(&attaching);
+                }
+                attached
+            })
+            .await
+            .map_err(|e| reject(ErrorCode::Internal, format!("mount task failed: {e}")))?;
         let mount = attached.map_err(|e| match e {
             // A mount point in a bad state or /dev/fuse busy may clear up: retry.
             MountError::Fuse(e) => Outcome::Retry(Rejection::new(
@@ -278,18 +283,18 @@ impl Mounter {
         let (k, c, s) = (key.clone(), counters, stop);
         // The mount's first registry read is traced under this request, when it comes.
         source.trace_first_read(imagemesh_runtime::telemetry::current_context());
-        let lazy = tokio::task::spawn_blocking(move || {
-            mounts.mount_lazy_blocking(fs, k, c, s, index_bytes)
-        })
-        .await
-        .map_err(|e| reject(ErrorCode::Internal, format!("mount task failed: {e}")))?
-        .map_err(|e| {
-            // A mount point in a bad state or /dev/fuse busy may clear up: retry.
-            Outcome::Retry(Rejection::new(
-                ErrorCode::Internal,
-                format!("mounting the image for {id} failed: {e}"),
-            ))
-        })?;
+        let lazy = self
+            .mounts
+            .blocking(move || mounts.mount_lazy_blocking(fs, k, c, s, index_bytes))
+            .await
+            .map_err(|e| reject(ErrorCode::Internal, format!("mount task failed: {e}")))?
+            .map_err(|e| {
+                // A mount point in a bad state or /dev/fuse busy may clear up: retry.
+                Outcome::Retry(Rejection::new(
+                    ErrorCode::Internal,
+                    format!("mounting the image for {id} failed: {e}"),
+                ))
+            })?;
         self.start_refresh(
             &lazy,
             source.clone(),
@@ -340,11 +345,11 @@ impl Mounter {
         let reader =
             ImageReader::new_shared(opened.index.clone(), source.clone(), self.shared.clone());
         let index = opened.index.clone();
-        let inodes = tokio::task::spawn_blocking(move || {
-            Arc::new(Inodes::build(MergedTree::from_layers(&index.layers)))
-        })
-        .await
-        .map_err(|e| reject(ErrorCode::Internal, format!("building the file table: {e}")))?;
+        let inodes = self
+            .mounts
+            .blocking(move || Arc::new(Inodes::build(MergedTree::from_layers(&index.layers))))
+            .await
+            .map_err(|e| reject(ErrorCode::Internal, format!("building the file table: {e}")))?;
         let index_bytes = crate::footprint::of_mount(&opened.index, &inodes);
         if let Err((held, budget)) = self.mounts.charge(id, index_bytes) {
             return Err(Outcome::Retry(Rejection::new(
@@ -480,6 +485,7 @@ impl Mounter {
             .detail("image_digest", opened.resolved.digest())
             .detail("index_digest", &opened.index_digest)
             .detail("index_bytes", opened.index_bytes)
+            .detail("index_shared", opened.index_shared)
             .detail("layers", layers.len())
             .detail("layer_files", files)
             .detail("compressed_bytes", compressed);

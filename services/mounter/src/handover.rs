@@ -194,7 +194,7 @@ impl Mounter {
         let resolved = resolve(&client, &pinned, &self.platform)
             .await
             .map_err(|e| format!("{e:?}"))?;
-        let opened = load_index(&client, resolved)
+        let opened = load_index(&client, resolved, |_| None)
             .await
             .map_err(|e| format!("{e:?}"))?;
         if opened.index_digest != first.index_digest {
@@ -221,12 +221,14 @@ impl Mounter {
         let counters = Arc::new(RefreshCounters::new(credential.as_ref()));
         let mounts = self.mounts.clone();
         let (c, p) = (counters, path.to_path_buf());
-        let lazy = tokio::task::spawn_blocking(move || {
-            mounts.resume_lazy_blocking(fs, key, p, c, Shutdown::new(), index_bytes, fuse)
-        })
-        .await
-        .map_err(|e| format!("resume task failed: {e}"))?
-        .map_err(|e| format!("resuming the FUSE session: {e}"))?;
+        let lazy = self
+            .mounts
+            .blocking(move || {
+                mounts.resume_lazy_blocking(fs, key, p, c, Shutdown::new(), index_bytes, fuse)
+            })
+            .await
+            .map_err(|e| format!("resume task failed: {e}"))?
+            .map_err(|e| format!("resuming the FUSE session: {e}"))?;
         for mount in kept {
             let info = MountInfo {
                 id: mount.id.clone(),

@@ -60,6 +60,20 @@ pub const IDENTITY: Identity = Identity {
     description: "Mounts images lazily with the request's credentials",
 };
 
+/// The mounter's async runtime. Its blocking work runs in slots (reads and index decoding:
+/// `imagemesh_lazyimage::blocking`; mount work: [`mounts::MOUNT_WORK_SLOTS`]), and its blocking
+/// pool holds that many threads and one more (the keeper's listing at start). Without the cap
+/// the pool still grew past the slots under steady load: a slot is free again a moment before
+/// its thread is idle, and tokio starts a new thread for a task that finds none idle. Nothing
+/// in a slot waits for anything else in the pool, so tasks queued at the cap always run.
+pub fn runtime() -> tokio::runtime::Builder {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.max_blocking_threads(
+        imagemesh_lazyimage::blocking::slots() + mounts::MOUNT_WORK_SLOTS + 1,
+    );
+    runtime
+}
+
 /// Mounts until `shutdown`, then unmounts everything it mounted.
 pub async fn run(config: Config, client: Client, shutdown: Shutdown) -> anyhow::Result<()> {
     let js = async_nats::jetstream::new(client.clone());

@@ -16,5 +16,10 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    app::main("mounter", args.service, imagemesh_mounter::run)
+    app::main_on(
+        "mounter",
+        args.service,
+        imagemesh_mounter::runtime(),
+        imagemesh_mounter::run,
+    )
 }

@@ -67,6 +67,21 @@ pub struct LazyKey {
 }
 
 impl LazyKey {
+    /// The key of `tenant`'s mount of `image` (its registry, repository and manifest digest)
+    /// through index artifact `index_digest`.
+    pub fn of(tenant: &str, image: &imagemesh_registry::ResolvedImage, index_digest: &str) -> Self {
+        LazyKey {
+            tenant: tenant.to_string(),
+            repository: format!(
+                "{}/{}",
+                image.reference.registry(),
+                image.reference.repository()
+            ),
+            image_digest: image.digest().to_string(),
+            index_digest: index_digest.to_string(),
+        }
+    }
+
     /// The lazy mount's directory name under `<mount_root>/.images`: the tenant and a hash of
     /// the rest (container ids hold no `.`, so it never names a container's mount point).
     pub fn id(&self) -> String {
@@ -189,6 +204,10 @@ fn index_bytes(slots: &HashMap<String, Slot>, lazies: &HashMap<LazyKey, Arc<Lazy
     mounting + lazies.values().map(|l| l.index_bytes).sum::<u64>()
 }
 
+/// How much blocking mount work runs at once. Two: mounting and unmounting wait mostly on
+/// the kernel, which serializes mount-table changes, so more would only hold more threads.
+pub const MOUNT_WORK_SLOTS: usize = 2;
+
 /// Every mount of this instance, by mount id.
 pub struct MountTable {
     root: PathBuf,
@@ -203,6 +222,10 @@ pub struct MountTable {
     /// Holds every live mount's FUSE descriptor for the next process; `None`: mounts end with
     /// this process.
     keeper: Option<KeeperClient>,
+    /// Mount work that blocks (mounting, binding, bundles, building file tables, unmounting)
+    /// runs at most [`MOUNT_WORK_SLOTS`] at a time: tokio's blocking pool starts a thread for
+    /// every task that finds none idle, so eight containers arriving together held eight.
+    work_slots: tokio::sync::Semaphore,
 }
 
 impl MountTable {
@@ -229,7 +252,19 @@ impl MountTable {
             lazies: Mutex::new(HashMap::new()),
             lazy_locks: Mutex::new(HashMap::new()),
             keeper,
+            work_slots: tokio::sync::Semaphore::new(MOUNT_WORK_SLOTS),
         })
+    }
+
+    /// Runs blocking mount work on tokio's blocking pool once one of the work slots is free.
+    /// The work must not wait for other mount work: FUSE requests never do (the session
+    /// threads answer them, reads go to the async runtime).
+    pub async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, tokio::task::JoinError> {
+        let _slot = self.work_slots.acquire().await.expect("never closed");
+        tokio::task::spawn_blocking(work).await
     }
 
     /// Detaches every mount under the root an earlier instance left, except those in `keep`
@@ -605,7 +640,7 @@ impl MountTable {
         };
         let table = self.clone();
         let gone = mount.clone();
-        let done = tokio::task::spawn_blocking(move || table.unmount_blocking(&gone)).await;
+        let done = self.blocking(move || table.unmount_blocking(&gone)).await;
         if let Err(err) = done {
             tracing::error!(mount_id = id, error = %err, "unmount task failed");
         }

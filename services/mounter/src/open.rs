@@ -15,6 +15,8 @@ pub struct OpenedImage {
     pub index: Arc<ImageIndex>,
     pub index_digest: String,
     pub index_bytes: u64,
+    /// The index is a live mount's, shared (`load_index`'s `live`).
+    pub index_shared: bool,
 }
 
 /// Why an image cannot be mounted, classified for the work loop.
@@ -68,16 +70,19 @@ pub async fn resolve(
     Ok(client.resolve_image(image, platform).await?)
 }
 
-/// Loads the index that describes `resolved` and checks it is that image's.
+/// Loads the index that describes `resolved` and checks it is that image's; shares the index
+/// `live(index digest)` holds instead, when it holds it (a live mount of the same image).
 pub async fn load_index(
     client: &RegistryClient,
     resolved: ResolvedImage,
+    live: impl FnOnce(&str) -> Option<Arc<ImageIndex>>,
 ) -> Result<OpenedImage, OpenError> {
-    let loaded = imagemesh_lazyimage::load_index(client, &resolved).await?;
+    let loaded = imagemesh_lazyimage::load_index_sharing(client, &resolved, live).await?;
     Ok(OpenedImage {
         resolved,
-        index: Arc::new(loaded.index),
+        index: loaded.index,
         index_digest: loaded.digest,
         index_bytes: loaded.bytes,
+        index_shared: loaded.shared,
     })
 }
