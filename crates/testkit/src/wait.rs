@@ -26,7 +26,23 @@ where
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (for servers that cannot report the
 /// port they bound themselves).
+///
+/// Picked at random below Linux's ephemeral range (32768 and up), not with `bind(:0)`: every
+/// server that binds port 0 and every outgoing connection takes its port from that range, so
+/// a port picked from it could be taken by another test's server between this check and the
+/// child binding it (seen: a credential instance's token endpoint refused with "Address
+/// already in use"). Below the range only other picks compete, and rarely.
 pub fn free_port() -> u16 {
+    use std::hash::{BuildHasher, RandomState};
+    const LOW: u64 = 20_000;
+    const HIGH: u64 = 32_768;
+    let seed = RandomState::new().hash_one(std::process::id());
+    for attempt in 0..64u64 {
+        let port = (LOW + seed.wrapping_add(attempt.wrapping_mul(7_919)) % (HIGH - LOW)) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -75,4 +91,19 @@ pub async fn wait_for_endpoints(
         endpoints.iter().all(|e| served.contains(e)).then_some(())
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn free_ports_are_bindable_and_below_the_ephemeral_range() {
+        let ports: Vec<u16> = (0..32).map(|_| super::free_port()).collect();
+        for port in &ports {
+            assert!((20_000..32_768).contains(port), "{port}");
+            std::net::TcpListener::bind(("127.0.0.1", *port)).unwrap();
+        }
+        // Picked at random, not one port over and over.
+        let distinct: std::collections::HashSet<_> = ports.iter().collect();
+        assert!(distinct.len() > 16, "{ports:?}");
+    }
 }
