@@ -64,8 +64,9 @@ pub const IDENTITY: Identity = Identity {
 /// `imagemesh_lazyimage::blocking`; mount work: [`mounts::MOUNT_WORK_SLOTS`]), and its blocking
 /// pool holds that many threads and one more (the keeper's listing at start). Without the cap
 /// the pool still grew past the slots under steady load: a slot is free again a moment before
-/// its thread is idle, and tokio starts a new thread for a task that finds none idle. Nothing
-/// in a slot waits for anything else in the pool, so tasks queued at the cap always run.
+/// its thread is idle, and tokio starts a new thread for a task that finds none idle. Read work
+/// waits for nothing; mount work may wait for reads through the mount (a bundle looking up its
+/// user), but holds at most its two threads, so read work always finds a thread within the cap.
 pub fn runtime() -> tokio::runtime::Builder {
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.max_blocking_threads(

@@ -257,8 +257,8 @@ impl MountTable {
     }
 
     /// Runs blocking mount work on tokio's blocking pool once one of the work slots is free.
-    /// The work must not wait for other mount work: FUSE requests never do (the session
-    /// threads answer them, reads go to the async runtime).
+    /// The work must not wait for other mount work. It may wait for FUSE requests (the session
+    /// threads answer lookups; reads take read slots, never these; `crate::runtime`).
     pub async fn blocking<T: Send + 'static>(
         &self,
         work: impl FnOnce() -> T + Send + 'static,
